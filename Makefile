@@ -1,0 +1,35 @@
+# Two entry points, each doing all of its set-up on a fresh machine:
+#   make demo   - venv + package, then train the embedded dictionary demo offline
+#   make test   - venv + test extras (torch CPU 2.13.0), then the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# glibc huge pages speed up XLA's CPU runtime by 15-20% (docs/perf-notes.md)
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/gpt2jax demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check gpt2jax tests
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check gpt2jax tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,444 @@
+"""GPT-2 <-> Hugging Face transformers: config fields, weight names and layouts, export.
+
+Every tensor maps by a reshape (HF's Conv1D stores (in, out), like our kernels), except
+the classifier `score`, an nn.Linear stored (out, in). Conversion reads and writes
+safetensors with numpy: torch is never needed (a pytorch_model.bin is read only when
+torch is installed, with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .model import ACTIVATIONS, GPT2, GPT2Config
+
+# (HF name inside a block, our path inside a block)
+BLOCK_MAP = (
+    ("ln_1.weight", "ln_1.scale"),
+    ("ln_1.bias", "ln_1.bias"),
+    ("attn.c_attn.weight", "attn.c_attn_kernel"),
+    ("attn.c_attn.bias", "attn.c_attn_bias"),
+    ("attn.c_proj.weight", "attn.c_proj_kernel"),
+    ("attn.c_proj.bias", "attn.c_proj_bias"),
+    ("ln_2.weight", "ln_2.scale"),
+    ("ln_2.bias", "ln_2.bias"),
+    ("mlp.c_fc.weight", "mlp.c_fc_kernel"),
+    ("mlp.c_fc.bias", "mlp.c_fc_bias"),
+    ("mlp.c_proj.weight", "mlp.c_proj_kernel"),
+    ("mlp.c_proj.bias", "mlp.c_proj_bias"),
+)
+TOP_MAP = (
+    ("wte.weight", "wte"),
+    ("wpe.weight", "wpe"),
+    ("ln_f.weight", "ln_f.scale"),
+    ("ln_f.bias", "ln_f.bias"),
+)
+# Buffers and tied weights that old or full checkpoints carry and that hold no information.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+ARCHITECTURES = {"lm": "GPT2LMHeadModel", "sequence": "GPT2ForSequenceClassification"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+# ---------------------------------------------------------------- names
+
+
+def name_pairs(cfg: GPT2Config) -> Iterator[tuple[str, str]]:
+    """(HF state-dict name, our flat parameter path) for every tensor of the model.
+
+    Our block paths are written per layer ("h.3.attn.c_attn_kernel") whatever the
+    layout; scan-stacked models are unstacked by to_flat_params / from_flat_params.
+    """
+    for hf_name, ours in TOP_MAP:
+        yield f"transformer.{hf_name}", ours
+    for i in range(cfg.n_layer):
+        for hf_name, ours in BLOCK_MAP:
+            yield f"transformer.h.{i}.{hf_name}", f"h.{i}.{ours}"
+    if cfg.head == "sequence":
+        yield "score.weight", "score.kernel"
+
+
+def to_flat_params(model: GPT2) -> dict[str, np.ndarray]:
+    """Our parameters as {"h.0.attn.c_attn_kernel": array}, layers always unstacked."""
+    from flax import nnx
+
+    flat = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = np.asarray(var[...])
+        if model.cfg.scan_layers and path[0] == "h":
+            for i in range(arr.shape[0]):
+                flat[".".join(map(str, ("h", i, *path[1:])))] = arr[i]
+        else:
+            flat[".".join(map(str, path))] = arr
+    return flat
+
+
+def from_flat_params(cfg: GPT2Config, flat: dict[str, np.ndarray]) -> GPT2:
+    """Build a model from {our path: array} without initialising random weights."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .model import abstract_model
+
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    leaves = []
+    for path, var in nnx.to_flat_state(abstract):
+        if cfg.scan_layers and path[0] == "h":
+            rest = ".".join(map(str, path[1:]))
+            arr = np.stack([flat[f"h.{i}.{rest}"] for i in range(cfg.n_layer)])
+        else:
+            arr = flat[".".join(map(str, path))]
+        want = tuple(var.get_value().shape)
+        if tuple(arr.shape) != want:
+            raise UserError(f"parameter {path} has shape {arr.shape}, expected {want}")
+        leaves.append((path, var.replace(jnp.asarray(arr, dtype=jnp.float32))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def to_hf_tensors(model: GPT2) -> dict[str, np.ndarray]:
+    """The model's weights under transformers' GPT-2 names and layouts (float32)."""
+    cfg = model.cfg
+    ours = to_flat_params(model)
+    out = {}
+    for hf_name, path in name_pairs(cfg):
+        arr = ours[path]
+        if path == "score.kernel":
+            arr = arr.T
+        else:
+            arr = arr.reshape(_hf_shape(cfg, hf_name))
+        out[hf_name] = np.ascontiguousarray(arr, dtype=np.float32)
+    return out
+
+
+def _hf_shape(cfg: GPT2Config, hf_name: str) -> tuple[int, ...]:
+    d, f = cfg.n_embd, cfg.inner
+    shapes = {
+        "wte.weight": (cfg.vocab_size, d),
+        "wpe.weight": (cfg.n_positions, d),
+        "c_attn.weight": (d, 3 * d),
+        "c_attn.bias": (3 * d,),
+        "attn.c_proj.weight": (d, d),
+        "c_fc.weight": (d, f),
+        "c_fc.bias": (f,),
+        "mlp.c_proj.weight": (f, d),
+        "score.weight": (cfg.num_labels, d),
+    }
+    for suffix, shape in shapes.items():
+        if hf_name.endswith(suffix):
+            return shape
+    return (d,)  # LayerNorm weights and the d-wide biases
+
+
+def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], where: str = "") -> GPT2:
+    """Build our model from HF-named tensors (prefix `transformer.` optional)."""
+    tensors = {_canonical(k): v for k, v in tensors.items()}
+    flat = {}
+    for hf_name, path in name_pairs(cfg):
+        if hf_name not in tensors:
+            bare = hf_name.removeprefix("transformer.")
+            raise UserError(
+                f"{where or 'the weights'} have no tensor {bare!r} that config.json implies "
+                f"(n_layer={cfg.n_layer}, head={cfg.head}); the weights and config.json "
+                "do not belong together"
+            )
+        arr = np.asarray(tensors[hf_name], dtype=np.float32)
+        want = _hf_shape(cfg, hf_name)
+        if tuple(arr.shape) != want:
+            raise UserError(
+                f"{where or 'the weights'}: tensor {hf_name!r} has shape {tuple(arr.shape)} "
+                f"but config.json implies {want}; fix config.json or use matching weights"
+            )
+        if path == "score.kernel":
+            arr = arr.T
+        else:
+            arr = arr.reshape(_our_shape(cfg, path) or arr.shape)
+        flat[path] = arr
+    _check_tied(tensors, where)
+    return from_flat_params(cfg, flat)
+
+
+def _our_shape(cfg: GPT2Config, path: str) -> tuple[int, ...] | None:
+    """Our shape where it differs from HF's (heads split out), else None."""
+    d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
+    if path.endswith("attn.c_attn_kernel"):
+        return (d, 3, h, k)
+    if path.endswith("attn.c_attn_bias"):
+        return (3, h, k)
+    if path.endswith("attn.c_proj_kernel"):
+        return (h, k, d)
+    return None
+
+
+def _canonical(name: str) -> str:
+    if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
+        return "transformer." + name
+    return name
+
+
+def _check_tied(tensors: dict[str, np.ndarray], where: str) -> None:
+    head = tensors.get("lm_head.weight")
+    wte = tensors.get("transformer.wte.weight")
+    if head is not None and wte is not None and head.shape == wte.shape:
+        if not np.array_equal(np.asarray(head, np.float32), np.asarray(wte, np.float32)):
+            raise UserError(
+                f"{where}: lm_head.weight differs from wte.weight (an untied LM head); "
+                "GPT-2 ties them and gpt2jax supports only tied heads"
+            )
+
+
+# ---------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> GPT2Config:
+    """GPT2Config from a transformers config.json dict; refuses what GPT-2 never uses."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise UserError(f"{where}: model_type is {model_type!r}; gpt2jax loads only GPT-2 models")
+    if hf.get("add_cross_attention"):
+        raise UserError(
+            f"{where}: add_cross_attention=true (an encoder-decoder GPT-2) is not supported"
+        )
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise UserError(
+            f"{where}: activation_function={act!r} is not supported "
+            f"(supported: {', '.join(ACTIVATIONS)}); fix config.json"
+        )
+    if hf.get("tie_word_embeddings") is False:
+        raise UserError(f"{where}: tie_word_embeddings=false; GPT-2's LM head is always tied")
+    archs = hf.get("architectures") or []
+    head = "sequence" if "GPT2ForSequenceClassification" in archs else "lm"
+    id2label = hf.get("id2label") or {}
+    labels = tuple(id2label[k] for k in sorted(id2label, key=int)) if id2label else ()
+    fields = dict(
+        vocab_size=hf.get("vocab_size", 50257),
+        n_positions=hf.get("n_positions", 1024),
+        n_embd=hf.get("n_embd", 768),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_inner=hf.get("n_inner"),
+        activation_function=act,
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        embd_pdrop=hf.get("embd_pdrop", 0.1),
+        attn_pdrop=hf.get("attn_pdrop", 0.1),
+        resid_pdrop=hf.get("resid_pdrop", 0.1),
+        scale_attn_weights=hf.get("scale_attn_weights", True),
+        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
+        initializer_range=hf.get("initializer_range", 0.02),
+        head=head,
+        num_labels=len(labels) if labels else hf.get("num_labels", 2),
+        labels=labels if head != "lm" else (),
+        pad_token_id=hf.get("pad_token_id"),
+        eos_token_id=_first(hf.get("eos_token_id"), 50256),
+    )
+    for k, v in fields.items():
+        if k in ("n_inner", "pad_token_id"):
+            continue
+        if k not in ("head", "labels", "activation_function") and not isinstance(v, int | float):
+            raise UserError(f"{where}: {k}={v!r} is not a number; fix config.json")
+    fields.update(overrides)
+    return GPT2Config(**fields)
+
+
+def _first(value, default):
+    if isinstance(value, list):
+        return value[0] if value else default
+    return default if value is None else value
+
+
+def config_to_hf(cfg: GPT2Config) -> dict:
+    """transformers' config.json for this model (LM or sequence-classification)."""
+    hf = {
+        "architectures": [ARCHITECTURES.get(cfg.head, "GPT2LMHeadModel")],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_ctx": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.n_inner,
+        "activation_function": cfg.activation_function,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "embd_pdrop": cfg.embd_pdrop,
+        "attn_pdrop": cfg.attn_pdrop,
+        "resid_pdrop": cfg.resid_pdrop,
+        "scale_attn_weights": cfg.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": False,
+        "initializer_range": cfg.initializer_range,
+        "bos_token_id": cfg.eos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+    if cfg.head == "sequence":
+        labels = cfg.labels or tuple(f"LABEL_{i}" for i in range(cfg.num_labels))
+        hf["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        hf["label2id"] = {name: i for i, name in enumerate(labels)}
+        # transformers pools the rightmost token != pad_token_id; GPT-2 pads with EOS.
+        hf["pad_token_id"] = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    elif cfg.pad_token_id is not None:
+        hf["pad_token_id"] = cfg.pad_token_id
+    return hf
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json dict, tensors) from a local transformers GPT-2 directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{d} is not a directory; pass a transformers model directory")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(
+            f"{d} has no config.json; a transformers model directory needs config.json "
+            "next to model.safetensors (save it with save_pretrained)"
+        )
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e}); fix or re-save it") from e
+    if not isinstance(hf, dict):
+        raise UserError(f"{cfg_path} must hold a JSON object")
+    return hf, read_weights(d)
+
+
+def read_weights(d: Path) -> dict[str, np.ndarray]:
+    """Tensors from model.safetensors, a sharded index, or (with torch) pytorch_model.bin."""
+    single, index, bin_ = (d / n for n in WEIGHT_FILES)
+    if single.is_file():
+        return _read_safetensors(single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is not a valid safetensors index ({e})") from e
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_read_safetensors(d / shard))
+        return tensors
+    if bin_.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise UserError(
+                f"{d} has only pytorch_model.bin; install torch to read it, or convert it to "
+                "model.safetensors"
+            ) from None
+        try:
+            sd = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read {bin_}: {e}") from e
+        return {k: v.float().numpy() for k, v in sd.items()}
+    raise UserError(
+        f"{d} has config.json but no weights: expected model.safetensors, "
+        "model.safetensors.index.json with shards, or pytorch_model.bin"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"missing weight shard {path}")
+    try:
+        out = {}
+        with safe_open(str(path), framework="numpy") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+        return out
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+            "re-download or re-export it"
+        ) from e
+
+
+def load_hf_dir(directory: str | Path, **overrides) -> GPT2:
+    """Import a local transformers GPT-2 directory as a gpt2jax model."""
+    hf, tensors = read_hf_dir(directory)
+    cfg = config_from_hf(hf, where=str(Path(directory) / "config.json"), **overrides)
+    tensors = {k: v for k, v in tensors.items() if not _ignored(k)}
+    return from_hf_tensors(cfg, tensors, where=str(directory))
+
+
+def _ignored(name: str) -> bool:
+    if name == "lm_head.weight":
+        return False  # kept for the tie check
+    return name.endswith(IGNORED_SUFFIXES)
+
+
+def export_hf(
+    model: GPT2,
+    out: str | Path,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    backbone_only: bool = False,
+) -> Path:
+    """Write a transformers directory: config.json, model.safetensors, generation_config.json
+    and the tokenizer files. Written to a temporary directory first, then renamed, so a
+    failure never leaves a partial export behind.
+    """
+    from safetensors.numpy import save_file
+
+    cfg = model.cfg
+    if cfg.head == "attention_pool" and not backbone_only:
+        raise UserError(
+            "the attention_pool head has no transformers class; pass --backbone-only to "
+            "export the GPT-2 backbone as GPT2LMHeadModel (the head weights are saved beside "
+            "it in attention_pool_head.safetensors)"
+        )
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_cfg = cfg.replace(head="lm") if cfg.head == "attention_pool" else cfg
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = to_hf_tensors(_as_head(model, export_cfg))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if cfg.head == "attention_pool":
+            pool = {k: v for k, v in to_flat_params(model).items() if k.startswith("pool.")}
+            save_file(pool, str(tmp / "attention_pool_head.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(export_cfg), indent=2) + "\n")
+        gen = {"bos_token_id": cfg.eos_token_id, "eos_token_id": cfg.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            if cfg.head == "sequence" and tokenizer.pad_token is None:
+                tokenizer = _with_pad(tokenizer)
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _with_pad(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def _as_head(model: GPT2, cfg: GPT2Config) -> GPT2:
+    """The same weights viewed with another head config (for backbone-only export)."""
+    if cfg == model.cfg:
+        return model
+    flat = {k: v for k, v in to_flat_params(model).items() if not k.startswith(("pool.", "score."))}
+    return from_flat_params(cfg, flat)

@@ -1,0 +1,494 @@
+"""GPT-2 in Flax NNX: the backbone, the tied LM head and two classification heads.
+
+Names follow the GPT-2 paper and Hugging Face (wte, wpe, h, ln_1, attn.c_attn, mlp.c_fc,
+ln_f, score) so that the weight mapping in hf.py reads one-to-one. Every parameter carries
+logical axis names (metadata `out_sharding`); sharding.py maps them onto a device mesh.
+
+Layouts differ from HF where that lets tensor parallelism split heads cleanly: c_attn's
+kernel is (embed, 3, heads, head_dim) rather than HF's packed (embed, 3*embed).
+Parameters are float32; `dtype` is the compute dtype. Dropout is a pure function of an
+explicit key so a training step is a deterministic function of (params, batch, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .errors import UserError
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
+}
+HEADS = ("lm", "sequence", "attention_pool")
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+REMAT = ("none", "full", "dots")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """Architecture plus the compute choices that do not change the weights."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    initializer_range: float = 0.02
+    # heads: "lm" (tied), "sequence" (GPT2ForSequenceClassification), "attention_pool"
+    head: str = "lm"
+    num_labels: int = 2
+    labels: tuple[str, ...] = ()
+    pad_token_id: int | None = None
+    eos_token_id: int = 50256
+    classifier_dropout: float = 0.1  # attention_pool head only
+    # compute choices
+    dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "pick dimensions where n_embd / n_head is a whole number"
+            )
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.activation_function not in ACTIVATIONS:
+            raise UserError(
+                f"activation_function={self.activation_function!r} is not supported; "
+                f"supported: {', '.join(ACTIVATIONS)}"
+            )
+        if self.head not in HEADS:
+            raise UserError(f"model.head={self.head!r}: choose one of {', '.join(HEADS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"model.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.remat not in REMAT:
+            raise UserError(f"model.remat={self.remat!r}: choose one of {', '.join(REMAT)}")
+        if self.head != "lm" and self.num_labels < 1:
+            raise UserError(f"model.num_labels must be >= 1, got {self.num_labels}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def replace(self, **kw) -> GPT2Config:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_preset(cls, name: str, **kw) -> GPT2Config:
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **kw})
+
+    def architecture(self) -> dict:
+        """The fields that decide parameter shapes and values (compared on resume)."""
+        keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "head")
+        arch = {k: getattr(self, k) for k in keys}
+        if self.head != "lm":
+            arch["num_labels"] = self.num_labels
+        return arch
+
+
+def param_count(cfg: GPT2Config) -> int:
+    """Number of parameters (the tied LM head counted once)."""
+    d, f, v, p, n = cfg.n_embd, cfg.inner, cfg.vocab_size, cfg.n_positions, cfg.n_layer
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    total = v * d + p * d + n * block + 2 * d
+    if cfg.head == "sequence":
+        total += d * cfg.num_labels
+    elif cfg.head == "attention_pool":
+        total += d + 2 * (d * d + d) + d * cfg.num_labels + cfg.num_labels
+    return total
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when key is None (evaluation) or rate is 0."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _fold(key: jax.Array | None, i: int | jax.Array) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm computed in float32 whatever the compute dtype (as a bf16 run needs)."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+    return y.astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids that make a left-padded row compute exactly like the unpadded row."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the rightmost real token in each row (works for left and right padding)."""
+    t = jnp.arange(attention_mask.shape[-1])
+    return jnp.max(jnp.where(attention_mask.astype(bool), t, 0), axis=-1)
+
+
+def attention_mask_bias(
+    q_len: int, k_len: int, key_mask: jax.Array | None, q_offset: jax.Array | int = 0
+) -> jax.Array:
+    """Boolean (B or 1, 1, q, k) mask: causal over slots, and keys that are real tokens.
+
+    Query i sits in slot q_offset + i (the KV cache writes new tokens there).
+    """
+    q = q_offset + jnp.arange(q_len)
+    k = jnp.arange(k_len)
+    allowed = (k[None, :] <= q[:, None])[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask.astype(bool)[:, None, None, :]
+    return allowed
+
+
+def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes)
+
+
+_zeros = nnx.initializers.zeros
+_ones = nnx.initializers.ones
+
+
+# ---------------------------------------------------------------- modules
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.scale = _param(rngs, _ones, (cfg.n_embd,), ("norm",))
+        self.bias = _param(rngs, _zeros, (cfg.n_embd,), ("norm",))
+        self.eps = cfg.layer_norm_epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with packed q/k/v and an optional KV cache."""
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
+        std = cfg.initializer_range
+        proj_std = std / math.sqrt(2 * cfg.n_layer)
+        self.c_attn_kernel = _param(
+            rngs, nnx.initializers.normal(std), (d, 3, h, k), ("embed", "qkv", "heads", "head_dim")
+        )
+        self.c_attn_bias = _param(rngs, _zeros, (3, h, k), ("qkv", "heads", "head_dim"))
+        self.c_proj_kernel = _param(
+            rngs, nnx.initializers.normal(proj_std), (h, k, d), ("heads", "head_dim", "embed")
+        )
+        self.c_proj_bias = _param(rngs, _zeros, (d,), ("norm",))
+        self.cfg = cfg
+
+    def __call__(self, x, mask, layer_idx, key=None, cache=None, cache_index=None):
+        cfg, dt = self.cfg, x.dtype
+        qkv = jnp.einsum("btd,dshk->sbthk", x, self.c_attn_kernel[...].astype(dt))
+        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if cache is not None:
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            cache = (k, v)
+        scale = 1.0
+        if cfg.scale_attn_weights:
+            scale /= math.sqrt(cfg.head_dim)
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale = scale / (layer_idx + 1.0)
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, k.astype(dt)).astype(jnp.float32) * scale
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = dropout(probs, cfg.attn_pdrop, _fold(key, 0)).astype(dt)
+        out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
+        out = jnp.einsum("bqhk,hkd->bqd", out, self.c_proj_kernel[...].astype(dt))
+        out = out + self.c_proj_bias[...].astype(dt)
+        return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        d, f, std = cfg.n_embd, cfg.inner, cfg.initializer_range
+        proj_std = std / math.sqrt(2 * cfg.n_layer)
+        self.c_fc_kernel = _param(rngs, nnx.initializers.normal(std), (d, f), ("embed", "mlp"))
+        self.c_fc_bias = _param(rngs, _zeros, (f,), ("mlp",))
+        self.c_proj_kernel = _param(
+            rngs, nnx.initializers.normal(proj_std), (f, d), ("mlp", "embed")
+        )
+        self.c_proj_bias = _param(rngs, _zeros, (d,), ("norm",))
+        self.cfg = cfg
+
+    def __call__(self, x, key=None):
+        dt = x.dtype
+        h = x @ self.c_fc_kernel[...].astype(dt) + self.c_fc_bias[...].astype(dt)
+        h = ACTIVATIONS[self.cfg.activation_function](h)
+        h = h @ self.c_proj_kernel[...].astype(dt) + self.c_proj_bias[...].astype(dt)
+        return dropout(h, self.cfg.resid_pdrop, key)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.ln_2 = LayerNorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, mask, layer_idx, key=None, cache=None, cache_index=None):
+        a, cache = self.attn(self.ln_1(x), mask, layer_idx, _fold(key, 0), cache, cache_index)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x), _fold(key, 1))
+        return x, cache
+
+
+class SequenceHead(nnx.Module):
+    """GPT2ForSequenceClassification's `score`: Linear(n_embd, num_labels), no bias."""
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.kernel = _param(
+            rngs,
+            nnx.initializers.normal(cfg.initializer_range),
+            (cfg.n_embd, cfg.num_labels),
+            ("embed", "labels"),
+        )
+
+    def __call__(self, h, attention_mask, key=None):
+        b = h.shape[0]
+        if attention_mask is None:
+            pooled = h[:, -1]
+        else:
+            pooled = h[jnp.arange(b), last_token_index(attention_mask)]
+        return pooled.astype(jnp.float32) @ self.kernel[...]
+
+
+class AttentionPoolHead(nnx.Module):
+    """A learned query attends over the final hidden states, then dropout and a classifier.
+
+    Multi-head (n_head heads): each head's query is a parameter, keys and values are
+    projections of the hidden states, padding is masked out.
+    """
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        d, h, k, std = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.initializer_range
+        normal = nnx.initializers.normal(std)
+        self.query = _param(rngs, normal, (h, k), ("heads", "head_dim"))
+        self.key_kernel = _param(rngs, normal, (d, h, k), ("embed", "heads", "head_dim"))
+        self.key_bias = _param(rngs, _zeros, (h, k), ("heads", "head_dim"))
+        self.value_kernel = _param(rngs, normal, (d, h, k), ("embed", "heads", "head_dim"))
+        self.value_bias = _param(rngs, _zeros, (h, k), ("heads", "head_dim"))
+        self.out_kernel = _param(rngs, normal, (d, cfg.num_labels), ("embed", "labels"))
+        self.out_bias = _param(rngs, _zeros, (cfg.num_labels,), ("labels",))
+        self.cfg = cfg
+
+    def __call__(self, h, attention_mask, key=None):
+        h = h.astype(jnp.float32)
+        keys = jnp.einsum("btd,dhk->bthk", h, self.key_kernel[...]) + self.key_bias[...]
+        vals = jnp.einsum("btd,dhk->bthk", h, self.value_kernel[...]) + self.value_bias[...]
+        scores = jnp.einsum("bthk,hk->bht", keys, self.query[...]) / math.sqrt(self.cfg.head_dim)
+        if attention_mask is not None:
+            scores = jnp.where(attention_mask.astype(bool)[:, None, :], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1)
+        pooled = jnp.einsum("bht,bthk->bhk", probs, vals).reshape(h.shape[0], -1)
+        pooled = dropout(pooled, self.cfg.classifier_dropout, key)
+        return pooled @ self.out_kernel[...] + self.out_bias[...]
+
+
+def _checkpointed(fn, remat: str):
+    if remat == "full":
+        return jax.checkpoint(fn)
+    if remat == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return fn
+
+
+class GPT2(nnx.Module):
+    """GPT-2 backbone plus the head named by cfg.head.
+
+    `__call__` gives LM logits (B, T, vocab) for head "lm" and class logits (B, labels)
+    for the classification heads. `hidden_states` exposes the backbone (with an optional
+    KV cache for decoding) and `lm_logits` the tied LM head, for generation, scoring,
+    embeddings and auxiliary LM losses.
+    """
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        std = cfg.initializer_range
+        self.wte = _param(
+            rngs, nnx.initializers.normal(std), (cfg.vocab_size, cfg.n_embd), ("vocab", "embed")
+        )
+        self.wpe = _param(
+            rngs, nnx.initializers.normal(std), (cfg.n_positions, cfg.n_embd), ("positions", "embed")
+        )
+        if cfg.scan_layers:
+            self.h = stack_blocks([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        else:
+            self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg, rngs)
+        if cfg.head == "sequence":
+            self.score = SequenceHead(cfg, rngs)
+        elif cfg.head == "attention_pool":
+            self.pool = AttentionPoolHead(cfg, rngs)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+        cache: list | None = None,
+        cache_index: jax.Array | int | None = None,
+    ):
+        """Final hidden states (after ln_f) and the updated cache.
+
+        Without a cache, attention_mask is (B, T) over the input. With a cache (a list of
+        per-layer (k, v) arrays of shape (B, S, heads, head_dim)), the input is written at
+        slot cache_index and attention_mask is (B, S) over all cache slots.
+        """
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        b, t = input_ids.shape
+        if position_ids is None:
+            if attention_mask is not None and cache is None:
+                position_ids = positions_from_mask(attention_mask)
+            else:
+                start = 0 if cache_index is None else cache_index
+                position_ids = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], position_ids, axis=0)
+        x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, -1))
+        if cache is None:
+            mask = attention_mask_bias(t, t, attention_mask)
+        else:
+            mask = attention_mask_bias(t, cache[0][0].shape[1], attention_mask, cache_index)
+
+        if cfg.scan_layers and cache is None:
+            graphdef, stacked = nnx.split(self.h)
+
+            def body(carry, xs):
+                state, i = xs
+                block = nnx.merge(graphdef, state)
+                out, _ = block(carry, mask, i, _fold(dropout_key, i))
+                return out, None
+
+            x, _ = jax.lax.scan(
+                _checkpointed(body, cfg.remat), x, (stacked, jnp.arange(cfg.n_layer))
+            )
+            new_cache = None
+        else:
+            blocks = unstack_blocks(self.h) if cfg.scan_layers else self.h
+            new_cache = [] if cache is not None else None
+            for i, block in enumerate(blocks):
+                layer_cache = None if cache is None else cache[i]
+                if cfg.remat != "none" and cache is None:
+                    gd, st = nnx.split(block)
+
+                    def run(st, x, i=i, gd=gd):
+                        return nnx.merge(gd, st)(x, mask, i, _fold(dropout_key, i))[0]
+
+                    x = _checkpointed(run, cfg.remat)(st, x)
+                else:
+                    x, layer_cache = block(
+                        x, mask, i, _fold(dropout_key, i), layer_cache, cache_index
+                    )
+                if new_cache is not None:
+                    new_cache.append(layer_cache)
+        return self.ln_f(x), new_cache
+
+    def lm_logits(self, h: jax.Array) -> jax.Array:
+        """Tied LM head: logits in float32."""
+        return jnp.einsum("btd,vd->btv", h, self.wte[...].astype(h.dtype)).astype(jnp.float32)
+
+    def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
+        if self.cfg.head == "sequence":
+            return self.score(h, attention_mask)
+        if self.cfg.head == "attention_pool":
+            return self.pool(h, attention_mask, _fold(dropout_key, -2))
+        raise UserError("this model has an LM head only; train it with model.head=sequence")
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, dropout_key=None):
+        h, _ = self.hidden_states(
+            input_ids, attention_mask, position_ids, dropout_key=dropout_key
+        )
+        if self.cfg.head == "lm":
+            return self.lm_logits(h)
+        return self.classify(h, attention_mask, dropout_key)
+
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> list:
+        """Zeroed KV cache: n_layer pairs of (batch, length, heads, head_dim)."""
+        cfg = self.cfg
+        shape = (batch, length, cfg.n_head, cfg.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer)]
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose arrays carry a leading layer axis (for scan over layers)."""
+    graphdef = nnx.split(blocks[0])[0]
+    states = [nnx.split(b)[1] for b in blocks]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
+def unstack_blocks(stacked: Block) -> list[Block]:
+    """The inverse of stack_blocks."""
+    graphdef, state = nnx.split(stacked)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
+
+
+def create_model(cfg: GPT2Config, seed: int = 0) -> GPT2:
+    """A freshly initialised model on the default device (no mesh needed)."""
+    with nnx.use_eager_sharding(False):
+        return GPT2(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: GPT2Config) -> GPT2:
+    """The model's structure with ShapeDtypeStruct leaves: no memory, no compute."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: GPT2(cfg, nnx.Rngs(params=0)))

@@ -1,0 +1,120 @@
+"""Model sources (SRC): one function turns a string into a model and its tokenizer.
+
+Resolution order (the same for `--model` and for `model.init` in training):
+1. `hf:X` forces Hugging Face (a local directory X, else the hub name X); `run:X` forces a
+   gpt2jax run directory.
+2. a directory with config.json and weights is a Hugging Face directory;
+3. a directory with config.yaml and checkpoints/ is a gpt2jax run (latest committed
+   checkpoint; `step` picks another, or "best");
+4. a directory named by a step number under checkpoints/ is that checkpoint;
+5. anything else is a hub name (offline: an error saying so).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+]
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "hf_dir" | "hub" | "run" | "checkpoint"
+    path: str  # directory, or hub name
+    step: int | str | None = None  # for runs: None (latest), an int, or "best"
+
+    def describe(self) -> str:
+        if self.kind in ("run", "checkpoint"):
+            return f"{self.path} (step {self.step if self.step is not None else 'latest'})"
+        return self.path
+
+
+def resolve(src: str, step: int | str | None = None) -> Source:
+    """Decide what kind of source `src` names (no loading)."""
+    if not src:
+        raise UserError("empty model source; pass a directory, a run, or hf:NAME")
+    forced = None
+    if src.startswith(("hf:", "run:")):
+        forced, src = src.split(":", 1)
+    p = Path(src).expanduser()
+    if forced == "run" or (forced is None and _is_run(p)):
+        if not _is_run(p):
+            raise UserError(f"{src} is not a gpt2jax run directory (no config.yaml + checkpoints/)")
+        return Source("run", str(p), step)
+    if forced is None and p.is_dir() and p.parent.name == "checkpoints" and p.name.isdigit():
+        return Source("checkpoint", str(p.parent.parent), int(p.name))
+    if p.is_dir() and (forced == "hf" or (p / "config.json").exists()):
+        return Source("hf_dir", str(p))
+    if p.exists():
+        raise UserError(
+            f"{src} is neither a transformers directory (config.json + model.safetensors) "
+            "nor a gpt2jax run (config.yaml + checkpoints/)"
+        )
+    if not _looks_like_hub(src):
+        raise UserError(f"model source {src} does not exist; check the path")
+    return Source("hub", src)
+
+
+def _is_run(p: Path) -> bool:
+    return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
+
+
+def _looks_like_hub(src: str) -> bool:
+    """"gpt2" or "org/name"; anything path-like that does not exist is a missing path."""
+    parts = src.split("/")
+    return len(parts) <= 2 and all(parts) and not src.startswith((".", "~"))
+
+
+def hub_download(name: str) -> Path:
+    """Download a hub model's config, weights and tokenizer; a clear error when offline."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline:
+        raise UserError(
+            f"{name!r} is not a local directory and the Hugging Face hub is offline "
+            "(HF_HUB_OFFLINE=1); pass a local model directory or unset HF_HUB_OFFLINE"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, 404, auth: all are about the user's input/environment
+        raise UserError(
+            f"cannot download {name!r} from the Hugging Face hub ({type(e).__name__}); "
+            "check the name and the network, or pass a local directory"
+        ) from e
+
+
+def load_model(src: str, step: int | str | None = None, **overrides):
+    """(model, tokenizer, Source) for a SRC string.
+
+    overrides are GPT2Config fields that do not change weights (dtype, dropout, remat...).
+    """
+    from . import hf
+    from .tokenizer import load_tokenizer
+
+    source = resolve(src, step)
+    if source.kind == "hub":
+        directory = hub_download(source.path)
+        return hf.load_hf_dir(directory, **overrides), load_tokenizer(directory), source
+    if source.kind == "hf_dir":
+        model = hf.load_hf_dir(source.path, **overrides)
+        return model, load_tokenizer(source.path), source
+    from .checkpoint import load_run_model
+
+    model, tokenizer = load_run_model(source.path, source.step, **overrides)
+    return model, tokenizer, source

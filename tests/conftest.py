@@ -1,0 +1,89 @@
+"""Test setup: 8 fake CPU devices and an offline hub, set before anything imports jax."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# A tiny GPT-2 with the real vocabulary (so the real tokenizer works) and small widths.
+TINY = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self):
+        import json
+
+        return json.loads(self.out)
+
+    @property
+    def last_err(self) -> str:
+        lines = [ln for ln in self.err.strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
+
+
+def run_cli(*argv: str) -> CliResult:
+    """Run `gpt2jax ARGV` in-process and capture its exit status and output."""
+    from gpt2jax.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+def save_hf_model(path: Path, *, seed: int = 0, head: str = "lm", tokenizer: bool = True, **cfg):
+    """Build a random transformers GPT-2 (torch) and save it with save_pretrained."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    conf = GPT2Config(**{**TINY, **cfg})
+    cls = GPT2ForSequenceClassification if head == "sequence" else GPT2LMHeadModel
+    model = cls(conf).eval()
+    model.save_pretrained(str(path))
+    if tokenizer:
+        from gpt2jax.tokenizer import gpt2_tokenizer
+
+        gpt2_tokenizer().save_pretrained(str(path))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_lm_dir(tmp_path_factory):
+    """A tiny random GPT2LMHeadModel saved to disk with the GPT-2 tokenizer: (path, torch model)."""
+    path = tmp_path_factory.mktemp("hf_lm")
+    return path, save_hf_model(path)
+
+
+@pytest.fixture(scope="session")
+def hf_cls_dir(tmp_path_factory):
+    """A tiny random GPT2ForSequenceClassification (3 labels, pad = eos): (path, torch model)."""
+    path = tmp_path_factory.mktemp("hf_cls")
+    model = save_hf_model(
+        path, seed=1, head="sequence", num_labels=3, pad_token_id=50256,
+        id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2},
+    )
+    return path, model
