@@ -403,7 +403,7 @@ class GPT2(nnx.Module):
                 start = 0 if cache_index is None else cache_index
                 position_ids = jnp.broadcast_to(start + jnp.arange(t), (b, t))
         x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], position_ids, axis=0)
-        x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, -1))
+        x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, 1_000_001))
         if cache is None:
             mask = attention_mask_bias(t, t, attention_mask)
         else:
@@ -450,7 +450,7 @@ class GPT2(nnx.Module):
         if self.cfg.head == "sequence":
             return self.score(h, attention_mask)
         if self.cfg.head == "attention_pool":
-            return self.pool(h, attention_mask, _fold(dropout_key, -2))
+            return self.pool(h, attention_mask, _fold(dropout_key, 1_000_002))
         raise UserError("this model has an LM head only; train it with model.head=sequence")
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, dropout_key=None):

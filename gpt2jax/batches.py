@@ -1,0 +1,285 @@
+"""Token arrays and the order in which the trainer sees them.
+
+LM data: documents joined with EOS and packed into blocks of seq_len + 1 tokens (inputs
+are block[:-1], targets block[1:]), no padding. Classification: one row per example,
+padded per batch to a length bucket.
+
+The order is a pure function of (seed, step): the global batch of step s holds examples
+perm_e[j] for the global positions s*B ... s*B+B-1 (epoch e, offset j). A process takes
+its contiguous slice of that batch, so the data seen does not depend on the number of
+processes or the mesh, and resuming at step s needs no replay.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+
+
+def pack(token_lists: Sequence[Sequence[int]], block: int, eos: int,
+         masks: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Join documents with EOS (before each, so every document's first token is a target)
+    and cut into (N, block) arrays of tokens and loss weights. A ragged tail is dropped."""
+    total = sum(len(t) + 1 for t in token_lists)
+    tokens = np.empty(total, np.int32)
+    weights = np.ones(total, np.float32)
+    pos = 0
+    for i, toks in enumerate(token_lists):
+        tokens[pos] = eos
+        weights[pos] = 1.0
+        tokens[pos + 1: pos + 1 + len(toks)] = toks
+        if masks is not None:
+            weights[pos + 1: pos + 1 + len(toks)] = masks[i]
+        pos += len(toks) + 1
+    # Blocks overlap by one token so every token is a target exactly once.
+    stride = block - 1
+    n = (total - 1) // stride
+    if n == 0:
+        raise UserError(f"the data holds {total} tokens, fewer than one block of {block}; "
+                        "add data or lower train.seq_len")
+    idx = np.arange(n)[:, None] * stride + np.arange(block)[None, :]
+    return tokens[idx], weights[idx]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token rows to `length`: (ids, attention_mask)."""
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        r = r[:length]
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def bucket(n: int, cap: int, minimum: int = 16) -> int:
+    """Round a length up to a power of two (bounded), so few shapes get compiled."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+@dataclass
+class Batcher:
+    """Deterministic, resumable batches over equally indexed arrays.
+
+    arrays: for LM {"tokens", "weights"} (N, block); for classification {"rows": list of
+    token lists, "labels"} padded per batch.
+    """
+
+    arrays: dict
+    batch_size: int
+    seed: int
+    process_index: int = 0
+    process_count: int = 1
+    pad_id: int = 0
+    max_len: int = 0
+    _perm_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.process_count:
+            raise UserError(f"train.batch_size={self.batch_size} is not divisible by the "
+                            f"{self.process_count} processes")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def steps_per_epoch(self) -> int:
+        return max(len(self) // self.batch_size, 1)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
+        return self._perm_cache[epoch]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        n = len(self)
+        pos = step * self.batch_size + np.arange(self.batch_size)
+        epochs, offsets = pos // n, pos % n
+        return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch for `step`."""
+        idx = self.global_indices(step)
+        per = self.batch_size // self.process_count
+        mine = idx[self.process_index * per: (self.process_index + 1) * per]
+        if "rows" in self.arrays:
+            rows = self.arrays["rows"]
+            # Pad length from the whole global batch so every process compiles one shape.
+            length = bucket(max(len(rows[i]) for i in idx), self.max_len)
+            ids, mask = pad_rows([rows[i] for i in mine], length, self.pad_id)
+            return {"input_ids": ids, "attention_mask": mask,
+                    "labels": np.asarray(self.arrays["labels"])[mine].astype(np.int32)}
+        return {k: np.asarray(v[mine]) for k, v in self.arrays.items()}
+
+    def iterate(self, start: int, stop: int, prefetch: int = 2) -> Iterator[tuple[int, dict, float]]:
+        """(step, batch, seconds the consumer waited) for start <= step < stop, prepared in
+        a background thread."""
+        import time
+
+        q: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        stop_flag = threading.Event()
+
+        def work() -> None:
+            try:
+                for s in range(start, stop):
+                    if stop_flag.is_set():
+                        return
+                    q.put((s, self.batch(s)))
+            except BaseException as e:  # surfaced in the consumer
+                q.put(e)
+            q.put(None)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                waited = time.perf_counter() - t0
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item[0], item[1], waited
+        finally:
+            stop_flag.set()
+            while not q.empty():
+                q.get_nowait()
+
+
+# ---------------------------------------------------------------- preparation
+
+
+@dataclass
+class Prepared:
+    """Token arrays for the train and validation splits, plus what was learned on the way."""
+
+    train: dict
+    validation: dict | None
+    labels: tuple[str, ...] = ()
+    stats: dict = field(default_factory=dict)
+
+
+def load_task_records(spec: str, data) -> list[dict]:
+    """Records of a data spec: `gcide` (the dictionary package) or anything data.py loads."""
+    if spec == "gcide" or spec.startswith("gcide:"):
+        from .tasks import iter_gcide
+
+        letters = spec.split(":", 1)[1] if ":" in spec else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        records = list(iter_gcide(letters))
+    else:
+        from .data import load_records
+
+        records = load_records(spec, text_unit=data.text_unit).to_list()
+    if data.limit:
+        records = records[: data.limit]
+    if not records:
+        raise UserError(f"data {spec}: no records; check the file and data.text_column")
+    return records
+
+
+def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic document-level split by seed."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    perm = np.random.default_rng([seed, 7919]).permutation(len(records))
+    n_val = max(1, int(round(len(records) * fraction)))
+    val = set(perm[:n_val].tolist())
+    return ([r for i, r in enumerate(records) if i not in val],
+            [r for i, r in enumerate(records) if i in val])
+
+
+def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
+            labels: Sequence[str] = ()) -> Prepared:
+    """Load, split, render and tokenize a DataSection into arrays for the Batcher."""
+    from .tasks import render
+
+    train_records = load_task_records(data.train, data)
+    if data.validation:
+        val_records = load_task_records(data.validation, data)
+    else:
+        train_records, val_records = split_records(train_records, data.validation_fraction, seed)
+    if data.task == "classification":
+        labels = tuple(labels) or tuple(data.labels) or _label_set(train_records, data)
+        train = _classification_rows(train_records, data, tokenizer, labels, seq_len)
+        val = _classification_rows(val_records, data, tokenizer, labels, seq_len) \
+            if val_records else None
+        return Prepared(train, val, labels, {"train_examples": len(train["labels"])})
+
+    def lm_arrays(records: list[dict]) -> dict:
+        texts = [render(data.task, r, data.text_column) for r in records]
+        full = [p + t for p, t in texts]
+        ids = tokenizer(full, add_special_tokens=False, verbose=False)["input_ids"]
+        tokens, weights = pack(ids, seq_len + 1, eos)
+        n_bytes = sum(len(s.encode("utf-8")) for s in full)
+        n_tok = sum(len(i) for i in ids)
+        return {"tokens": tokens, "weights": weights}, n_bytes / max(n_tok, 1), n_tok
+
+    train, bpt, n_tok = lm_arrays(train_records)
+    val = None
+    if val_records:
+        try:
+            val = lm_arrays(val_records)[0]
+        except UserError:
+            val = None  # too little validation text for one block
+    if val is None and not data.validation and data.validation_fraction > 0:
+        train, val = split_blocks(train, data.validation_fraction, seed)
+    stats = {"train_tokens": n_tok, "bytes_per_token": bpt, "train_blocks": len(train["tokens"]),
+             "documents": len(train_records)}
+    return Prepared(train, val, (), stats)
+
+
+def split_blocks(arrays: dict, fraction: float, seed: int) -> tuple[dict, dict | None]:
+    """Split packed blocks by seed when there are too few documents to split by document."""
+    n = len(arrays["tokens"])
+    n_val = int(round(n * fraction))
+    if n_val < 1 or n - n_val < 1:
+        return arrays, None
+    perm = np.random.default_rng([seed, 104729]).permutation(n)
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return ({k: v[train_idx] for k, v in arrays.items()},
+            {k: v[val_idx] for k, v in arrays.items()})
+
+
+def _label_set(records: list[dict], data) -> tuple[str, ...]:
+    values = {str(_label_of(r, data, i)) for i, r in enumerate(records)}
+    if len(values) < 2:
+        raise UserError(f"data {data.train}: column {data.label_column!r} has only "
+                        f"{len(values)} distinct label(s); classification needs at least 2")
+    ints = all(v.lstrip("-").isdigit() for v in values)
+    return tuple(sorted(values, key=int) if ints else sorted(values))
+
+
+def _label_of(record: dict, data, row: int):
+    if data.label_column not in record:
+        raise UserError(f"data {data.train}: row {row} has no label column "
+                        f"{data.label_column!r} (columns: {', '.join(record)}); "
+                        "set data.label_column")
+    return record[data.label_column]
+
+
+def _classification_rows(records, data, tokenizer, labels, seq_len) -> dict:
+    index = {name: i for i, name in enumerate(labels)}
+    texts, ys = [], []
+    for i, r in enumerate(records):
+        y = str(_label_of(r, data, i))
+        if y not in index:
+            raise UserError(f"data: row {i} has label {y!r}, not in the label set "
+                            f"{list(labels)}; fix the row or data.labels")
+        if data.text_column not in r:
+            raise UserError(f"data: row {i} has no text column {data.text_column!r} "
+                            f"(columns: {', '.join(r)}); set data.text_column")
+        texts.append(str(r[data.text_column]))
+        ys.append(index[y])
+    # No EOS is appended: transformers pools the last token != pad (= eos) after export.
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    rows = [r[:seq_len] if r else [tokenizer.eos_token_id] for r in rows]
+    return {"rows": rows, "labels": np.asarray(ys, np.int32)}

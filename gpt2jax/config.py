@@ -1,0 +1,242 @@
+"""Typed run configuration: dataclasses, YAML files, `--section.key=value` overrides.
+
+OmegaConf structured configs do the parsing and type checking (unknown keys and wrong
+types are rejected with the key's name); `validate` adds the range checks. Everything is
+checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+TASKS = ("lm", "text", "classification", "dictionary_forward", "dictionary_reverse", "conversation")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class ModelSection:
+    init: str = "scratch"  # "scratch" or a model source (hf:gpt2, an HF dir, a run, a checkpoint)
+    preset: str | None = None  # gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_positions: int | None = None
+    vocab_size: int | None = None
+    dropout: float | None = None  # embd, attn and resid dropout together
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    head: str = "lm"  # lm | sequence | attention_pool
+    num_labels: int | None = None  # default: the number of labels found in the data
+    classifier_dropout: float = 0.1
+    remat: str = "none"  # none | full | dots
+    scan_layers: bool = False
+
+
+@dataclass
+class DataSection:
+    train: str = ""  # a local file/folder, hub:ORG/NAME[:CONFIG][@SPLIT], or gcide
+    validation: str = ""  # empty: split from train by seed
+    task: str = "lm"
+    text_column: str = "text"
+    label_column: str = "label"
+    text_unit: str = "document"  # .txt files: document | line | paragraph
+    validation_fraction: float = 0.05
+    limit: int = 0  # use at most this many records (0 = all)
+    labels: list[str] = field(default_factory=list)  # classification: fixed label order
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    end_lr: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    decay_embeddings: bool = False
+    clip_norm: float = 1.0  # 0 disables clipping
+    freeze: list[str] = field(default_factory=list)  # regexes of parameter names kept fixed
+
+
+@dataclass
+class MeshSection:
+    data: int = -1  # -1 fills the devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class DistSection:
+    coordinator: str = ""  # host:port; empty = from env / SLURM / TPU, else single process
+    num_processes: int = 0
+    process_id: int = -1
+    timeout: float = 60.0
+    local_device_count: int = 0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 0  # 0: use epochs
+    epochs: float = 1.0
+    batch_size: int = 8  # global sequences per optimizer step
+    grad_accum: int = 1
+    seq_len: int = 128
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20  # validation batches per evaluation (0 = the whole split)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    best_metric: str = ""  # default: loss (lm) or accuracy (classification)
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_max_new_tokens: int = 32
+    skip_nonfinite: int = 0  # skip up to N steps with a NaN/Inf loss before stopping
+    progress: str = "auto"  # auto | bar | lines | none
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    dist: DistSection = field(default_factory=DistSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config and apply `--section.key=value` overrides; validate everything."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist; see configs/ for examples")
+        try:
+            import yaml
+
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p} is not valid YAML: {_one_line(e)}") from e
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p} must hold a mapping of sections (model:, data:, train: ...)")
+        layers.append((str(p), OmegaConf.create(loaded)))
+    dotlist = []
+    for item in overrides:
+        key = item[2:] if item.startswith("--") else item
+        if "=" not in key:
+            raise UserError(f"override {item!r} must look like --section.key=value")
+        dotlist.append(key)
+    if dotlist:
+        try:
+            layers.append(("the command line", OmegaConf.from_dotlist(dotlist)))
+        except OmegaConfBaseException as e:
+            raise UserError(f"bad override: {_one_line(e)}") from e
+    merged = base
+    for where, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise UserError(f"{where}: key {key}: {_omega_reason(e)}") from e
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _omega_reason(e: Exception) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "not in" in msg or "Key" in type(e).__name__:
+        return f"unknown key ({msg}); check the spelling against gpt2jax/config.py"
+    return msg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types cannot express. Raises UserError naming the key."""
+    m, d, o, t, mesh = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.mesh
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise UserError(f"{key}: {msg}")
+
+    need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    need(o.end_lr >= 0, "optim.end_lr", f"must be >= 0, got {o.end_lr}")
+    need(o.schedule in SCHEDULES, "optim.schedule", f"choose one of {', '.join(SCHEDULES)}")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", "must be in [0, 1)")
+    for pattern in o.freeze:
+        import re
+
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"optim.freeze: {pattern!r} is not a regular expression ({e})") from e
+    need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    need(t.steps > 0 or t.epochs > 0, "train.epochs", "must be > 0 when train.steps is 0")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(t.batch_size % t.grad_accum == 0, "train.batch_size",
+         f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    need(t.seq_len >= 2, "train.seq_len", "must be >= 2")
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.progress in ("auto", "bar", "lines", "none"), "train.progress",
+         "choose auto, bar, lines or none")
+    need(d.task in TASKS, "data.task", f"choose one of {', '.join(TASKS)}")
+    need(bool(d.train), "data.train", "is required: a file, folder, hub:ORG/NAME or gcide")
+    need(0 <= d.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
+    need(d.text_unit in ("document", "line", "paragraph"), "data.text_unit",
+         "choose document, line or paragraph")
+    need(m.head in ("lm", "sequence", "attention_pool"), "model.head",
+         "choose lm, sequence or attention_pool")
+    need(m.dtype in ("float32", "bfloat16"), "model.dtype", "choose float32 or bfloat16")
+    need(m.remat in ("none", "full", "dots"), "model.remat", "choose none, full or dots")
+    if m.dropout is not None:
+        need(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
+    for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "num_labels"):
+        v = getattr(m, key)
+        need(v is None or v >= 1, f"model.{key}", f"must be >= 1, got {v}")
+    classification = d.task == "classification"
+    need(classification == (m.head != "lm"), "model.head",
+         f"head {m.head!r} does not fit data.task={d.task!r}: use head lm for language-model "
+         "tasks and sequence or attention_pool for classification")
+    for key in ("data", "fsdp", "tensor"):
+        v = getattr(mesh, key)
+        need(v == -1 or v >= 1, f"mesh.{key}", f"must be >= 1 or -1 (fill), got {v}")
+    need([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1, "mesh",
+         "at most one of mesh.data/fsdp/tensor may be -1")
+    need(cfg.dist.timeout > 0, "dist.timeout", "must be > 0 seconds")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what `gpt2jax train` ran with)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run directory was trained with."""
+    return load_config(Path(run_dir) / "config.yaml")

@@ -1,0 +1,428 @@
+"""Evaluation: per-token log-probabilities, LM perplexity, answer scoring, classification.
+
+The Python API behind `gpt2jax eval` and `gpt2jax score`:
+
+    model, tok, _ = load_model("path/to/hf_dir")
+    evaluate_lm(model, tok, ["some text", ...])        # loss, perplexity, tokens, bytes_per_token
+    score(model, tok, "Q: 2+2? A:", " 4")              # logprob, probability, answer_tokens
+    evaluate_classification(model, tok, texts, labels)  # accuracy, macro_f1, per_class, ...
+
+Batches have one fixed shape (padded rows and columns, masked) so each evaluation
+compiles once. The metric math lives in pure functions (lm_windows, confusion_matrix,
+precision_recall_f1, classification_metrics) that tests check by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .errors import UserError
+from .model import GPT2
+from .tokenizer import EOS_ID
+
+TASKS = ("lm", "classification")
+
+# ---------------------------------------------------------------- token log-probabilities
+
+
+def next_token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """(B, T) float32: entry t is log p(input_ids[t] | input_ids[:t]); column 0 is 0.
+
+    Pure: `logits` are the LM logits (B, T, V) for the same input_ids.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    target = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
+    lp = target - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+@nnx.jit
+def token_logprobs(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Jitted (B, T) next-token log-probabilities (natural log) under the tied LM head.
+
+    Entry t is log p(input_ids[t] | input_ids[:t]); it is 0 at t = 0 (no context) and
+    where attention_mask is 0. Rows are right-padded; the negative is the per-token NLL.
+    Works for every head (the backbone always has the tied LM head).
+    """
+    h, _ = model.hidden_states(input_ids, attention_mask)
+    lp = next_token_logprobs(model.lm_logits(h), input_ids)
+    return jnp.where(attention_mask.astype(bool), lp, 0.0)
+
+
+@nnx.jit
+def class_probabilities(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array):
+    """Jitted (B, num_labels) softmax of a classification head's logits."""
+    return jax.nn.softmax(model(input_ids, attention_mask), axis=-1)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def encode(tokenizer, texts: Sequence[str], vocab_size: int | None = None) -> list[list[int]]:
+    """Token ids of each text, no special tokens added; checks ids fit the model's vocab."""
+    ids: list[list[int]] = []
+    for i in range(0, len(texts), 1000):  # bounded memory for large corpora
+        chunk = list(texts[i : i + 1000])
+        ids.extend(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
+    if vocab_size is not None:
+        top = max((max(row) for row in ids if row), default=-1)
+        if top >= vocab_size:
+            raise UserError(
+                f"the tokenizer produced token id {top} but the model's vocab_size is "
+                f"{vocab_size}; the model and its tokenizer do not belong together"
+            )
+    return ids
+
+
+def _eos_id(tokenizer, model: GPT2) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return int(eos) if eos is not None else int(model.cfg.eos_token_id or EOS_ID)
+
+
+def context_length(model: GPT2, seq_len: int | None) -> int:
+    """The window length: --seq-len, at most the model's n_positions (the default)."""
+    n_positions = model.cfg.n_positions
+    if seq_len is None:
+        return n_positions
+    if not 2 <= seq_len <= n_positions:
+        raise UserError(
+            f"--seq-len {seq_len} must be between 2 and the model's n_positions ({n_positions})"
+        )
+    return seq_len
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], length: int, batch_size: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad rows to (batch_size, length) int32 ids and an attention mask.
+
+    Missing rows are all padding, so every batch has one shape (one compile).
+    """
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(start + size, n))
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+# ---------------------------------------------------------------- language modelling
+
+
+def lm_windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (begin, end, first_scored) that score tokens 1..length-1 exactly once.
+
+    Token 0 (the <|endoftext|> prefix) has no context and is never scored. Windows hold
+    at most seq_len tokens and start `stride` apart; each scores the tokens after the
+    previous window's end, so every token is scored once with the most context its
+    window gives (at least seq_len - stride tokens once the first window is full).
+    """
+    if not 1 <= stride < seq_len:
+        raise UserError(f"--stride {stride} must be at least 1 and below --seq-len {seq_len}")
+    windows: list[tuple[int, int, int]] = []
+    begin, prev_end = 0, 1
+    while prev_end < length:
+        end = min(begin + seq_len, length)
+        windows.append((begin, end, prev_end))
+        prev_end = end
+        begin += stride
+    return windows
+
+
+def evaluate_lm(
+    model: GPT2,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    stride: int | None = None,
+) -> dict:
+    """Mean NLL per token (natural log), perplexity, tokens scored and UTF-8 bytes per token.
+
+    Each document is scored as <|endoftext|> + its tokens, so its first token counts too.
+    Longer documents are scored in windows of seq_len (default n_positions) that advance
+    by stride (default seq_len // 2); see lm_windows.
+    """
+    _check_batch_size(batch_size)
+    seq_len = context_length(model, seq_len)
+    stride = seq_len // 2 if stride is None else stride
+    eos = _eos_id(tokenizer, model)
+    docs = [[eos, *ids] for ids in encode(tokenizer, texts, model.cfg.vocab_size)]
+    # (document, begin, end, first scored): all windows of all documents, batched together
+    work = [(d, *w) for d, ids in enumerate(docs) for w in lm_windows(len(ids), seq_len, stride)]
+    tokens = sum(len(ids) - 1 for ids in docs)
+    if tokens == 0:
+        raise UserError("the data has no text to score (all documents are empty)")
+    length = max(end - begin for _, begin, end, _ in work)
+    total = 0.0
+    for batch in _chunks(len(work), batch_size):
+        rows, score_mask = [], np.zeros((batch_size, length), bool)
+        for r, (d, begin, end, first) in enumerate(work[i] for i in batch):
+            rows.append(docs[d][begin:end])
+            score_mask[r, first - begin : end - begin] = True
+        ids, mask = pad_rows(rows, length, batch_size, eos)
+        lp = np.asarray(token_logprobs(model, ids, mask))
+        total += float(lp[score_mask].astype(np.float64).sum())
+    loss = -total / tokens
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": tokens,
+        "bytes_per_token": nbytes / tokens,
+        "documents": len(docs),
+    }
+
+
+def score(model: GPT2, tokenizer, prompt: str, answer: str) -> dict:
+    """log p(answer | prompt) for ids = tok(prompt) + tok(answer), nothing inserted.
+
+    An empty prompt scores the answer after a single <|endoftext|> (its only possible
+    context). Returns logprob (natural log, summed over the answer's tokens), probability
+    (exp of logprob), answer_tokens and prompt_tokens.
+    """
+    if not answer:
+        raise UserError("the answer is empty; pass the text to score with --answer")
+    p_ids, a_ids = encode(tokenizer, [prompt, answer], model.cfg.vocab_size)
+    if not p_ids:
+        p_ids = [_eos_id(tokenizer, model)]
+    ids = p_ids + a_ids
+    if len(ids) > model.cfg.n_positions:
+        raise UserError(
+            f"prompt + answer are {len(ids)} tokens but the model's context is "
+            f"{model.cfg.n_positions}; shorten the prompt"
+        )
+    arr = np.asarray([ids], np.int32)
+    lp = np.asarray(token_logprobs(model, arr, np.ones_like(arr)))[0]
+    logprob = float(lp[len(p_ids) :].astype(np.float64).sum())
+    return {
+        "logprob": logprob,
+        "probability": math.exp(logprob),
+        "answer_tokens": len(a_ids),
+        "prompt_tokens": len(p_ids),
+    }
+
+
+# ---------------------------------------------------------------- classification metrics
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts: rows are true classes, columns predictions."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return cm
+
+
+def precision_recall_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1 and support from a confusion matrix.
+
+    A ratio with a zero denominator is 0 (scikit-learn's zero_division=0).
+    """
+    tp = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return precision, recall, f1, support
+
+
+def classification_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]
+) -> dict:
+    """accuracy, macro_f1, labels, per_class and confusion_matrix (rows = true labels).
+
+    macro_f1 averages F1 over the labels that occur in the data or the predictions, as
+    scikit-learn does when it is not given the label list.
+    """
+    cm = confusion_matrix(y_true, y_pred, len(labels))
+    precision, recall, f1, support = precision_recall_f1(cm)
+    seen = (support > 0) | (cm.sum(0) > 0)
+    return {
+        "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+        "labels": list(labels),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(labels)
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+# ---------------------------------------------------------------- classification
+
+
+def label_names(model: GPT2) -> tuple[str, ...]:
+    """The model's label names in class-index order ("0", "1", ... when it has none)."""
+    cfg = model.cfg
+    return tuple(cfg.labels) or tuple(str(i) for i in range(cfg.num_labels))
+
+
+def label_indices(values: Sequence, labels: Sequence[str], column: str = "label") -> np.ndarray:
+    """Class indices of a label column: label names, or integers 0..len(labels)-1."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = np.empty(len(values), np.int64)
+    for row, v in enumerate(values):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # csv readers turn an integer column with gaps into floats
+        if isinstance(v, str) and v in index:
+            out[row] = index[v]
+        elif isinstance(v, int | np.integer) and not isinstance(v, bool) and 0 <= v < len(labels):
+            out[row] = int(v)
+        else:
+            raise UserError(
+                f"row {row} (counting from 0): {column} {v!r} is not one of the model's labels "
+                f"({', '.join(labels)}, or their indices 0..{len(labels) - 1})"
+            )
+    return out
+
+
+def evaluate_classification(
+    model: GPT2,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence,
+    *,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    predictions: str | Path | None = None,
+    label_column: str = "label",
+) -> dict:
+    """Accuracy, macro F1, per-class precision/recall/F1 and the confusion matrix.
+
+    Texts are tokenized as they are: no <|endoftext|> is appended (transformers'
+    GPT2ForSequenceClassification would skip a trailing token equal to its pad token,
+    so such inputs would disagree after export). Texts longer than seq_len (default
+    n_positions) keep their first seq_len tokens. With `predictions`, writes one JSON
+    line per example: text, label, predicted, probabilities.
+    """
+    if model.cfg.head == "lm":
+        raise UserError(
+            "this model has an LM head only; classification needs a model with a "
+            "classification head (use --task lm for perplexity)"
+        )
+    _check_batch_size(batch_size)
+    seq_len = context_length(model, seq_len)
+    names = label_names(model)
+    y_true = label_indices(labels, names, label_column)
+    ids = [row[:seq_len] for row in encode(tokenizer, texts, model.cfg.vocab_size)]
+    for row, r in enumerate(ids):
+        if not r:
+            raise UserError(f"row {row} (counting from 0) has an empty text; remove or fill it")
+    pad = model.cfg.pad_token_id
+    pad = _eos_id(tokenizer, model) if pad is None else pad
+    length = max(len(r) for r in ids)
+    probs = np.zeros((len(ids), len(names)), np.float64)
+    for batch in _chunks(len(ids), batch_size):
+        arr, mask = pad_rows([ids[i] for i in batch], length, batch_size, pad)
+        probs[batch.start : batch.stop] = np.asarray(class_probabilities(model, arr, mask))[
+            : len(batch)
+        ]
+    y_pred = probs.argmax(-1)
+    result = classification_metrics(y_true, y_pred, names)
+    result["examples"] = len(ids)
+    if predictions is not None:
+        write_predictions(predictions, texts, y_true, y_pred, probs, names)
+        result["predictions"] = str(predictions)
+    return result
+
+
+def write_predictions(
+    path: str | Path,
+    texts: Sequence[str],
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+) -> None:
+    """One JSON line per example: text, label, predicted, probabilities {label: p}."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for text, t, p, pr in zip(texts, y_true, y_pred, probs, strict=True):
+                row = {
+                    "text": text,
+                    "label": labels[t],
+                    "predicted": labels[p],
+                    "probabilities": {name: float(x) for name, x in zip(labels, pr, strict=True)},
+                }
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write predictions to {path}: {e.strerror}") from e
+
+
+# ---------------------------------------------------------------- records -> metrics
+
+
+def evaluate_data(
+    model: GPT2,
+    tokenizer,
+    data: str,
+    *,
+    task: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    split: str | None = None,
+    text_unit: str = "document",
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    predictions: str | Path | None = None,
+) -> dict:
+    """Evaluate on a data spec (see data.load_records); what `gpt2jax eval` runs.
+
+    task defaults to "classification" for a model with a classification head, else "lm".
+    """
+    from .data import load_records, require_column
+
+    task = task or ("lm" if model.cfg.head == "lm" else "classification")
+    if task not in TASKS:
+        raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    if task == "lm" and predictions is not None:
+        raise UserError("--predictions applies to --task classification")
+    ds = load_records(data, split=split, text_unit=text_unit)
+    require_column(ds, text_column, data)
+    texts = list(ds[text_column])
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise UserError(
+            f"{data}: row {bad} (counting from 0) of column {text_column!r} is "
+            f"{texts[bad]!r}, not text; pick the text column with --text-column"
+        )
+    if task == "lm":
+        result = evaluate_lm(
+            model, tokenizer, texts, batch_size=batch_size, seq_len=seq_len, stride=stride
+        )
+    else:
+        require_column(ds, label_column, data)
+        result = evaluate_classification(
+            model, tokenizer, texts, list(ds[label_column]), batch_size=batch_size,
+            seq_len=seq_len, predictions=predictions, label_column=label_column,
+        )
+    return {"task": task, **result}

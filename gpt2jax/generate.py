@@ -1,0 +1,524 @@
+"""Text generation with a KV cache: sampling filters, batched decoding, streaming, a benchmark.
+
+Design, for batch-1 speed on CPU (decoding reads every weight once per token):
+- the layers run unrolled inside jit (a scan over stacked layers would copy every weight
+  matrix per token), so a scan-layers model is unstacked once, outside jit;
+- prompts are left padded to a shape bucket and the cache length is bucketed too, so many
+  prompts reuse one compilation; positions come from the padding mask;
+- the prompt is prefilled in one call, then jitted chunks of `chunk` decode steps run a
+  `fori_loop`; the cache is donated so it is updated in place, and Python sees the tokens
+  after each chunk (to stream text, check stop strings and stop early).
+
+The sampling filters (repetition penalty, temperature, top-k, top-p) are pure functions
+on logits with the Hugging Face definitions.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .errors import UserError
+from .model import DTYPES, GPT2, positions_from_mask
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+# ---------------------------------------------------------------- pure filters
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF's RepetitionPenaltyLogitsProcessor: for tokens already seen, divide a positive
+    logit by `penalty` and multiply a negative one. `seen` is a (B, V) boolean mask."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the k largest logits per row (ties with the k-th are kept), others -> -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus filter: keep the most probable tokens until their total probability reaches p.
+
+    A token is kept when the probability mass of the tokens ranked strictly above it is
+    below p (the most probable token is always kept) -- HF's TopPLogitsWarper.
+    """
+    if p >= 1.0:
+        return logits
+    desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(mass_above < p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked. Hashable: one compilation per distinct setting."""
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> Sampling:
+        """Raise UserError for settings that make no sense; returns self."""
+        if not self.greedy and not self.temperature > 0:
+            raise UserError(
+                f"temperature must be > 0 when sampling, got {self.temperature}; "
+                "use --greedy for deterministic decoding"
+            )
+        if self.top_k < 0:
+            raise UserError(f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise UserError(
+                f"repetition penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
+            )
+        return self
+
+
+def next_token(logits: jax.Array, seen: jax.Array | None, keys: jax.Array, s: Sampling):
+    """Pick one token per row from float32 logits (B, V); keys are per-row PRNG keys."""
+    if s.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / s.temperature
+    logits = top_k_filter(logits, s.top_k)
+    logits = top_p_filter(logits, s.top_p)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- shape buckets
+
+
+def bucket(n: int, cap: int) -> int:
+    """Round n up to a power of two (at least 16) up to 64, then to a multiple of 64; cap it."""
+    b = 16
+    while b < n and b < 64:
+        b *= 2
+    if n > b:
+        b = -(-n // 64) * 64
+    return min(b, cap)
+
+
+# ---------------------------------------------------------------- jitted pieces
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef) -> tuple[Callable, Callable]:
+    """(prefill, decode) jitted for one model structure; shapes bucket the recompiles."""
+
+    def prefill(state, ids, prompt_mask, row_keys, total, sampling, with_logits):
+        model = nnx.merge(graphdef, state)
+        b, p = ids.shape
+        cache = model.init_cache(b, total, model.cfg.compute_dtype)
+        # Slots past the prompt are hidden by causality; padding slots by the mask.
+        cache_mask = jnp.concatenate(
+            [prompt_mask, jnp.ones((b, total - p), prompt_mask.dtype)], axis=1
+        )
+        h, cache = model.hidden_states(
+            ids, cache_mask, positions_from_mask(prompt_mask), cache=cache, cache_index=0
+        )
+        logits = model.lm_logits(h[:, -1:])[:, 0]
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            counts = jnp.zeros(logits.shape, jnp.int32).at[jnp.arange(b)[:, None], ids].add(
+                prompt_mask.astype(jnp.int32)
+            )
+            seen = counts > 0  # padding is not "seen" (HF would count the pad id)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, 0)
+        tok = next_token(logits, seen, keys, sampling)
+        if seen is not None:
+            seen = seen.at[jnp.arange(b), tok].set(True)
+        return tok, cache, cache_mask, seen, (logits if with_logits else None)
+
+    def decode(state, cache, tok, cache_mask, pos0, slot0, step0, n_steps, done, seen,
+               row_keys, eos, chunk, sampling, with_logits):
+        model = nnx.merge(graphdef, state)
+        b = tok.shape[0]
+        out = jnp.zeros((b, chunk), jnp.int32)
+        scores = jnp.zeros((b, chunk, model.cfg.vocab_size), jnp.float32) if with_logits else None
+
+        def body(i, carry):
+            cache, tok, done, seen, out, scores = carry
+            h, cache = model.hidden_states(
+                tok[:, None], cache_mask, (pos0 + i)[:, None], cache=cache, cache_index=slot0 + i
+            )
+            logits = model.lm_logits(h)[:, 0]
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step0 + i)
+            nxt = next_token(logits, seen, keys, sampling)
+            nxt = jnp.where(done, eos, nxt)  # finished rows keep emitting EOS
+            done = done | (nxt == eos)
+            if seen is not None:
+                seen = seen.at[jnp.arange(b), nxt].set(True)
+            out = out.at[:, i].set(nxt)
+            if scores is not None:
+                scores = scores.at[:, i].set(logits)
+            return cache, nxt, done, seen, out, scores
+
+        carry = jax.lax.fori_loop(0, n_steps, body, (cache, tok, done, seen, out, scores))
+        cache, tok, done, seen, out, scores = carry
+        return out, cache, tok, done, seen, scores
+
+    static = ("total", "sampling", "with_logits")
+    prefill_jit = jax.jit(prefill, static_argnames=static)
+    decode_jit = jax.jit(
+        decode, static_argnames=("chunk", "sampling", "with_logits"), donate_argnames=("cache",)
+    )
+    return prefill_jit, decode_jit
+
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass
+class Sample:
+    """One generated continuation. token_ids are the new tokens only (EOS included when
+    the model produced it); completion is their text without EOS and stop string."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    completion: str
+    token_ids: list[int]
+    finish_reason: str
+    logits: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("logits")
+        return d
+
+
+def _stop_hit(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters may be shown while streaming: hold back an incomplete UTF-8
+    tail (decoded as U+FFFD) and any tail that could still grow into a stop string."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    keep = n
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[n - k:n] == s[:k]:
+                keep = min(keep, n - k)
+                break
+    return keep
+
+
+class _Row:
+    """Host-side state of one sequence being decoded."""
+
+    def __init__(self, prompt_index, sample_index, prompt, ids):
+        self.prompt_index, self.sample_index, self.prompt, self.ids = (
+            prompt_index, sample_index, prompt, ids
+        )
+        self.new: list[int] = []
+        self.reason: str | None = None
+        self.completion = ""
+        self.shown = 0
+        self.logits: list[np.ndarray] = []
+
+
+class Generator:
+    """A model prepared for decoding (unrolled layers, optional cast weights).
+
+    Reuse one Generator for many calls: preparation may copy weights (scan-layers models,
+    `weights_dtype`), and compilations are cached per model structure and shape bucket.
+    """
+
+    def __init__(self, model: GPT2, tokenizer, *, weights_dtype: str | None = None):
+        self.tokenizer = tokenizer
+        cfg = model.cfg
+        if weights_dtype is not None and weights_dtype not in DTYPES:
+            raise UserError(f"weights dtype {weights_dtype!r}: choose one of {', '.join(DTYPES)}")
+        if cfg.scan_layers or (weights_dtype and weights_dtype != "float32"):
+            from .hf import from_flat_params, to_flat_params
+
+            new_cfg = cfg.replace(scan_layers=False, dtype=weights_dtype or cfg.dtype)
+            model = from_flat_params(new_cfg, to_flat_params(model))
+        self.cfg = model.cfg
+        graphdef, state = nnx.split(model)
+        if weights_dtype and weights_dtype != "float32":
+            # Stored in the compute dtype, so the per-use .astype in the model is a no-op.
+            dt = DTYPES[weights_dtype]
+            state = jax.tree.map(lambda a: a.astype(dt), state)
+        self.graphdef, self.state = graphdef, state
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_id = int(eos if eos is not None else cfg.eos_token_id)
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt; empty prompts are refused."""
+        out = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p:
+                raise UserError(f"prompt {i} is empty; give every prompt some text")
+            ids = self.tokenizer.encode(p)
+            if not ids:
+                raise UserError(f"prompt {i} ({p!r}) encodes to no tokens")
+            out.append(list(ids))
+        return out
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        sampling: Sampling | None = None,
+        max_new_tokens: int = 64,
+        stop: Sequence[str] = (),
+        seed: int = 0,
+        num_samples: int = 1,
+        batch_size: int = 16,
+        chunk: int = 8,
+        on_text: Callable[[int, int, str], None] | None = None,
+        on_start: Callable[[int, int, str], None] | None = None,
+        return_logits: bool = False,
+    ) -> list[Sample]:
+        """Continue every prompt num_samples times; see `generate` for the arguments."""
+        sampling = (sampling or Sampling()).validate()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise UserError("no prompts given")
+        if max_new_tokens < 1:
+            raise UserError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        if num_samples < 1 or batch_size < 1 or chunk < 1:
+            raise UserError("num-samples, batch size and chunk must be >= 1")
+        stop = tuple(s for s in stop if s)
+        encoded = self.encode(prompts)
+        ctx = self.cfg.n_positions
+        longest = max(len(ids) for ids in encoded)
+        if longest + max_new_tokens > ctx:
+            raise UserError(
+                f"the longest prompt has {longest} tokens; with max-new-tokens "
+                f"{max_new_tokens} that exceeds the model's context of {ctx} tokens: "
+                f"lower --max-new-tokens to at most {ctx - longest} or shorten the prompt"
+            )
+        rows = [
+            _Row(p, s, prompts[p], encoded[p])
+            for p in range(len(prompts)) for s in range(num_samples)
+        ]
+        # Streaming shows one row at a time, so decode one row at a time.
+        size = 1 if on_text is not None else batch_size
+        for start in range(0, len(rows), size):
+            self._run(rows[start:start + size], sampling, max_new_tokens, stop, seed, chunk,
+                      on_text, on_start, return_logits)
+        return [
+            Sample(r.prompt_index, r.sample_index, r.prompt, r.completion, r.new, r.reason,
+                   np.stack(r.logits) if return_logits else None)
+            for r in rows
+        ]
+
+    def _run(self, rows, sampling, max_new, stop, seed, chunk, on_text, on_start, with_logits):
+        prefill, decode = _compiled(self.graphdef)
+        ctx = self.cfg.n_positions
+        b = len(rows)
+        longest = max(len(r.ids) for r in rows)
+        p = max(longest, min(bucket(longest, ctx), ctx - max_new))
+        total = bucket(p + max_new, ctx)
+        ids = np.full((b, p), self.eos_id, np.int32)
+        mask = np.zeros((b, p), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, p - len(r.ids):] = r.ids  # left padding
+            mask[i, p - len(r.ids):] = 1
+        base = jax.random.PRNGKey(seed)
+        row_keys = jnp.stack([
+            jax.random.fold_in(jax.random.fold_in(base, r.prompt_index), r.sample_index)
+            for r in rows
+        ])
+        if on_start is not None:
+            for r in rows:
+                on_start(r.prompt_index, r.sample_index, r.prompt)
+        tok, cache, cache_mask, seen, logits = prefill(
+            self.state, ids, mask, row_keys, total, sampling, with_logits
+        )
+        self._absorb(rows, np.asarray(tok)[:, None], logits, max_new, stop, on_text)
+        pos0 = jnp.asarray(mask.sum(1), jnp.int32)  # position of the first new token
+        done = jnp.asarray([r.reason is not None for r in rows])
+        step = 1
+        while step < max_new and any(r.reason is None for r in rows):
+            n = min(chunk, max_new - step)
+            out, cache, tok, done, seen, scores = decode(
+                self.state, cache, tok, cache_mask, pos0 + (step - 1), p + step - 1, step, n,
+                done, seen, row_keys, self.eos_id, chunk, sampling, with_logits,
+            )
+            out = np.asarray(out)[:, :n]
+            self._absorb(rows, out, None if scores is None else scores[:, :n], max_new, stop,
+                         on_text)
+            step += n
+
+    def _absorb(self, rows, new_tokens, logits, max_new, stop, on_text) -> None:
+        """Append a chunk of tokens per row; detect EOS, stop strings and length; stream."""
+        logits = None if logits is None else np.asarray(logits)
+        for i, r in enumerate(rows):
+            if r.reason is not None:
+                continue
+            for j, t in enumerate(new_tokens[i].tolist()):
+                r.new.append(t)
+                if logits is not None:
+                    r.logits.append(logits[i, j] if logits.ndim == 3 else logits[i])
+                if t == self.eos_id:
+                    r.reason = "eos"
+                    break
+            body = r.new[:-1] if r.reason == "eos" else r.new
+            text = self.tokenizer.decode(body)
+            cut = _stop_hit(text, stop)
+            if cut >= 0:
+                r.reason = "stop"
+                text = text[:cut]
+                r.new = self._tokens_through_stop(r.new, stop)
+                r.logits = r.logits[:len(r.new)]
+            elif r.reason is None and len(r.new) >= max_new:
+                r.reason = "length"
+            r.completion = text
+            if on_text is not None:
+                show = len(text) if r.reason else _held_back(text, stop)
+                if show > r.shown:
+                    on_text(r.prompt_index, r.sample_index, text[r.shown:show])
+                    r.shown = show
+
+    def _tokens_through_stop(self, ids: list[int], stop: Sequence[str]) -> list[int]:
+        """The shortest prefix of ids whose text contains a stop string."""
+        for n in range(1, len(ids) + 1):
+            if _stop_hit(self.tokenizer.decode(ids[:n]), stop) >= 0:
+                return ids[:n]
+        return ids
+
+
+def generate(
+    model: GPT2,
+    tokenizer,
+    prompts: Sequence[str] | str,
+    *,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    seed: int = 0,
+    num_samples: int = 1,
+    batch_size: int = 16,
+    on_text: Callable[[int, int, str], None] | None = None,
+    return_logits: bool = False,
+) -> list[Sample]:
+    """Continue each prompt `num_samples` times with the model's KV cache.
+
+    Sampling draws use a key per (seed, prompt index, sample index, step), so a sample does
+    not depend on the batch it ran in. Stops at EOS, at any `stop` string (cut from the
+    completion) or after max_new_tokens. `on_text(prompt_index, sample_index, text)` streams
+    text as it is produced (rows then run one at a time). `return_logits` keeps each step's
+    raw logits on the samples (for tests). For repeated calls build a `Generator` once.
+    """
+    sampling = Sampling(greedy, temperature, top_k, top_p, repetition_penalty)
+    return Generator(model, tokenizer).generate(
+        prompts, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop, seed=seed,
+        num_samples=num_samples, batch_size=batch_size, on_text=on_text,
+        return_logits=return_logits,
+    )
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def benchmark_decode(
+    *,
+    new_tokens: int = 128,
+    prompt: str = "The meaning of life is",
+    weights_dtypes: Sequence[str] = ("float32", "bfloat16"),
+    torch_threads: int = 2,
+    rounds: int = 3,
+    n_layer: int = 12,
+    n_embd: int = 768,
+    n_head: int = 12,
+    seed: int = 0,
+) -> dict:
+    """Greedy batch-1 decode speed, ours vs transformers' `generate` on the same weights.
+
+    Builds a random GPT-2 (default: the GPT-2-small shape) in transformers, imports its
+    weights, times `new_tokens` greedy tokens after a warm-up run (the median of `rounds`,
+    alternating the two decoders), and checks that both produce the same tokens.
+    Needs torch. Returns tokens/s per decoder and the speedups.
+    """
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    from .hf import config_from_hf, from_hf_tensors
+    from .tokenizer import gpt2_tokenizer
+
+    torch.set_num_threads(torch_threads)
+    torch.manual_seed(seed)
+    hf_model = GPT2LMHeadModel(HFConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)).eval()
+    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    tensors = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", "masked_bias"))}
+    cfg = config_from_hf(hf_model.config.to_dict())
+    model = from_hf_tensors(cfg, tensors)
+    tok = gpt2_tokenizer()
+    ids = tok.encode(prompt)
+    ours = {dt: Generator(model, tok, weights_dtype=dt) for dt in weights_dtypes}
+    greedy = Sampling(greedy=True)
+    # A random model rarely says EOS; keep it from stopping early on both sides anyway.
+    eos_free = dict(min_new_tokens=new_tokens, max_new_tokens=new_tokens, do_sample=False)
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                    dtype=torch.long), pad_token_id=tok.eos_token_id, **eos_free)
+        return out[0, len(ids):].tolist()
+
+    def run_ours(gen):
+        return gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=32)[0]
+
+    times: dict[str, list[float]] = {"transformers": [], **{f"gpt2jax_{d}": [] for d in ours}}
+    hf_tokens = run_hf()
+    samples = {d: run_ours(g) for d, g in ours.items()}  # warm-up: compile
+    for _ in range(rounds):
+        t = time.perf_counter()
+        run_hf()
+        times["transformers"].append(time.perf_counter() - t)
+        for d, g in ours.items():
+            t = time.perf_counter()
+            s = run_ours(g)
+            times[f"gpt2jax_{d}"].append(time.perf_counter() - t)
+            samples[d] = s
+    result: dict = {"new_tokens": new_tokens, "prompt_tokens": len(ids), "rounds": rounds,
+                    "torch_threads": torch_threads,
+                    "shape": dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head)}
+    counts = {"transformers": len(hf_tokens)}
+    counts.update({f"gpt2jax_{d}": len(s.token_ids) for d, s in samples.items()})
+    for name, ts in times.items():
+        # ours stops at EOS (a random model rarely says it): count the tokens made
+        result[f"{name}_tokens_per_s"] = round(counts[name] / float(np.median(ts)), 2)
+    for d, s in samples.items():
+        n = len(s.token_ids)
+        result[f"gpt2jax_{d}_tokens_generated"] = n
+        result[f"gpt2jax_{d}_speedup"] = round(
+            result[f"gpt2jax_{d}_tokens_per_s"] / result["transformers_tokens_per_s"], 2
+        )
+        same = s.token_ids == hf_tokens[:n]
+        result[f"gpt2jax_{d}_tokens_equal_transformers"] = bool(same)
+    return result

@@ -1,0 +1,85 @@
+"""The Optax chain: AdamW with a weight-decay mask, schedules, clipping, freezing.
+
+Parameter names are our flat paths ("wte", "h.3.attn.c_attn_kernel", "ln_f.scale",
+"score.kernel", "pool.query"); `optim.freeze` regexes match them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import optax
+
+from .errors import UserError
+
+
+def name_tree(state):
+    """The same tree as `state` (an nnx.State) with each leaf replaced by its dotted name."""
+    from flax import nnx
+
+    leaves = [
+        (path, var.replace(".".join(map(str, path))))
+        for path, var in nnx.to_flat_state(state)
+    ]
+    return nnx.from_flat_state(leaves)
+
+
+def map_names(fn, state):
+    """Tree of fn(name) over a parameter state (for masks and labels)."""
+    import jax
+
+    return jax.tree.map(fn, name_tree(state))
+
+
+def decays(name: str, decay_embeddings: bool = False) -> bool:
+    """Weight decay on matrices only: never biases or LayerNorm; embeddings by choice."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name in ("wte", "wpe"):
+        return decay_embeddings
+    return leaf.endswith("kernel") or leaf == "query"
+
+
+def make_schedule(
+    lr: float, schedule: str, warmup_steps: int, total_steps: int, end_lr: float = 0.0
+) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then constant / linear / cosine to end_lr at total_steps."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif schedule == "linear":
+        main = optax.linear_schedule(lr, end_lr, decay_steps)
+    elif schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr / lr)
+    else:
+        raise UserError(f"optim.schedule={schedule!r}: choose constant, linear or cosine")
+    if warmup_steps == 0:
+        return main
+    # Warmup starts at lr / warmup_steps rather than 0 so that step 0 is not a no-op.
+    warm = optax.linear_schedule(lr / (warmup_steps + 1), lr, warmup_steps)
+    return optax.join_schedules([warm, main], [warmup_steps])
+
+
+def make_optimizer(optim, total_steps: int, params) -> tuple[optax.GradientTransformation,
+                                                              optax.Schedule]:
+    """(tx, schedule) from an OptimSection for these params (an nnx.State)."""
+    schedule = make_schedule(optim.lr, optim.schedule, optim.warmup_steps, total_steps,
+                             optim.end_lr)
+    mask = map_names(lambda n: decays(n, optim.decay_embeddings), params)
+    parts = []
+    if optim.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim.clip_norm))
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, mask=mask))
+    tx = optax.chain(*parts)
+    if optim.freeze:
+        patterns = [re.compile(p) for p in optim.freeze]
+        labels = map_names(lambda n: "frozen" if any(p.search(n) for p in patterns)
+                           else "train", params)
+        import jax
+
+        if all(v == "frozen" for v in jax.tree.leaves(labels)):
+            raise UserError(f"optim.freeze {list(optim.freeze)} freezes every parameter; "
+                            "nothing would train")
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule

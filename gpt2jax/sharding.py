@@ -1,0 +1,124 @@
+"""Device mesh and the logical-axis rule table: the whole sharding story in one place.
+
+Parameters carry logical axis names (model.py); RULES maps each name to a mesh axis.
+fsdp shards weights along `embed`, tensor splits heads, the MLP and the vocabulary,
+and the batch is split over data x fsdp. A dimension that does not divide evenly by
+its mesh axis is replicated instead (e.g. GPT-2's 50257-token vocabulary).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("positions", None),
+    ("norm", None),
+    ("labels", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 ("the rest") and check the product equals the device count."""
+    sizes = [data, fsdp, tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise UserError(
+                f"mesh: {n_devices} devices cannot be split with fixed sizes "
+                f"data={data} fsdp={fsdp} tensor={tensor}; pick sizes that divide {n_devices}"
+            )
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise UserError(
+            f"mesh: data x fsdp x tensor = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
+            f"{math.prod(sizes)}, but there are {n_devices} devices; set one of "
+            "mesh.data/fsdp/tensor to -1 to fill the rest"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes (the compiler propagates shardings)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(
+        shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+             rules=RULES) -> P:
+    """PartitionSpec for an array with logical `axes`, replicating uneven dimensions."""
+    table = dict(rules)
+    if len(axes) + 1 == len(shape):  # scan-stacked layers carry a leading layer axis
+        axes = ("layers", *axes)
+    out, used = [], set()
+    for name, dim in zip(axes, shape, strict=True):
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule in sharding.RULES")
+        target = table.get(name) if name is not None else None
+        names = () if target is None else (target,) if isinstance(target, str) else target
+        names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
+        if names and dim % math.prod(mesh.shape[n] for n in names) == 0:
+            out.append(names[0] if len(names) == 1 else names)
+            used.update(names)
+        else:
+            out.append(None)
+    return P(*out)
+
+
+def state_shardings(state, mesh: Mesh, rules=RULES):
+    """NamedShardings for an nnx.State of annotated Variables (same tree structure)."""
+    from flax import nnx
+
+    leaves = []
+    for path, var in nnx.to_flat_state(state):
+        axes = var.get_metadata().get("out_sharding") or ()
+        shape = tuple(var.get_value().shape)
+        if not axes:
+            axes = (None,) * len(shape)
+        leaves.append((path, var.replace(NamedSharding(mesh, spec_for(tuple(axes), shape,
+                                                                       mesh, rules)))))
+    return nnx.from_flat_state(leaves)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:
+    """Batch arrays split over data x fsdp along axis `leading` (after any accum axis)."""
+    spec = [None] * ndim
+    spec[leading] = ("data", "fsdp")
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray], leading: int = 0) -> dict:
+    """Assemble a global batch from this process's rows (each process passes its shard)."""
+    out = {}
+    for k, v in local.items():
+        sharding = batch_sharding(mesh, v.ndim, leading)
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out

@@ -1,0 +1,566 @@
+"""The training loop: jitted, sharded step; evaluation; checkpoints; logs; preemption.
+
+A step is a pure function of (params, opt_state, batch, step): dropout keys are folded
+from the seed and the step, and the batch of a step depends only on the seed and the
+step, so a run resumed from any checkpoint ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import Config, save_config
+from .errors import UserError
+from .model import GPT2Config
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved. The CLI exits with status 143."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"preempted: saved checkpoint at step {step} to {path}")
+        self.step, self.path = step, path
+
+
+ARCH_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+
+
+def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]) -> GPT2Config:
+    """The model's config from the model section, the init source and the data's labels."""
+    m = cfg.model
+    explicit = {k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None}
+    if source is None:
+        base = GPT2Config.from_preset(m.preset) if m.preset else GPT2Config()
+        base = base.replace(**explicit)
+    else:
+        if m.preset:
+            preset = GPT2Config.from_preset(m.preset)
+            explicit = {**{k: getattr(preset, k) for k in ("n_layer", "n_embd", "n_head")},
+                        **explicit}
+        clash = {k: (v, getattr(source, k)) for k, v in explicit.items()
+                 if getattr(source, k) != v}
+        if clash:
+            desc = ", ".join(f"model.{k}={a} but the source has {b}" for k, (a, b) in clash.items())
+            raise UserError(f"model.init={m.init} fixes the architecture: {desc}; "
+                            "remove these keys or use model.init=scratch")
+        base = source
+    fields = dict(head=m.head, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
+                  classifier_dropout=m.classifier_dropout)
+    if m.dropout is not None:
+        fields.update(embd_pdrop=m.dropout, attn_pdrop=m.dropout, resid_pdrop=m.dropout)
+    if m.head != "lm":
+        num = m.num_labels or len(labels)
+        if labels and num != len(labels):
+            raise UserError(f"model.num_labels={num} but the data has {len(labels)} labels "
+                            f"{list(labels)}")
+        fields.update(num_labels=num, labels=tuple(labels),
+                      pad_token_id=base.eos_token_id)
+    out = base.replace(**fields)
+    if cfg.data.task != "classification" and cfg.train.seq_len > out.n_positions:
+        raise UserError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context "
+                        f"n_positions={out.n_positions}; lower train.seq_len")
+    return out
+
+
+def _fault(kind: str, step: int) -> None:
+    """Test hook: GPT2JAX_FAULT=kill@step:N or kill@save:N kills this process (SIGKILL)."""
+    spec = os.environ.get("GPT2JAX_FAULT", "")
+    if spec and spec == f"kill@{kind}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_run_dir(run: Path) -> None:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"train.run_dir={run} is not writable ({e.strerror}); "
+                        "choose another directory") from e
+
+
+def _model_json(mcfg: GPT2Config) -> dict:
+    d = asdict(mcfg)
+    d.pop("extra", None)
+    d["labels"] = list(mcfg.labels)
+    return d
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the run in cfg.train.run_dir. Returns a summary dict."""
+    try:
+        from . import distributed
+    except ImportError:  # pragma: no cover - while distributed.py is being written
+        distributed = None
+    dist = distributed.initialize(**asdict(cfg.dist)) if distributed else None
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .batches import Batcher, prepare
+    from .checkpoint import Checkpoints
+    from .model import abstract_model
+    from .optim import make_optimizer
+    from .sharding import global_batch, make_mesh, replicated, state_shardings
+    from .tracking import Tracker, plot_loss
+
+    t_start = time.time()
+    t = cfg.train
+    main_process = jax.process_index() == 0
+    run = Path(t.run_dir)
+    _check_run_dir(run)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = t.batch_size // t.grad_accum
+    if micro % dp:
+        raise UserError(f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} "
+                        f"sequences per micro-batch is not divisible by the data-parallel size "
+                        f"mesh.data x mesh.fsdp = {dp}")
+
+    # ---- model source, tokenizer, data
+    source_model, tokenizer = None, None
+    resume = (run / "model.json").is_file() and (run / "checkpoints").is_dir()
+    if cfg.model.init != "scratch" and not resume:
+        from .sources import load_model
+
+        source_model, tokenizer, _ = load_model(cfg.model.init)
+    if tokenizer is None:
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else None)
+    old_labels = ()
+    if resume:
+        old = json.loads((run / "model.json").read_text())
+        old_labels = tuple(old.get("labels") or ())
+    eos = tokenizer.eos_token_id
+    prepared = prepare(cfg.data, tokenizer, seq_len=t.seq_len, seed=t.seed, eos=eos,
+                       labels=old_labels)
+    if source_model is not None:
+        mcfg = model_config(cfg, source_model.cfg, prepared.labels)
+    elif resume:
+        old.pop("labels", None)
+        src = GPT2Config(**{k: v for k, v in old.items() if k in GPT2Config.__dataclass_fields__})
+        mcfg = model_config(cfg, None, prepared.labels)
+        changed = {k: (getattr(src, k), getattr(mcfg, k)) for k in (*ARCH_KEYS, "head")
+                   if getattr(src, k) != getattr(mcfg, k)}
+        if cfg.model.init != "scratch":
+            mcfg = model_config(cfg, src.replace(head="lm"), prepared.labels)
+            changed = {}
+        if changed:
+            desc = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+            raise UserError(f"{run} holds a run with other model dimensions ({desc}); "
+                            "resume with the same model settings or choose a new train.run_dir")
+    else:
+        mcfg = model_config(cfg, None, prepared.labels)
+    if mcfg.vocab_size < len(tokenizer):
+        raise UserError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
+                        f"{len(tokenizer)} tokens; raise model.vocab_size (GPT-2: 50257)")
+
+    batcher = Batcher(prepared.train, t.batch_size, t.seed, jax.process_index(),
+                      jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions))
+    total = t.steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
+
+    if main_process:
+        save_config(cfg, run / "config.yaml")
+        (run / "model.json").write_text(json.dumps(_model_json(mcfg), indent=2) + "\n")
+        if not (run / "tokenizer").is_dir():
+            tokenizer.save_pretrained(str(run / "tokenizer"))
+
+    # ---- parameters, optimizer, shardings
+    graphdef, abstract = nnx.split(abstract_model(mcfg))
+    param_sh = state_shardings(abstract, mesh)
+    params = _initial_params(mcfg, t.seed, source_model, param_sh)
+    source_model = None
+    tx, schedule = make_optimizer(cfg.optim, total, params)
+    import optax
+
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: replicated(mesh))
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+
+    classification = cfg.data.task == "classification"
+    best_mode = "max" if classification and (t.best_metric or "accuracy") != "loss" else "min"
+    best_key = t.best_metric or ("accuracy" if classification else "loss")
+    ckpts = Checkpoints(run, t.keep_checkpoints, best_mode=best_mode)
+    start, best = 0, None
+    if ckpts.steps():
+        got = ckpts.restore_latest_good(params, opt_state, param_sh, opt_sh)
+        if got[0] is not None:
+            start, (params, opt_state, meta) = got
+            best = meta.get("best")
+            if main_process:
+                print(f"gpt2jax: resuming {run} from step {start}", file=sys.stderr)
+    tracker = Tracker(run, main_process, resume_step=start)
+
+    # ---- compiled functions
+    base_key = jax.random.key(t.seed)
+    step_fn = make_train_step(graphdef, tx, schedule, classification, t.grad_accum, base_key)
+    lead = 1  # batches carry a leading grad-accum axis
+    step_fn = jax.jit(step_fn, donate_argnums=(0, 1),
+                      out_shardings=(param_sh, opt_sh, replicated(mesh)))
+    eval_fn = jax.jit(make_eval_step(graphdef, classification))
+
+    def to_global(local: dict) -> dict:
+        shaped = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in local.items()}
+        return global_batch(mesh, shaped, leading=lead)
+
+    stop_signal = {"term": False}
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop_signal.update(term=True)) \
+        if _main_thread() else None
+
+    def save(step: int, metrics: dict | None = None) -> None:
+        meta = {"step": step, "data_position": step, "seed": t.seed, "best": best,
+                "rng": f"fold_in(key({t.seed}), step)", "metrics": metrics or {}}
+        ckpts.save(step, params, opt_state, meta)
+        _fault("save", step)
+
+    def evaluate_now(step: int) -> dict | None:
+        if prepared.validation is None:
+            return None
+        res = run_eval(eval_fn, params, prepared.validation, t, mesh, classification,
+                       prepared.labels, eos, min(t.seq_len, mcfg.n_positions))
+        tracker.log(step, res, split="validation")
+        return res
+
+    progress = _progress(t.progress, total, start, main_process)
+    summary: dict = {"run_dir": str(run), "start_step": start, "total_steps": total,
+                     "processes": dist.num_processes if dist else 1,
+                     "mesh": dict(mesh.shape)}
+    last_loss, last_eval = None, None
+    window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    pending = None  # metrics of the step in flight, read one step late to keep dispatch async
+    bad_steps = 0
+    step = start
+    try:
+        for step, local, waited in batcher.iterate(start, total):
+            window_wait += waited
+            batch = to_global(local)
+            params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
+            if pending is not None:
+                last_loss, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+            pending = (step, metrics)
+            done = step + 1
+            window_steps += 1
+            if t.log_every and (done % t.log_every == 0 or done == total):
+                m = jax.device_get(metrics)
+                last_loss, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+                pending = None
+                dt = time.perf_counter() - window_t0
+                row = {"loss": float(m["loss"]), "lr": float(schedule(step)),
+                       "grad_norm": float(m["grad_norm"]),
+                       "tokens_per_sec": (window_steps * t.batch_size * t.seq_len) / dt,
+                       "steps_per_sec": window_steps / dt,
+                       "data_wait_fraction": window_wait / dt}
+                if classification:
+                    row.pop("tokens_per_sec")
+                    row["examples_per_sec"] = window_steps * t.batch_size / dt
+                tracker.log(done, row)
+                progress.update(done, row)
+                window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            _fault("step", done)
+            if t.eval_every and done % t.eval_every == 0 and done != total:
+                last_eval = evaluate_now(done)
+                best = _update_best(best, last_eval, done, best_key, best_mode)
+            if t.sample_every and t.sample_prompts and done % t.sample_every == 0:
+                write_samples(params, graphdef, tokenizer, t, done, tracker, run, main_process)
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != total:
+                save(done, last_eval)
+            if _any_process(stop_signal["term"]):
+                save(done, last_eval)
+                ckpts.close()
+                raise Preempted(done, ckpts.dir / str(done))
+        if pending is not None:
+            last_loss, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+        step = total
+        if start < total or prepared.validation is not None:
+            last_eval = evaluate_now(total)
+            best = _update_best(best, last_eval, total, best_key, best_mode)
+        if start < total:
+            save(total, last_eval)
+        ckpts.close()
+    finally:
+        progress.close()
+        tracker.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        try:
+            ckpts.close()
+        except Exception:
+            pass
+    if main_process:
+        plot_loss(run)
+    summary.update(final_step=step, train_loss=last_loss, validation=last_eval, best=best,
+                   data=prepared.stats, wall_seconds=round(time.time() - t_start, 1),
+                   params=int(sum(x.size for x in jax.tree.leaves(params))))
+    return summary
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _any_process(flag: bool) -> bool:
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _account(pending, bad_steps: int, allowed: int) -> tuple[float, int]:
+    """Check a finished step's loss; stop on NaN/Inf beyond the allowed number of skips."""
+    import jax
+
+    step, metrics = pending
+    m = jax.device_get(metrics)
+    if not bool(m["finite"]):
+        bad_steps += 1
+        if bad_steps > allowed:
+            raise UserError(
+                f"non-finite loss ({float(m['loss'])}) at step {step + 1}; the update was not "
+                "applied and the last checkpoint is intact. Lower optim.lr, check the data, "
+                "or allow skips with train.skip_nonfinite=N"
+            )
+        print(f"gpt2jax: warning: skipped step {step + 1} (non-finite loss)", file=sys.stderr)
+    return float(m["loss"]), bad_steps
+
+
+def _update_best(best, metrics, step, key, mode):
+    if not metrics or key not in metrics:
+        return best
+    v = float(metrics[key])
+    if best is None or (v < best["value"] if mode == "min" else v > best["value"]):
+        return {"step": step, "metric": key, "value": v}
+    return best
+
+
+def _initial_params(mcfg, seed, source_model, param_sh):
+    import jax
+    from flax import nnx
+
+    from .checkpoint import flat_params
+    from .model import create_model
+
+    if source_model is None:
+        return jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
+    # Start from the source's weights; a new head (e.g. a classifier on a pretrained LM)
+    # keeps its fresh initialisation.
+    from .hf import to_flat_params
+
+    fresh = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
+    src = to_flat_params(source_model)
+    flat, shard = flat_params(fresh), flat_params(param_sh)
+    leaves = []
+    for path, var in nnx.to_flat_state(fresh):
+        name = ".".join(map(str, path))
+        if mcfg.scan_layers and path[0] == "h":
+            import numpy as np
+
+            rest = ".".join(map(str, path[1:]))
+            host = np.stack([src[f"h.{i}.{rest}"] for i in range(mcfg.n_layer)])
+        elif name in src:
+            host = src[name]
+        else:
+            leaves.append((path, var))
+            continue
+        arr = jax.make_array_from_callback(host.shape, shard[name], lambda idx, h=host: h[idx])
+        leaves.append((path, var.replace(arr)))
+    del flat
+    return nnx.from_flat_state(leaves)
+
+
+def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, base_key):
+    """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
+
+    Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
+    the total token (or example) count, so accumulation equals the big-batch step exactly.
+    A step whose loss or gradient is not finite leaves params and optimizer state unchanged.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    def loss_sum(params, mb, key):
+        model = nnx.merge(graphdef, params)
+        if classification:
+            logits = model(mb["input_ids"], mb["attention_mask"], dropout_key=key)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["labels"])
+            return ce.sum(), jnp.float32(ce.shape[0])
+        tokens, w = mb["tokens"], mb["weights"][:, 1:]
+        logits = model(tokens[:, :-1], dropout_key=key)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        return (nll * w).sum(), w.sum()
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(params, opt_state, batch, step):
+        key = jax.random.fold_in(base_key, step)
+        if accum == 1:
+            (loss, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), key)
+        else:
+            def micro(carry, xs):
+                g_acc, l_acc, n_acc = carry
+                mb, i = xs
+                (l, n), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, loss, count), _ = jax.lax.scan(
+                micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, jnp.arange(accum)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss = loss / count
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        return keep(new_params, params), keep(new_opt, opt_state), {
+            "loss": loss, "grad_norm": grad_norm, "count": count, "finite": ok}
+
+    return step
+
+
+def make_eval_step(graphdef, classification: bool):
+    """Pure eval step: LM -> (nll sum, token count); classification -> logits."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    def step(params, batch):
+        model = nnx.merge(graphdef, params)
+        if classification:
+            return model(batch["input_ids"], batch["attention_mask"])
+        tokens, w = batch["tokens"], batch["weights"][:, 1:]
+        nll = optax.softmax_cross_entropy_with_integer_labels(model(tokens[:, :-1]), tokens[:, 1:])
+        return jnp.stack([(nll * w).sum(), w.sum()])
+
+    return step
+
+
+def run_eval(eval_fn, params, arrays: dict, t, mesh, classification: bool, labels, pad_id,
+             max_len) -> dict:
+    """Validation metrics over (up to t.eval_batches) batches of the validation arrays."""
+    import jax
+    import numpy as np
+
+    from .batches import Batcher
+    from .sharding import global_batch
+
+    n = len(next(iter(arrays.values())))
+    bs = t.batch_size if n >= t.batch_size else t.batch_size  # wraps around when n < batch
+    b = Batcher(arrays, bs, seed=t.seed + 1, process_index=jax.process_index(),
+                process_count=jax.process_count(), pad_id=pad_id, max_len=max_len)
+    steps = max(1, n // bs)
+    if t.eval_batches:
+        steps = min(steps, t.eval_batches)
+    if classification:
+        ys, preds = [], []
+        for s in range(steps):
+            local = b.batch(s)
+            logits = eval_fn(params, global_batch(mesh, local))
+            preds.append(np.asarray(_gather(logits)).argmax(-1))
+            ys.append(b.global_indices(s))
+        y_true = np.asarray(arrays["labels"])[np.concatenate(ys)]
+        y_pred = np.concatenate(preds)
+        return classification_metrics(y_true, y_pred, len(labels))
+    total = np.zeros(2)
+    for s in range(steps):
+        total += np.asarray(_gather(eval_fn(params, global_batch(mesh, b.batch(s)))))
+    loss = total[0] / max(total[1], 1)
+    return {"loss": float(loss), "perplexity": float(math.exp(min(loss, 50))),
+            "tokens": int(total[1])}
+
+
+def _gather(x):
+    import jax
+
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def classification_metrics(y_true, y_pred, num_labels: int) -> dict:
+    """accuracy and macro-F1 (over labels that occur in truth or prediction)."""
+    import numpy as np
+
+    cm = np.zeros((num_labels, num_labels), np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(float)
+    prec = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
+    rec = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
+    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    return {"accuracy": float(tp.sum() / max(cm.sum(), 1)),
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "examples": int(cm.sum())}
+
+
+def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_process) -> None:
+    """Greedy samples from the configured prompts to tensorboard and samples.jsonl."""
+    from flax import nnx
+
+    from .generate import generate
+
+    model = nnx.merge(graphdef, params)
+    results = generate(model, tokenizer, list(t.sample_prompts),
+                       max_new_tokens=t.sample_max_new_tokens, greedy=True)
+    if not main_process:
+        return
+    with (run / "samples.jsonl").open("a") as f:
+        for r in results:
+            row = {"step": step, "prompt": r["prompt"], "completion": r["completion"]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            tracker.text("samples", f"**{r['prompt']}**{r['completion']}", step)
+
+
+class _Progress:
+    def __init__(self, mode: str, total: int, start: int, enabled: bool):
+        self.mode = "none" if not enabled else mode
+        if self.mode == "auto":
+            self.mode = "bar" if sys.stderr.isatty() else "lines"
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr)
+        self.total = total
+        self.last = start
+
+    def update(self, step: int, row: dict) -> None:
+        if self.mode == "bar":
+            self.bar.update(step - self.last)
+            rate = row.get("tokens_per_sec") or row.get("examples_per_sec", 0)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", rate=f"{rate:,.0f}/s")
+        elif self.mode == "lines":
+            rate = (f"{row['tokens_per_sec']:,.0f} tok/s" if "tokens_per_sec" in row
+                    else f"{row.get('examples_per_sec', 0):,.1f} ex/s")
+            print(f"step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                  f"grad_norm {row['grad_norm']:.3f} {rate}", file=sys.stderr, flush=True)
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(mode, total, start, enabled) -> _Progress:
+    return _Progress(mode, total, start, enabled)
