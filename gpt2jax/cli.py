@@ -191,9 +191,227 @@ def _train_text(s: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- generate, diff, similarity
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text to continue")
+    src.add_argument("--prompts-file", metavar="F",
+                     help="one prompt per line (blank lines skipped)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop at these strings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (--json)")
+    p.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="cast the weights for decoding (default: as stored)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    import time
+
+    from .generate import Generator, Sampling
+    from .sources import load_model
+
+    if args.prompts_file is not None:
+        try:
+            lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompts-file {args.prompts_file}: {e}") from e
+        prompts = [ln for ln in lines if ln.strip()]
+        if not prompts:
+            raise UserError(f"--prompts-file {args.prompts_file} has no non-blank line")
+    else:
+        prompts = [args.prompt]
+    sampling = Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
+                        args.repetition_penalty).validate()  # fail before loading a model
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, tok, _ = load_model(args.model, _latest(args.step))
+    gen = Generator(model, tok, weights_dtype=args.weights_dtype)
+    opts = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size)
+    if args.json:
+        samples = gen.generate(prompts, **opts)
+        _emit({"samples": [s.to_json() for s in samples]}, True)
+        return 0
+    many = len(prompts) * args.num_samples > 1
+
+    def start(p: int, s: int, prompt: str) -> None:
+        if many:
+            print(f"{'' if p == s == 0 else chr(10)}--- prompt {p}, sample {s} ---")
+        print(prompt, end="", flush=True)
+
+    def text(p: int, s: int, delta: str) -> None:
+        print(delta, end="", flush=True)
+
+    t0 = time.perf_counter()
+    samples = gen.generate(prompts, on_start=start, on_text=text, **opts)
+    seconds = time.perf_counter() - t0
+    print()
+    n = sum(len(s.token_ids) for s in samples)
+    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s; finish: "
+          f"{', '.join(s.finish_reason for s in samples)}]", file=sys.stderr)
+    return 0
+
+
+def _add_diff(sub) -> None:
+    p = sub.add_parser("diff", help="how far the weights moved between two models")
+    p.add_argument("--a", required=True, metavar="SRC", help="first model (e.g. the base)")
+    p.add_argument("--b", required=True, metavar="SRC", help="second model (e.g. fine-tuned)")
+    p.add_argument("--step-a", type=_step, default=None, help="checkpoint step of a run --a")
+    p.add_argument("--step-b", type=_step, default=None, help="checkpoint step of a run --b")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="per-layer heatmap")
+    p.add_argument("--plot-metric", default="relative_l2",
+                   help="statistic coloured in --plot (default relative_l2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_diff)
+
+
+def _cmd_diff(args) -> int:
+    from .analysis import format_diff, plot_diff, weight_diff
+    from .sources import load_model
+
+    model_a, _, src_a = load_model(args.a, _latest(args.step_a))
+    model_b, _, src_b = load_model(args.b, _latest(args.step_b))
+    result = {"a": src_a.describe(), "b": src_b.describe(), **weight_diff(model_a, model_b)}
+    if args.plot:
+        result["plot"] = str(plot_diff(result, args.plot, args.plot_metric))
+    _emit(result, args.json, lambda r: f"a: {r['a']}\nb: {r['b']}\n" + format_diff(r)
+          + (f"\nplot: {r['plot']}" if r.get("plot") else ""))
+    return 0
+
+
+def _add_similarity(sub) -> None:
+    p = sub.add_parser("similarity",
+                       help="generate definitions for words, compare them to the references")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="records with a word and a definition column "
+                                                 "(file, folder or hub:ORG/NAME)")
+    p.add_argument("--split", default=None, help="split of a hub dataset or a folder")
+    p.add_argument("--embed-model", default=None, metavar="SRC_OR_NAME",
+                   help="embedding model: a gpt2jax/HF source (mean-pooled hidden states), "
+                        "all-MiniLM-L6-v2 or st:DIR (sentence-transformers); default --model")
+    p.add_argument("--word-column", default="word")
+    p.add_argument("--definition-column", default="definition")
+    p.add_argument("--prompt-template", default="{word}: {definition}",
+                   help="record format; the prompt is the part before {definition}")
+    p.add_argument("--limit", type=int, default=None, help="first N records only")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_similarity)
+
+
+def _cmd_similarity(args) -> int:
+    from .analysis import similarity
+    from .data import load_records
+    from .sources import load_model
+
+    records = load_records(args.data, split=args.split)
+    model, tok, source = load_model(args.model, _latest(args.step))
+    result = similarity(
+        model, tok, records, embed_model=args.embed_model, word_column=args.word_column,
+        definition_column=args.definition_column, prompt_template=args.prompt_template,
+        limit=args.limit, max_new_tokens=args.max_new_tokens,
+    )
+    _emit({"model": source.describe(), **result}, args.json, _similarity_text)
+    return 0
+
+
+def _similarity_text(r: dict) -> str:
+    lines = [f"mean cosine similarity {r['mean_cosine_similarity']:.4f}  "
+             f"distance {r['mean_cosine_distance']:.4f}  ({r['n']} words)"]
+    for ex in r["examples"][:10]:
+        lines.append(f"  {ex['cosine']:.3f}  {ex['word']}: {ex['generated']!r}  "
+                     f"(reference: {ex['reference']!r})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- bench
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="train-step tokens/s, FLOPs and MFU; --vs hf compares "
+                                     "with transformers' PyTorch")
+    p.add_argument("--preset", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+                   default=None, help="model shape (default: 4 layers, n_embd 256, 4 heads)")
+    for dim in ("n-layer", "n-embd", "n-head", "vocab-size", "n-positions"):
+        p.add_argument(f"--{dim}", type=int, default=None, help="override the shape")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (weights and AdamW stay float32)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    p.add_argument("--scan-layers", action="store_true", help="scan over stacked layers")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
+    p.add_argument("--vs", choices=("hf",), default=None,
+                   help="hf: also time transformers' PyTorch GPT2LMHeadModel + AdamW")
+    p.add_argument("--decode", action="store_true", help="also time greedy batch-1 decoding")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--peak-size", type=int, default=4096,
+                   help="side of the square matmul that measures the peak FLOP/s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from .bench import bench_config, format_table, run_bench
+
+    cfg = bench_config(args.preset, n_layer=args.n_layer, n_embd=args.n_embd,
+                       n_head=args.n_head, vocab_size=args.vocab_size,
+                       n_positions=args.n_positions, dtype=args.dtype, remat=args.remat,
+                       scan_layers=args.scan_layers or None)
+    result = run_bench(
+        cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+        warmup=args.warmup, rounds=args.rounds, vs_hf=args.vs == "hf", decode=args.decode,
+        decode_tokens=args.decode_tokens, peak_size=args.peak_size, seed=args.seed,
+        log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True),
+    )
+    _emit(result, args.json, format_table)
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train the embedded GCIDE dictionary demo, offline")
+    p.add_argument("--config", default=None, help="default: configs/demo.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DEMO_CONFIG, run_demo
+    from .train import Preempted
+
+    try:
+        result = run_demo(args.config or DEMO_CONFIG, args.overrides)
+    except Preempted as e:
+        print(f"gpt2jax: {e}", file=sys.stderr)
+        return 143
+    if args.json:
+        _emit(result, True)
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS: list[Callable] = [_add_train, _add_export, _add_eval, _add_score]
+COMMANDS: list[Callable] = [_add_train, _add_demo, _add_export, _add_eval, _add_score,
+                            _add_generate, _add_diff, _add_similarity, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, rest = build_parser().parse_known_args(argv)
         # Only `train` takes free-form --section.key=value overrides.
-        if rest and getattr(args, "command", None) != "train":
+        if rest and getattr(args, "command", None) not in ("train", "demo"):
             build_parser().parse_args(argv)  # reports the unknown arguments
         args.overrides = rest
         if not getattr(args, "func", None):

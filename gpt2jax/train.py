@@ -426,7 +426,7 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss / count
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -527,9 +527,9 @@ def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_proce
         return
     with (run / "samples.jsonl").open("a") as f:
         for r in results:
-            row = {"step": step, "prompt": r["prompt"], "completion": r["completion"]}
+            row = {"step": step, "prompt": r.prompt, "completion": r.completion}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            tracker.text("samples", f"**{r['prompt']}**{r['completion']}", step)
+            tracker.text("samples", f"**{r.prompt}**{r.completion}", step)
 
 
 class _Progress:

@@ -1,0 +1,493 @@
+"""`gpt2jax bench`: training-step speed, model FLOPs and MFU, optionally side by side with
+transformers' PyTorch GPT-2 and with greedy decoding.
+
+What is timed is the trainer's own step (`train.make_train_step` with the default AdamW
+chain from `optim.make_optimizer`), jitted with donated params and optimizer state, on one
+device, dropout off. The FLOP/s peak is a jitted square matmul timed on the same device in
+the same run; with `--vs hf` the two frameworks run in alternating rounds and medians are
+reported, so background load hits both sides alike. The FLOP convention is in
+`flops_per_token`; docs/benchmarks.md lists the output fields.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from .errors import UserError
+from .model import GPT2Config
+
+DTYPES = ("float32", "bfloat16")
+
+
+# ---------------------------------------------------------------- FLOP accounting (pure)
+
+
+def matmul_params(cfg: GPT2Config) -> int:
+    """Parameters that take part in a matmul per token: the blocks' four weight matrices
+    (c_attn, attn c_proj, c_fc, mlp c_proj) and the LM head (tied to wte, counted once).
+
+    Biases, LayerNorms and the position table (a lookup, no matmul) are left out.
+    """
+    d, f = cfg.n_embd, cfg.inner
+    per_layer = d * 3 * d + d * d + d * f + f * d
+    return cfg.n_layer * per_layer + cfg.vocab_size * d
+
+
+def flops_per_token(cfg: GPT2Config, seq_len: int) -> int:
+    """Model FLOPs of one training token (forward + backward), the PaLM convention:
+
+        6 * matmul_params(cfg) + 12 * n_layer * n_embd * seq_len
+
+    6N: a multiply-add is 2 FLOPs, the backward pass costs twice the forward. The
+    attention term counts QK^T and probs @ V (2 * 2 * seq_len * n_embd forward per layer,
+    times 3) over the full square, without halving for the causal mask. Recomputation
+    under remat is not counted (model FLOPs, not hardware FLOPs).
+    """
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def decode_flops_per_token(cfg: GPT2Config, context: int) -> int:
+    """Forward FLOPs of one decoded token with a KV cache of `context` slots: 2N + 4*L*d*S."""
+    return 2 * matmul_params(cfg) + 4 * cfg.n_layer * cfg.n_embd * context
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def describe_device(device) -> str:
+    """A one-line description of the device (CPU model and core count on CPU)."""
+    if device.platform == "cpu":
+        return f"cpu: {_cpu_name()}, {_cores()} cores"
+    return f"{device.platform}: {device.device_kind}"
+
+
+def _max_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024
+
+
+def peak_memory(device) -> tuple[int, str]:
+    """(bytes, source): the device's peak_bytes_in_use when it reports memory stats
+    (GPU/TPU), else the process's maximum resident set size (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
+    return _max_rss_bytes(), "process_max_rss"
+
+
+# ---------------------------------------------------------------- peak matmul rate
+
+
+def make_peak_probe(device, dtype: str, size: int) -> Callable[[int], float]:
+    """A function reps -> FLOP/s of a jitted (size x size) @ (size x size) matmul in `dtype`
+    (float32 accumulation), median over reps. Compiled and warmed on creation."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.dtype(dtype)
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.device_put(jax.random.normal(ka, (size, size), jnp.float32).astype(dt), device)
+    b = jax.device_put(jax.random.normal(kb, (size, size), jnp.float32).astype(dt), device)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    mm(a, b).block_until_ready()
+    flops = 2.0 * size**3
+
+    def probe(reps: int) -> float:
+        times = []
+        for _ in range(max(reps, 1)):
+            t0 = time.perf_counter()
+            mm(a, b).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return flops / statistics.median(times)
+
+    return probe
+
+
+# ---------------------------------------------------------------- the two trainers
+
+
+def _random_tokens(batch: int, seq_len: int, vocab: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
+
+
+def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int):
+    """The trainer's step on one device. Returns (compile_seconds, run(n) -> seconds)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from .model import create_model
+    from .train import make_train_step
+
+    with jax.default_device(device):
+        graphdef, params = nnx.split(create_model(cfg, seed))
+    params = jax.device_put(params, device)
+    # The trainer's default optimizer: AdamW, weight-decay mask, clipping, cosine schedule.
+    tx, schedule = make_optimizer_for(params)
+    opt_state = jax.jit(tx.init)(params)
+    step_fn = make_train_step(graphdef, tx, schedule, False, 1, jax.random.key(seed))
+    jitted = jax.jit(step_fn, donate_argnums=(0, 1))
+    batch = jax.device_put({"tokens": tokens[None],
+                            "weights": np.ones((1, *tokens.shape), np.float32)}, device)
+    step0 = jax.device_put(jnp.int32(0), device)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(params, opt_state, batch, step0).compile()
+    compile_seconds = time.perf_counter() - t0
+    state = {"params": params, "opt": opt_state, "step": 0}
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        p, o, metrics = state["params"], state["opt"], None
+        for _ in range(n):
+            s = jax.device_put(jnp.int32(state["step"]), device)
+            p, o, metrics = compiled(p, o, batch, s)
+            state["step"] += 1
+        jax.block_until_ready((p, metrics))
+        state["params"], state["opt"] = p, o
+        if not bool(metrics["finite"]):
+            raise RuntimeError("the benchmark's train step produced a non-finite loss")
+        return time.perf_counter() - t
+
+    return compile_seconds, run
+
+
+def make_optimizer_for(params, total_steps: int = 1_000_000):
+    """The trainer's default optimizer (OptimSection defaults) for these params."""
+    from .config import OptimSection
+    from .optim import make_optimizer
+
+    return make_optimizer(OptimSection(), total_steps, params)
+
+
+def _require_torch():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"--vs hf needs PyTorch and transformers ({e}); install the optional extra: "
+            "pip install 'gpt2jax[bench]' (torch==2.13.0, the CPU wheel)"
+        ) from None
+
+
+def hf_config(cfg: GPT2Config):
+    """The transformers GPT2Config of the same shape, dropout off."""
+    from transformers import GPT2Config as HFConfig
+
+    return HFConfig(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
+                    activation_function=cfg.activation_function,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int):
+    """transformers GPT2LMHeadModel + torch.optim.AdamW in a plain loop (clipping at 1.0
+    like the Trainer's default). bfloat16 runs under torch.autocast with float32 weights,
+    like our model.dtype. Returns run(n) -> seconds."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(hf_config(cfg)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.01)
+    t = torch.from_numpy(tokens.astype("int64"))
+    inputs, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    autocast = dtype == "bfloat16"
+
+    def one_step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
+                                                 targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = one_step()
+        if loss != loss:
+            raise RuntimeError("the transformers step produced a NaN loss")
+        return time.perf_counter() - t0
+
+    return run
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decoders(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool, threads: int):
+    """Greedy batch-1 decoders: ours (generate.Generator) and, with vs_hf, transformers'
+    `generate` on the same weights. Returns (prompt_tokens, new_tokens, {name: run})."""
+    from .generate import Generator, Sampling
+    from .model import create_model
+    from .tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    if cfg.vocab_size < len(tok):
+        raise UserError(f"--decode uses the GPT-2 tokenizer ({len(tok)} tokens) but the model "
+                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
+    prompt = "The meaning of life is"
+    ids = tok.encode(prompt)
+    new_tokens = min(new_tokens, cfg.n_positions - len(ids))
+    if new_tokens < 1:
+        raise UserError(f"--decode needs n_positions > {len(ids)} (the prompt's tokens)")
+    model = create_model(cfg.replace(dtype="float32"), seed)
+    gen = Generator(model, tok)
+    greedy = Sampling(greedy=True)
+
+    def ours() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        s = gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=32)[0]
+        return time.perf_counter() - t0, len(s.token_ids)
+
+    runs = {"jax": ours}
+    if vs_hf:
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        from .hf import to_hf_tensors
+
+        torch.set_num_threads(threads)
+        hf_model = GPT2LMHeadModel(hf_config(cfg)).eval()
+        state = {k: torch.from_numpy(v.copy()) for k, v in to_hf_tensors(model).items()}
+        # lm_head.weight is tied to wte, so it is the only key the export leaves out.
+        missing, unexpected = hf_model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
+                               f"unexpected {unexpected}")
+        x = torch.tensor([ids])
+
+        def theirs() -> tuple[float, int]:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = hf_model.generate(x, attention_mask=torch.ones_like(x),
+                                        pad_token_id=tok.eos_token_id, do_sample=False,
+                                        min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+            return time.perf_counter() - t0, out.shape[1] - len(ids)
+
+        runs["hf"] = theirs
+    return len(ids), new_tokens, runs
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def bench_config(preset: str | None = None, **dims) -> GPT2Config:
+    """The model config to benchmark: a preset (gpt2, gpt2-medium, ...) or explicit
+    dimensions (None = keep the default), dropout off. Default: the 4-layer, 256-wide model."""
+    given = {k: v for k, v in dims.items() if v is not None}
+    if preset:
+        base = GPT2Config.from_preset(preset)
+    else:
+        base = GPT2Config(n_layer=4, n_embd=256, n_head=4)
+    return base.replace(**given, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+def run_bench(
+    cfg: GPT2Config,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    steps: int = 10,
+    warmup: int = 2,
+    rounds: int = 3,
+    vs_hf: bool = False,
+    decode: bool = False,
+    decode_tokens: int = 128,
+    peak_size: int = 4096,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Benchmark a training step of `cfg` (and optionally transformers and decoding).
+
+    Rounds alternate: peak matmul, our steps, transformers' steps (with vs_hf), decoding
+    (with decode). Every rate is the median over rounds. Returns the documented JSON dict.
+    """
+    _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
+    if vs_hf:
+        _require_torch()
+    import jax
+
+    say = log or (lambda _msg: None)
+    device = jax.local_devices()[0]
+    threads = _cores()
+    tokens = _random_tokens(batch_size, seq_len, cfg.vocab_size, seed)
+    fpt = flops_per_token(cfg, seq_len)
+    tokens_per_step = batch_size * seq_len
+
+    say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
+        f"batch {batch_size} x {seq_len}, {cfg.dtype})")
+    compile_seconds, jax_run = _jax_trainer(cfg, tokens, device, seed)
+    first_step_seconds = jax_run(1)
+    if warmup > 1:
+        jax_run(warmup - 1)
+    mem, mem_source = peak_memory(device)  # before torch or the probe allocate anything
+
+    hf_run = None
+    if vs_hf:
+        say("building the transformers model")
+        hf_run = _hf_trainer(cfg, tokens, cfg.dtype, seed, threads)
+        hf_first = hf_run(1)
+        if warmup > 1:
+            hf_run(warmup - 1)
+    decoders = None
+    if decode:
+        say("compiling the decoder")
+        prompt_len, decode_tokens, decoders = _decoders(cfg, seed, decode_tokens, vs_hf, threads)
+        for fn in decoders.values():
+            fn()  # warm-up (compiles ours)
+
+    probe = make_peak_probe(device, cfg.dtype, peak_size)
+    peaks, jax_t, hf_t = [], [], []
+    dec_t: dict[str, list[float]] = {k: [] for k in (decoders or {})}
+    for r in range(rounds):
+        peaks.append(probe(3))
+        jax_t.append(jax_run(steps) / steps)
+        if hf_run is not None:
+            hf_t.append(hf_run(steps) / steps)
+        for name, fn in (decoders or {}).items():
+            secs, n = fn()
+            dec_t[name].append(n / secs)
+        line = f"round {r + 1}/{rounds}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, " \
+               f"jax {tokens_per_step / jax_t[-1]:,.0f} tokens/s"
+        if hf_t:
+            line += f", hf {tokens_per_step / hf_t[-1]:,.0f} tokens/s"
+        say(line)
+
+    peak = statistics.median(peaks)
+    step_s = statistics.median(jax_t)
+    jax_res = _side(tokens_per_step, step_s, fpt, peak, jax_t)
+    jax_res.update(compile_seconds=round(compile_seconds, 3),
+                   first_step_seconds=round(first_step_seconds, 4),
+                   peak_memory_bytes=mem, peak_memory_source=mem_source)
+    hf_res, ratio = None, None
+    if hf_run is not None:
+        import torch
+        import transformers
+
+        hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t)
+        hf_res.update(first_step_seconds=round(hf_first, 4), torch_threads=threads,
+                      torch_version=torch.__version__,
+                      transformers_version=transformers.__version__,
+                      compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32")
+        ratio = round(jax_res["tokens_per_sec"] / hf_res["tokens_per_sec"], 3)
+    decode_res = None
+    if decoders is not None:
+        decode_res = {"batch_size": 1, "prompt_tokens": prompt_len, "new_tokens": decode_tokens,
+                      "weights_dtype": "float32",
+                      "flops_per_token": decode_flops_per_token(cfg, prompt_len + decode_tokens),
+                      "jax_tokens_per_sec": round(statistics.median(dec_t["jax"]), 2),
+                      "hf_tokens_per_sec": None, "ratio": None}
+        if "hf" in dec_t:
+            decode_res["hf_tokens_per_sec"] = round(statistics.median(dec_t["hf"]), 2)
+            decode_res["ratio"] = round(decode_res["jax_tokens_per_sec"]
+                                        / decode_res["hf_tokens_per_sec"], 3)
+    return {
+        "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+                   "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions,
+                   "batch_size": batch_size, "seq_len": seq_len, "dtype": cfg.dtype,
+                   "remat": cfg.remat, "scan_layers": cfg.scan_layers, "steps": steps,
+                   "warmup": warmup, "rounds": rounds, "seed": seed,
+                   "matmul_params": matmul_params(cfg)},
+        "flops_per_token": fpt,
+        "peak_flops": round(peak),
+        "peak_flops_rounds": [round(p) for p in peaks],
+        "peak_matmul": {"size": peak_size, "dtype": cfg.dtype, "accumulate": "float32"},
+        "jax": jax_res,
+        "hf": hf_res,
+        "ratio": ratio,
+        "decode": decode_res,
+        "device": describe_device(device),
+        "jax_version": jax.__version__,
+        "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: list) -> dict:
+    tps = tokens_per_step / step_s
+    return {"tokens_per_sec": round(tps, 2), "step_seconds": round(step_s, 5),
+            "step_seconds_rounds": [round(t, 5) for t in rounds],
+            "flops_per_token": fpt, "achieved_flops": round(tps * fpt),
+            "mfu": round(tps * fpt / peak, 4)}
+
+
+def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
+                peak_size) -> None:
+    for name, v, lo in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1),
+                        ("--steps", steps, 1), ("--warmup", warmup, 1), ("--rounds", rounds, 1),
+                        ("--decode-tokens", decode_tokens, 1), ("--peak-size", peak_size, 16)):
+        if v < lo:
+            raise UserError(f"{name} must be >= {lo}, got {v}")
+    if seq_len > cfg.n_positions:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context n_positions="
+                        f"{cfg.n_positions}; raise --n-positions or lower --seq-len")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
+
+
+def format_table(r: dict) -> str:
+    """The terminal summary of a run_bench result."""
+    c = r["config"]
+    lines = [f"{r['device']}  jax {r['jax_version']}  {r['date']}",
+             f"model: {c['n_layer']} layers, n_embd {c['n_embd']}, {c['n_head']} heads, "
+             f"vocab {c['vocab_size']}; batch {c['batch_size']} x seq {c['seq_len']}, "
+             f"{c['dtype']}; {c['rounds']} rounds x {c['steps']} steps (medians)",
+             f"FLOPs/token {r['flops_per_token'] / 1e6:,.1f} M; peak matmul "
+             f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_matmul']['size']}^2 "
+             f"{r['peak_matmul']['dtype']})", ""]
+    head = f"{'':14}{'tokens/s':>12}{'s/step':>10}{'GFLOP/s':>10}{'MFU':>8}"
+    lines.append(head)
+    for name, side in (("gpt2jax", r["jax"]), ("transformers", r["hf"])):
+        if side is None:
+            continue
+        lines.append(f"{name:14}{side['tokens_per_sec']:>12,.0f}{side['step_seconds']:>10.4f}"
+                     f"{side['achieved_flops'] / 1e9:>10.1f}{side['mfu']:>8.1%}")
+    j = r["jax"]
+    lines.append(f"compile {j['compile_seconds']:.2f} s; peak memory "
+                 f"{j['peak_memory_bytes'] / 2**20:,.0f} MiB ({j['peak_memory_source']})")
+    if r["ratio"] is not None:
+        lines.append(f"speed ratio gpt2jax / transformers: {r['ratio']:.2f}x")
+    d = r["decode"]
+    if d is not None:
+        s = f"decode (greedy, batch 1, {d['new_tokens']} tokens): gpt2jax " \
+            f"{d['jax_tokens_per_sec']:.1f} tokens/s"
+        if d["hf_tokens_per_sec"] is not None:
+            s += f", transformers {d['hf_tokens_per_sec']:.1f} tokens/s ({d['ratio']:.2f}x)"
+        lines.append(s)
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Packing and the deterministic, process-independent, resumable batch order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpt2jax.batches import Batcher, bucket, pack, pad_rows, split_blocks
+from gpt2jax.errors import UserError
+
+EOS = 50256
+
+
+def _docs(n: int = 9, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 1000, rng.integers(1, 30)).tolist() for _ in range(n)]
+
+
+def test_pack_makes_every_token_a_target_exactly_once():
+    docs = _docs()
+    block = 9
+    tokens, weights = pack(docs, block, EOS)
+    stream = np.concatenate([[EOS, *d] for d in docs])
+    assert tokens.shape[1] == block and weights.shape == tokens.shape
+    # Blocks overlap by one token: the inputs/targets of consecutive blocks tile the stream.
+    targets = np.concatenate([b[1:] for b in tokens])
+    n = len(targets)
+    assert n == len(tokens) * (block - 1) and n >= len(stream) - block
+    np.testing.assert_array_equal(targets, stream[1: n + 1])
+    np.testing.assert_array_equal(tokens[:, 0], stream[np.arange(len(tokens)) * (block - 1)])
+    assert (weights == 1).all()
+
+
+def test_pack_applies_loss_masks_and_rejects_too_little_data():
+    docs = [[1, 2, 3], [4, 5]]
+    masks = [[0, 1, 1], [0, 1]]
+    tokens, weights = pack(docs, 3, EOS, masks)
+    stream_w = np.array([1, 0, 1, 1, 1, 0, 1], np.float32)
+    np.testing.assert_array_equal(weights[:, 1:].ravel(), stream_w[1: 1 + weights[:, 1:].size])
+    with pytest.raises(UserError, match="fewer than one block"):
+        pack([[1, 2]], 8, EOS)
+
+
+def _lm_arrays(n: int = 37, width: int = 5) -> dict:
+    tokens = np.arange(n * width, dtype=np.int32).reshape(n, width)
+    return {"tokens": tokens, "weights": np.ones_like(tokens, np.float32)}
+
+
+@pytest.mark.parametrize("step", [0, 3, 11])
+def test_global_batch_does_not_depend_on_process_count(step):
+    arrays = _lm_arrays()
+    batches = {}
+    for count in (1, 2, 4):
+        parts = [Batcher(arrays, 8, seed=5, process_index=i, process_count=count).batch(step)
+                 for i in range(count)]
+        batches[count] = np.concatenate([p["tokens"] for p in parts])
+        assert all(len(p["tokens"]) == 8 // count for p in parts)
+    np.testing.assert_array_equal(batches[1], batches[2])
+    np.testing.assert_array_equal(batches[1], batches[4])
+
+
+def test_order_is_a_permutation_per_epoch_and_depends_on_seed():
+    arrays = _lm_arrays(n=32)
+    b = Batcher(arrays, 8, seed=1)
+    assert b.steps_per_epoch() == 4
+    epoch0 = np.concatenate([b.global_indices(s) for s in range(4)])
+    epoch1 = np.concatenate([b.global_indices(s) for s in range(4, 8)])
+    assert sorted(epoch0) == list(range(32)) and sorted(epoch1) == list(range(32))
+    assert (epoch0 != epoch1).any()  # reshuffled every epoch
+    other = Batcher(arrays, 8, seed=2)
+    assert (np.concatenate([other.global_indices(s) for s in range(4)]) != epoch0).any()
+
+
+def test_resuming_at_a_step_gives_the_same_batches_as_iterating_from_zero():
+    arrays = _lm_arrays()
+    full = [(s, b["tokens"]) for s, b, _ in Batcher(arrays, 4, seed=3).iterate(0, 12)]
+    resumed = [(s, b["tokens"]) for s, b, _ in Batcher(arrays, 4, seed=3).iterate(7, 12)]
+    assert [s for s, _ in full] == list(range(12))
+    assert [s for s, _ in resumed] == list(range(7, 12))
+    for (s, a), (t, b) in zip(full[7:], resumed, strict=True):
+        assert s == t
+        np.testing.assert_array_equal(a, b)
+
+
+def test_classification_batches_pad_to_one_bucket_for_all_processes():
+    rows = [[1] * n for n in (3, 20, 5, 7, 2, 40, 9, 1)]
+    arrays = {"rows": rows, "labels": np.arange(8) % 3}
+    per_process = [Batcher(arrays, 8, seed=0, process_index=i, process_count=2, pad_id=EOS,
+                           max_len=64).batch(0) for i in range(2)]
+    # The longest row of the global batch (40) sets the bucket on both processes.
+    assert {p["input_ids"].shape for p in per_process} == {(4, 64)}
+    idx = Batcher(arrays, 8, seed=0).global_indices(0)
+    labels = np.concatenate([p["labels"] for p in per_process])
+    np.testing.assert_array_equal(labels, arrays["labels"][idx])
+    lengths = np.concatenate([p["attention_mask"].sum(1) for p in per_process])
+    np.testing.assert_array_equal(lengths, [len(rows[i]) for i in idx])
+    assert bucket(17, 64) == 32 and bucket(3, 64) == 16 and bucket(100, 64) == 64
+    ids, mask = pad_rows([[7, 8, 9]], 2, EOS)  # truncates to the length
+    assert ids.tolist() == [[7, 8]] and mask.tolist() == [[1, 1]]
+
+
+def test_batch_size_must_divide_by_processes_and_block_split_is_disjoint():
+    with pytest.raises(UserError, match="not divisible"):
+        Batcher(_lm_arrays(), 6, seed=0, process_count=4)
+    arrays = _lm_arrays(n=20)
+    train, val = split_blocks(arrays, 0.25, seed=0)
+    assert len(val["tokens"]) == 5 and len(train["tokens"]) == 15
+    rows = {tuple(r) for r in np.concatenate([train["tokens"], val["tokens"]])}
+    assert len(rows) == 20

@@ -1,0 +1,104 @@
+"""`gpt2jax bench`: FLOP accounting by hand, every output field, transformers side by side.
+
+Speed is never asserted (the machine is shared); the tests check the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+# A tiny model with the real vocabulary, so --decode can use the GPT-2 tokenizer.
+TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-positions", "64",
+        "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1",
+        "--peak-size", "128"]
+
+
+def test_flops_per_token_equals_hand_calculation():
+    from gpt2jax.bench import decode_flops_per_token, flops_per_token, matmul_params
+    from gpt2jax.model import GPT2Config, param_count
+
+    cfg = GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=10, n_positions=16)
+    # per layer: c_attn 8*24 + attn c_proj 8*8 + c_fc 8*32 + mlp c_proj 32*8 = 768
+    # two layers 1536, tied LM head 10*8 = 80 -> N = 1616 matmul parameters
+    assert matmul_params(cfg) == 1616
+    # 6N = 9696; attention 12 * layers 2 * n_embd 8 * seq 4 = 768
+    assert flops_per_token(cfg, seq_len=4) == 9696 + 768
+    # forward only, 20 cache slots: 2N + 4 * 2 * 8 * 20
+    assert decode_flops_per_token(cfg, context=20) == 3232 + 1280
+    # N is param_count without wpe (16*8), the biases (2 * (24+8+32+8)) and LayerNorms
+    # (2 layers * 2 * 16 + ln_f 16)
+    assert matmul_params(cfg) == param_count(cfg) - 128 - 144 - 80
+    # GPT-2 small at 1024 tokens: the commonly quoted ~0.85 GFLOP/token (6 * 124M + attn)
+    small = GPT2Config()
+    assert flops_per_token(small, 1024) == 6 * (12 * 12 * 768**2 + 50257 * 768) \
+        + 12 * 12 * 768 * 1024
+
+
+@pytest.fixture(scope="module")
+def vs_hf(cli):
+    res = cli("bench", *TINY, "--rounds", "2", "--vs", "hf", "--decode",
+              "--decode-tokens", "8", "--json")
+    assert res.code == 0, res.err
+    return res.json
+
+
+def test_bench_json_has_every_field(vs_hf):
+    from gpt2jax.bench import flops_per_token
+    from gpt2jax.model import GPT2Config
+
+    r = vs_hf
+    assert set(r) >= {"config", "flops_per_token", "peak_flops", "peak_flops_rounds",
+                      "peak_matmul", "jax", "hf", "ratio", "decode", "device", "jax_version",
+                      "env", "date"}
+    c = r["config"]
+    assert (c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"], c["n_positions"],
+            c["batch_size"], c["seq_len"], c["dtype"], c["steps"], c["rounds"]) == \
+        (2, 32, 2, 50257, 64, 2, 16, "float32", 2, 2)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    assert r["flops_per_token"] == flops_per_token(cfg, 16)
+    assert len(r["peak_flops_rounds"]) == 2 and r["peak_flops"] > 0
+    j = r["jax"]
+    for key in ("tokens_per_sec", "step_seconds", "compile_seconds", "first_step_seconds",
+                "flops_per_token", "achieved_flops", "mfu", "peak_memory_bytes"):
+        assert isinstance(j[key], int | float) and j[key] > 0, key
+    assert j["peak_memory_source"] in ("process_max_rss", "device_peak_bytes_in_use")
+    assert len(j["step_seconds_rounds"]) == 2
+    # the derived numbers are consistent with each other
+    assert j["tokens_per_sec"] == pytest.approx(2 * 16 / j["step_seconds"], rel=1e-3)
+    assert j["mfu"] == pytest.approx(j["achieved_flops"] / r["peak_flops"], abs=1e-4)
+    assert r["device"].startswith("cpu")
+
+
+def test_bench_vs_hf_reports_both_sides_and_ratio(vs_hf):
+    r = vs_hf
+    h = r["hf"]
+    for key in ("tokens_per_sec", "step_seconds", "mfu", "first_step_seconds"):
+        assert h[key] > 0, key
+    assert h["torch_version"].startswith("2.") and h["torch_threads"] >= 1
+    assert r["ratio"] == pytest.approx(r["jax"]["tokens_per_sec"] / h["tokens_per_sec"],
+                                       rel=1e-2)
+    d = r["decode"]
+    assert d["new_tokens"] == 8 and d["jax_tokens_per_sec"] > 0 and d["hf_tokens_per_sec"] > 0
+    assert d["ratio"] == pytest.approx(d["jax_tokens_per_sec"] / d["hf_tokens_per_sec"],
+                                       rel=1e-2)
+
+
+def test_bench_table_with_and_without_peer(vs_hf):
+    from gpt2jax.bench import format_table
+
+    both = format_table(vs_hf)
+    assert "transformers" in both and f"{vs_hf['ratio']:.2f}x" in both and "decode" in both
+    alone = format_table({**vs_hf, "hf": None, "ratio": None, "decode": None})
+    assert "gpt2jax" in alone and "MFU" in alone and "transformers" not in alone
+
+
+def test_bench_bad_input_is_a_user_error(cli, monkeypatch):
+    res = cli("bench", "--n-positions", "32", "--seq-len", "64")
+    assert res.code == 2 and "--seq-len 64 exceeds" in res.last_err
+    res = cli("bench", "--steps", "0")
+    assert res.code == 2 and "--steps must be >= 1" in res.last_err
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    res = cli("bench", *TINY, "--vs", "hf")
+    assert res.code == 2 and "pip install 'gpt2jax[bench]'" in res.last_err
