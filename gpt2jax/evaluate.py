@@ -284,12 +284,18 @@ def label_names(model: GPT2) -> tuple[str, ...]:
 
 
 def label_indices(values: Sequence, labels: Sequence[str], column: str = "label") -> np.ndarray:
-    """Class indices of a label column: label names, or integers 0..len(labels)-1."""
+    """Class indices of a label column: label names, or integers 0..len(labels)-1.
+
+    A name wins over an index; a string of digits that is not a name is an index (a csv
+    column that mixes names and indices is read as strings).
+    """
     index = {name: i for i, name in enumerate(labels)}
     out = np.empty(len(values), np.int64)
     for row, v in enumerate(values):
         if isinstance(v, float) and v.is_integer():
             v = int(v)  # csv readers turn an integer column with gaps into floats
+        if isinstance(v, str) and v not in index and v.strip().isdigit():
+            v = int(v)
         if isinstance(v, str) and v in index:
             out[row] = index[v]
         elif isinstance(v, int | np.integer) and not isinstance(v, bool) and 0 <= v < len(labels):

@@ -42,27 +42,65 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """Keep the k largest logits per row (ties with the k-th are kept), others -> -inf."""
+    """Keep the k largest logits per row (ties with the k-th are kept), others -> -inf.
+
+    The k-th largest value is found by bisection over the float bit patterns (32 counts):
+    exact, and on CPU much faster than lax.top_k or a sort over the vocabulary.
+    """
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
+    bits = _ordered_bits(logits)
+    lo = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)
+    hi = jnp.full_like(lo, 0xFFFFFFFF)
+
+    def body(_, bounds):  # largest t with count(bits >= t) >= k; the count falls as t grows
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        enough = jnp.sum(bits >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    threshold, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jnp.where(bits < threshold, -jnp.inf, logits)
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (so a threshold can be found by bisection)."""
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    sign = u >> 31
+    return jnp.where(sign == 1, ~u, u | jnp.uint32(0x80000000))
 
 
 def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     """Nucleus filter: keep the most probable tokens until their total probability reaches p.
 
     A token is kept when the probability mass of the tokens ranked strictly above it is
-    below p (the most probable token is always kept) -- HF's TopPLogitsWarper.
+    below p (so the most probable token is always kept) -- HF's TopPLogitsWarper. The
+    threshold is found by bisection over the float bit patterns (32 masked sums), which
+    is exact and far faster on CPU than sorting the vocabulary.
     """
     if p >= 1.0:
         return logits
-    desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_above = jnp.cumsum(probs, axis=-1) - probs
-    n_keep = jnp.sum(mass_above < p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    bits = _ordered_bits(logits)
+    lo = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)
+    hi = jnp.full_like(lo, 0xFFFFFFFF)
+
+    def body(_, bounds):  # smallest t with mass(bits > t) < p; mass falls as t grows
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        small = jnp.sum(jnp.where(bits > mid, probs, 0.0), axis=-1, keepdims=True) < p
+        return jnp.where(small, lo, mid + 1), jnp.where(small, mid, hi)
+
+    _, threshold = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jnp.where(bits < threshold, -jnp.inf, logits)
+
+
+def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw from softmax(logits) (1-D) by inverting the CDF with one uniform number:
+    a few times faster on CPU than Gumbel noise over the whole vocabulary."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits))
+    u = (1.0 - jax.random.uniform(key)) * cdf[-1]  # in (0, total]: zero-mass tokens never win
+    return jnp.minimum(jnp.sum(cdf < u), logits.shape[-1] - 1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +140,7 @@ def next_token(logits: jax.Array, seen: jax.Array | None, keys: jax.Array, s: Sa
     logits = logits / s.temperature
     logits = top_k_filter(logits, s.top_k)
     logits = top_p_filter(logits, s.top_p)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    return jax.vmap(sample_categorical)(keys, logits).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------- shape buckets

@@ -193,7 +193,9 @@ def test_label_indices():
     from gpt2jax.evaluate import label_indices
 
     names = ("neg", "neu", "pos")
-    assert label_indices(["pos", 0, "neu", 2.0, np.int64(1)], names).tolist() == [2, 0, 1, 2, 1]
+    values = ["pos", 0, "neu", 2.0, np.int64(1), "1"]
+    assert label_indices(values, names).tolist() == [2, 0, 1, 2, 1, 1]
+    assert label_indices(["1", "0"], ("1", "0")).tolist() == [0, 1]  # names win
     with pytest.raises(UserError, match=r"row 2 .*'positive'"):
         label_indices(["neg", "pos", "positive"], names)
     with pytest.raises(UserError, match="row 0"):
