@@ -389,12 +389,12 @@ def similarity(
     if any(not w for w in words):
         raise UserError(f"record {words.index('')} has an empty {word_column!r}")
     prompts = [prompt_from_template(prompt_template, w) for w in words]
+    embed = make_embedder(embed_model, model, tokenizer)  # before generating: fail fast
     samples = Generator(model, tokenizer).generate(
         prompts, sampling=Sampling(greedy=True), max_new_tokens=max_new_tokens, stop=stop,
         batch_size=batch_size,
     )
     generated = [s.completion.strip() for s in samples]
-    embed = make_embedder(embed_model, model, tokenizer)
     cos = text_cosines(embed, generated, refs)
     rows = [
         {"word": w, "reference": r, "generated": g, "cosine": float(c)}

@@ -96,7 +96,8 @@ class Batcher:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm_cache = {epoch: rng.permutation(len(self))}
         return self._perm_cache[epoch]
 
     def global_indices(self, step: int) -> np.ndarray:
@@ -119,7 +120,8 @@ class Batcher:
                     "labels": np.asarray(self.arrays["labels"])[mine].astype(np.int32)}
         return {k: np.asarray(v[mine]) for k, v in self.arrays.items()}
 
-    def iterate(self, start: int, stop: int, prefetch: int = 2) -> Iterator[tuple[int, dict, float]]:
+    def iterate(self, start: int, stop: int,
+                prefetch: int = 2) -> Iterator[tuple[int, dict, float]]:
         """(step, batch, seconds the consumer waited) for start <= step < stop, prepared in
         a background thread."""
         import time

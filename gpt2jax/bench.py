@@ -209,7 +209,14 @@ def hf_config(cfg: GPT2Config):
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int):
+def torch_device(jax_platform: str) -> str:
+    """Where transformers runs: CUDA when JAX runs on a GPU and torch sees one, else CPU."""
+    import torch
+
+    return "cuda" if jax_platform == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int, where: str):
     """transformers GPT2LMHeadModel + torch.optim.AdamW in a plain loop (clipping at 1.0
     like the Trainer's default). bfloat16 runs under torch.autocast with float32 weights,
     like our model.dtype. Returns run(n) -> seconds."""
@@ -218,15 +225,15 @@ def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int):
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(hf_config(cfg)).train()
+    model = GPT2LMHeadModel(hf_config(cfg)).to(where).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.01)
-    t = torch.from_numpy(tokens.astype("int64"))
+    t = torch.from_numpy(tokens.astype("int64")).to(where)
     inputs, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
     autocast = dtype == "bfloat16"
 
     def one_step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(where, dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
                                                  targets.view(-1))
@@ -234,7 +241,7 @@ def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach())  # synchronises a CUDA device too
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
@@ -250,7 +257,8 @@ def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int):
 # ---------------------------------------------------------------- decoding
 
 
-def _decoders(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool, threads: int):
+def _decoders(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool, threads: int,
+              where: str = "cpu"):
     """Greedy batch-1 decoders: ours (generate.Generator) and, with vs_hf, transformers'
     `generate` on the same weights. Returns (prompt_tokens, new_tokens, {name: run})."""
     from .generate import Generator, Sampling
@@ -290,7 +298,8 @@ def _decoders(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool, threads:
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
                                f"unexpected {unexpected}")
-        x = torch.tensor([ids])
+        hf_model.to(where)
+        x = torch.tensor([ids], device=where)
 
         def theirs() -> tuple[float, int]:
             t0 = time.perf_counter()
@@ -361,14 +370,17 @@ def run_bench(
     hf_run = None
     if vs_hf:
         say("building the transformers model")
-        hf_run = _hf_trainer(cfg, tokens, cfg.dtype, seed, threads)
+        hf_where = torch_device(device.platform)
+        hf_run = _hf_trainer(cfg, tokens, cfg.dtype, seed, threads, hf_where)
         hf_first = hf_run(1)
         if warmup > 1:
             hf_run(warmup - 1)
     decoders = None
     if decode:
         say("compiling the decoder")
-        prompt_len, decode_tokens, decoders = _decoders(cfg, seed, decode_tokens, vs_hf, threads)
+        where = torch_device(device.platform) if vs_hf else "cpu"
+        prompt_len, decode_tokens, decoders = _decoders(cfg, seed, decode_tokens, vs_hf, threads,
+                                                        where)
         for fn in decoders.values():
             fn()  # warm-up (compiles ours)
 
@@ -392,7 +404,8 @@ def run_bench(
     peak = statistics.median(peaks)
     step_s = statistics.median(jax_t)
     jax_res = _side(tokens_per_step, step_s, fpt, peak, jax_t)
-    jax_res.update(compile_seconds=round(compile_seconds, 3),
+    jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, jax_t, peaks),
+                   compile_seconds=round(compile_seconds, 3),
                    first_step_seconds=round(first_step_seconds, 4),
                    peak_memory_bytes=mem, peak_memory_source=mem_source)
     hf_res, ratio = None, None
@@ -401,11 +414,14 @@ def run_bench(
         import transformers
 
         hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t)
-        hf_res.update(first_step_seconds=round(hf_first, 4), torch_threads=threads,
+        hf_res.update(first_step_seconds=round(hf_first, 4), torch_device=hf_where,
+                      torch_threads=threads,
                       torch_version=torch.__version__,
                       transformers_version=transformers.__version__,
                       compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32")
         ratio = round(jax_res["tokens_per_sec"] / hf_res["tokens_per_sec"], 3)
+        # per-round ratios show how much the background load moved the comparison
+        hf_res["ratio_rounds"] = [round(h / j, 3) for j, h in zip(jax_t, hf_t)]
     decode_res = None
     if decoders is not None:
         decode_res = {"batch_size": 1, "prompt_tokens": prompt_len, "new_tokens": decode_tokens,
@@ -445,6 +461,10 @@ def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: li
             "step_seconds_rounds": [round(t, 5) for t in rounds],
             "flops_per_token": fpt, "achieved_flops": round(tps * fpt),
             "mfu": round(tps * fpt / peak, 4)}
+
+
+def _per_round_mfu(tokens_per_step: int, fpt: int, step_times: list, peaks: list) -> list:
+    return [round(tokens_per_step * fpt / (t * p), 4) for t, p in zip(step_times, peaks)]
 
 
 def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,

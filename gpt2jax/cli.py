@@ -233,6 +233,8 @@ def _cmd_generate(args) -> int:
             raise UserError(f"--prompts-file {args.prompts_file} has no non-blank line")
     else:
         prompts = [args.prompt]
+    if not all(prompts):
+        raise UserError("--prompt is empty; give some text to continue")
     sampling = Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
                         args.repetition_penalty).validate()  # fail before loading a model
     if args.max_new_tokens < 1:
@@ -258,7 +260,7 @@ def _cmd_generate(args) -> int:
     t0 = time.perf_counter()
     samples = gen.generate(prompts, on_start=start, on_text=text, **opts)
     seconds = time.perf_counter() - t0
-    print()
+    print(flush=True)
     n = sum(len(s.token_ids) for s in samples)
     print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s; finish: "
           f"{', '.join(s.finish_reason for s in samples)}]", file=sys.stderr)

@@ -231,11 +231,13 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
     with path.open("rb") as f:
         while True:
             block = f.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a split character, kept back
             try:
                 decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
+                at = offset - pending + e.start
                 raise UserError(
-                    f"{path} is not UTF-8 text (undecodable byte at offset {offset + e.start}); "
+                    f"{path} is not UTF-8 text (undecodable byte at offset {at}); "
                     "convert it, e.g. iconv -f latin1 -t utf-8"
                 ) from None
             if not block:

@@ -525,7 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         info = initialize(args.coordinator, args.num_processes, args.process_id,
                           args.timeout, args.local_devices)
-        result = selftest(info)
+        # The collectives take seconds; a peer lost mid-way must not leave us waiting.
+        with _watchdog(args.timeout, f"process {info.process_id}: the selftest's collectives "
+                                     f"did not finish within {args.timeout:g} s"):
+            result = selftest(info)
     except UserError as e:
         print(f"gpt2jax: error: {e}", file=sys.stderr)
         return 2

@@ -135,8 +135,7 @@ def lm_windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, i
     previous window's end, so every token is scored once with the most context its
     window gives (at least seq_len - stride tokens once the first window is full).
     """
-    if not 1 <= stride < seq_len:
-        raise UserError(f"--stride {stride} must be at least 1 and below --seq-len {seq_len}")
+    check_stride(stride, seq_len)
     windows: list[tuple[int, int, int]] = []
     begin, prev_end = 0, 1
     while prev_end < length:
@@ -145,6 +144,12 @@ def lm_windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, i
         prev_end = end
         begin += stride
     return windows
+
+
+def check_stride(stride: int, seq_len: int) -> None:
+    """A window must keep at least one token of context for the first token it scores."""
+    if not 1 <= stride < seq_len:
+        raise UserError(f"--stride {stride} must be at least 1 and below --seq-len {seq_len}")
 
 
 def evaluate_lm(
@@ -165,6 +170,7 @@ def evaluate_lm(
     _check_batch_size(batch_size)
     seq_len = context_length(model, seq_len)
     stride = seq_len // 2 if stride is None else stride
+    check_stride(stride, seq_len)
     eos = _eos_id(tokenizer, model)
     docs = [[eos, *ids] for ids in encode(tokenizer, texts, model.cfg.vocab_size)]
     # (document, begin, end, first scored): all windows of all documents, batched together
@@ -308,6 +314,14 @@ def label_indices(values: Sequence, labels: Sequence[str], column: str = "label"
     return out
 
 
+def _require_classifier(model: GPT2) -> None:
+    if model.cfg.head == "lm":
+        raise UserError(
+            "this model has an LM head only; classification needs a model with a "
+            "classification head (use --task lm for perplexity)"
+        )
+
+
 def evaluate_classification(
     model: GPT2,
     tokenizer,
@@ -327,11 +341,7 @@ def evaluate_classification(
     n_positions) keep their first seq_len tokens. With `predictions`, writes one JSON
     line per example: text, label, predicted, probabilities.
     """
-    if model.cfg.head == "lm":
-        raise UserError(
-            "this model has an LM head only; classification needs a model with a "
-            "classification head (use --task lm for perplexity)"
-        )
+    _require_classifier(model)
     _check_batch_size(batch_size)
     seq_len = context_length(model, seq_len)
     names = label_names(model)
@@ -412,6 +422,14 @@ def evaluate_data(
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     if task == "lm" and predictions is not None:
         raise UserError("--predictions applies to --task classification")
+    # argument errors before the (possibly slow) data loading
+    _check_batch_size(batch_size)
+    if task == "lm":
+        n = context_length(model, seq_len)
+        check_stride(n // 2 if stride is None else stride, n)
+    else:
+        _require_classifier(model)
+        context_length(model, seq_len)
     ds = load_records(data, split=split, text_unit=text_unit)
     require_column(ds, text_column, data)
     texts = list(ds[text_column])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -240,9 +240,9 @@ class Sample:
     logits: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("logits")
-        return d
+        """The JSON record printed by `gpt2jax generate --json` (no logits)."""
+        return {k: getattr(self, k) for k in ("prompt_index", "sample_index", "prompt",
+                                              "completion", "token_ids", "finish_reason")}
 
 
 def _stop_hit(text: str, stops: Sequence[str]) -> int:
@@ -493,14 +493,18 @@ def benchmark_decode(
     n_embd: int = 768,
     n_head: int = 12,
     seed: int = 0,
+    chunk: int = 32,
 ) -> dict:
     """Greedy batch-1 decode speed, ours vs transformers' `generate` on the same weights.
 
     Builds a random GPT-2 (default: the GPT-2-small shape) in transformers, imports its
     weights, times `new_tokens` greedy tokens after a warm-up run (the median of `rounds`,
     alternating the two decoders), and checks that both produce the same tokens.
-    Needs torch. Returns tokens/s per decoder and the speedups.
+    `chunk` is our decode steps per jitted call. Needs torch. Returns tokens/s per decoder,
+    the speedups and the 1-minute load average (other work on the cores skews both).
     """
+    import os
+
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
@@ -529,7 +533,7 @@ def benchmark_decode(
         return out[0, len(ids):].tolist()
 
     def run_ours(gen):
-        return gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=32)[0]
+        return gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=chunk)[0]
 
     times: dict[str, list[float]] = {"transformers": [], **{f"gpt2jax_{d}": [] for d in ours}}
     hf_tokens = run_hf()
@@ -544,7 +548,8 @@ def benchmark_decode(
             times[f"gpt2jax_{d}"].append(time.perf_counter() - t)
             samples[d] = s
     result: dict = {"new_tokens": new_tokens, "prompt_tokens": len(ids), "rounds": rounds,
-                    "torch_threads": torch_threads,
+                    "torch_threads": torch_threads, "chunk": chunk,
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
                     "shape": dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head)}
     counts = {"transformers": len(hf_tokens)}
     counts.update({f"gpt2jax_{d}": len(s.token_ids) for d, s in samples.items()})

@@ -417,8 +417,8 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
             def micro(carry, xs):
                 g_acc, l_acc, n_acc = carry
                 mb, i = xs
-                (l, n), g = grad_fn(params, mb, jax.random.fold_in(key, i))
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+                (loss_i, n), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_i, n_acc + n), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, loss, count), _ = jax.lax.scan(

@@ -8,8 +8,8 @@
 #
 # M defaults to 1 (one device per process, like one GPU per process).
 # Each process gets GPT2JAX_COORDINATOR=127.0.0.1:PORT (a free port, or $GPT2JAX_PORT),
-# GPT2JAX_NUM_PROCESSES=N, GPT2JAX_PROCESS_ID=i, GPT2JAX_LOCAL_DEVICES=M and
-# JAX_PLATFORMS=cpu (unless already set). Output lines are prefixed with "[i] ".
+# GPT2JAX_NUM_PROCESSES=N, GPT2JAX_PROCESS_ID=i, GPT2JAX_LOCAL_DEVICES=M (also as
+# --xla_force_host_platform_device_count=M in XLA_FLAGS) and JAX_PLATFORMS=cpu (unless set). Output lines are prefixed with "[i] ".
 # If one process fails, the others are stopped; the exit status is the first failure's
 # (0 when all succeed). COMMAND is looked up on PATH; if it is not found there, the
 # repository's .venv/bin/COMMAND is used when it exists.
@@ -69,6 +69,14 @@ run_one() {
   export GPT2JAX_COORDINATOR=127.0.0.1:$port GPT2JAX_NUM_PROCESSES=$N
   export GPT2JAX_PROCESS_ID=$i GPT2JAX_LOCAL_DEVICES=$M
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} PYTHONUNBUFFERED=1
+  # Also for JAX programs other than gpt2jax: replace any device count already in XLA_FLAGS.
+  local -a words=() kept=()
+  local word
+  read -r -a words <<<"${XLA_FLAGS:-}"
+  for word in "${words[@]}"; do
+    [[ $word == --xla_force_host_platform_device_count=* ]] || kept+=("$word")
+  done
+  export XLA_FLAGS="${kept[*]:+${kept[*]} }--xla_force_host_platform_device_count=$M"
   # exec: the background job's pid is the command's pid, so it can be signalled directly.
   exec "$@"
 }

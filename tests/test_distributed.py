@@ -5,6 +5,7 @@ The real two-process run through launch/local.sh is in test_launch.py.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -233,3 +234,14 @@ def test_bad_settings_end_cleanly_within_timeout():
             assert "Check failure" not in err and "Traceback" not in err, name
             # 5 s timeout + interpreter/jax start-up on a busy 2-core machine
             assert elapsed < 25, (name, elapsed)
+
+
+def test_resolve_command_prints_the_plan(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv(dist.ENV_COORDINATOR, "10.1.1.1:7000")
+    monkeypatch.setenv(dist.ENV_NUM_PROCESSES, "3")
+    assert dist.main(["--resolve", "--process-id", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"mode": "explicit", "coordinator": "10.1.1.1:7000", "num_processes": 3,
+                   "process_id": 2, "local_device_ids": None, "source": "config+env"}
+    assert dist.main(["--resolve", "--process-id", "3"]) == 2
+    assert capsys.readouterr().err.startswith("gpt2jax: error: process id 3 is out of range")

@@ -82,15 +82,19 @@ def test_local_two_processes_agree():
 
 
 def test_local_failure_stops_the_others_and_propagates_status():
-    script = ('echo "up $GPT2JAX_PROCESS_ID/$GPT2JAX_NUM_PROCESSES $GPT2JAX_LOCAL_DEVICES"; '
+    script = ('echo "up $GPT2JAX_PROCESS_ID/$GPT2JAX_NUM_PROCESSES $GPT2JAX_LOCAL_DEVICES '
+              '$XLA_FLAGS"; '
               'if [ "$GPT2JAX_PROCESS_ID" = 1 ]; then sleep 0.5; echo boom >&2; exit 3; fi; '
               'exec sleep 60')
     t0 = time.monotonic()
-    r = _run([LAUNCH / "local.sh", "3", "--", "bash", "-c", script], timeout=30)
+    r = _run([LAUNCH / "local.sh", "3", "--", "bash", "-c", script], timeout=30,
+             XLA_FLAGS="--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8")
     assert r.returncode == 3
     assert time.monotonic() - t0 < 15  # the sleepers were stopped, not waited for
     for i in range(3):
-        assert f"[{i}] up {i}/3 1" in r.stdout  # default M = 1 device per process
+        # default M = 1 device per process, replacing the count already in XLA_FLAGS
+        assert (f"[{i}] up {i}/3 1 --xla_cpu_enable_fast_math=false "
+                "--xla_force_host_platform_device_count=1") in r.stdout
     assert "[1] boom" in r.stderr
     assert "process 1 exited with status 3" in r.stderr
 

@@ -15,9 +15,10 @@ CONFIGS = {
         vocab_size=96, n_head=2, n_embd=16, n_layer=3, n_positions=48, n_inner=40,
         activation_function="gelu", scale_attn_by_inverse_layer_idx=True,
     ),
-    "unscaled_relu_eps": dict(
+    "unscaled_relu_eps_upcast": dict(
         vocab_size=96, n_head=4, n_embd=32, n_layer=1, n_positions=24,
         scale_attn_weights=False, activation_function="relu", layer_norm_epsilon=1e-3,
+        reorder_and_upcast_attn=True,  # float32 attention either way: same numbers
     ),
 }
 

