@@ -23,6 +23,15 @@ _API = {
     "load_hf_dir": "hf",
     "export_hf": "hf",
     "gpt2_tokenizer": "tokenizer",
+    "load_config": "config",
+    "train": "train",
+    "evaluate_lm": "evaluate",
+    "evaluate_classification": "evaluate",
+    "score": "evaluate",
+    "token_logprobs": "evaluate",
+    "generate": "generate",
+    "weight_diff": "analysis",
+    "load_records": "data",
     "UserError": "errors",
 }
 

@@ -385,13 +385,17 @@ def run_bench(
             fn()  # warm-up (compiles ours)
 
     probe = make_peak_probe(device, cfg.dtype, peak_size)
-    peaks, jax_t, hf_t = [], [], []
+    peaks, jax_t, hf_t, jax_cpu, hf_cpu = [], [], [], [], []
     dec_t: dict[str, list[float]] = {k: [] for k in (decoders or {})}
     for r in range(rounds):
         peaks.append(probe(3))
+        c0 = _cpu_seconds()
         jax_t.append(jax_run(steps) / steps)
+        jax_cpu.append((_cpu_seconds() - c0) / steps)
         if hf_run is not None:
+            c0 = _cpu_seconds()
             hf_t.append(hf_run(steps) / steps)
+            hf_cpu.append((_cpu_seconds() - c0) / steps)
         for name, fn in (decoders or {}).items():
             secs, n = fn()
             dec_t[name].append(n / secs)
@@ -403,7 +407,7 @@ def run_bench(
 
     peak = statistics.median(peaks)
     step_s = statistics.median(jax_t)
-    jax_res = _side(tokens_per_step, step_s, fpt, peak, jax_t)
+    jax_res = _side(tokens_per_step, step_s, fpt, peak, jax_t, jax_cpu)
     jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, jax_t, peaks),
                    compile_seconds=round(compile_seconds, 3),
                    first_step_seconds=round(first_step_seconds, 4),
@@ -413,7 +417,7 @@ def run_bench(
         import torch
         import transformers
 
-        hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t)
+        hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t, hf_cpu)
         hf_res.update(first_step_seconds=round(hf_first, 4), torch_device=hf_where,
                       torch_threads=threads,
                       torch_version=torch.__version__,
@@ -455,10 +459,19 @@ def run_bench(
     }
 
 
-def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: list) -> dict:
+def _cpu_seconds() -> float:
+    # user + system CPU time of every thread of this process (both frameworks' pools)
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: list,
+          cpu: list) -> dict:
     tps = tokens_per_step / step_s
     return {"tokens_per_sec": round(tps, 2), "step_seconds": round(step_s, 5),
             "step_seconds_rounds": [round(t, 5) for t in rounds],
+            # CPU time per step moves less than wall time when other processes compete
+            "cpu_seconds_per_step": round(statistics.median(cpu), 5),
             "flops_per_token": fpt, "achieved_flops": round(tps * fpt),
             "mfu": round(tps * fpt / peak, 4)}
 

@@ -53,6 +53,7 @@ class Checkpoints:
         self.dir = (Path(run_dir) / "checkpoints").absolute()
         self.keep = keep
         self.best_mode = best_mode
+        self.read_only = read_only
         if read_only and not self.dir.is_dir():
             raise UserError(f"{run_dir} has no checkpoints/ directory")
         self.mngr = ocp.CheckpointManager(
@@ -140,7 +141,11 @@ class Checkpoints:
 
     def restore_latest_good(self, params_template, opt_template=None, shardings=None,
                             opt_shardings=None):
-        """Restore the newest step that reads back; warn about each unreadable newer one."""
+        """Restore the newest step that reads back; warn about each unreadable newer one.
+
+        Unreadable steps are renamed to `<step>.unreadable` (kept for inspection) so that
+        the resumed run can save that step again.
+        """
         steps = self.steps()
         for i, step in enumerate(reversed(steps)):
             try:
@@ -148,11 +153,26 @@ class Checkpoints:
                                           opt_shardings)
             except Exception as e:  # a corrupt or partial step: fall back to the previous
                 older = steps[-i - 2] if i + 1 < len(steps) else None
+                moved = self._set_aside(step)
                 print(f"gpt2jax: warning: checkpoint {self.dir / str(step)} is unreadable "
                       f"({type(e).__name__}); falling back to "
-                      f"{self.dir / str(older) if older is not None else 'a fresh start'}",
-                      file=sys.stderr)
+                      f"{self.dir / str(older) if older is not None else 'a fresh start'}"
+                      + (f"; moved it to {moved}" if moved else ""), file=sys.stderr)
         return None, None
+
+    def _set_aside(self, step: int) -> Path | None:
+        """Rename an unreadable step directory out of Orbax's view (process 0 only)."""
+        if self.read_only or jax.process_index() != 0:
+            return None
+        src = self.dir / str(step)
+        dst = self.dir / f"{step}.unreadable"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.dir / f"{step}.unreadable{n}"
+        src.rename(dst)
+        self.mngr.reload()
+        return dst
 
 
 def load_run_model(run_dir: str | Path, step: int | str | None = None, **overrides):

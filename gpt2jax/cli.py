@@ -52,7 +52,8 @@ def _model_args(p: argparse.ArgumentParser, flag: str = "--model") -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a transformers directory (config, safetensors, tokenizer)")
+    p = sub.add_parser("export",
+                       help="write a transformers directory (config, safetensors, tokenizer)")
     _model_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -136,7 +137,8 @@ def _eval_text(r: dict) -> str:
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="log-probability of an answer given a prompt")
     _model_args(p)
-    p.add_argument("--prompt", required=True, help="context; may be empty")
+    p.add_argument("--prompt", required=True,
+                   help="context, tokenized as is; empty: the answer follows one <|endoftext|>")
     p.add_argument("--answer", required=True, help="the text whose probability is scored")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_score)
@@ -251,7 +253,8 @@ def _cmd_generate(args) -> int:
 
     def start(p: int, s: int, prompt: str) -> None:
         if many:
-            print(f"{'' if p == s == 0 else chr(10)}--- prompt {p}, sample {s} ---")
+            gap = "" if (p, s) == (0, 0) else "\n"  # end the previous row's line
+            print(f"{gap}--- prompt {p}, sample {s} ---")
         print(prompt, end="", flush=True)
 
     def text(p: int, s: int, delta: str) -> None:

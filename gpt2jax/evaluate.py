@@ -84,7 +84,9 @@ def encode(tokenizer, texts: Sequence[str], vocab_size: int | None = None) -> li
 
 def _eos_id(tokenizer, model: GPT2) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
-    return int(eos) if eos is not None else int(model.cfg.eos_token_id or EOS_ID)
+    if eos is None:
+        eos = model.cfg.eos_token_id
+    return EOS_ID if eos is None else int(eos)
 
 
 def context_length(model: GPT2, seq_len: int | None) -> int:
@@ -168,6 +170,7 @@ def evaluate_lm(
     by stride (default seq_len // 2); see lm_windows.
     """
     _check_batch_size(batch_size)
+    texts = list(texts)
     seq_len = context_length(model, seq_len)
     stride = seq_len // 2 if stride is None else stride
     check_stride(stride, seq_len)
@@ -343,6 +346,7 @@ def evaluate_classification(
     """
     _require_classifier(model)
     _check_batch_size(batch_size)
+    texts = list(texts)
     seq_len = context_length(model, seq_len)
     names = label_names(model)
     y_true = label_indices(labels, names, label_column)

@@ -238,7 +238,10 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> GPT2Con
         pad_token_id=hf.get("pad_token_id"),
         eos_token_id=_first(hf.get("eos_token_id"), 50256),
     )
+    whole = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "num_labels")
     for k, v in fields.items():
+        if k in whole and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UserError(f"{where}: {k}={v!r} must be a whole number; fix config.json")
         if k in ("n_inner", "pad_token_id"):
             continue
         if k not in ("head", "labels", "activation_function") and not isinstance(v, int | float):
@@ -419,8 +422,10 @@ def export_hf(
             if cfg.head == "sequence" and tokenizer.pad_token is None:
                 tokenizer = _with_pad(tokenizer)
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
+        if out.is_dir():
             shutil.rmtree(out)
+        elif out.exists():  # --overwrite of a plain file
+            out.unlink()
         os.replace(tmp, out)
     finally:
         if tmp.exists():

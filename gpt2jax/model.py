@@ -76,14 +76,14 @@ class GPT2Config:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise UserError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                 "pick dimensions where n_embd / n_head is a whole number"
             )
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.activation_function not in ACTIVATIONS:
             raise UserError(
                 f"activation_function={self.activation_function!r} is not supported; "
@@ -365,7 +365,10 @@ class GPT2(nnx.Module):
             rngs, nnx.initializers.normal(std), (cfg.vocab_size, cfg.n_embd), ("vocab", "embed")
         )
         self.wpe = _param(
-            rngs, nnx.initializers.normal(std), (cfg.n_positions, cfg.n_embd), ("positions", "embed")
+            rngs,
+            nnx.initializers.normal(std),
+            (cfg.n_positions, cfg.n_embd),
+            ("positions", "embed"),
         )
         if cfg.scan_layers:
             self.h = stack_blocks([Block(cfg, rngs) for _ in range(cfg.n_layer)])
@@ -402,7 +405,8 @@ class GPT2(nnx.Module):
             else:
                 start = 0 if cache_index is None else cache_index
                 position_ids = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-        x = jnp.take(self.wte[...], input_ids, axis=0) + jnp.take(self.wpe[...], position_ids, axis=0)
+        x = jnp.take(self.wte[...], input_ids, axis=0)
+        x = x + jnp.take(self.wpe[...], position_ids, axis=0)
         x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, 1_000_001))
         if cache is None:
             mask = attention_mask_bias(t, t, attention_mask)

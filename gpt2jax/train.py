@@ -273,10 +273,12 @@ def train(cfg: Config) -> dict:
                 best = _update_best(best, last_eval, done, best_key, best_mode)
             if t.sample_every and t.sample_prompts and done % t.sample_every == 0:
                 write_samples(params, graphdef, tokenizer, t, done, tracker, run, main_process)
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != total:
+            periodic = t.checkpoint_every and done % t.checkpoint_every == 0 and done != total
+            if periodic:
                 save(done, last_eval)
             if _any_process(stop_signal["term"]):
-                save(done, last_eval)
+                if not periodic:  # Orbax refuses to save a step twice
+                    save(done, last_eval)
                 ckpts.close()
                 raise Preempted(done, ckpts.dir / str(done))
         if pending is not None:

@@ -137,5 +137,18 @@ while ((left > 0)); do
   done
   if ((left > 0)); then sleep 0.2; fi
 done
+# A process stopped before it opened its pipes leaves its printers blocked in open():
+# give every printer a writer that closes at once (O_RDWR never blocks on a FIFO), wait up
+# to 2 s for the last lines, then stop any printer that is still stuck.
+for ((i = 0; i < N; i++)); do
+  : 1<>"$tmp/out$i" 1<>"$tmp/err$i"
+done
+for _ in {1..20}; do
+  alive=0
+  for pid in "${printers[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+  ((alive)) || break
+  sleep 0.1
+done
+kill "${printers[@]}" 2>/dev/null || true
 wait "${printers[@]}" 2>/dev/null || true
 exit "$status"

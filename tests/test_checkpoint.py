@@ -145,6 +145,11 @@ def runs(tmp_path_factory):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     log["sigterm_code"], log["sigterm_err"] = proc.returncode, errf.read_text()
+    m = re.search(r"preempted: saved checkpoint at step (\d+) to (\S+)", log["sigterm_err"])
+    if m:  # read it back now: later runs rotate old checkpoints away
+        log["sigterm_step"], log["sigterm_path"] = int(m.group(1)), Path(m.group(2))
+        log["sigterm_path_is_dir"] = log["sigterm_path"].is_dir()
+        log["sigterm_params"] = _params(run, log["sigterm_step"])
 
     # 5. the same command once more finishes the run
     code, out, err = trainer.run(cfg, "--json")
@@ -197,14 +202,23 @@ def test_fault_hooks_leave_the_previous_checkpoint(runs):
 
 def test_sigterm_saves_says_where_and_exits_143(runs):
     assert runs["sigterm_code"] == 143, runs["sigterm_err"]
-    m = re.search(r"preempted: saved checkpoint at step (\d+) to (\S+)", runs["sigterm_err"])
-    assert m, runs["sigterm_err"]
-    step, path = int(m.group(1)), Path(m.group(2))
-    assert path.is_dir() and path.name == str(step)
+    assert "sigterm_step" in runs, runs["sigterm_err"]
+    step, path = runs["sigterm_step"], runs["sigterm_path"]
+    assert runs["sigterm_path_is_dir"] and path.name == str(step)
+    assert path.parent == runs["run"].absolute() / "checkpoints"
     assert step < STEPS
     assert resumed_from(runs["final_err"]) == step
-    params = _params(runs["run"], step)  # the preemption checkpoint restores
+    params = runs["sigterm_params"]  # the preemption checkpoint restores
     assert params["wte"].shape == (50257, 32)
+
+
+def test_resume_refuses_changed_model_dimensions(runs, cli):
+    before = (runs["run"] / "config.yaml").read_text()
+    res = cli("train", runs["cfg"], "--model.n_embd=64", "--model.n_head=4")
+    assert res.code == 2
+    assert "other model dimensions" in res.last_err and "n_embd: 32 -> 64" in res.last_err
+    assert str(runs["run"]) in res.last_err
+    assert (runs["run"] / "config.yaml").read_text() == before  # nothing was overwritten
 
 
 def test_corrupt_latest_falls_back_and_more_steps_continue(runs, cli):
@@ -229,4 +243,7 @@ def test_corrupt_latest_falls_back_and_more_steps_continue(runs, cli):
     assert res.json["mesh"]["data"] == 8
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "split" not in r] == list(range(1, more + 1))
-    assert more in Checkpoints(run, read_only=True).steps()
+    # the damaged step was set aside (not deleted) and step `latest` was written afresh
+    assert (ckpt / f"{latest}.unreadable").is_dir()
+    assert {latest, more} <= set(Checkpoints(run, read_only=True).steps())
+    assert _params(run, latest)["wte"].shape == (50257, 32)

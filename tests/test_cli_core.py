@@ -26,6 +26,10 @@ def _model_dir(tmp_path, hf_lm_dir, case: str):
         config["add_cross_attention"] = True
     elif case == "unknown_activation":
         config["activation_function"] = "swishy"
+    elif case == "zero_heads":
+        config["n_head"] = 0
+    elif case == "fractional_layers":
+        config["n_layer"] = 2.5
     (d / "config.json").write_text(json.dumps(config))
     if case != "no_weights":
         (d / "model.safetensors").write_bytes(weights)
@@ -40,6 +44,8 @@ MODEL_CASES = {
                       r"\(128, 32\)",
     "cross_attention": r"config.json: add_cross_attention=true .* not supported",
     "unknown_activation": r"activation_function='swishy' is not supported",
+    "zero_heads": r"n_head must be positive, got 0",
+    "fractional_layers": r"config.json: n_layer=2.5 must be a whole number",
 }
 
 
@@ -97,6 +103,11 @@ def test_export_refuses_a_non_empty_directory(cli, hf_lm_dir, tmp_path):
     r = cli("export", "--model", hf_lm_dir[0], "--out", out, "--overwrite", "--json")
     assert r.code == 0, r.err
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _assert_user_error(cli("export", "--model", hf_lm_dir[0], "--out", a_file), "--overwrite")
+    assert cli("export", "--model", hf_lm_dir[0], "--out", a_file, "--overwrite").code == 0
+    assert (a_file / "config.json").is_file()
 
 
 def test_debug_shows_the_traceback(cli, hf_lm_dir, tmp_path):

@@ -13,6 +13,7 @@ from gpt2jax.generate import (
     apply_repetition_penalty,
     bucket,
     generate,
+    sample_categorical,
     top_k_filter,
     top_p_filter,
 )
@@ -127,6 +128,20 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     # kept logits are unchanged
     np.testing.assert_array_equal(np.asarray(top_p_filter(logits, 0.7))[0, [1, 3, 4]],
                                   logits[0, [1, 3, 4]])
+
+
+def test_sampling_follows_the_filtered_distribution():
+    import jax
+
+    logits = np.array([np.log(0.1), -np.inf, np.log(0.6), np.log(0.3)], np.float32)
+    keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+    draws = np.asarray(jax.jit(jax.vmap(sample_categorical, (0, None)))(keys, logits))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.1, 0.0, 0.6, 0.3], atol=0.015)
+    assert freq[1] == 0.0  # a filtered-out (-inf) token is never drawn
+    ties = np.array([[1.0, 2.0, 2.0, 3.0, -1.0]], np.float32)
+    assert np.isfinite(np.asarray(top_k_filter(ties, 2))).tolist() == [[False, True, True, True,
+                                                                         False]]
 
 
 def test_repetition_penalty_matches_transformers():

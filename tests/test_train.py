@@ -67,6 +67,9 @@ def test_run_directory_holds_config_logs_checkpoints_and_plot(finetune):
     assert [r["step"] for r in val] == [2, 4] and all(r["perplexity"] > 1 for r in val)
     assert summary["validation"]["loss"] == pytest.approx(val[-1]["loss"])
     assert Checkpoints(run, read_only=True).steps() == [2, 4]
+    best = summary["best"]
+    assert best["metric"] == "loss" and best["value"] == min(r["loss"] for r in val)
+    assert Checkpoints(run, read_only=True).best() == best["step"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run / "model.json").read_text())["n_embd"] == 32
