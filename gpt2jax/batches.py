@@ -13,6 +13,7 @@ processes or the mesh, and resuming at step s needs no replay.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -172,70 +173,79 @@ class Prepared:
 
 def load_task_records(spec: str, data) -> list[dict]:
     """Records of a data spec: `gcide` (the dictionary package) or anything data.py loads."""
-    if spec == "gcide" or spec.startswith("gcide:"):
-        from .tasks import iter_gcide
+    from .data import load_task_dataset
 
-        letters = spec.split(":", 1)[1] if ":" in spec else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-        records = list(iter_gcide(letters))
-    else:
-        from .data import load_records
+    return load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit).to_list()
 
-        records = load_records(spec, text_unit=data.text_unit).to_list()
-    if data.limit:
-        records = records[: data.limit]
-    if not records:
-        raise UserError(f"data {spec}: no records; check the file and data.text_column")
-    return records
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic document-level split by seed: (train, validation) indices, in order."""
+    if fraction <= 0 or n < 2:
+        return np.arange(n), np.arange(0)
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    n_val = max(1, int(round(n * fraction)))
+    is_val = np.zeros(n, bool)
+    is_val[perm[:n_val]] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic document-level split by seed."""
-    if fraction <= 0 or len(records) < 2:
-        return records, []
-    perm = np.random.default_rng([seed, 7919]).permutation(len(records))
-    n_val = max(1, int(round(len(records) * fraction)))
-    val = set(perm[:n_val].tolist())
-    return ([r for i, r in enumerate(records) if i not in val],
-            [r for i, r in enumerate(records) if i in val])
+    """Deterministic document-level split by seed (the split `prepare` makes)."""
+    train, val = split_indices(len(records), fraction, seed)
+    return [records[i] for i in train], [records[i] for i in val]
 
 
 def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
             labels: Sequence[str] = ()) -> Prepared:
-    """Load, split, render and tokenize a DataSection into arrays for the Batcher."""
-    from .tasks import render
+    """Load, split, render and tokenize a DataSection into arrays for the Batcher.
 
-    train_records = load_task_records(data.train, data)
+    Tokenized records are cached (see data.tokenize_task); the split, packing and
+    truncation that follow are cheap and done every run.
+    """
+    from .data import tokenize_task
+
+    train_tok, hit = tokenize_task(data.train, data, tokenizer, cache=data.cache_dir != "off")
+    all_tok = train_tok
     if data.validation:
-        val_records = load_task_records(data.validation, data)
+        val_tok = tokenize_task(data.validation, data, tokenizer,
+                                cache=data.cache_dir != "off")[0]
     else:
-        train_records, val_records = split_records(train_records, data.validation_fraction, seed)
+        train_idx, val_idx = split_indices(len(train_tok), data.validation_fraction, seed)
+        train_tok, val_tok = train_tok.select(train_idx), train_tok.select(val_idx)
+    stats = {"cached": hit, "documents": len(train_tok),
+             "bytes_per_token": train_tok.bytes_per_token()}
     if data.task == "classification":
-        labels = tuple(labels) or tuple(data.labels) or _label_set(train_records, data)
-        train = _classification_rows(train_records, data, tokenizer, labels, seq_len)
-        val = _classification_rows(val_records, data, tokenizer, labels, seq_len) \
-            if val_records else None
-        return Prepared(train, val, labels, {"train_examples": len(train["labels"])})
+        labels = tuple(labels) or tuple(data.labels) or _label_set(train_tok, data)
+        train = _classification_rows(train_tok, data, labels, seq_len, eos)
+        val = _classification_rows(val_tok, data, labels, seq_len, eos) if len(val_tok) else None
+        stats.update(train_examples=len(train["labels"]),
+                     truncated=train.pop("truncated") + (val.pop("truncated") if val else 0))
+        if stats["truncated"]:
+            total = len(train["labels"]) + (len(val["labels"]) if val else 0)
+            print(f"gpt2jax: warning: {stats['truncated']} of {total} records are longer than "
+                  f"train.seq_len={seq_len} tokens and were cut ({data.truncation} side "
+                  "dropped; see data.truncation)", file=sys.stderr)
+        return Prepared(train, val, labels, stats)
 
-    def lm_arrays(records: list[dict]) -> dict:
-        texts = [render(data.task, r, data.text_column) for r in records]
-        full = [p + t for p, t in texts]
-        ids = tokenizer(full, add_special_tokens=False, verbose=False)["input_ids"]
-        tokens, weights = pack(ids, seq_len + 1, eos)
-        n_bytes = sum(len(s.encode("utf-8")) for s in full)
-        n_tok = sum(len(i) for i in ids)
-        return {"tokens": tokens, "weights": weights}, n_bytes / max(n_tok, 1), n_tok
+    def lm_arrays(tok) -> dict:
+        masks = tok.token_lists(tok.weights) if tok.weights is not None else None
+        tokens, weights = pack(tok.token_lists(), seq_len + 1, eos, masks)
+        return {"tokens": tokens, "weights": weights}
 
-    train, bpt, n_tok = lm_arrays(train_records)
-    val = None
-    if val_records:
+    train, val, split = lm_arrays(train_tok), None, "none"
+    if len(val_tok):
         try:
-            val = lm_arrays(val_records)[0]
+            val, split = lm_arrays(val_tok), "file" if data.validation else "documents"
         except UserError:
             val = None  # too little validation text for one block
     if val is None and not data.validation and data.validation_fraction > 0:
+        if len(val_tok):  # the held-out documents were too short: split all by blocks
+            train_tok = all_tok
+            train = lm_arrays(train_tok)
         train, val = split_blocks(train, data.validation_fraction, seed)
-    stats = {"train_tokens": n_tok, "bytes_per_token": bpt, "train_blocks": len(train["tokens"]),
-             "documents": len(train_records)}
+        split = "blocks" if val is not None else "none"
+    stats.update(train_tokens=int(train_tok.offsets[-1]), train_blocks=len(train["tokens"]),
+                 validation_split=split)
     return Prepared(train, val, (), stats)
 
 
@@ -251,37 +261,31 @@ def split_blocks(arrays: dict, fraction: float, seed: int) -> tuple[dict, dict |
             {k: v[val_idx] for k, v in arrays.items()})
 
 
-def _label_set(records: list[dict], data) -> tuple[str, ...]:
-    values = {str(_label_of(r, data, i)) for i, r in enumerate(records)}
+def _label_set(tok, data) -> tuple[str, ...]:
+    """The sorted label names of the training records (numerically when all are integers)."""
+    values = set(tok.labels.tolist())
     if len(values) < 2:
         raise UserError(f"data {data.train}: column {data.label_column!r} has only "
-                        f"{len(values)} distinct label(s); classification needs at least 2")
+                        f"{len(values)} distinct label(s) {sorted(values)}; classification "
+                        "needs at least 2")
     ints = all(v.lstrip("-").isdigit() for v in values)
     return tuple(sorted(values, key=int) if ints else sorted(values))
 
 
-def _label_of(record: dict, data, row: int):
-    if data.label_column not in record:
-        raise UserError(f"data {data.train}: row {row} has no label column "
-                        f"{data.label_column!r} (columns: {', '.join(record)}); "
-                        "set data.label_column")
-    return record[data.label_column]
-
-
-def _classification_rows(records, data, tokenizer, labels, seq_len) -> dict:
+def _classification_rows(tok, data, labels, seq_len: int, eos: int) -> dict:
+    """Token rows cut to seq_len on the data.truncation side, and label indices."""
     index = {name: i for i, name in enumerate(labels)}
-    texts, ys = [], []
-    for i, r in enumerate(records):
-        y = str(_label_of(r, data, i))
+    for i, y in enumerate(tok.labels.tolist()):
         if y not in index:
-            raise UserError(f"data: row {i} has label {y!r}, not in the label set "
+            raise UserError(f"{tok.source}: row {int(tok.rows[i])} (counting from 0), column "
+                            f"{data.label_column!r}: label {y!r} is not in the label set "
                             f"{list(labels)}; fix the row or data.labels")
-        if data.text_column not in r:
-            raise UserError(f"data: row {i} has no text column {data.text_column!r} "
-                            f"(columns: {', '.join(r)}); set data.text_column")
-        texts.append(str(r[data.text_column]))
-        ys.append(index[y])
     # No EOS is appended: transformers pools the last token != pad (= eos) after export.
-    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    rows = [r[:seq_len] if r else [tokenizer.eos_token_id] for r in rows]
-    return {"rows": rows, "labels": np.asarray(ys, np.int32)}
+    rows, truncated = [], 0
+    for r in tok.token_lists():
+        if len(r) > seq_len:
+            truncated += 1
+            r = r[-seq_len:] if data.truncation == "left" else r[:seq_len]
+        rows.append(r.tolist() if len(r) else [eos])
+    return {"rows": rows, "labels": np.asarray([index[y] for y in tok.labels.tolist()], np.int32),
+            "truncated": truncated}

@@ -143,21 +143,31 @@ class Checkpoints:
                             opt_shardings=None):
         """Restore the newest step that reads back; warn about each unreadable newer one.
 
-        Unreadable steps are renamed to `<step>.unreadable` (kept for inspection) so that
-        the resumed run can save that step again.
+        Unreadable newer steps are renamed to `<step>.unreadable` (kept for inspection) so
+        that the resumed run can save those steps again. When no step restores, nothing is
+        moved and a UserError explains (usually changed settings, not damage).
         """
         steps = self.steps()
-        for i, step in enumerate(reversed(steps)):
+        failed: list[tuple[int, Exception]] = []
+        for step in reversed(steps):
             try:
-                return step, self.restore(step, params_template, opt_template, shardings,
-                                          opt_shardings)
+                got = self.restore(step, params_template, opt_template, shardings, opt_shardings)
             except Exception as e:  # a corrupt or partial step: fall back to the previous
-                older = steps[-i - 2] if i + 1 < len(steps) else None
-                moved = self._set_aside(step)
-                print(f"gpt2jax: warning: checkpoint {self.dir / str(step)} is unreadable "
-                      f"({type(e).__name__}); falling back to "
-                      f"{self.dir / str(older) if older is not None else 'a fresh start'}"
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                moved = self._set_aside(bad)
+                print(f"gpt2jax: warning: checkpoint {self.dir / str(bad)} is unreadable "
+                      f"({type(e).__name__}); falling back to {self.dir / str(step)}"
                       + (f"; moved it to {moved}" if moved else ""), file=sys.stderr)
+            return step, got
+        if failed:
+            step, e = failed[0]
+            raise UserError(
+                f"none of the checkpoints {steps} in {self.dir} can be restored (step {step}: "
+                f"{type(e).__name__}: {' '.join(str(e).split())[:300]}); if the model or "
+                "optimizer settings changed (e.g. optim.freeze), use a new train.run_dir"
+            ) from e
         return None, None
 
     def _set_aside(self, step: int) -> Path | None:

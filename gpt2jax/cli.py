@@ -88,8 +88,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", required=True,
                    help="a .txt/.jsonl/.json/.csv/.tsv/.parquet file, a folder of them, "
                         "or hub:ORG/NAME[:CONFIG][@SPLIT]")
-    p.add_argument("--task", choices=("lm", "classification"), default=None,
-                   help="default: classification for a classification head, else lm")
+    p.add_argument("--task", choices=("lm", "classification", "dictionary_reverse"),
+                   default=None,
+                   help="default: classification for a classification head, else lm; "
+                        "dictionary_reverse: exact match of the greedily generated word "
+                        "(records with word, definition; gcide for the GCIDE dictionary)")
     p.add_argument("--split", default=None, help="split of a hub dataset or a folder")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
@@ -122,6 +125,9 @@ def _cmd_eval(args) -> int:
 
 
 def _eval_text(r: dict) -> str:
+    if r["task"] == "dictionary_reverse":
+        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']})\n"
+                + "\n".join(f"  {s['word']!r} -> {s['generated']!r}" for s in r["samples"]))
     if r["task"] == "lm":
         return (f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
                 f"tokens {r['tokens']}  bytes/token {r['bytes_per_token']:.3f}")

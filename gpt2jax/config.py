@@ -47,6 +47,13 @@ class DataSection:
     validation_fraction: float = 0.05
     limit: int = 0  # use at most this many records (0 = all)
     labels: list[str] = field(default_factory=list)  # classification: fixed label order
+    loss_on: str = "all"  # LM tasks: all | target (learn only the target part of a template)
+    prompt_template: str = ""  # empty: the task's default (see gpt2jax/tasks.py)
+    target_template: str = ""  # empty: the task's default
+    example_template: str = " Example: {example}"  # dictionary_forward, records with an example
+    truncation: str = "right"  # classification rows longer than seq_len: right | left
+    add_special_tokens: list[str] = field(default_factory=list)  # e.g. ["<|pad|>"]
+    cache_dir: str = ""  # tokenized-data cache; empty: $GPT2JAX_CACHE or ~/.cache/gpt2jax; off
 
 
 @dataclass
@@ -100,6 +107,8 @@ class TrainSection:
     sample_max_new_tokens: int = 32
     skip_nonfinite: int = 0  # skip up to N steps with a NaN/Inf loss before stopping
     progress: str = "auto"  # auto | bar | lines | none
+    class_weights: str = "none"  # classification: none | balanced (inverse class frequency)
+    lm_loss_weight: float = 0.0  # classification: + lambda * LM loss on the real tokens
 
 
 @dataclass
@@ -205,6 +214,11 @@ def validate(cfg: Config) -> None:
     need(0 <= d.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
     need(d.text_unit in ("document", "line", "paragraph"), "data.text_unit",
          "choose document, line or paragraph")
+    need(d.loss_on in ("all", "target"), "data.loss_on", "choose all or target")
+    need(d.truncation in ("right", "left"), "data.truncation", "choose right or left")
+    need(t.class_weights in ("none", "balanced"), "train.class_weights",
+         "choose none or balanced")
+    need(t.lm_loss_weight >= 0, "train.lm_loss_weight", "must be >= 0")
     need(m.head in ("lm", "sequence", "attention_pool"), "model.head",
          "choose lm, sequence or attention_pool")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "choose float32 or bfloat16")

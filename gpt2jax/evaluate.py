@@ -28,7 +28,7 @@ from .errors import UserError
 from .model import GPT2
 from .tokenizer import EOS_ID
 
-TASKS = ("lm", "classification")
+TASKS = ("lm", "classification", "dictionary_reverse")
 
 # ---------------------------------------------------------------- token log-probabilities
 
@@ -283,6 +283,73 @@ def classification_metrics(
     }
 
 
+def plot_confusion_matrix(cm, labels: Sequence[str], path: str | Path) -> Path:
+    """A PNG of the confusion matrix (rows true labels, columns predictions, counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    n = len(labels)
+    size = min(4 + 0.45 * n, 16)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=100)
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(n), labels, rotation=60 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 25:  # counts stay readable up to about 25 classes
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------- dictionary_reverse
+
+
+def evaluate_reverse_dictionary(
+    model: GPT2, tokenizer, records: Sequence[dict], *, batch_size: int = 8,
+    max_new_tokens: int = 8, templates=None, predictions: str | Path | None = None,
+) -> dict:
+    """Exact-match accuracy of the greedily generated word for each definition.
+
+    The prompt is the task's template (default "{definition} =>"); the generation stops
+    at a newline or <|endoftext|>, and the stripped completion must equal the word.
+    """
+    from .generate import generate
+    from .tasks import render
+
+    prompts, words = [], []
+    for i, r in enumerate(records):
+        try:
+            prompt, target = render("dictionary_reverse", r, templates=templates)
+        except UserError as e:
+            raise UserError(f"row {i} (counting from 0): {e}") from None
+        prompts.append(prompt)
+        words.append(target.strip())
+    samples = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens,
+                       stop=["\n"], batch_size=batch_size)
+    guesses = [s.completion.strip() for s in samples]
+    hits = [g == w for g, w in zip(guesses, words, strict=True)]
+    if predictions is not None:
+        path = Path(predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for p, w, g in zip(prompts, words, guesses, strict=True):
+                f.write(json.dumps({"prompt": p, "word": w, "generated": g}, ensure_ascii=False)
+                        + "\n")
+    return {"exact_match": float(np.mean(hits)) if hits else 0.0, "examples": len(hits),
+            "correct": int(sum(hits)),
+            "samples": [{"word": w, "generated": g} for w, g in list(zip(words, guesses))[:5]]}
+
+
 # ---------------------------------------------------------------- classification
 
 
@@ -424,6 +491,14 @@ def evaluate_data(
     task = task or ("lm" if model.cfg.head == "lm" else "classification")
     if task not in TASKS:
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    if task == "dictionary_reverse":
+        _check_batch_size(batch_size)
+        from .data import load_task_dataset
+
+        records = load_task_dataset(data, text_unit=text_unit, split=split).to_list()
+        result = evaluate_reverse_dictionary(model, tokenizer, records, batch_size=batch_size,
+                                             predictions=predictions)
+        return {"task": task, **result}
     if task == "lm" and predictions is not None:
         raise UserError("--predictions applies to --task classification")
     # argument errors before the (possibly slow) data loading

@@ -292,10 +292,11 @@ class Generator:
         cfg = model.cfg
         if weights_dtype is not None and weights_dtype not in DTYPES:
             raise UserError(f"weights dtype {weights_dtype!r}: choose one of {', '.join(DTYPES)}")
-        if cfg.scan_layers or (weights_dtype and weights_dtype != "float32"):
+        compute = weights_dtype or cfg.dtype
+        if cfg.scan_layers or compute != cfg.dtype:
             from .hf import from_flat_params, to_flat_params
 
-            new_cfg = cfg.replace(scan_layers=False, dtype=weights_dtype or cfg.dtype)
+            new_cfg = cfg.replace(scan_layers=False, dtype=compute)
             model = from_flat_params(new_cfg, to_flat_params(model))
         self.cfg = model.cfg
         graphdef, state = nnx.split(model)

@@ -9,13 +9,23 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UserError
 
-# Default templates. {example} parts are appended only when a record has an example.
+# Default (prompt, target) templates over a record's columns. dictionary_forward appends
+# EXAMPLE_TEMPLATE to the target when a record has a non-empty example.
 DICTIONARY_FORWARD = "{word}:"
 DICTIONARY_REVERSE = "{definition} =>"
+DEFAULT_TEMPLATES = {
+    "dictionary_forward": (DICTIONARY_FORWARD, " {definition}"),
+    "dictionary_reverse": (DICTIONARY_REVERSE, " {word}"),
+}
+EXAMPLE_TEMPLATE = " Example: {example}"
+TEMPLATE_TASKS = ("lm", "text", "classification", "conversation", *DEFAULT_TEMPLATES)
 
 
 def gcide_dir() -> Path:
@@ -56,25 +66,70 @@ def iter_gcide(letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ") -> Iterator[dict]:
                     }
 
 
-def render(task: str, record: dict, text_column: str = "text") -> tuple[str, str]:
+@dataclass(frozen=True)
+class Templates:
+    """Template strings for a task; empty prompt/target strings mean the task's default.
+
+    Templates are `str.format` strings over a record's columns, e.g. "{word}:". With a
+    prompt or target template set, any LM task renders through them (not only the
+    dictionary tasks), so a new record shape needs no code.
+    """
+
+    prompt: str = ""
+    target: str = ""
+    example: str = EXAMPLE_TEMPLATE
+
+    @classmethod
+    def from_data(cls, data) -> Templates:
+        """The templates of a DataSection (data.prompt_template / target / example)."""
+        return cls(data.prompt_template, data.target_template, data.example_template)
+
+    def for_task(self, task: str) -> tuple[str, str]:
+        """(prompt, target) templates with the task's defaults filled in."""
+        prompt, target = DEFAULT_TEMPLATES.get(task, ("", ""))
+        return self.prompt or prompt, self.target or target
+
+
+def render(task: str, record: dict, text_column: str = "text",
+           templates: Templates | None = None) -> tuple[str, str]:
     """(prompt, target) for one record of a task; the training text is prompt + target."""
-    if task in ("lm", "text", "classification"):
-        return "", _field(record, text_column)
-    if task == "dictionary_forward":
-        word, definition = _field(record, "word"), _field(record, "definition")
-        target = f" {definition}"
-        if record.get("example"):
-            target += f" Example: {record['example']}"
-        return DICTIONARY_FORWARD.format(word=word), target
-    if task == "dictionary_reverse":
-        word, definition = _field(record, "word"), _field(record, "definition")
-        return DICTIONARY_REVERSE.format(definition=definition), f" {word}"
-    if task == "conversation":
-        if "messages" in record and record["messages"]:
-            lines = [f"{m['speaker']}: {m['text']}" for m in record["messages"]]
-            return "", "\n".join(lines)
-        return "", _field(record, text_column)
-    raise UserError(f"data.task={task!r} is not a known task")
+    templates = templates or Templates()
+    if task not in TEMPLATE_TASKS:
+        raise UserError(f"data.task={task!r} is not a known task")
+    if templates.prompt or templates.target or task in DEFAULT_TEMPLATES:
+        prompt_t, target_t = templates.for_task(task)
+        prompt, target = _fill(prompt_t, record), _fill(target_t, record)
+        if task == "dictionary_forward" and templates.example and record.get("example") \
+                and "{example}" not in prompt_t + target_t:
+            target += _fill(templates.example, record)
+        return prompt, target
+    if task == "conversation" and record.get("messages"):
+        return "", render_messages(record["messages"])
+    return "", _field(record, text_column)
+
+
+def render_messages(messages: list) -> str:
+    """A conversation as one "speaker: text" line per message (timestamps are dropped)."""
+    lines = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "speaker" not in m or "text" not in m:
+            raise UserError(f"message {i} is {m!r}; each message needs \"speaker\" and "
+                            "\"text\" keys")
+        lines.append(f"{m['speaker']}: {m['text']}")
+    return "\n".join(lines)
+
+
+def _fill(template: str, record: dict) -> str:
+    """str.format over the record's columns; a missing column is a UserError."""
+    try:
+        return template.format_map({k: "" if v is None else v for k, v in record.items()})
+    except KeyError as e:
+        raise UserError(f"template {template!r} names column {e.args[0]!r}, which the "
+                        f"record does not have (columns: {', '.join(record)}); fix "
+                        "data.prompt_template / data.target_template or the data") from None
+    except (ValueError, IndexError) as e:
+        raise UserError(f"template {template!r} is not a valid format string ({e}); "
+                        "write columns as {name} and literal braces as {{ }}") from None
 
 
 def _field(record: dict, name: str) -> str:
@@ -83,3 +138,48 @@ def _field(record: dict, name: str) -> str:
                         f"set data.text_column or fix the data")
     value = record[name]
     return "" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- task-specific model parts
+
+
+def with_special_tokens(tokenizer, tokens: list[str]):
+    """A copy of the tokenizer with `tokens` added as special tokens (never split).
+
+    A copy, because the offline GPT-2 tokenizer is shared (cached) within the process.
+    Tokens it already has are not added twice, so a resumed run gets the same ids.
+    """
+    import copy
+
+    bad = [t for t in tokens if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise UserError(f"data.add_special_tokens: {bad!r} are not tokens; give non-empty "
+                        "strings such as \"<|pad|>\"")
+    tok = copy.deepcopy(tokenizer)
+    vocab = tok.get_vocab()
+    new = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    if new:
+        tok.add_tokens(new, special_tokens=True)
+    return tok
+
+
+def grow_embedding(wte: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The token embedding with rows added up to vocab_size, each the mean of the old rows.
+
+    The mean row keeps a new token's logits at the average of the vocabulary, so adding
+    tokens does not disturb the pretrained model's outputs (a common HF practice).
+    """
+    extra = vocab_size - wte.shape[0]
+    if extra <= 0:
+        return wte
+    mean = wte.astype(np.float64).mean(axis=0, keepdims=True).astype(wte.dtype)
+    return np.concatenate([wte, np.repeat(mean, extra, axis=0)])
+
+
+def balanced_class_weights(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """Per-class weights n / (num_labels * count) (scikit-learn's "balanced"); 0 for a
+    class the training data lacks (it never occurs, so its weight is never used)."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels).astype(np.float64)
+    weights = np.divide(counts.sum(), num_labels * counts, out=np.zeros_like(counts),
+                        where=counts > 0)
+    return weights.astype(np.float32)

@@ -137,6 +137,14 @@ def train(cfg: Config) -> dict:
         from .tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else None)
+    if cfg.data.add_special_tokens:
+        from .tasks import with_special_tokens
+
+        tokenizer = with_special_tokens(tokenizer, cfg.data.add_special_tokens)
+        if cfg.model.init == "scratch" and cfg.model.vocab_size is None:
+            base_vocab = GPT2Config.from_preset(cfg.model.preset).vocab_size \
+                if cfg.model.preset else GPT2Config().vocab_size
+            cfg.model.vocab_size = max(base_vocab, len(tokenizer))
     old_labels = ()
     if resume:
         old = json.loads((run / "model.json").read_text())
@@ -161,6 +169,9 @@ def train(cfg: Config) -> dict:
                             "resume with the same model settings or choose a new train.run_dir")
     else:
         mcfg = model_config(cfg, None, prepared.labels)
+    if source_model is not None and cfg.data.add_special_tokens and \
+            mcfg.vocab_size < len(tokenizer):
+        mcfg = mcfg.replace(vocab_size=len(tokenizer))  # new rows: see _initial_params
     if mcfg.vocab_size < len(tokenizer):
         raise UserError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                         f"{len(tokenizer)} tokens; raise model.vocab_size (GPT-2: 50257)")
@@ -201,10 +212,17 @@ def train(cfg: Config) -> dict:
             if main_process:
                 print(f"gpt2jax: resuming {run} from step {start}", file=sys.stderr)
     tracker = Tracker(run, main_process, resume_step=start)
+    tracker.log(start, prepared.stats, split="data")  # bytes_per_token, documents, ...
 
     # ---- compiled functions
     base_key = jax.random.key(t.seed)
-    step_fn = make_train_step(graphdef, tx, schedule, classification, t.grad_accum, base_key)
+    class_weights = None
+    if classification and t.class_weights == "balanced":
+        from .tasks import balanced_class_weights
+
+        class_weights = balanced_class_weights(prepared.train["labels"], len(prepared.labels))
+    step_fn = make_train_step(graphdef, tx, schedule, classification, t.grad_accum, base_key,
+                              class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
     lead = 1  # batches carry a leading grad-accum axis
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1),
                       out_shardings=(param_sh, opt_sh, replicated(mesh)))
@@ -301,6 +319,11 @@ def train(cfg: Config) -> dict:
             pass
     if main_process:
         plot_loss(run)
+        if classification and last_eval and "confusion_matrix" in last_eval:
+            from .evaluate import plot_confusion_matrix
+
+            plot_confusion_matrix(last_eval["confusion_matrix"], prepared.labels,
+                                  run / "confusion_matrix.png")
     summary.update(final_step=step, train_loss=last_loss, validation=last_eval, best=best,
                    data=prepared.stats, wall_seconds=round(time.time() - t_start, 1),
                    params=int(sum(x.size for x in jax.tree.leaves(params))))
@@ -377,6 +400,10 @@ def _initial_params(mcfg, seed, source_model, param_sh):
             host = np.stack([src[f"h.{i}.{rest}"] for i in range(mcfg.n_layer)])
         elif name in src:
             host = src[name]
+            if name == "wte" and host.shape[0] < mcfg.vocab_size:  # added special tokens
+                from .tasks import grow_embedding
+
+                host = grow_embedding(host, mcfg.vocab_size)
         else:
             leaves.append((path, var))
             continue
@@ -386,12 +413,16 @@ def _initial_params(mcfg, seed, source_model, param_sh):
     return nnx.from_flat_state(leaves)
 
 
-def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, base_key):
+def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, base_key,
+                    *, class_weights=None, lm_loss_weight: float = 0.0):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
     Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
     the total token (or example) count, so accumulation equals the big-batch step exactly.
     A step whose loss or gradient is not finite leaves params and optimizer state unchanged.
+    Classification: `class_weights` (num_labels,) weight each example's cross-entropy (the
+    loss is the weighted mean); lm_loss_weight > 0 adds lambda * the mean LM loss over the
+    real tokens (GPT-1's auxiliary objective), sharing one backbone pass.
     """
     import jax
     import jax.numpy as jnp
@@ -401,9 +432,20 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
     def loss_sum(params, mb, key):
         model = nnx.merge(graphdef, params)
         if classification:
-            logits = model(mb["input_ids"], mb["attention_mask"], dropout_key=key)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["labels"])
-            return ce.sum(), jnp.float32(ce.shape[0])
+            ids, mask = mb["input_ids"], mb["attention_mask"]
+            h, _ = model.hidden_states(ids, mask, dropout_key=key)
+            ce = optax.softmax_cross_entropy_with_integer_labels(
+                model.classify(h, mask, key), mb["labels"])
+            w = jnp.ones_like(ce) if class_weights is None else \
+                jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
+            total, count = (ce * w).sum(), w.sum()
+            if lm_loss_weight:
+                nll = optax.softmax_cross_entropy_with_integer_labels(
+                    model.lm_logits(h[:, :-1]), ids[:, 1:])
+                real = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+                lm = (nll * real).sum() / jnp.maximum(real.sum(), 1.0)
+                total = total + lm_loss_weight * lm * count  # the step divides by count
+            return total, count
         tokens, w = mb["tokens"], mb["weights"][:, 1:]
         logits = model(tokens[:, :-1], dropout_key=key)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
@@ -481,7 +523,11 @@ def run_eval(eval_fn, params, arrays: dict, t, mesh, classification: bool, label
             ys.append(b.global_indices(s))
         y_true = np.asarray(arrays["labels"])[np.concatenate(ys)]
         y_pred = np.concatenate(preds)
-        return classification_metrics(y_true, y_pred, len(labels))
+        from .evaluate import classification_metrics
+
+        m = classification_metrics(y_true, y_pred, labels)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                "examples": int(len(y_true)), "confusion_matrix": m["confusion_matrix"]}
     total = np.zeros(2)
     for s in range(steps):
         total += np.asarray(_gather(eval_fn(params, global_batch(mesh, b.batch(s)))))
@@ -498,22 +544,6 @@ def _gather(x):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(x, tiled=True)
-
-
-def classification_metrics(y_true, y_pred, num_labels: int) -> dict:
-    """accuracy and macro-F1 (over labels that occur in truth or prediction)."""
-    import numpy as np
-
-    cm = np.zeros((num_labels, num_labels), np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    tp = np.diag(cm).astype(float)
-    prec = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
-    rec = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    return {"accuracy": float(tp.sum() / max(cm.sum(), 1)),
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "examples": int(cm.sum())}
 
 
 def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_process) -> None:

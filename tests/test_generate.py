@@ -93,6 +93,17 @@ def test_greedy_with_repetition_penalty_equals_transformers(hf_lm_dir):
     assert samples[0].token_ids != plain  # ... and the penalty changed that
 
 
+def test_scan_layers_model_decodes_the_same(varied):
+    from gpt2jax.sources import load_model
+
+    path, _, _, tok, gen = varied
+    scanned, _, _ = load_model(str(path), scan_layers=True)  # unstacked once for decoding
+    opts = dict(sampling=Sampling(greedy=True), max_new_tokens=12)
+    (want,) = gen.generate(["The quick brown fox"], **opts)
+    (got,) = Generator(scanned, tok).generate(["The quick brown fox"], **opts)
+    assert got.token_ids == want.token_ids
+
+
 def test_sampling_is_reproducible_and_independent_of_the_batch(varied):
     gen = varied[4]
     opts = dict(sampling=SAMPLING, max_new_tokens=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,16 +18,19 @@ from gpt2jax.model import GPT2Config, create_model
 from gpt2jax.optim import decays, make_optimizer, make_schedule
 from gpt2jax.train import make_train_step
 
+OPTIM = OptimSection(lr=1e-3, warmup_steps=1, weight_decay=0.01, clip_norm=1.0)
+
 # No tokenizer is involved here, so a small vocabulary keeps the steps cheap.
 TINY = GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                   embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 
 
-def tiny_setup(mcfg: GPT2Config = TINY, seed: int = 0):
-    """(graphdef, params) of a freshly initialised tiny model, built without a mesh."""
+@functools.cache
+def tiny_setup():
+    """(graphdef, params) of the freshly initialised tiny model, built without a mesh."""
     with nnx.use_eager_sharding(False):
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: create_model(mcfg, seed)))
-        params = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1])()  # one compile
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: create_model(TINY, 0)))
+        params = jax.jit(lambda: nnx.split(create_model(TINY, 0))[1])()  # one compile
     return graphdef, params
 
 
@@ -49,6 +53,19 @@ def run_steps(graphdef, params, optim: OptimSection, batches: list[dict], accum:
         params, opt_state, m = step(params, opt_state, b, jnp.int32(i))
         losses.append(float(m["loss"]))
     return params, losses
+
+
+@functools.cache
+def reference_run():
+    """Two AdamW steps on one device with 8-row batches: (batches, params, losses).
+
+    The baseline for gradient accumulation here and for the sharded runs in
+    test_sharding.py (computed once per session).
+    """
+    graphdef, params = tiny_setup()
+    batches = tuple(lm_batch(1, 8, 16, seed=10 + i) for i in range(2))
+    new, losses = run_steps(graphdef, params, OPTIM, batches)
+    return batches, flat_params(new), losses
 
 
 def _lr(lr, s, w):  # the warmup ramp: lr * (s + 1) / (w + 1), never a zero first step
@@ -100,27 +117,29 @@ def test_decay_mask_by_name():
     assert decays("wte", decay_embeddings=True) and decays("wpe", decay_embeddings=True)
 
 
-@pytest.mark.parametrize("decay_embeddings", [False, True])
-def test_weight_decay_applies_only_to_masked_params(decay_embeddings):
+def test_weight_decay_applies_only_to_masked_params():
     """With zero gradients AdamW's update is pure decay: p <- p * (1 - lr * wd)."""
     _, params = tiny_setup()
     lr, wd = 0.1, 0.5
-    optim = OptimSection(lr=lr, schedule="constant", weight_decay=wd, clip_norm=0.0,
-                         decay_embeddings=decay_embeddings)
-    tx, _ = make_optimizer(optim, 10, params)
+    txs = [make_optimizer(OptimSection(lr=lr, schedule="constant", weight_decay=wd,
+                                       clip_norm=0.0, decay_embeddings=emb), 10, params)[0]
+           for emb in (False, True)]
 
     @jax.jit
-    def decayed(params):
-        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-        return jax.tree.map(jnp.add, params, updates)
+    def decayed(params):  # both settings in one compiled function
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return [jax.tree.map(jnp.add, params, tx.update(zeros, tx.init(params), params)[0])
+                for tx in txs]
 
-    before, after = flat_params(params), flat_params(decayed(params))
-    for name, p in before.items():
-        expect = p * (1 - lr * wd) if decays(name, decay_embeddings) else p
-        np.testing.assert_allclose(after[name], expect, rtol=1e-6, err_msg=name)
-    assert not np.array_equal(after["h.0.mlp.c_fc_kernel"], before["h.0.mlp.c_fc_kernel"])
-    assert np.array_equal(after["h.0.ln_1.scale"], before["h.0.ln_1.scale"])
-    assert np.array_equal(after["wte"], before["wte"]) != decay_embeddings
+    before = flat_params(params)
+    for emb, out in zip((False, True), decayed(params), strict=True):
+        after = flat_params(out)
+        for name, p in before.items():
+            expect = p * (1 - lr * wd) if decays(name, emb) else p
+            np.testing.assert_allclose(after[name], expect, rtol=1e-6, err_msg=name)
+        assert not np.array_equal(after["h.0.mlp.c_fc_kernel"], before["h.0.mlp.c_fc_kernel"])
+        assert np.array_equal(after["h.0.ln_1.scale"], before["h.0.ln_1.scale"])
+        assert np.array_equal(after["wte"], before["wte"]) != emb
 
 
 def test_freeze_keeps_matching_params_bit_identical():
@@ -141,13 +160,11 @@ def test_freeze_keeps_matching_params_bit_identical():
 
 def test_grad_accumulation_equals_the_big_batch_step():
     graphdef, params = tiny_setup()
-    optim = OptimSection(lr=1e-3, warmup_steps=1, weight_decay=0.01, clip_norm=1.0)
-    big = [lm_batch(1, 8, 16, seed=i) for i in range(2)]
+    big, p_big, l_big = reference_run()
     split = [{k: v.reshape(2, 4, -1) for k, v in b.items()} for b in big]
-    p_big, l_big = run_steps(graphdef, params, optim, big, accum=1)
-    p_acc, l_acc = run_steps(graphdef, params, optim, split, accum=2)
+    p_acc, l_acc = run_steps(graphdef, params, OPTIM, split, accum=2)
     np.testing.assert_allclose(l_acc, l_big, rtol=1e-6)
-    a, b = flat_params(p_big), flat_params(p_acc)
+    a, b = p_big, flat_params(p_acc)
     # Summation order differs (~1e-8 in the gradients); Adam divides by sqrt(v), which
     # magnifies that on near-zero gradients to a few 1e-6 on single elements (measured
     # 5.3e-6 with lr 1e-3). Nearly every element agrees to 1e-6; none is off by 2e-5.
