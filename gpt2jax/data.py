@@ -189,6 +189,9 @@ def _load_files(files: list[Path], text_unit: str) -> datasets.Dataset:
     except _read_errors() as e:
         culprit = _first_failing(builder, tables, kwargs) if len(tables) > 1 else tables[0]
         where = culprit or ", ".join(map(str, tables))
+        if "corresponds to no data" in _cause(e):  # e.g. a csv with a header and no rows
+            raise UserError(f"{where} holds no records (no rows after the header?); "
+                            "check that it has content") from e
         raise UserError(
             f"cannot read {where} as {builder}: {_cause(e)}; check the file's format"
         ) from e

@@ -107,10 +107,13 @@ def resumed_from(stderr: str) -> int:
     return int(m.group(1))
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    """Keep the tokenized-data cache of in-process runs out of the user's ~/.cache."""
-    monkeypatch.setenv("GPT2JAX_CACHE", str(tmp_path_factory.getbasetemp() / "data-cache"))
+@pytest.fixture(scope="module", autouse=True)
+def private_data_cache(tmp_path_factory):
+    """Keep the tokenized-data cache of in-process runs out of the user's ~/.cache
+    (imported by the other training test modules)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPT2JAX_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +233,29 @@ def test_resume_refuses_changed_model_dimensions(runs, cli):
     assert "other model dimensions" in res.last_err and "n_embd: 32 -> 64" in res.last_err
     assert str(runs["run"]) in res.last_err
     assert (runs["run"] / "config.yaml").read_text() == before  # nothing was overwritten
+
+
+def test_no_restorable_checkpoint_is_an_error_and_moves_nothing(runs):
+    """Every step failing (here: a mismatched optimizer state, as after changing
+    optim.freeze) means changed settings, not damage: refuse, and keep the checkpoints."""
+    import jax
+    from flax import nnx
+
+    from gpt2jax.errors import UserError
+    from gpt2jax.model import abstract_model
+
+    model, _ = load_run_model(runs["ref"])
+    _, template = nnx.split(abstract_model(model.cfg))
+    wrong_opt = [jax.ShapeDtypeStruct((3,), np.float32)] * 4
+    ckpts = Checkpoints(runs["ref"])
+    before = ckpts.steps()
+    try:
+        with pytest.raises(UserError, match="none of the checkpoints .* can be restored"):
+            ckpts.restore_latest_good(template, wrong_opt)
+    finally:
+        ckpts.close()
+    assert Checkpoints(runs["ref"], read_only=True).steps() == before
+    assert not list((runs["ref"] / "checkpoints").glob("*.unreadable*"))
 
 
 def test_corrupt_latest_falls_back_and_more_steps_continue(runs, cli):

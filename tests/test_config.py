@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from test_checkpoint import private_data_cache  # noqa: F401 (autouse fixture)
 
 from gpt2jax.config import Config, load_config
 from gpt2jax.errors import UserError

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_checkpoint import write_text
+from test_checkpoint import private_data_cache, write_text  # noqa: F401 (autouse fixture)
 
 from gpt2jax.checkpoint import Checkpoints, flat_params, load_run_model
 from gpt2jax.tracking import read_metrics

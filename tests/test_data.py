@@ -1,0 +1,168 @@
+"""Data preparation: tokenize once (cached), deterministic splits, bad-data messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2jax import data as data_mod
+from gpt2jax.batches import prepare, split_records
+from gpt2jax.config import DataSection
+from gpt2jax.data import tokenize_task
+from gpt2jax.errors import UserError
+from gpt2jax.tokenizer import gpt2_tokenizer
+
+EOS = 50256
+WORDS = "river stone light quiet morning harbor engine garden window paper".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+def _texts(n: int, seed: int = 0, words: int = 12) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, words)) + f" {i}." for i in range(n)]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _data(tmp: Path, train: Path, **kw) -> DataSection:
+    return DataSection(train=str(train), **{"cache_dir": str(tmp / "cache"), **kw})
+
+
+def test_tokenize_task_matches_the_tokenizer_and_reports_bytes_per_token(tmp_path, tok):
+    texts = _texts(5) + ["naïve café", "床前明月光"]
+    src = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    out, hit = tokenize_task(str(src), _data(tmp_path, src), tok)
+    assert not hit and len(out) == len(texts)
+    expected = tok(texts, add_special_tokens=False)["input_ids"]
+    assert [r.tolist() for r in out.token_lists()] == expected
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert out.bytes_per_token() == pytest.approx(n_bytes / sum(map(len, expected)))
+    assert out.rows.tolist() == list(range(len(texts)))
+
+
+def test_repeated_run_reads_the_cache_and_a_changed_file_is_tokenized_again(
+        tmp_path, tok, monkeypatch):
+    src = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in _texts(20)])
+    d = _data(tmp_path, src, task="lm")
+    first = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    assert first.stats["cached"] is False
+    assert list((tmp_path / "cache" / "tokenized").glob("*.npz"))
+
+    def refuse(*a, **k):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(data_mod, "tokenize_dataset", refuse)
+    second = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    assert second.stats["cached"] is True
+    for k in ("tokens", "weights"):
+        np.testing.assert_array_equal(first.train[k], second.train[k])
+        np.testing.assert_array_equal(first.validation[k], second.validation[k])
+    # another seq_len reuses the tokens too (packing is redone, not tokenizing)
+    assert prepare(d, tok, seq_len=8, seed=0, eos=EOS).stats["cached"] is True
+    _jsonl(src, [{"text": t} for t in _texts(21)])  # the file changed: the key changes
+    with pytest.raises(AssertionError, match="tokenized again"):
+        prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    monkeypatch.undo()
+    # another template is another key as well
+    other = prepare(_data(tmp_path, src, task="lm", prompt_template="T: {text}"), tok,
+                    seq_len=16, seed=0, eos=EOS)
+    assert other.stats["cached"] is False
+
+
+def test_split_by_documents_is_deterministic_by_seed_and_disjoint(tmp_path, tok):
+    texts = _texts(40)
+    src = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    d = _data(tmp_path, src, validation_fraction=0.25, cache_dir="off")
+    a = prepare(d, tok, seq_len=16, seed=3, eos=EOS)
+    b = prepare(d, tok, seq_len=16, seed=3, eos=EOS)
+    c = prepare(d, tok, seq_len=16, seed=4, eos=EOS)
+    assert a.stats["validation_split"] == "documents" and a.stats["documents"] == 30
+    np.testing.assert_array_equal(a.validation["tokens"], b.validation["tokens"])
+    assert a.validation["tokens"].shape != c.validation["tokens"].shape or \
+        (a.validation["tokens"] != c.validation["tokens"]).any()
+    # the held-out documents are exactly split_records' validation records
+    _, val_records = split_records([{"text": t} for t in texts], 0.25, 3)
+    val_ids = {t for r in val_records for t in tok(r["text"])["input_ids"][-2:]}
+    train_stream = tok.decode(np.concatenate([blk[1:] for blk in a.train["tokens"]]))
+    for r in val_records:
+        assert r["text"] not in train_stream
+    assert val_ids  # the check above compared real text
+
+
+def test_a_single_document_is_split_by_packed_blocks(tmp_path, tok):
+    src = tmp_path / "one.txt"
+    src.write_text(" ".join(_texts(30)))
+    d = _data(tmp_path, src, validation_fraction=0.2, cache_dir="off")
+    p = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    assert p.stats["validation_split"] == "blocks" and p.stats["documents"] == 1
+    n_train, n_val = len(p.train["tokens"]), len(p.validation["tokens"])
+    assert n_val == round((n_train + n_val) * 0.2)
+    rows = {tuple(r) for r in np.concatenate([p.train["tokens"], p.validation["tokens"]])}
+    assert len(rows) == n_train + n_val  # no block is in both splits
+    again = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    np.testing.assert_array_equal(p.validation["tokens"], again.validation["tokens"])
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def _cls(tmp: Path, train: Path, **kw) -> DataSection:
+    return DataSection(train=str(train), task="classification", cache_dir="off", **kw)
+
+
+def test_empty_dataset_and_missing_column_name_the_file(tmp_path, tok):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(UserError, match=r"empty\.csv.*no records"):
+        prepare(_cls(tmp_path, empty), tok, seq_len=16, seed=0, eos=EOS)
+    src = tmp_path / "cols.csv"
+    src.write_text("body,label\nhello,a\nworld,b\n")
+    with pytest.raises(UserError, match=r"cols\.csv has no column 'text'.*body, label"):
+        prepare(_cls(tmp_path, src), tok, seq_len=16, seed=0, eos=EOS)
+    dic = _jsonl(tmp_path / "dic.jsonl", [{"word": "a", "meaning": "b"}])
+    with pytest.raises(UserError, match=r"dic\.jsonl has no column 'definition'"):
+        prepare(_data(tmp_path, dic, task="dictionary_forward", cache_dir="off"), tok,
+                seq_len=16, seed=0, eos=EOS)
+
+
+def test_bad_rows_name_file_row_and_column(tmp_path, tok):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nsunny day,pos\nrainy day,neg\ncold night,neg\n")
+    val = tmp_path / "val.csv"
+    val.write_text("text,label\nwarm,pos\nfoggy,meh\n")
+    with pytest.raises(UserError, match=r"val\.csv: row 1 .*column 'label': label 'meh' is "
+                                        r"not in the label set \['neg', 'pos'\]"):
+        prepare(_cls(tmp_path, train, validation=str(val)), tok, seq_len=16, seed=0, eos=EOS)
+    holes = _jsonl(tmp_path / "holes.jsonl", [{"text": "fine"}, {"text": None}])
+    with pytest.raises(UserError, match=r"holes\.jsonl: row 1 .*column 'text' holds None"):
+        prepare(_data(tmp_path, holes, cache_dir="off"), tok, seq_len=4, seed=0, eos=EOS)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin\.txt is not UTF-8 text .*offset 3"):
+        prepare(_data(tmp_path, latin, cache_dir="off"), tok, seq_len=4, seed=0, eos=EOS)
+
+
+def test_truncation_side_and_the_warning_count(tmp_path, tok, capsys):
+    long = " ".join(f"w{i}" for i in range(40))
+    src = tmp_path / "t.csv"
+    src.write_text(f"text,label\n{long},a\nshort,b\n{long} end,a\nok,b\n")
+    right = prepare(_cls(tmp_path, src, validation_fraction=0.0), tok, seq_len=8, seed=0,
+                    eos=EOS)
+    assert "2 of 4 records are longer than train.seq_len=8" in capsys.readouterr().err
+    assert right.stats["truncated"] == 2
+    left = prepare(_cls(tmp_path, src, validation_fraction=0.0, truncation="left"), tok,
+                   seq_len=8, seed=0, eos=EOS)
+    ids = tok(long)["input_ids"]
+    assert right.train["rows"][0] == ids[:8] and left.train["rows"][0] == ids[-8:]
+    assert right.train["rows"][1] == left.train["rows"][1] == tok("short")["input_ids"]
+    assert right.labels == ("a", "b") and right.train["labels"].tolist() == [0, 1, 0, 1]
