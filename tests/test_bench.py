@@ -60,11 +60,12 @@ def test_bench_json_has_every_field(vs_hf):
     assert r["flops_per_token"] == flops_per_token(cfg, 16)
     assert len(r["peak_flops_rounds"]) == 2 and r["peak_flops"] > 0
     j = r["jax"]
-    for key in ("tokens_per_sec", "step_seconds", "compile_seconds", "first_step_seconds",
-                "flops_per_token", "achieved_flops", "mfu", "peak_memory_bytes"):
+    for key in ("tokens_per_sec", "step_seconds", "cpu_seconds_per_step", "compile_seconds",
+                "first_step_seconds", "flops_per_token", "achieved_flops", "mfu",
+                "peak_memory_bytes"):
         assert isinstance(j[key], int | float) and j[key] > 0, key
     assert j["peak_memory_source"] in ("process_max_rss", "device_peak_bytes_in_use")
-    assert len(j["step_seconds_rounds"]) == 2
+    assert len(j["step_seconds_rounds"]) == 2 and len(j["mfu_rounds"]) == 2
     # the derived numbers are consistent with each other
     assert j["tokens_per_sec"] == pytest.approx(2 * 16 / j["step_seconds"], rel=1e-3)
     assert j["mfu"] == pytest.approx(j["achieved_flops"] / r["peak_flops"], abs=1e-4)
@@ -74,8 +75,10 @@ def test_bench_json_has_every_field(vs_hf):
 def test_bench_vs_hf_reports_both_sides_and_ratio(vs_hf):
     r = vs_hf
     h = r["hf"]
-    for key in ("tokens_per_sec", "step_seconds", "mfu", "first_step_seconds"):
+    for key in ("tokens_per_sec", "step_seconds", "cpu_seconds_per_step", "mfu",
+                "first_step_seconds"):
         assert h[key] > 0, key
+    assert h["torch_device"] == "cpu" and len(h["ratio_rounds"]) == 2
     assert h["torch_version"].startswith("2.") and h["torch_threads"] >= 1
     assert r["ratio"] == pytest.approx(r["jax"]["tokens_per_sec"] / h["tokens_per_sec"],
                                        rel=1e-2)

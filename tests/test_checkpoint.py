@@ -74,9 +74,10 @@ class Trainer:
         self.n += 1
         err = self.tmp / f"stderr-{self.n}.txt"
         env = {**self.env, **({"GPT2JAX_FAULT": fault} if fault else {})}
-        proc = subprocess.Popen([sys.executable, "-m", "gpt2jax", "train", str(config), *args],
-                                env=env, stdout=subprocess.PIPE, stderr=err.open("w"),
-                                text=True)
+        with err.open("w") as stderr:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gpt2jax", "train", str(config), *args],
+                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         return proc, err
 
     def run(self, config: Path, *args: str, fault: str | None = None):

@@ -1,8 +1,9 @@
 """Meshes and sharding rules; sharded train steps on 8 fake CPU devices match one device.
 
-Tolerance: losses agree to 1e-6 relative. Parameters after two AdamW steps agree to 1e-4
-absolute (lr 1e-3): a sharded step sums in another order (~1e-8 in the gradients) and
-Adam's division by sqrt(v) magnifies that on near-zero gradients (stack-facts: ~1e-5).
+Tolerance: losses agree to 1e-6 relative (measured: 2.6e-7). Parameters after two AdamW
+steps (lr 1e-3) agree to 2e-5 absolute (measured: 1.2e-6 at most): a sharded step sums in
+another order (~1e-8 in the gradients) and Adam's division by sqrt(v) magnifies that on
+near-zero gradients (stack-facts: ~1e-5), so bit-equality is not expected.
 """
 
 from __future__ import annotations
@@ -116,4 +117,4 @@ def test_sharded_steps_match_one_device(setup, name):
     if name == "data8":  # replicated weights, one full copy per device
         assert all(v.sharding.is_fully_replicated for v in flat.values())
     for key, value in flat.items():
-        np.testing.assert_allclose(np.asarray(value), ref[key], atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(np.asarray(value), ref[key], atol=2e-5, err_msg=key)
