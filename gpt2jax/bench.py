@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from .errors import UserError
 from .model import GPT2Config
+from .tokenizer import EOS_ID
 
 DTYPES = ("float32", "bfloat16")
 
@@ -266,16 +267,14 @@ def _decoders(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool, threads:
     from .tokenizer import gpt2_tokenizer
 
     tok = gpt2_tokenizer()
-    if cfg.vocab_size < len(tok):
-        raise UserError(f"--decode uses the GPT-2 tokenizer ({len(tok)} tokens) but the model "
-                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
     prompt = "The meaning of life is"
     ids = tok.encode(prompt)
     new_tokens = min(new_tokens, cfg.n_positions - len(ids))
     if new_tokens < 1:
         raise UserError(f"--decode needs n_positions > {len(ids)} (the prompt's tokens)")
     model = create_model(cfg.replace(dtype="float32"), seed)
-    gen = Generator(model, tok)
+    # --dtype bfloat16 decodes with bf16 weights (float32 params stay the source of truth).
+    gen = Generator(model, tok, weights_dtype=cfg.dtype)
     greedy = Sampling(greedy=True)
 
     def ours() -> tuple[float, int]:
@@ -348,6 +347,9 @@ def run_bench(
     (with decode). Every rate is the median over rounds. Returns the documented JSON dict.
     """
     _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
+    if decode and cfg.vocab_size <= EOS_ID:
+        raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
+                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
     if vs_hf:
         _require_torch()
     import jax

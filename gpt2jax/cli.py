@@ -195,7 +195,13 @@ def _train_text(s: dict) -> str:
     if s.get("validation"):
         lines.append("validation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)
                                                  else f"{k} {v}"
-                                                 for k, v in s["validation"].items()))
+                                                 for k, v in s["validation"].items()
+                                                 if k != "confusion_matrix"))
+    d = s.get("data") or {}
+    if "bytes_per_token" in d:
+        lines.append(f"data: {d.get('documents')} training records, "
+                     f"{d['bytes_per_token']:.3f} bytes/token"
+                     + (" (tokens from the cache)" if d.get("cached") else ""))
     return "\n".join(lines)
 
 

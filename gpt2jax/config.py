@@ -123,6 +123,7 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config and apply `--section.key=value` overrides; validate everything."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -133,8 +134,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise UserError(f"config file {p} does not exist; see configs/ for examples")
         try:
-            import yaml
-
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{p} is not valid YAML: {_one_line(e)}") from e
@@ -147,11 +146,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if "=" not in key:
             raise UserError(f"override {item!r} must look like --section.key=value")
         dotlist.append(key)
-    if dotlist:
+    for key in dotlist:  # one at a time, so the error names the override at fault
         try:
-            layers.append(("the command line", OmegaConf.from_dotlist(dotlist)))
-        except OmegaConfBaseException as e:
-            raise UserError(f"bad override: {_one_line(e)}") from e
+            layers.append(("the command line", OmegaConf.from_dotlist([key])))
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise UserError(
+                f"bad override --{key}: {_one_line(e)} (values are YAML: quote strings "
+                "with backslashes in single quotes, e.g. --optim.freeze=\"['^h\\.0\\.']\")"
+            ) from e
     merged = base
     for where, layer in layers:
         try:

@@ -385,11 +385,11 @@ class Tokenized:
         """The records at `idx`, in that order."""
         idx = np.asarray(idx, np.int64)
         lens = self.lengths()[idx]
-        starts = self.offsets[:-1][idx]
-        flat = (np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
-                if len(idx) else np.zeros(0, np.int64)).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        # token j of the selection sits at (its record's old start - new start) + j
+        flat = np.repeat(self.offsets[:-1][idx] - offsets[:-1], lens) + np.arange(offsets[-1])
         return Tokenized(
-            ids=self.ids[flat], offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            ids=self.ids[flat], offsets=offsets,
             nbytes=self.nbytes[idx], rows=self.rows[idx],
             weights=None if self.weights is None else self.weights[flat],
             labels=None if self.labels is None else self.labels[idx], source=self.source)

@@ -16,7 +16,6 @@ on logits with the Hugging Face definitions.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -478,91 +477,3 @@ def generate(
         num_samples=num_samples, batch_size=batch_size, on_text=on_text,
         return_logits=return_logits,
     )
-
-
-# ---------------------------------------------------------------- benchmark
-
-
-def benchmark_decode(
-    *,
-    new_tokens: int = 128,
-    prompt: str = "The meaning of life is",
-    weights_dtypes: Sequence[str] = ("float32", "bfloat16"),
-    torch_threads: int = 2,
-    rounds: int = 3,
-    n_layer: int = 12,
-    n_embd: int = 768,
-    n_head: int = 12,
-    seed: int = 0,
-    chunk: int = 32,
-) -> dict:
-    """Greedy batch-1 decode speed, ours vs transformers' `generate` on the same weights.
-
-    Builds a random GPT-2 (default: the GPT-2-small shape) in transformers, imports its
-    weights, times `new_tokens` greedy tokens after a warm-up run (the median of `rounds`,
-    alternating the two decoders), and checks that both produce the same tokens.
-    `chunk` is our decode steps per jitted call. Needs torch. Returns tokens/s per decoder,
-    the speedups and the 1-minute load average (other work on the cores skews both).
-    """
-    import os
-
-    import torch
-    from transformers import GPT2Config as HFConfig
-    from transformers import GPT2LMHeadModel
-
-    from .hf import config_from_hf, from_hf_tensors
-    from .tokenizer import gpt2_tokenizer
-
-    torch.set_num_threads(torch_threads)
-    torch.manual_seed(seed)
-    hf_model = GPT2LMHeadModel(HFConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)).eval()
-    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    tensors = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", "masked_bias"))}
-    cfg = config_from_hf(hf_model.config.to_dict())
-    model = from_hf_tensors(cfg, tensors)
-    tok = gpt2_tokenizer()
-    ids = tok.encode(prompt)
-    ours = {dt: Generator(model, tok, weights_dtype=dt) for dt in weights_dtypes}
-    greedy = Sampling(greedy=True)
-    # A random model rarely says EOS; keep it from stopping early on both sides anyway.
-    eos_free = dict(min_new_tokens=new_tokens, max_new_tokens=new_tokens, do_sample=False)
-
-    def run_hf():
-        with torch.inference_mode():
-            out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                    dtype=torch.long), pad_token_id=tok.eos_token_id, **eos_free)
-        return out[0, len(ids):].tolist()
-
-    def run_ours(gen):
-        return gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=chunk)[0]
-
-    times: dict[str, list[float]] = {"transformers": [], **{f"gpt2jax_{d}": [] for d in ours}}
-    hf_tokens = run_hf()
-    samples = {d: run_ours(g) for d, g in ours.items()}  # warm-up: compile
-    for _ in range(rounds):
-        t = time.perf_counter()
-        run_hf()
-        times["transformers"].append(time.perf_counter() - t)
-        for d, g in ours.items():
-            t = time.perf_counter()
-            s = run_ours(g)
-            times[f"gpt2jax_{d}"].append(time.perf_counter() - t)
-            samples[d] = s
-    result: dict = {"new_tokens": new_tokens, "prompt_tokens": len(ids), "rounds": rounds,
-                    "torch_threads": torch_threads, "chunk": chunk,
-                    "load_avg_1m": round(os.getloadavg()[0], 2),
-                    "shape": dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head)}
-    counts = {"transformers": len(hf_tokens)}
-    counts.update({f"gpt2jax_{d}": len(s.token_ids) for d, s in samples.items()})
-    for name, ts in times.items():
-        # ours stops at EOS (a random model rarely says it): count the tokens made
-        result[f"{name}_tokens_per_s"] = round(counts[name] / float(np.median(ts)), 2)
-    for d, s in samples.items():
-        n = len(s.token_ids)
-        result[f"gpt2jax_{d}_tokens_generated"] = n
-        result[f"gpt2jax_{d}_speedup"] = round(
-            result[f"gpt2jax_{d}_tokens_per_s"] / result["transformers_tokens_per_s"], 2
-        )
-        same = s.token_ids == hf_tokens[:n]
-        result[f"gpt2jax_{d}_tokens_equal_transformers"] = bool(same)
-    return result

@@ -13,6 +13,7 @@ explicit key so a training step is a deterministic function of (params, batch, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -190,6 +191,84 @@ def attention_mask_bias(
     return allowed
 
 
+# ---------------------------------------------------------------- custom-VJP kernels
+# docs/perf-notes.md sections 4-5: hand-written backward passes whose matmuls keep plain
+# layouts. XLA's own backward of the attention einsums materialised transposes of the
+# (B, H, T, T) scores (about 15% of a GPT-2-small step on CPU), and the tied head's
+# weight gradient g^T h took a slow x^T g matmul path.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def attention_core(q, k, v, mask, scale, keep, rate):
+    """softmax(q k^T * scale, masked) @ v with an optional attention-dropout keep mask.
+
+    q, k, v: (B, H, T, K); mask: bool, broadcastable to (B, H, T, T); scale: a scalar
+    (may be traced, e.g. under scan_layers with scale_attn_by_inverse_layer_idx); keep:
+    bool (B, H, T, T) or None; rate: the dropout rate the keep mask was drawn with (a
+    static Python float). Returns (B, H, T, K) in q's dtype. Same maths as the explicit
+    formula, but the backward pass is written by hand (see _attention_bwd).
+    """
+    return _attention_fwd(q, k, v, mask, scale, keep, rate)[0]
+
+
+def _attention_probs(q, k, mask, scale):
+    s = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * scale
+    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(s, axis=-1)
+
+
+def _attention_fwd(q, k, v, mask, scale, keep, rate):
+    p = _attention_probs(q, k, mask, scale)
+    pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+    out = jnp.matmul(pd.astype(q.dtype), v)
+    return out, (q, k, v, p, mask, scale, keep)
+
+
+def _attention_bwd(rate, res, do):
+    q, k, v, p, mask, scale, keep = res
+    pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+    dv = jnp.matmul(jnp.swapaxes(pd.astype(q.dtype), -1, -2), do)
+    dp = jnp.matmul(do, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
+    if keep is not None:
+        dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+    ds = p * (dp - jnp.sum(dp * p, -1, keepdims=True))
+    # masked scores are constants: no gradient, even in a fully masked (padding) row,
+    # where the softmax is uniform and p alone would not zero them
+    ds = jnp.where(mask, ds * scale, 0.0).astype(q.dtype)
+    dq = jnp.matmul(ds, k).astype(q.dtype)
+    dk = jnp.matmul(jnp.swapaxes(ds, -1, -2), q).astype(k.dtype)
+    # no gradient flows to the mask, the scale (a constant of the architecture) or keep
+    return dq, dk, dv.astype(v.dtype), None, jnp.zeros_like(scale), None
+
+
+attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
+@jax.custom_vjp
+def tied_head(h: jax.Array, w: jax.Array) -> jax.Array:
+    """h (N, D) @ w (V, D)^T -> (N, V), with the weight gradient computed as (h^T g)^T.
+
+    dW = g^T h contracts the token axis of both operands, a layout that runs on a slower
+    matmul path on CPU; transposing the small h first keeps the vocab axis contiguous.
+    """
+    return jnp.matmul(h, w.T)
+
+
+def _head_fwd(h, w):
+    return jnp.matmul(h, w.T), (h, w)
+
+
+def _head_bwd(res, g):
+    h, w = res
+    # the barriers stop XLA from folding the transposes back into the slow form
+    ht = jax.lax.optimization_barrier(h.T)
+    dwt = jax.lax.optimization_barrier(jnp.matmul(ht, g))
+    return jnp.matmul(g, w).astype(h.dtype), dwt.T.astype(w.dtype)
+
+
+tied_head.defvjp(_head_fwd, _head_bwd)
+
+
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes)
 
@@ -230,27 +309,50 @@ class Attention(nnx.Module):
 
     def __call__(self, x, mask, layer_idx, key=None, cache=None, cache_index=None):
         cfg, dt = self.cfg, x.dtype
-        qkv = jnp.einsum("btd,dshk->sbthk", x, self.c_attn_kernel[...].astype(dt))
-        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if cache is not None:
-            ck, cv = cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            cache = (k, v)
         scale = 1.0
         if cfg.scale_attn_weights:
             scale /= math.sqrt(cfg.head_dim)
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / (layer_idx + 1.0)
+        if cache is None:
+            out = self._attend_no_cache(x, mask, scale, key)
+        else:
+            out, cache = self._attend_cached(x, mask, scale, key, cache, cache_index)
+        out = out + self.c_proj_bias[...].astype(dt)
+        return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
+
+    def _attend_no_cache(self, x, mask, scale, key):
+        """Training / evaluation: heads-major (B, H, T, K) layout and attention_core."""
+        cfg, dt = self.cfg, x.dtype
+        qkv = jnp.einsum("btd,dshk->sbhtk", x, self.c_attn_kernel[...].astype(dt))
+        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, :, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        keep, rate = None, 0.0
+        akey = _fold(key, 0)
+        if akey is not None and cfg.attn_pdrop > 0.0:
+            rate = float(cfg.attn_pdrop)
+            b, h, t, _ = q.shape
+            # the same draw as dropout() on the (B, H, T, T) probabilities
+            keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
+        out = attention_core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
+        return jnp.einsum("bhqk,hkd->bqd", out, self.c_proj_kernel[...].astype(dt))
+
+    def _attend_cached(self, x, mask, scale, key, cache, cache_index):
+        """Decoding: the new tokens' k/v go into the (B, S, H, K) cache at cache_index."""
+        cfg, dt = self.cfg, x.dtype
+        qkv = jnp.einsum("btd,dshk->sbthk", x, self.c_attn_kernel[...].astype(dt))
+        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        ck, cv = cache
+        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
         scores = jnp.einsum("bqhk,bshk->bhqs", q, k.astype(dt)).astype(jnp.float32) * scale
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = dropout(probs, cfg.attn_pdrop, _fold(key, 0)).astype(dt)
         out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
         out = jnp.einsum("bqhk,hkd->bqd", out, self.c_proj_kernel[...].astype(dt))
-        out = out + self.c_proj_bias[...].astype(dt)
-        return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
+        return out, (k, v)
 
 
 class MLP(nnx.Module):
@@ -448,7 +550,9 @@ class GPT2(nnx.Module):
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: logits in float32."""
-        return jnp.einsum("btd,vd->btv", h, self.wte[...].astype(h.dtype)).astype(jnp.float32)
+        lead, d = h.shape[:-1], h.shape[-1]
+        logits = tied_head(h.reshape(-1, d), self.wte[...].astype(h.dtype))
+        return logits.reshape(*lead, -1).astype(jnp.float32)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
         if self.cfg.head == "sequence":

@@ -122,3 +122,25 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray], leading: int = 0) -> 
         sharding = batch_sharding(mesh, v.ndim, leading)
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+def shardings_like_params(tree, params, param_shardings, default: NamedSharding):
+    """Shardings for a tree that embeds parameter-shaped leaves (an optimizer state).
+
+    A leaf whose key path ends with a parameter's key path, and whose shape matches that
+    parameter, is sharded like it (Adam's mu and nu); everything else (step counts, masked
+    nodes of frozen parameters) gets `default`.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    by_path = {tuple(path): (leaf.shape, s)
+               for (path, leaf), s in zip(flat, jax.tree.leaves(param_shardings))}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def pick(path, leaf):
+        for n in lengths:
+            hit = by_path.get(tuple(path[-n:])) if len(path) >= n else None
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

@@ -96,11 +96,9 @@ def _model_json(mcfg: GPT2Config) -> dict:
 
 def train(cfg: Config) -> dict:
     """Train (or resume) the run in cfg.train.run_dir. Returns a summary dict."""
-    try:
-        from . import distributed
-    except ImportError:  # pragma: no cover - while distributed.py is being written
-        distributed = None
-    dist = distributed.initialize(**asdict(cfg.dist)) if distributed else None
+    from . import distributed
+
+    dist = distributed.initialize(**asdict(cfg.dist))  # before any other JAX call
 
     import jax
     import jax.numpy as jnp
@@ -110,7 +108,13 @@ def train(cfg: Config) -> dict:
     from .checkpoint import Checkpoints
     from .model import abstract_model
     from .optim import make_optimizer
-    from .sharding import global_batch, make_mesh, replicated, state_shardings
+    from .sharding import (
+        global_batch,
+        make_mesh,
+        replicated,
+        shardings_like_params,
+        state_shardings,
+    )
     from .tracking import Tracker, plot_loss
 
     t_start = time.time()
@@ -189,28 +193,28 @@ def train(cfg: Config) -> dict:
     # ---- parameters, optimizer, shardings
     graphdef, abstract = nnx.split(abstract_model(mcfg))
     param_sh = state_shardings(abstract, mesh)
-    params = _initial_params(mcfg, t.seed, source_model, param_sh)
-    source_model = None
-    tx, schedule = make_optimizer(cfg.optim, total, params)
-    import optax
-
-    abstract_opt = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                   transform_non_params=lambda _: replicated(mesh))
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    tx, schedule = make_optimizer(cfg.optim, total, abstract)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
 
     classification = cfg.data.task == "classification"
     best_mode = "max" if classification and (t.best_metric or "accuracy") != "loss" else "min"
     best_key = t.best_metric or ("accuracy" if classification else "loss")
     ckpts = Checkpoints(run, t.keep_checkpoints, best_mode=best_mode)
     start, best = 0, None
+    got = (None, None)
     if ckpts.steps():
-        got = ckpts.restore_latest_good(params, opt_state, param_sh, opt_sh)
-        if got[0] is not None:
-            start, (params, opt_state, meta) = got
-            best = meta.get("best")
-            if main_process:
-                print(f"gpt2jax: resuming {run} from step {start}", file=sys.stderr)
+        # Restore straight into the target shardings: no throwaway random init.
+        got = ckpts.restore_latest_good(abstract, abstract_opt, param_sh, opt_sh)
+    if got[0] is not None:
+        start, (params, opt_state, meta) = got
+        best = meta.get("best")
+        if main_process:
+            print(f"gpt2jax: resuming {run} from step {start}", file=sys.stderr)
+    else:
+        params = _initial_params(mcfg, t.seed, source_model, param_sh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    source_model = None
     tracker = Tracker(run, main_process, resume_step=start)
     tracker.log(start, prepared.stats, split="data")  # bytes_per_token, documents, ...
 
@@ -389,7 +393,7 @@ def _initial_params(mcfg, seed, source_model, param_sh):
 
     fresh = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
     src = to_flat_params(source_model)
-    flat, shard = flat_params(fresh), flat_params(param_sh)
+    shard = flat_params(param_sh)
     leaves = []
     for path, var in nnx.to_flat_state(fresh):
         name = ".".join(map(str, path))
@@ -409,7 +413,6 @@ def _initial_params(mcfg, seed, source_model, param_sh):
             continue
         arr = jax.make_array_from_callback(host.shape, shard[name], lambda idx, h=host: h[idx])
         leaves.append((path, var.replace(arr)))
-    del flat
     return nnx.from_flat_state(leaves)
 
 

@@ -102,6 +102,8 @@ def test_bench_bad_input_is_a_user_error(cli, monkeypatch):
     assert res.code == 2 and "--seq-len 64 exceeds" in res.last_err
     res = cli("bench", "--steps", "0")
     assert res.code == 2 and "--steps must be >= 1" in res.last_err
+    res = cli("bench", "--vocab-size", "1000", "--decode")
+    assert res.code == 2 and "--decode uses the GPT-2 tokenizer" in res.last_err
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     res = cli("bench", *TINY, "--vs", "hf")
     assert res.code == 2 and "pip install 'gpt2jax[bench]'" in res.last_err

@@ -91,12 +91,13 @@ def test_split_by_documents_is_deterministic_by_seed_and_disjoint(tmp_path, tok)
     assert a.validation["tokens"].shape != c.validation["tokens"].shape or \
         (a.validation["tokens"] != c.validation["tokens"]).any()
     # the held-out documents are exactly split_records' validation records
-    _, val_records = split_records([{"text": t} for t in texts], 0.25, 3)
-    val_ids = {t for r in val_records for t in tok(r["text"])["input_ids"][-2:]}
+    train_records, val_records = split_records([{"text": t} for t in texts], 0.25, 3)
+    assert len(val_records) == 10
     train_stream = tok.decode(np.concatenate([blk[1:] for blk in a.train["tokens"]]))
+    val_stream = tok.decode(np.concatenate([blk[1:] for blk in a.validation["tokens"]]))
     for r in val_records:
         assert r["text"] not in train_stream
-    assert val_ids  # the check above compared real text
+    assert train_records[0]["text"] in train_stream and val_records[0]["text"] in val_stream
 
 
 def test_a_single_document_is_split_by_packed_blocks(tmp_path, tok):
@@ -166,3 +167,19 @@ def test_truncation_side_and_the_warning_count(tmp_path, tok, capsys):
     assert right.train["rows"][0] == ids[:8] and left.train["rows"][0] == ids[-8:]
     assert right.train["rows"][1] == left.train["rows"][1] == tok("short")["input_ids"]
     assert right.labels == ("a", "b") and right.train["labels"].tolist() == [0, 1, 0, 1]
+
+
+def test_classification_records_round_trip_through_the_cache(tmp_path, tok):
+    src = tmp_path / "c.csv"
+    src.write_text("text,label\n" + "".join(f"item {i},{'xyz'[i % 3]}\n" for i in range(12)))
+    d = DataSection(train=str(src), task="classification", validation_fraction=0.25,
+                    cache_dir=str(tmp_path / "cache"))
+    first = prepare(d, tok, seq_len=8, seed=1, eos=EOS)
+    second = prepare(d, tok, seq_len=8, seed=1, eos=EOS)
+    assert (first.stats["cached"], second.stats["cached"]) == (False, True)
+    assert first.labels == second.labels == ("x", "y", "z")
+    for split in ("train", "validation"):
+        a, b = getattr(first, split), getattr(second, split)
+        assert a["rows"] == b["rows"]
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert len(first.validation["labels"]) == 3 and len(first.train["labels"]) == 9

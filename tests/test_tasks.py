@@ -173,9 +173,7 @@ def test_class_weighted_loss_and_auxiliary_lm_loss_match_a_hand_computation():
                            class_weights=class_w, lm_loss_weight=lam)
     _, _, m = jax.jit(step)(params, tx.init(params), batch, 0)
     assert float(m["loss"]) == pytest.approx(float(expected), rel=1e-5)
-    plain = make_train_step(graphdef, tx, lambda s: 0.0, True, 1, jax.random.key(0))
-    _, _, m0 = jax.jit(plain)(params, tx.init(params), batch, 0)
-    assert float(m0["loss"]) == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert abs(float(m["loss"]) - float(ce.mean())) > 1e-3  # the options changed the loss
 
 
 def _write_yaml(path: Path, cfg: dict) -> Path:
@@ -184,9 +182,9 @@ def _write_yaml(path: Path, cfg: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cls_run(tmp_path_factory, cli):
-    """A classification run with every option: integer labels, left truncation, balanced
-    class weights, auxiliary LM loss and an added special token."""
+def cls_run(tmp_path_factory, hf_lm_dir, cli):
+    """A classifier on the pretrained tiny LM with every option: integer labels, left
+    truncation, balanced class weights, auxiliary LM loss and an added special token."""
     tmp = tmp_path_factory.mktemp("cls-options")
     rng = np.random.default_rng(0)
     words = {0: "good great fine", 1: "bad awful poor"}
@@ -196,12 +194,12 @@ def cls_run(tmp_path_factory, cli):
         lines.append(" ".join(rng.choice(words[y].split() * 8, 12 + i % 30)) + f" <|sep|>,{y}")
     (tmp / "train.csv").write_text("\n".join(lines) + "\n")
     cfg = _write_yaml(tmp / "cfg.yaml", {
-        "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64,
-                  "head": "sequence"},
+        "model": {"init": str(hf_lm_dir[0]), "head": "sequence", "dropout": 0.0},
         "data": {"train": str(tmp / "train.csv"), "task": "classification",
                  "validation_fraction": 0.2, "truncation": "left",
                  "add_special_tokens": ["<|sep|>"], "cache_dir": str(tmp / "cache")},
-        "optim": {"lr": 1e-3},
+        # an AdamW step moves an entry by at most lr: 3 steps keep wte within 4e-7 of its start
+        "optim": {"lr": 1e-7, "schedule": "constant"},
         "train": {"steps": 3, "batch_size": 8, "seq_len": 16, "run_dir": str(tmp / "run"),
                   "class_weights": "balanced", "lm_loss_weight": 0.5, "log_every": 1,
                   "eval_every": 2, "progress": "none"},
@@ -234,31 +232,18 @@ def test_classification_options_train_and_export(cls_run, cli):
     assert hf_tok("a <|sep|>")["input_ids"][-1] == 50257
 
 
-def test_added_token_on_a_pretrained_model_starts_at_the_mean_embedding(
-        tmp_path, hf_lm_dir, cli):
+def test_added_token_on_a_pretrained_model_starts_at_the_mean_embedding(cls_run, hf_lm_dir):
     from gpt2jax.checkpoint import load_run_model
 
-    src, torch_model = hf_lm_dir
-    data = _dictionary(tmp_path / "d.jsonl", repeat=8)
-    cfg = _write_yaml(tmp_path / "cfg.yaml", {
-        "model": {"init": str(src), "dropout": 0.0},
-        "data": {"train": str(data), "task": "dictionary_forward", "loss_on": "target",
-                 "add_special_tokens": ["<|user|>"], "cache_dir": str(tmp_path / "cache")},
-        # one AdamW step moves an entry by at most lr: wte stays within 1e-7 of its start
-        "optim": {"lr": 1e-7, "schedule": "constant"},
-        "train": {"steps": 1, "batch_size": 8, "seq_len": 16, "progress": "none",
-                  "run_dir": str(tmp_path / "run")},
-    })
-    res = cli("train", cfg, "--json")
-    assert res.code == 0, res.err
-    model, tokenizer = load_run_model(tmp_path / "run")
+    tmp, _ = cls_run
+    model, tokenizer = load_run_model(tmp / "run")
     assert len(tokenizer) == 50258 and model.cfg.vocab_size == 50258
-    old = torch_model.transformer.wte.weight.detach().numpy()
+    old = hf_lm_dir[1].transformer.wte.weight.detach().numpy()
     wte = np.asarray(model.wte[...])
-    np.testing.assert_allclose(wte[:50257], old, rtol=0, atol=2e-7)
+    np.testing.assert_allclose(wte[:50257], old, rtol=0, atol=4e-7)
     mean = old.astype(np.float64).mean(0)
     assert np.abs(mean).max() > 1e-5  # the mean row is distinguishable at this tolerance
-    np.testing.assert_allclose(wte[50257], mean, rtol=0, atol=2e-7)
+    np.testing.assert_allclose(wte[50257], mean, rtol=0, atol=4e-7)
 
 
 # ---------------------------------------------------------------- eval, resume

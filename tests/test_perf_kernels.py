@@ -1,0 +1,174 @@
+"""The custom-VJP kernels of model.py (docs/perf-notes.md 4-5) against plain JAX.
+
+`attention_core` and `tied_head` carry hand-written backward passes. Their gradients must
+equal jax.grad of the plain formulas (float32, 1e-5 relative to the largest entry;
+measured around 1e-7), alone and inside the whole model (padding masks, attention dropout
+with the same keep mask, scale_attn_by_inverse_layer_idx, scan_layers, a classification
+head), and a train step sharded with tensor parallelism must match a one-device step
+that uses the plain formulas.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_optim import OPTIM, reference_run, tiny_setup
+from test_sharding import sharded_run
+
+from gpt2jax import model as model_mod
+from gpt2jax.checkpoint import flat_params
+from gpt2jax.model import GPT2Config, attention_core, create_model, tied_head
+from gpt2jax.optim import make_optimizer
+from gpt2jax.sharding import make_mesh
+
+
+def ref_attention(q, k, v, mask, scale, keep, rate):
+    """The explicit formula the stock model used (jax.grad differentiates it)."""
+    s = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32) * scale
+    p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min), axis=-1)
+    if keep is not None:
+        p = jnp.where(keep, p / (1.0 - rate), 0.0)
+    return jnp.einsum("bhqs,bhsk->bhqk", p.astype(q.dtype), v)
+
+
+def ref_head(h, w):
+    return jnp.einsum("nd,vd->nv", h, w)
+
+
+def assert_trees_close(got, want, rel=1e-5):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                            strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        scale = max(float(np.abs(w).max()), 1e-12)
+        np.testing.assert_allclose(g, w, rtol=0, atol=rel * scale, err_msg=str(path))
+
+
+def _qkv(b=2, h=3, t=7, k=8, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q, kk, v = (jax.random.normal(keys[i], (b, h, t, k)) for i in range(3))
+    cot = jax.random.normal(keys[3], (b, h, t, k))  # a random upstream gradient
+    return q, kk, v, cot
+
+
+def _causal(t, key_mask=None):
+    return model_mod.attention_mask_bias(t, t, key_mask)
+
+
+@pytest.mark.parametrize("case", ["causal", "padding", "dropout", "padding+dropout"])
+def test_attention_core_gradients_match_plain_formula(case):
+    q, k, v, cot = _qkv()
+    b, h, t, _ = q.shape
+    key_mask = None
+    if "padding" in case:  # row 0 left-padded by 3 (fully masked query rows), row 1 right
+        key_mask = jnp.array([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+    mask = _causal(t, key_mask)
+    keep, rate = None, 0.0
+    if "dropout" in case:
+        rate = 0.3
+        keep = jax.random.bernoulli(jax.random.key(5), 1 - rate, (b, h, t, t))
+        assert 0 < float(keep.mean()) < 1
+    scale = jnp.float32(0.37)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, mask, scale, keep, rate) * cot)
+
+    np.testing.assert_allclose(attention_core(q, k, v, mask, scale, keep, rate),
+                               ref_attention(q, k, v, mask, scale, keep, rate), atol=1e-6)
+    got = jax.jit(jax.grad(loss(attention_core), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(ref_attention), argnums=(0, 1, 2))(q, k, v)
+    assert_trees_close(got, want)
+    assert all(float(jnp.abs(g).max()) > 1e-3 for g in got)  # not trivially zero
+
+
+def test_attention_core_bfloat16_keeps_dtypes():
+    q, k, v, cot = (a.astype(jnp.bfloat16) for a in _qkv(seed=1))
+    mask = _causal(q.shape[2])
+    scale = jnp.float32(0.35)
+    out, vjp = jax.vjp(lambda q, k, v: attention_core(q, k, v, mask, scale, None, 0.0), q, k, v)
+    assert out.dtype == jnp.bfloat16
+    grads = vjp(cot)
+    want = jax.grad(lambda q, k, v: jnp.sum(
+        ref_attention(q, k, v, mask, scale, None, 0.0).astype(jnp.float32) * cot), (0, 1, 2))(
+        q, k, v)
+    for g, w in zip(grads, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        assert_trees_close(g, w, rel=3e-2)
+
+
+def test_tied_head_gradients_match_plain_formula():
+    keys = jax.random.split(jax.random.key(2), 3)
+    h = jax.random.normal(keys[0], (12, 16))
+    w = jax.random.normal(keys[1], (97, 16))
+    cot = jax.random.normal(keys[2], (12, 97))
+    np.testing.assert_allclose(tied_head(h, w), ref_head(h, w), atol=1e-5)
+    got = jax.jit(jax.grad(lambda h, w: jnp.sum(tied_head(h, w) * cot), (0, 1)))(h, w)
+    want = jax.grad(lambda h, w: jnp.sum(ref_head(h, w) * cot), (0, 1))(h, w)
+    assert_trees_close(got, want)
+
+
+def _plain_kernels(monkeypatch):
+    monkeypatch.setattr(model_mod, "attention_core", ref_attention)
+    monkeypatch.setattr(model_mod, "tied_head", ref_head)
+
+
+MODEL_CASES = {
+    # head, scan_layers; both left-pad one row (fully masked query rows) and right-pad the
+    # other. The unpadded, dropout-free LM is covered by the tensor-parallel test below.
+    "lm-scan": ("lm", True),
+    "sequence-unrolled": ("sequence", False),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_model_gradients_match_plain_kernels(name, monkeypatch):
+    head, scan = MODEL_CASES[name]
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                     attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1, head=head,
+                     num_labels=3, pad_token_id=0, scale_attn_by_inverse_layer_idx=True,
+                     scan_layers=scan)
+    graphdef, params = nnx.split(create_model(cfg, 0))
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(1, 64, (2, 8)), jnp.int32)
+    mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]], jnp.int32)
+    out_shape = (2, 8, 64) if head == "lm" else (2, 3)
+    cot = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    key = jax.random.key(7)  # dropout on: both sides draw the same keep masks
+
+    def make_loss():  # a fresh function per side: JAX caches traces per function object
+        return lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, mask, dropout_key=key) * cot)
+
+    loss = make_loss()
+    assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(params))  # the kernels are in use
+    got_loss, got = jax.value_and_grad(loss)(params)
+    with monkeypatch.context() as m:
+        _plain_kernels(m)
+        loss = make_loss()
+        assert "custom_vjp_call" not in str(jax.make_jaxpr(loss)(params))
+        want_loss, want = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    assert_trees_close(got, want)
+    flat = flat_params(got)
+    layer0 = "h.attn.c_attn_kernel" if scan else "h.0.attn.c_attn_kernel"
+    assert float(jnp.abs(flat[layer0]).max()) > 0  # gradients reach the attention weights
+
+
+def test_tensor_parallel_train_step_matches_plain_one_device_run(monkeypatch):
+    """Custom kernels on a (data 4, tensor 2) mesh vs the plain formulas on one device."""
+    graphdef, params = tiny_setup()
+    with monkeypatch.context() as m:
+        _plain_kernels(m)
+        batches, ref, ref_losses = reference_run()
+    tx, schedule = make_optimizer(OPTIM, 10, params)
+    host = jax.tree.map(np.asarray, params)
+    host_opt = jax.tree.map(np.asarray, jax.jit(tx.init)(params))
+    setup = (graphdef, host, host_opt, tx, schedule, batches)
+    new, losses = sharded_run(setup, make_mesh(4, 1, 2))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    flat = flat_params(new)
+    assert flat["h.1.attn.c_attn_kernel"].addressable_shards[0].data.size < flat[
+        "h.1.attn.c_attn_kernel"].size  # heads really are split over the tensor axis
+    for key, value in flat.items():  # AdamW magnifies float noise: test_sharding's bound
+        np.testing.assert_allclose(np.asarray(value), ref[key], atol=2e-5, err_msg=key)
