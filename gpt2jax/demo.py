@@ -30,13 +30,15 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words:
     _, held_out = split_records(records, cfg.data.validation_fraction, cfg.train.seed)
     picks = held_out[:: max(1, len(held_out) // words)][:words]
     prompts = [DICTIONARY_FORWARD.format(word=r["word"]) for r in picks]
+    # A small model trained for minutes loops ("of the genus of the genus"); a mild
+    # repetition penalty (transformers' definition) keeps greedy output readable.
     samples = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=24,
-                       stop=["\n"])
+                       stop=["\n"], repetition_penalty=1.3)
     out = export_hf(model, run / "hf", tokenizer, overwrite=True)
     val = summary.get("validation") or {}
     print(f"\nvalidation perplexity after {summary['final_step']} steps: "
           f"{val.get('perplexity', float('nan')):.1f}")
-    print("\nheld-out words (greedy):")
+    print("\nheld-out words (greedy, repetition penalty 1.3):")
     for r, s in zip(picks, samples):
         print(f"  {r['word']}:{s.completion}")
         print(f"      GCIDE: {r['definition'][:100]}")
