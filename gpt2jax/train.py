@@ -254,7 +254,7 @@ def train(cfg: Config) -> dict:
         tracker.log(step, res, split="validation")
         return res
 
-    progress = _progress(t.progress, total, start, main_process)
+    progress = _Progress(t.progress, total, start, main_process)
     summary: dict = {"run_dir": str(run), "start_step": start, "total_steps": total,
                      "processes": dist.num_processes if dist else 1,
                      "mesh": dict(mesh.shape)}
@@ -511,7 +511,9 @@ def run_eval(eval_fn, params, arrays: dict, t, mesh, classification: bool, label
     from .sharding import global_batch
 
     n = len(next(iter(arrays.values())))
-    bs = t.batch_size if n >= t.batch_size else t.batch_size  # wraps around when n < batch
+    # The train batch size keeps one compiled shape; a split smaller than one batch wraps
+    # around (a few examples counted twice) rather than compiling another shape.
+    bs = t.batch_size
     b = Batcher(arrays, bs, seed=t.seed + 1, process_index=jax.process_index(),
                 process_count=jax.process_count(), pad_id=pad_id, max_len=max_len)
     steps = max(1, n // bs)
@@ -595,7 +597,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress(mode, total, start, enabled) -> _Progress:
-    return _Progress(mode, total, start, enabled)
