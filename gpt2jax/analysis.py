@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .batches import pad_rows
 from .errors import UserError
+from .tokenizer import encode
 
 STATS = ("mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2")
 DICT_TEMPLATE = "{word}: {definition}"
@@ -270,14 +272,11 @@ class HiddenStateEmbedder:
 
         pool = _pool_fn(self.graphdef)
         out = np.zeros((len(texts), self.dim), np.float32)
-        encoded = [self.tokenizer.encode(t)[: self.ctx] if t else [] for t in texts]
+        encoded = [row[: self.ctx] for row in encode(self.tokenizer, list(texts))]
         for s in range(0, len(texts), self.batch_size):
             batch = encoded[s:s + self.batch_size]
             t = bucket(max(1, *(len(e) for e in batch)), self.ctx)
-            ids = np.zeros((len(batch), t), np.int32)
-            mask = np.zeros((len(batch), t), np.int32)
-            for i, e in enumerate(batch):
-                ids[i, :len(e)], mask[i, :len(e)] = e, 1
+            ids, mask = pad_rows(batch, t, 0)
             out[s:s + len(batch)] = np.asarray(pool(self.state, ids, mask))
         return out
 

@@ -48,10 +48,13 @@ def pack(token_lists: Sequence[Sequence[int]], block: int, eos: int,
     return tokens[idx], weights[idx]
 
 
-def pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token rows to `length`: (ids, attention_mask)."""
-    ids = np.full((len(rows), length), pad, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int,
+             batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token rows to `length`: (ids, attention_mask). With batch_size, missing
+    rows are all padding, so every batch has one shape (one compile)."""
+    n = len(rows) if batch_size is None else batch_size
+    ids = np.full((n, length), pad, np.int32)
+    mask = np.zeros((n, length), np.int32)
     for i, r in enumerate(rows):
         r = r[:length]
         ids[i, : len(r)] = r
@@ -105,7 +108,11 @@ class Batcher:
         n = len(self)
         pos = step * self.batch_size + np.arange(self.batch_size)
         epochs, offsets = pos // n, pos % n
-        return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+        idx = np.empty(self.batch_size, np.int64)
+        for e in np.unique(epochs):  # one permutation lookup per epoch the batch touches
+            sel = epochs == e
+            idx[sel] = self._perm(int(e))[offsets[sel]]
+        return idx
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the global batch for `step`."""

@@ -46,13 +46,12 @@ def _abstract(x, sharding=None):
 class Checkpoints:
     """A run's checkpoint directory: save/restore, keep the last K plus the best."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 3, *, best_mode: str = "min",
+    def __init__(self, run_dir: str | Path, keep: int = 3, *,
                  read_only: bool = False):
         import orbax.checkpoint as ocp
 
         self.dir = (Path(run_dir) / "checkpoints").absolute()
         self.keep = keep
-        self.best_mode = best_mode
         self.read_only = read_only
         if read_only and not self.dir.is_dir():
             raise UserError(f"{run_dir} has no checkpoints/ directory")
@@ -105,9 +104,6 @@ class Checkpoints:
         for s in committed:
             if s not in keep and s != best:
                 self.mngr.delete(s)
-
-    def wait(self) -> None:
-        self.mngr.wait_until_finished()
 
     def close(self) -> None:
         self.mngr.wait_until_finished()

@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("GPT2JAX_DEBUG") == "1"
     try:
         args, rest = build_parser().parse_known_args(argv)
-        # Only `train` takes free-form --section.key=value overrides.
+        # Only `train` and `demo` take free-form --section.key=value overrides.
         if rest and getattr(args, "command", None) not in ("train", "demo"):
             build_parser().parse_args(argv)  # reports the unknown arguments
         args.overrides = rest

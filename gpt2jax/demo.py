@@ -18,7 +18,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words:
     from .config import load_config
     from .generate import generate
     from .hf import export_hf
-    from .tasks import DICTIONARY_FORWARD
+    from .tasks import Templates, render
     from .train import train
 
     cfg = load_config(config, list(overrides))
@@ -29,7 +29,9 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words:
     records = load_task_records(cfg.data.train, cfg.data)
     _, held_out = split_records(records, cfg.data.validation_fraction, cfg.train.seed)
     picks = held_out[:: max(1, len(held_out) // words)][:words]
-    prompts = [DICTIONARY_FORWARD.format(word=r["word"]) for r in picks]
+    # The prompt part of the task's template, as in training (data.prompt_template applies).
+    templates = Templates.from_data(cfg.data)
+    prompts = [render(cfg.data.task, r, templates=templates)[0] for r in picks]
     # A small model trained for minutes loops ("of the genus of the genus"); a mild
     # repetition penalty (transformers' definition) keeps greedy output readable.
     samples = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=24,

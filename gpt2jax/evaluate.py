@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .batches import pad_rows
 from .errors import UserError
 from .model import GPT2
-from .tokenizer import EOS_ID
+from .tokenizer import encode, eos_id
 
 TASKS = ("lm", "classification", "dictionary_reverse")
 
@@ -66,29 +67,6 @@ def class_probabilities(model: GPT2, input_ids: jax.Array, attention_mask: jax.A
 # ---------------------------------------------------------------- shared helpers
 
 
-def encode(tokenizer, texts: Sequence[str], vocab_size: int | None = None) -> list[list[int]]:
-    """Token ids of each text, no special tokens added; checks ids fit the model's vocab."""
-    ids: list[list[int]] = []
-    for i in range(0, len(texts), 1000):  # bounded memory for large corpora
-        chunk = list(texts[i : i + 1000])
-        ids.extend(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
-    if vocab_size is not None:
-        top = max((max(row) for row in ids if row), default=-1)
-        if top >= vocab_size:
-            raise UserError(
-                f"the tokenizer produced token id {top} but the model's vocab_size is "
-                f"{vocab_size}; the model and its tokenizer do not belong together"
-            )
-    return ids
-
-
-def _eos_id(tokenizer, model: GPT2) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = model.cfg.eos_token_id
-    return EOS_ID if eos is None else int(eos)
-
-
 def context_length(model: GPT2, seq_len: int | None) -> int:
     """The window length: --seq-len, at most the model's n_positions (the default)."""
     n_positions = model.cfg.n_positions
@@ -99,21 +77,6 @@ def context_length(model: GPT2, seq_len: int | None) -> int:
             f"--seq-len {seq_len} must be between 2 and the model's n_positions ({n_positions})"
         )
     return seq_len
-
-
-def pad_rows(
-    rows: Sequence[Sequence[int]], length: int, batch_size: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad rows to (batch_size, length) int32 ids and an attention mask.
-
-    Missing rows are all padding, so every batch has one shape (one compile).
-    """
-    ids = np.full((batch_size, length), pad_id, np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -174,7 +137,7 @@ def evaluate_lm(
     seq_len = context_length(model, seq_len)
     stride = seq_len // 2 if stride is None else stride
     check_stride(stride, seq_len)
-    eos = _eos_id(tokenizer, model)
+    eos = eos_id(tokenizer, model.cfg.eos_token_id)
     docs = [[eos, *ids] for ids in encode(tokenizer, texts, model.cfg.vocab_size)]
     # (document, begin, end, first scored): all windows of all documents, batched together
     work = [(d, *w) for d, ids in enumerate(docs) for w in lm_windows(len(ids), seq_len, stride)]
@@ -188,7 +151,7 @@ def evaluate_lm(
         for r, (d, begin, end, first) in enumerate(work[i] for i in batch):
             rows.append(docs[d][begin:end])
             score_mask[r, first - begin : end - begin] = True
-        ids, mask = pad_rows(rows, length, batch_size, eos)
+        ids, mask = pad_rows(rows, length, eos, batch_size)
         lp = np.asarray(token_logprobs(model, ids, mask))
         total += float(lp[score_mask].astype(np.float64).sum())
     loss = -total / tokens
@@ -213,7 +176,7 @@ def score(model: GPT2, tokenizer, prompt: str, answer: str) -> dict:
         raise UserError("the answer is empty; pass the text to score with --answer")
     p_ids, a_ids = encode(tokenizer, [prompt, answer], model.cfg.vocab_size)
     if not p_ids:
-        p_ids = [_eos_id(tokenizer, model)]
+        p_ids = [eos_id(tokenizer, model.cfg.eos_token_id)]
     ids = p_ids + a_ids
     if len(ids) > model.cfg.n_positions:
         raise UserError(
@@ -422,11 +385,11 @@ def evaluate_classification(
         if not r:
             raise UserError(f"row {row} (counting from 0) has an empty text; remove or fill it")
     pad = model.cfg.pad_token_id
-    pad = _eos_id(tokenizer, model) if pad is None else pad
+    pad = eos_id(tokenizer, model.cfg.eos_token_id) if pad is None else pad
     length = max(len(r) for r in ids)
     probs = np.zeros((len(ids), len(names)), np.float64)
     for batch in _chunks(len(ids), batch_size):
-        arr, mask = pad_rows([ids[i] for i in batch], length, batch_size, pad)
+        arr, mask = pad_rows([ids[i] for i in batch], length, pad, batch_size)
         probs[batch.start : batch.stop] = np.asarray(class_probabilities(model, arr, mask))[
             : len(batch)
         ]

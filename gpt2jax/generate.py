@@ -26,6 +26,7 @@ from flax import nnx
 
 from .errors import UserError
 from .model import DTYPES, GPT2, positions_from_mask
+from .tokenizer import encode, eos_id
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -304,19 +305,18 @@ class Generator:
             dt = DTYPES[weights_dtype]
             state = jax.tree.map(lambda a: a.astype(dt), state)
         self.graphdef, self.state = graphdef, state
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_id = int(eos if eos is not None else cfg.eos_token_id)
+        self.eos_id = eos_id(tokenizer, cfg.eos_token_id)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids per prompt; empty prompts are refused."""
-        out = []
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p:
                 raise UserError(f"prompt {i} is empty; give every prompt some text")
-            ids = self.tokenizer.encode(p)
+        # The same encoding as training and eval: no special tokens, ids checked vs vocab.
+        out = encode(self.tokenizer, list(prompts), self.cfg.vocab_size)
+        for i, ids in enumerate(out):
             if not ids:
-                raise UserError(f"prompt {i} ({p!r}) encodes to no tokens")
-            out.append(list(ids))
+                raise UserError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
         return out
 
     def generate(

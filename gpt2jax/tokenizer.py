@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
@@ -76,3 +77,25 @@ def load_tokenizer(directory: str | Path | None = None):
         except Exception as e:  # a broken tokenizer file is bad input, not a bug
             raise UserError(f"cannot load the tokenizer in {directory}: {e}") from e
     return gpt2_tokenizer()
+
+
+def encode(tokenizer, texts: Sequence[str], vocab_size: int | None = None) -> list[list[int]]:
+    """Token ids of each text, no special tokens added; checks ids fit the model's vocab."""
+    ids: list[list[int]] = []
+    for i in range(0, len(texts), 1000):  # bounded memory for large corpora
+        chunk = list(texts[i : i + 1000])
+        ids.extend(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
+    if vocab_size is not None:
+        top = max((max(row) for row in ids if row), default=-1)
+        if top >= vocab_size:
+            raise UserError(
+                f"the tokenizer produced token id {top} but the model's vocab_size is "
+                f"{vocab_size}; the model and its tokenizer do not belong together"
+            )
+    return ids
+
+
+def eos_id(tokenizer, default: int = EOS_ID) -> int:
+    """The tokenizer's EOS id, else `default` (the model config's)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return int(default if eos is None else eos)

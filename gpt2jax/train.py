@@ -109,6 +109,7 @@ def train(cfg: Config) -> dict:
     from .model import abstract_model
     from .optim import make_optimizer
     from .sharding import (
+        data_parallel_size,
         global_batch,
         make_mesh,
         replicated,
@@ -123,7 +124,7 @@ def train(cfg: Config) -> dict:
     run = Path(t.run_dir)
     _check_run_dir(run)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = data_parallel_size(mesh)
     micro = t.batch_size // t.grad_accum
     if micro % dp:
         raise UserError(f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} "
@@ -198,9 +199,9 @@ def train(cfg: Config) -> dict:
     opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
 
     classification = cfg.data.task == "classification"
-    best_mode = "max" if classification and (t.best_metric or "accuracy") != "loss" else "min"
     best_key = t.best_metric or ("accuracy" if classification else "loss")
-    ckpts = Checkpoints(run, t.keep_checkpoints, best_mode=best_mode)
+    best_mode = "max" if classification and best_key != "loss" else "min"
+    ckpts = Checkpoints(run, t.keep_checkpoints)
     start, best = 0, None
     got = (None, None)
     if ckpts.steps():
@@ -227,14 +228,13 @@ def train(cfg: Config) -> dict:
         class_weights = balanced_class_weights(prepared.train["labels"], len(prepared.labels))
     step_fn = make_train_step(graphdef, tx, schedule, classification, t.grad_accum, base_key,
                               class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
-    lead = 1  # batches carry a leading grad-accum axis
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1),
                       out_shardings=(param_sh, opt_sh, replicated(mesh)))
     eval_fn = jax.jit(make_eval_step(graphdef, classification))
 
     def to_global(local: dict) -> dict:
         shaped = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in local.items()}
-        return global_batch(mesh, shaped, leading=lead)
+        return global_batch(mesh, shaped, leading=1)  # after the grad-accum axis
 
     stop_signal = {"term": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop_signal.update(term=True)) \
@@ -269,14 +269,14 @@ def train(cfg: Config) -> dict:
             batch = to_global(local)
             params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
             if pending is not None:
-                last_loss, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+                m, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+                last_loss = float(m["loss"])
             pending = (step, metrics)
             done = step + 1
             window_steps += 1
             if t.log_every and (done % t.log_every == 0 or done == total):
-                m = jax.device_get(metrics)
-                last_loss, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
-                pending = None
+                m, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+                last_loss, pending = float(m["loss"]), None
                 dt = time.perf_counter() - window_t0
                 row = {"loss": float(m["loss"]), "lr": float(schedule(step)),
                        "grad_norm": float(m["grad_norm"]),
@@ -298,17 +298,17 @@ def train(cfg: Config) -> dict:
             periodic = t.checkpoint_every and done % t.checkpoint_every == 0 and done != total
             if periodic:
                 save(done, last_eval)
-            if _any_process(stop_signal["term"]):
+            if _any_process(stop_signal["term"], done):
                 if not periodic:  # Orbax refuses to save a step twice
                     save(done, last_eval)
                 ckpts.close()
                 raise Preempted(done, ckpts.dir / str(done))
         if pending is not None:
-            last_loss, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+            m, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
+            last_loss = float(m["loss"])
         step = total
-        if start < total or prepared.validation is not None:
-            last_eval = evaluate_now(total)
-            best = _update_best(best, last_eval, total, best_key, best_mode)
+        last_eval = evaluate_now(total)  # None without a validation split
+        best = _update_best(best, last_eval, total, best_key, best_mode)
         if start < total:
             save(total, last_eval)
         ckpts.close()
@@ -340,19 +340,28 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _any_process(flag: bool) -> bool:
+PREEMPT_CHECK_EVERY = 10  # multi-process: steps between SIGTERM consensus checks
+
+
+def _any_process(flag: bool, step: int) -> bool:
+    """Whether any process got SIGTERM. Across processes this is an allgather, a sync point
+    that stalls async dispatch, so it runs every PREEMPT_CHECK_EVERY steps (the same steps
+    on every process, so all of them checkpoint at one step)."""
     import jax
 
     if jax.process_count() == 1:
         return flag
+    if step % PREEMPT_CHECK_EVERY:
+        return False
     import numpy as np
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def _account(pending, bad_steps: int, allowed: int) -> tuple[float, int]:
-    """Check a finished step's loss; stop on NaN/Inf beyond the allowed number of skips."""
+def _account(pending, bad_steps: int, allowed: int) -> tuple[dict, int]:
+    """Fetch a finished step's metrics and check its loss; stop on NaN/Inf beyond the
+    allowed number of skips. Returns (host metrics, bad steps so far)."""
     import jax
 
     step, metrics = pending
@@ -366,7 +375,7 @@ def _account(pending, bad_steps: int, allowed: int) -> tuple[float, int]:
                 "or allow skips with train.skip_nonfinite=N"
             )
         print(f"gpt2jax: warning: skipped step {step + 1} (non-finite loss)", file=sys.stderr)
-    return float(m["loss"]), bad_steps
+    return m, bad_steps
 
 
 def _update_best(best, metrics, step, key, mode):
@@ -385,13 +394,13 @@ def _initial_params(mcfg, seed, source_model, param_sh):
     from .checkpoint import flat_params
     from .model import create_model
 
+    fresh = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
     if source_model is None:
-        return jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
+        return fresh
     # Start from the source's weights; a new head (e.g. a classifier on a pretrained LM)
     # keeps its fresh initialisation.
     from .hf import to_flat_params
 
-    fresh = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
     src = to_flat_params(source_model)
     shard = flat_params(param_sh)
     leaves = []
@@ -511,9 +520,9 @@ def run_eval(eval_fn, params, arrays: dict, t, mesh, classification: bool, label
     from .sharding import global_batch
 
     n = len(next(iter(arrays.values())))
-    # The train batch size keeps one compiled shape; a split smaller than one batch wraps
-    # around (a few examples counted twice) rather than compiling another shape.
-    bs = t.batch_size
+    # Micro-batch size: what the train step holds in memory at once. A split smaller than
+    # one batch wraps around (a few examples counted twice) rather than another shape.
+    bs = t.batch_size // t.grad_accum
     b = Batcher(arrays, bs, seed=t.seed + 1, process_index=jax.process_index(),
                 process_count=jax.process_count(), pad_id=pad_id, max_len=max_len)
     steps = max(1, n // bs)
