@@ -17,35 +17,117 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UserError
 
+if TYPE_CHECKING:
+    from .data import Tokenized
 
-def pack(token_lists: Sequence[Sequence[int]], block: int, eos: int,
-         masks: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Join documents with EOS (before each, so every document's first token is a target)
-    and cut into (N, block) arrays of tokens and loss weights. A ragged tail is dropped."""
-    total = sum(len(t) + 1 for t in token_lists)
-    tokens = np.empty(total, np.int32)
-    weights = np.ones(total, np.float32)
-    pos = 0
-    for i, toks in enumerate(token_lists):
-        tokens[pos] = eos
-        weights[pos] = 1.0
-        tokens[pos + 1: pos + 1 + len(toks)] = toks
-        if masks is not None:
-            weights[pos + 1: pos + 1 + len(toks)] = masks[i]
-        pos += len(toks) + 1
-    # Blocks overlap by one token so every token is a target exactly once.
-    stride = block - 1
-    n = (total - 1) // stride
-    if n == 0:
-        raise UserError(f"the data holds {total} tokens, fewer than one block of {block}; "
-                        "add data or lower train.seq_len")
-    idx = np.arange(n)[:, None] * stride + np.arange(block)[None, :]
-    return tokens[idx], weights[idx]
+
+class Arrays:
+    """A source over equally indexed in-memory arrays, e.g. {"tokens", "weights"} (N, block)."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v[idx]) for k, v in self.arrays.items()}
+
+    def subset(self, idx: np.ndarray) -> Arrays:
+        return Arrays({k: v[idx] for k, v in self.arrays.items()})
+
+
+class LMBlocks:
+    """Documents joined with EOS and cut into blocks of `block` tokens, computed on demand.
+
+    EOS goes before each document, so every document's first token is a target. Blocks
+    overlap by one token (inputs block[:-1], targets block[1:]) so every token is a target
+    exactly once; a ragged tail is dropped. Nothing is packed up front: `take` maps the
+    requested blocks' stream positions to (document, offset) and reads only those tokens,
+    so with memory-mapped token files a process reads just the blocks of its batches.
+    """
+
+    def __init__(self, tok: Tokenized, block: int, eos: int, index: np.ndarray | None = None):
+        self.tok, self.block, self.eos, self.index = tok, block, eos, index
+        span = np.asarray(tok.lengths, np.int64) + 1  # the document and its leading EOS
+        self.ends = np.cumsum(span)  # stream position just past document i
+        total = int(self.ends[-1]) if len(span) else 0
+        self.n_blocks = max(total - 1, 0) // (block - 1)
+        if self.n_blocks == 0:
+            raise UserError(f"the data holds {total} tokens, fewer than one block of {block}; "
+                            "add data or lower train.seq_len")
+
+    def __len__(self) -> int:
+        return self.n_blocks if self.index is None else len(self.index)
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Blocks `idx` (positions in this source): tokens int32 and weights float32."""
+        blocks = np.asarray(idx, np.int64)
+        if self.index is not None:
+            blocks = self.index[blocks]
+        pos = blocks[:, None] * (self.block - 1) + np.arange(self.block)
+        doc = np.searchsorted(self.ends, pos, side="right")
+        local = pos - (self.ends[doc] - self.tok.lengths[doc])  # -1 at a document's EOS
+        at_eos = local < 0
+        src = np.asarray(self.tok.starts)[doc] + np.maximum(local, 0)
+        tokens = np.where(at_eos, self.eos, self.tok.ids[src.ravel()].reshape(src.shape))
+        if self.tok.weights is None:
+            weights = np.ones(pos.shape, np.float32)
+        else:
+            w = self.tok.weights[src.ravel()].reshape(src.shape)
+            weights = np.where(at_eos, 1, w).astype(np.float32)
+        return {"tokens": tokens.astype(np.int32), "weights": weights}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every block (reads all the tokens: small data, notebooks and tests)."""
+        return self.take(np.arange(len(self)))
+
+    def subset(self, idx: np.ndarray) -> LMBlocks:
+        index = np.asarray(idx, np.int64) if self.index is None else self.index[idx]
+        out = LMBlocks.__new__(LMBlocks)
+        out.__dict__.update(self.__dict__, index=index)
+        return out
+
+
+class ClassRows:
+    """Classification examples: token rows cut to seq_len on the `truncation` side, and
+    label indices. Rows are read from the (possibly memory-mapped) tokens per batch."""
+
+    def __init__(self, tok: Tokenized, labels: np.ndarray, seq_len: int, truncation: str,
+                 eos: int):
+        self.tok, self.labels = tok, np.asarray(labels, np.int32)
+        self.seq_len, self.truncation, self.eos = seq_len, truncation, eos
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lengths(self, idx: np.ndarray) -> np.ndarray:
+        """Row lengths after truncation (an empty record becomes one EOS token)."""
+        return np.clip(np.asarray(self.tok.lengths)[idx], 1, self.seq_len)
+
+    def row(self, i: int) -> np.ndarray:
+        # No EOS is appended: transformers pools the last token != pad (= eos) after export.
+        r = self.tok.record(int(i))
+        if len(r) > self.seq_len:
+            r = r[-self.seq_len:] if self.truncation == "left" else r[: self.seq_len]
+        return r if len(r) else np.asarray([self.eos], np.int32)
+
+    def truncated(self) -> int:
+        return int((np.asarray(self.tok.lengths) > self.seq_len).sum())
+
+    def take(self, idx: np.ndarray, length: int, pad: int) -> dict[str, np.ndarray]:
+        ids, mask = pad_rows([self.row(i) for i in idx], length, pad)
+        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[idx]}
+
+    def subset(self, idx: np.ndarray) -> ClassRows:
+        return ClassRows(self.tok.select(idx), self.labels[idx], self.seq_len, self.truncation,
+                         self.eos)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int,
@@ -72,13 +154,10 @@ def bucket(n: int, cap: int, minimum: int = 16) -> int:
 
 @dataclass
 class Batcher:
-    """Deterministic, resumable batches over equally indexed arrays.
+    """Deterministic, resumable batches over a source: LMBlocks, ClassRows (padded per
+    batch to a length bucket) or a dict of equally indexed arrays."""
 
-    arrays: for LM {"tokens", "weights"} (N, block); for classification {"rows": list of
-    token lists, "labels"} padded per batch.
-    """
-
-    arrays: dict
+    source: LMBlocks | ClassRows | Arrays | dict
     batch_size: int
     seed: int
     process_index: int = 0
@@ -88,12 +167,14 @@ class Batcher:
     _perm_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.source, dict):
+            self.source = Arrays(self.source)
         if self.batch_size % self.process_count:
             raise UserError(f"train.batch_size={self.batch_size} is not divisible by the "
                             f"{self.process_count} processes")
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return len(self.source)
 
     def steps_per_epoch(self) -> int:
         return max(len(self) // self.batch_size, 1)
@@ -119,14 +200,12 @@ class Batcher:
         idx = self.global_indices(step)
         per = self.batch_size // self.process_count
         mine = idx[self.process_index * per: (self.process_index + 1) * per]
-        if "rows" in self.arrays:
-            rows = self.arrays["rows"]
-            # Pad length from the whole global batch so every process compiles one shape.
-            length = bucket(max(len(rows[i]) for i in idx), self.max_len)
-            ids, mask = pad_rows([rows[i] for i in mine], length, self.pad_id)
-            return {"input_ids": ids, "attention_mask": mask,
-                    "labels": np.asarray(self.arrays["labels"])[mine].astype(np.int32)}
-        return {k: np.asarray(v[mine]) for k, v in self.arrays.items()}
+        if isinstance(self.source, ClassRows):
+            # Pad length from the whole global batch (lengths only, no tokens read) so
+            # every process compiles one shape.
+            length = bucket(int(self.source.lengths(idx).max()), self.max_len)
+            return self.source.take(mine, length, self.pad_id)
+        return self.source.take(mine)
 
     def iterate(self, start: int, stop: int,
                 prefetch: int = 2) -> Iterator[tuple[int, dict, float]]:
@@ -170,10 +249,11 @@ class Batcher:
 
 @dataclass
 class Prepared:
-    """Token arrays for the train and validation splits, plus what was learned on the way."""
+    """The train and validation sources (LMBlocks or ClassRows), plus what was learned on
+    the way (label names, statistics)."""
 
-    train: dict
-    validation: dict | None
+    train: LMBlocks | ClassRows
+    validation: LMBlocks | ClassRows | None
     labels: tuple[str, ...] = ()
     stats: dict = field(default_factory=dict)
 
@@ -204,10 +284,11 @@ def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list
 
 def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
             labels: Sequence[str] = ()) -> Prepared:
-    """Load, split, render and tokenize a DataSection into arrays for the Batcher.
+    """Load, split, render and tokenize a DataSection into sources for the Batcher.
 
-    Tokenized records are cached (see data.tokenize_task); the split, packing and
-    truncation that follow are cheap and done every run.
+    Tokenized records are cached and memory-mapped (see data.tokenize_task); the split
+    and the block/row views that follow are index arrays over them, built every run
+    without reading the tokens.
     """
     from .data import tokenize_task
 
@@ -225,47 +306,44 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
         labels = tuple(labels) or tuple(data.labels) or _label_set(train_tok, data)
         train = _classification_rows(train_tok, data, labels, seq_len, eos)
         val = _classification_rows(val_tok, data, labels, seq_len, eos) if len(val_tok) else None
-        stats.update(train_examples=len(train["labels"]),
-                     truncated=train.pop("truncated") + (val.pop("truncated") if val else 0))
+        stats.update(train_examples=len(train),
+                     truncated=train.truncated() + (val.truncated() if val else 0))
         if stats["truncated"]:
-            total = len(train["labels"]) + (len(val["labels"]) if val else 0)
+            total = len(train) + (len(val) if val else 0)
             print(f"gpt2jax: warning: {stats['truncated']} of {total} records are longer than "
                   f"train.seq_len={seq_len} tokens and were cut ({data.truncation} side "
                   "dropped; see data.truncation)", file=sys.stderr)
         return Prepared(train, val, labels, stats)
 
-    def lm_arrays(tok) -> dict:
-        masks = tok.token_lists(tok.weights) if tok.weights is not None else None
-        tokens, weights = pack(tok.token_lists(), seq_len + 1, eos, masks)
-        return {"tokens": tokens, "weights": weights}
-
-    train, val, split = lm_arrays(train_tok), None, "none"
+    train, val, split = LMBlocks(train_tok, seq_len + 1, eos), None, "none"
     if len(val_tok):
         try:
-            val, split = lm_arrays(val_tok), "file" if data.validation else "documents"
+            val, split = LMBlocks(val_tok, seq_len + 1, eos), \
+                "file" if data.validation else "documents"
         except UserError:
             val = None  # too little validation text for one block
     if val is None and not data.validation and data.validation_fraction > 0:
         if len(val_tok):  # the held-out documents were too short: split all by blocks
             train_tok = all_tok
-            train = lm_arrays(train_tok)
+            train = LMBlocks(train_tok, seq_len + 1, eos)
         train, val = split_blocks(train, data.validation_fraction, seed)
         split = "blocks" if val is not None else "none"
-    stats.update(train_tokens=int(train_tok.offsets[-1]), train_blocks=len(train["tokens"]),
+    stats.update(train_tokens=train_tok.n_tokens, train_blocks=len(train),
                  validation_split=split)
     return Prepared(train, val, (), stats)
 
 
-def split_blocks(arrays: dict, fraction: float, seed: int) -> tuple[dict, dict | None]:
-    """Split packed blocks by seed when there are too few documents to split by document."""
-    n = len(arrays["tokens"])
+def split_blocks(source, fraction: float, seed: int) -> tuple:
+    """Split packed blocks by seed when there are too few documents to split by document:
+    (train, validation or None), views of `source` (LMBlocks or Arrays)."""
+    if isinstance(source, dict):
+        source = Arrays(source)
+    n = len(source)
     n_val = int(round(n * fraction))
     if n_val < 1 or n - n_val < 1:
-        return arrays, None
+        return source, None
     perm = np.random.default_rng([seed, 104729]).permutation(n)
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    return ({k: v[train_idx] for k, v in arrays.items()},
-            {k: v[val_idx] for k, v in arrays.items()})
+    return source.subset(np.sort(perm[n_val:])), source.subset(np.sort(perm[:n_val]))
 
 
 def _label_set(tok, data) -> tuple[str, ...]:
@@ -279,20 +357,13 @@ def _label_set(tok, data) -> tuple[str, ...]:
     return tuple(sorted(values, key=int) if ints else sorted(values))
 
 
-def _classification_rows(tok, data, labels, seq_len: int, eos: int) -> dict:
-    """Token rows cut to seq_len on the data.truncation side, and label indices."""
+def _classification_rows(tok, data, labels, seq_len: int, eos: int) -> ClassRows:
+    """The rows of `tok` with label indices; every label must be in the label set."""
     index = {name: i for i, name in enumerate(labels)}
     for i, y in enumerate(tok.labels.tolist()):
         if y not in index:
             raise UserError(f"{tok.source}: row {int(tok.rows[i])} (counting from 0), column "
                             f"{data.label_column!r}: label {y!r} is not in the label set "
                             f"{list(labels)}; fix the row or data.labels")
-    # No EOS is appended: transformers pools the last token != pad (= eos) after export.
-    rows, truncated = [], 0
-    for r in tok.token_lists():
-        if len(r) > seq_len:
-            truncated += 1
-            r = r[-seq_len:] if data.truncation == "left" else r[:seq_len]
-        rows.append(r.tolist() if len(r) else [eos])
-    return {"rows": rows, "labels": np.asarray([index[y] for y in tok.labels.tolist()], np.int32),
-            "truncated": truncated}
+    ys = np.asarray([index[y] for y in tok.labels.tolist()], np.int32)
+    return ClassRows(tok, ys, seq_len, data.truncation, eos)

@@ -105,6 +105,11 @@ def _add_eval(sub) -> None:
                    help="lm: how far windows advance over long documents (default seq-len/2)")
     p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                    help="classification: write one JSON line per example")
+    p.add_argument("--prompt-template", default="",
+                   help="dictionary_reverse: the prompt, e.g. '{definition} =>' (default: "
+                        "the run's own data.prompt_template, else the task's)")
+    p.add_argument("--target-template", default="",
+                   help="dictionary_reverse: the target, e.g. ' {word}' (same defaults)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -114,11 +119,22 @@ def _cmd_eval(args) -> int:
     from .sources import load_model
 
     model, tok, source = load_model(args.model, _latest(args.step))
+    templates = None
+    if args.task == "dictionary_reverse":
+        from .evaluate import run_templates
+        from .tasks import Templates
+
+        if source.kind in ("run", "checkpoint"):
+            templates = run_templates(source.path, args.task)
+        if args.prompt_template or args.target_template or templates is None:
+            base = templates or Templates()
+            templates = Templates(args.prompt_template or base.prompt,
+                                  args.target_template or base.target, base.example)
     result = evaluate_data(
         model, tok, args.data, task=args.task, text_column=args.text_column,
         label_column=args.label_column, split=args.split, text_unit=args.text_unit,
         batch_size=args.batch_size, seq_len=args.seq_len, stride=args.stride,
-        predictions=args.predictions,
+        predictions=args.predictions, templates=templates,
     )
     _emit({"model": source.describe(), **result}, args.json, _eval_text)
     return 0
@@ -370,6 +386,12 @@ def _add_bench(sub) -> None:
                    help="compute dtype (weights and AdamW stay float32)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     p.add_argument("--scan-layers", action="store_true", help="scan over stacked layers")
+    p.add_argument("--attention", choices=("explicit", "xla", "cudnn"), default="explicit",
+                   help="model.attention: the custom-VJP kernel, or jax.nn.dot_product_attention "
+                        "with XLA or cuDNN flash attention (NVIDIA GPU, bfloat16)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="model.loss_chunk: LM loss in chunks of about N tokens, never the full "
+                        "logits (0: full logits)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
@@ -390,7 +412,8 @@ def _cmd_bench(args) -> int:
     cfg = bench_config(args.preset, n_layer=args.n_layer, n_embd=args.n_embd,
                        n_head=args.n_head, vocab_size=args.vocab_size,
                        n_positions=args.n_positions, dtype=args.dtype, remat=args.remat,
-                       scan_layers=args.scan_layers or None)
+                       scan_layers=args.scan_layers or None, attention=args.attention,
+                       loss_chunk=args.loss_chunk)
     result = run_bench(
         cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
         warmup=args.warmup, rounds=args.rounds, vs_hf=args.vs == "hf", decode=args.decode,

@@ -34,6 +34,8 @@ class ModelSection:
     classifier_dropout: float = 0.1
     remat: str = "none"  # none | full | dots
     scan_layers: bool = False
+    attention: str = "explicit"  # explicit | xla | cudnn (jax.nn.dot_product_attention)
+    loss_chunk: int = 0  # LM loss in chunks of about N tokens (0: full logits)
 
 
 @dataclass
@@ -227,6 +229,17 @@ def validate(cfg: Config) -> None:
     need(m.remat in ("none", "full", "dots"), "model.remat", "choose none, full or dots")
     if m.dropout is not None:
         need(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
+    need(m.attention in ("explicit", "xla", "cudnn"), "model.attention",
+         "choose explicit, xla or cudnn")
+    need(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
+         "cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel)")
+    # checked here, before any data work; None would mean the model's own 0.1
+    need(m.attention == "explicit" or m.dropout == 0, "model.attention",
+         f"{m.attention} has no attention dropout (jax.nn.dot_product_attention takes none) "
+         f"but model.dropout is {m.dropout if m.dropout is not None else 'unset (0.1)'}; "
+         "set model.dropout=0 or use model.attention=explicit")
+    need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0 (0 = full logits), got "
+         f"{m.loss_chunk}")
     for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "num_labels"):
         v = getattr(m, key)
         need(v is None or v >= 1, f"model.{key}", f"must be >= 1, got {v}")

@@ -17,7 +17,9 @@ import codecs
 import contextlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,7 +331,7 @@ def _quiet():
 # ---------------------------------------------------------------- task records -> tokens
 
 GCIDE = "gcide"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def load_task_dataset(spec: str, *, text_unit: str = "document", limit: int = 0,
@@ -354,69 +356,109 @@ def load_task_dataset(spec: str, *, text_unit: str = "document", limit: int = 0,
 
 @dataclass
 class Tokenized:
-    """Tokenized records as flat arrays: record i is ids[offsets[i]:offsets[i+1]].
+    """Tokenized records as flat arrays: record i is ids[starts[i]:starts[i] + lengths[i]].
 
-    weights (LM tasks): per-token loss weight (0 on a template's prompt with
-    data.loss_on=target); labels (classification): each record's label as text; rows: the
-    record's row in its source (for error messages after a split); nbytes: UTF-8 bytes
-    of each rendered record (bytes per token).
+    ids and weights may be read-only memory maps of the cache files, so a corpus larger
+    than memory costs only the pages a batch touches; `select` makes views (index
+    arrays), never copies of the tokens. weights (LM tasks): per-token loss weight (0 on a
+    template's prompt with data.loss_on=target); labels (classification): each record's
+    label as text; rows: the record's row in its source (for error messages after a
+    split); nbytes: UTF-8 bytes of each rendered record (bytes per token).
     """
 
     ids: np.ndarray
-    offsets: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
     nbytes: np.ndarray
     rows: np.ndarray
     weights: np.ndarray | None = None
     labels: np.ndarray | None = None
     source: str = ""
 
+    @classmethod
+    def from_lists(cls, token_lists, weights=None, labels=None, source: str = "") -> Tokenized:
+        """In-memory records from lists of token ids (and per-token weights, labels)."""
+        lengths = np.asarray([len(t) for t in token_lists], np.int64)
+        flat = lambda xs, dt: np.asarray([v for x in xs for v in x], dt)  # noqa: E731
+        return cls(ids=flat(token_lists, np.int32),
+                   starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+                   lengths=lengths, nbytes=lengths.copy(), rows=np.arange(len(lengths)),
+                   weights=None if weights is None else flat(weights, np.uint8),
+                   labels=None if labels is None else np.asarray(labels, str), source=source)
+
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.starts)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def record(self, i: int, values: np.ndarray | None = None) -> np.ndarray:
+        """Record i's slice of `values` (default: its token ids) as an int32 array."""
+        v = self.ids if values is None else values
+        a = int(self.starts[i])
+        return np.asarray(v[a: a + int(self.lengths[i])], np.int32 if values is None else None)
 
     def token_lists(self, values: np.ndarray | None = None) -> list[np.ndarray]:
-        """Per-record slices of `values` (default: the token ids)."""
-        v = self.ids if values is None else values
-        return [v[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Every record's slice of `values` (reads everything: small data and tests)."""
+        return [self.record(i, values) for i in range(len(self))]
 
     def select(self, idx: np.ndarray) -> Tokenized:
-        """The records at `idx`, in that order."""
+        """The records at `idx`, in that order (the token arrays are shared, not copied)."""
         idx = np.asarray(idx, np.int64)
-        lens = self.lengths()[idx]
-        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        # token j of the selection sits at (its record's old start - new start) + j
-        flat = np.repeat(self.offsets[:-1][idx] - offsets[:-1], lens) + np.arange(offsets[-1])
         return Tokenized(
-            ids=self.ids[flat], offsets=offsets,
-            nbytes=self.nbytes[idx], rows=self.rows[idx],
-            weights=None if self.weights is None else self.weights[flat],
+            ids=self.ids, starts=self.starts[idx], lengths=self.lengths[idx],
+            nbytes=self.nbytes[idx], rows=self.rows[idx], weights=self.weights,
             labels=None if self.labels is None else self.labels[idx], source=self.source)
 
     def bytes_per_token(self) -> float:
-        return float(self.nbytes.sum()) / max(int(self.offsets[-1]), 1)
+        return float(self.nbytes.sum()) / max(self.n_tokens, 1)
 
 
 def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[Tokenized, bool]:
     """Load, render and tokenize the records of `spec` once; (Tokenized, from_cache).
 
     The result is cached under data.cache_dir ($GPT2JAX_CACHE, else ~/.cache/gpt2jax)
-    keyed by the source (local files' sizes and mtimes, the hub spec, the GCIDE files),
-    the task and its templates, the columns and the tokenizer, so a repeated or resumed
-    run does not tokenize again. Tokenizing runs as one batched `datasets.map`.
+    keyed by the source (local files' sizes and mtimes, the hub dataset's fingerprint,
+    the GCIDE files), the task and its templates, the columns and the tokenizer, so a
+    repeated or resumed run does not tokenize again. The cache is a folder of .npy files
+    that later runs memory-map. Tokenizing runs as one batched `datasets.map` that writes
+    to disk, and the tokens are copied into the cache in chunks, so memory stays bounded
+    by a chunk, not the corpus.
     """
-    path = cache_path(spec, data, tokenizer) if cache else None
-    if path is not None and path.is_file():
+    ds = None
+    fingerprint = None
+    if spec.startswith(HUB_PREFIX):
+        # The hub copy can change under the same name: key by the loaded data's fingerprint.
+        ds = load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
+        fingerprint = [spec, ds._fingerprint]
+    path = cache_path(spec, data, tokenizer, fingerprint) if cache else None
+    if path is not None and (path / "meta.json").is_file():
         try:
             return _read_cache(path, spec), True
-        except (OSError, ValueError, KeyError):  # a torn or foreign file: tokenize again
+        except (OSError, ValueError, KeyError):  # a torn or foreign cache: tokenize again
             pass
-    ds = load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
-    out = tokenize_dataset(ds, data, tokenizer, where=spec)
-    if path is not None:
-        _write_cache(path, out)
-    return out, False
+    if ds is None:
+        ds = load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
+    if path is None:
+        return tokenize_dataset(ds, data, tokenizer, where=spec), False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:  # a read-only cache is not fatal: tokenize in memory
+        print(f"gpt2jax: warning: cannot write the data cache {path}: {e.strerror}",
+              file=sys.stderr)
+        return tokenize_dataset(ds, data, tokenizer, where=spec), False
+    try:
+        tokenize_dataset(ds, data, tokenizer, where=spec, out_dir=tmp)
+        try:
+            os.rename(tmp, path)  # atomic: other processes see all of it or nothing
+        except OSError:  # another process finished first: its copy is the same
+            if not (path / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _read_cache(path, spec), False
 
 
 def cache_dir(data=None) -> Path:
@@ -425,15 +467,16 @@ def cache_dir(data=None) -> Path:
     return Path(explicit or os.environ.get("GPT2JAX_CACHE") or "~/.cache/gpt2jax").expanduser()
 
 
-def cache_path(spec: str, data, tokenizer) -> Path:
-    """The cache file of (source, task settings, tokenizer)."""
+def cache_path(spec: str, data, tokenizer, fingerprint: list | None = None) -> Path:
+    """The cache folder of (source, task settings, tokenizer); `fingerprint` identifies
+    the source's content when the caller knows it (hub data), else its files do."""
     import hashlib
     import json
 
     key = {
         "version": CACHE_VERSION,
         "spec": spec,
-        "source": source_fingerprint(spec),
+        "source": fingerprint if fingerprint is not None else source_fingerprint(spec),
         "task": data.task,
         "text_column": data.text_column,
         "label_column": data.label_column if data.task == "classification" else None,
@@ -444,13 +487,11 @@ def cache_path(spec: str, data, tokenizer) -> Path:
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir(data) / "tokenized" / f"{digest}.npz"
+    return cache_dir(data) / "tokenized" / digest
 
 
 def source_fingerprint(spec: str) -> list:
-    """What identifies a source's content: (name, size, mtime) of its files, or the spec."""
-    if spec.startswith(HUB_PREFIX):
-        return [spec]  # the datasets library caches and versions hub data itself
+    """What identifies a local source's content: (name, size, mtime) of its files."""
     if spec == GCIDE or spec.startswith(GCIDE + ":"):
         from .tasks import gcide_dir
 
@@ -479,9 +520,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data") -> Tokenized:
+def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data",
+                     out_dir: Path | None = None) -> Tokenized:
     """Render each record with its task's template and tokenize, in one batched map.
 
+    With out_dir the map writes to disk and the tokens go to out_dir's .npy files chunk by
+    chunk (the cache format, see `write_store`); otherwise everything stays in memory.
     Errors name the source, the row (counting from 0) and the column.
     """
     from .tasks import Templates, render
@@ -525,23 +569,63 @@ def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data")
 
     with _quiet():
         mapped = ds.map(batch_fn, batched=True, with_indices=True, batch_size=1000,
-                        remove_columns=ds.column_names, keep_in_memory=True,
+                        remove_columns=ds.column_names, keep_in_memory=out_dir is None,
+                        cache_file_name=None if out_dir is None else str(out_dir / "map.arrow"),
                         new_fingerprint=f"gpt2jax-tokenize-{id(batch_fn)}")
-    table = mapped.data
-    ids_col = table.column("ids").combine_chunks()
-    out = Tokenized(
-        ids=ids_col.values.to_numpy(zero_copy_only=False).astype(np.int32),
-        offsets=ids_col.offsets.to_numpy().astype(np.int64),
-        nbytes=np.asarray(mapped["nbytes"], np.int64),
-        rows=np.asarray(mapped["row"], np.int64),
-        source=where,
-    )
-    if want_weights:
-        out.weights = table.column("weights").combine_chunks().values.to_numpy(
-            zero_copy_only=False).astype(np.float32)
-    if classification:
-        out.labels = np.asarray(mapped["label"], dtype=object).astype(str)
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.int32
+    out = write_store(mapped, out_dir, dtype, where)
+    if out_dir is not None:
+        del mapped
+        (out_dir / "map.arrow").unlink(missing_ok=True)
     return out
+
+
+def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: str) -> Tokenized:
+    """The tokenized columns (ids, row, nbytes, optional weights and label) as a Tokenized.
+
+    With out_dir, ids/weights are copied chunk by chunk into .npy files there and the
+    result memory-maps them; meta.json is written last, so a folder without it is torn.
+    """
+    import json
+
+    import pyarrow.compute as pc
+
+    table = mapped.data
+    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False)
+                              for c in table.column("ids").chunks] or [np.zeros(0)])
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    flat: dict[str, np.ndarray] = {}
+    for name, kind in (("ids", dtype), ("weights", np.uint8)):
+        if name not in table.column_names:
+            continue
+        if out_dir is None:
+            arr = np.empty(total, kind)
+        else:
+            arr = np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=kind,
+                                            shape=(total,))
+        pos = 0
+        for chunk in table.column(name).chunks:  # one chunk in memory at a time
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            arr[pos: pos + len(values)] = values
+            pos += len(values)
+        flat[name] = arr
+    small = {"starts": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+             "lengths": lengths,
+             "nbytes": np.asarray(mapped["nbytes"], np.int64),
+             "rows": np.asarray(mapped["row"], np.int64)}
+    if "label" in table.column_names:
+        small["labels"] = np.asarray(mapped["label"], dtype=str)
+    if out_dir is None:
+        return Tokenized(ids=flat["ids"], weights=flat.get("weights"), source=where, **small)
+    for arr in flat.values():
+        arr.flush()
+    for name, arr in small.items():
+        np.save(out_dir / f"{name}.npy", arr, allow_pickle=False)
+    (out_dir / "meta.json").write_text(json.dumps(
+        {"version": CACHE_VERSION, "records": len(lengths), "tokens": total,
+         "source": where}) + "\n")
+    return _read_cache(out_dir, where)
 
 
 def needed_columns(data, templates, columns: list[str]) -> list[str]:
@@ -575,24 +659,24 @@ def _label_cell(record: dict, column: str) -> str:
     return str(value)
 
 
-def _write_cache(path: Path, t: Tokenized) -> None:
-    arrays = {"ids": t.ids, "offsets": t.offsets, "nbytes": t.nbytes, "rows": t.rows}
-    if t.weights is not None:
-        arrays["weights"] = t.weights
-    if t.labels is not None:
-        arrays["labels"] = np.asarray(t.labels, dtype=str)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
-    except OSError as e:  # a read-only cache is not fatal: the run just tokenizes again
-        print(f"gpt2jax: warning: cannot write the data cache {path}: {e.strerror}",
-              file=sys.stderr)
-
-
 def _read_cache(path: Path, source: str) -> Tokenized:
-    with np.load(path, allow_pickle=False) as z:
-        return Tokenized(ids=z["ids"], offsets=z["offsets"], nbytes=z["nbytes"], rows=z["rows"],
-                         weights=z["weights"] if "weights" in z else None,
-                         labels=z["labels"] if "labels" in z else None, source=source)
+    """A cache folder's arrays; the token arrays as read-only memory maps."""
+    import json
+
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"cache version {meta.get('version')}")
+
+    def load(name: str, mmap: bool = False) -> np.ndarray | None:
+        f = path / f"{name}.npy"
+        if not f.is_file():
+            return None
+        return np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    out = Tokenized(ids=load("ids", True), starts=load("starts"), lengths=load("lengths"),
+                    nbytes=load("nbytes"), rows=load("rows"), weights=load("weights", True),
+                    labels=load("labels"), source=source)
+    if any(a is None for a in (out.ids, out.starts, out.lengths, out.nbytes, out.rows)) or \
+            len(out.ids) != meta["tokens"] or len(out.starts) != meta["records"]:
+        raise ValueError(f"incomplete cache {path}")
+    return out

@@ -313,6 +313,16 @@ def evaluate_reverse_dictionary(
             "samples": [{"word": w, "generated": g} for w, g in list(zip(words, guesses))[:5]]}
 
 
+def run_templates(run_dir: str | Path, task: str):
+    """The templates a gpt2jax run trained `task` with (its config.yaml), or None when the
+    run trained another task, so evaluation prompts the way training rendered."""
+    from .config import load_config
+    from .tasks import Templates
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    return Templates.from_data(cfg.data) if cfg.data.task == task else None
+
+
 # ---------------------------------------------------------------- classification
 
 
@@ -444,10 +454,12 @@ def evaluate_data(
     seq_len: int | None = None,
     stride: int | None = None,
     predictions: str | Path | None = None,
+    templates=None,
 ) -> dict:
     """Evaluate on a data spec (see data.load_records); what `gpt2jax eval` runs.
 
     task defaults to "classification" for a model with a classification head, else "lm".
+    templates (tasks.Templates): the dictionary_reverse prompt/target; default the task's.
     """
     from .data import load_records, require_column
 
@@ -460,7 +472,7 @@ def evaluate_data(
 
         records = load_task_dataset(data, text_unit=text_unit, split=split).to_list()
         result = evaluate_reverse_dictionary(model, tokenizer, records, batch_size=batch_size,
-                                             predictions=predictions)
+                                             predictions=predictions, templates=templates)
         return {"task": task, **result}
     if task == "lm" and predictions is not None:
         raise UserError("--predictions applies to --task classification")

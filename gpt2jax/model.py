@@ -42,6 +42,9 @@ ACTIVATIONS = {
     "tanh": jnp.tanh,
 }
 REMAT = ("none", "full", "dots")
+# no-cache attention: the custom-VJP kernel below, or jax.nn.dot_product_attention with
+# implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16/fp16)
+ATTENTION = ("explicit", "xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -74,6 +77,8 @@ class GPT2Config:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "explicit"  # explicit | xla | cudnn (ATTENTION)
+    loss_chunk: int = 0  # token_nll: 0 = full logits; N = rows per chunk, fused custom VJP
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +101,19 @@ class GPT2Config:
             raise UserError(f"model.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.remat not in REMAT:
             raise UserError(f"model.remat={self.remat!r}: choose one of {', '.join(REMAT)}")
+        if self.attention not in ATTENTION:
+            raise UserError(
+                f"model.attention={self.attention!r}: choose one of {', '.join(ATTENTION)}"
+            )
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise UserError(
+                "model.attention=cudnn needs a 16-bit compute dtype (cuDNN flash attention "
+                "has no float32 kernel): set model.dtype=bfloat16, or use model.attention=xla"
+            )
+        if self.loss_chunk < 0:
+            raise UserError(
+                f"model.loss_chunk must be >= 0 (0 = full logits), got {self.loss_chunk}"
+            )
         if self.head != "lm" and self.num_labels < 1:
             raise UserError(f"model.num_labels must be >= 1, got {self.num_labels}")
 
@@ -269,6 +287,124 @@ def _head_bwd(res, g):
 tied_head.defvjp(_head_fwd, _head_bwd)
 
 
+def _seq_chunks(x: jax.Array, size: int) -> jax.Array:
+    """(B, T, ...) -> (C, B, size, ...): T zero-padded to C * size, chunk axis first.
+
+    Chunking along the sequence keeps the batch axis (the one sharded over the mesh)
+    intact inside every chunk.
+    """
+    b, t = x.shape[:2]
+    c = -(-t // size)
+    pad = [(0, 0), (0, c * size - t)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad).reshape(b, c, size, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _unchunk(x: jax.Array, t: int) -> jax.Array:
+    """The inverse of _seq_chunks: (C, B, size, ...) -> (B, T, ...)."""
+    c, b, size = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, c * size, *x.shape[3:])[:, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_nll(h: jax.Array, w: jax.Array, targets: jax.Array, size: int) -> jax.Array:
+    """-log softmax(h @ w^T)[target] per token, never holding more than one chunk's logits.
+
+    h (B, T, D), w (V, D) in h's dtype, targets (B, T) int; `size` sequence positions per
+    chunk (static). Returns (B, T) float32, equal to the cross-entropy of the full logits.
+    The forward pass keeps only h and the per-token logsumexp; the backward pass
+    recomputes each chunk's logits and accumulates dh and dW = (h^T (softmax - onehot))^T
+    chunk by chunk (the (B * T, V) logits and their gradient are never materialised).
+    """
+    return _chunked_nll_fwd(h, w, targets, size)[0]
+
+
+def _chunk_logits(hi, w):
+    return jnp.matmul(hi, w.T, preferred_element_type=jnp.float32)  # (B, size, V)
+
+
+def _chunked_nll_fwd(h, w, targets, size):
+    def body(_, xs):
+        hi, ti = xs
+        logits = _chunk_logits(hi, w)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, ti[..., None], axis=-1)[..., 0]
+        return None, (lse - tgt, lse)
+
+    t = h.shape[1]
+    _, (nll, lse) = jax.lax.scan(body, None, (_seq_chunks(h, size), _seq_chunks(targets, size)))
+    lse = _unchunk(lse, t)
+    return _unchunk(nll, t), (h, w, targets, lse)
+
+
+def _chunked_nll_bwd(size, res, g):
+    h, w, targets, lse = res
+    v = w.shape[0]
+
+    def body(dwt, xs):
+        hi, ti, li, gi = xs  # gi is 0 on padded positions: they add nothing
+        logits = _chunk_logits(hi, w)
+        p = jnp.exp(logits - li[..., None])
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == ti[..., None]
+        d = (jnp.where(hit, p - 1.0, p) * gi[..., None]).astype(h.dtype)  # dnll/dlogits
+        dh = jnp.matmul(d, w)
+        # h^T d keeps the vocab axis contiguous (tied_head's layout argument)
+        dwt = dwt + jnp.einsum("btd,btv->dv", hi, d, preferred_element_type=jnp.float32)
+        return dwt, dh
+
+    xs = (_seq_chunks(h, size), _seq_chunks(targets, size), _seq_chunks(lse, size),
+          _seq_chunks(g.astype(jnp.float32), size))
+    dwt, dh = jax.lax.scan(body, jnp.zeros((h.shape[-1], v), jnp.float32), xs)
+    return _unchunk(dh, h.shape[1]).astype(h.dtype), dwt.T.astype(w.dtype), None
+
+
+chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+def require_cudnn() -> None:
+    """UserError unless JAX sees an NVIDIA GPU (CUDA backend), naming the devices seen."""
+    devices = jax.devices()
+    if not any(d.platform == "gpu" and "cuda" in str(d.client.platform_version).lower()
+               for d in devices):
+        seen = ", ".join(sorted({f"{d.platform} ({d.device_kind})" for d in devices}))
+        raise UserError(
+            f"model.attention=cudnn needs an NVIDIA GPU with the CUDA build of jax, but JAX "
+            f"sees {len(devices)} device(s): {seen}; use model.attention=xla or explicit "
+            "(or install jax[cuda12] on a GPU machine)"
+        )
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Shard an activation's leading (batch) axis by sharding.RULES' `batch` rule, under a
+    mesh only (jax.sharding.use_abstract_mesh / set_mesh; the train and eval steps enter
+    one when their inputs live on a mesh). Other axes are left replicated.
+
+    Without it the SPMD partitioner picks layouts for some activations (e.g. the position
+    embeddings' gradient) that differ from the batch's and falls back to a full
+    rematerialisation (replicate, then re-partition).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    from .sharding import spec_for
+
+    spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _unshard_embed(table: jax.Array, row_axis: str) -> jax.Array:
+    """An embedding table gathered along `embed` (FSDP's all-gather before use) under a
+    mesh; its rows keep their rule. A lookup into a table split along `embed` gives
+    activations split along `embed`, which the partitioner cannot turn into the batch
+    layout without replicating them first."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return table
+    from .sharding import spec_for
+
+    return jax.lax.with_sharding_constraint(table, spec_for((row_axis, None), table.shape, mesh))
+
+
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes)
 
@@ -324,6 +460,8 @@ class Attention(nnx.Module):
     def _attend_no_cache(self, x, mask, scale, key):
         """Training / evaluation: heads-major (B, H, T, K) layout and attention_core."""
         cfg, dt = self.cfg, x.dtype
+        if cfg.attention != "explicit":
+            return self._attend_library(x, mask, scale, _fold(key, 0))
         qkv = jnp.einsum("btd,dshk->sbhtk", x, self.c_attn_kernel[...].astype(dt))
         qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, :, None]
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -336,6 +474,41 @@ class Attention(nnx.Module):
             keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
         out = attention_core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
         return jnp.einsum("bhqk,hkd->bqd", out, self.c_proj_kernel[...].astype(dt))
+
+    def _attend_library(self, x, mask, scale, akey):
+        """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
+
+        `mask` is the same boolean (B or 1, 1, T, T) mask as the explicit path's (causal and
+        key padding); masked logits get a large negative value there too, so a fully
+        masked (left-padding) query row is a uniform average in both.
+        """
+        cfg, dt = self.cfg, x.dtype
+        if akey is not None and cfg.attn_pdrop > 0.0:
+            # the library call has no dropout on the probabilities: refuse, not skip
+            raise UserError(
+                f"model.attention={cfg.attention} has no attention dropout "
+                f"(jax.nn.dot_product_attention takes none), but attn_pdrop={cfg.attn_pdrop} "
+                "would be applied in training; set model.dropout=0, or train with "
+                "model.attention=explicit"
+            )
+        impl = None if cfg.attention == "xla" else "cudnn"
+        if impl == "cudnn":
+            require_cudnn()
+        qkv = jnp.einsum("btd,dshk->sbthk", x, self.c_attn_kernel[...].astype(dt))
+        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if impl == "cudnn" and not isinstance(scale, float):
+            # cuDNN wants a static scale; a traced one (scan_layers with
+            # scale_attn_by_inverse_layer_idx) is folded into q instead
+            q, scale = (q * scale).astype(dt), 1.0
+        if impl == "cudnn" and mask.shape[0] == 1:
+            # no padding: the causal mask type, which never materialises a (T, T) mask
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                               implementation=impl)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                               implementation=impl)
+        return jnp.einsum("bqhk,hkd->bqd", out, self.c_proj_kernel[...].astype(dt))
 
     def _attend_cached(self, x, mask, scale, key, cache, cache_index):
         """Decoding: the new tokens' k/v go into the (B, S, H, K) cache at cache_index."""
@@ -443,6 +616,13 @@ class AttentionPoolHead(nnx.Module):
         return pooled @ self.out_kernel[...] + self.out_bias[...]
 
 
+def optax_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Integer-label cross-entropy of float32 logits (optax's, the trainer's reference)."""
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
 def _checkpointed(fn, remat: str):
     if remat == "full":
         return jax.checkpoint(fn)
@@ -501,15 +681,20 @@ class GPT2(nnx.Module):
         cfg = self.cfg
         dt = cfg.compute_dtype
         b, t = input_ids.shape
+        arange_positions = position_ids is None and attention_mask is None and cache is None
         if position_ids is None:
             if attention_mask is not None and cache is None:
                 position_ids = positions_from_mask(attention_mask)
             else:
                 start = 0 if cache_index is None else cache_index
                 position_ids = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-        x = jnp.take(self.wte[...], input_ids, axis=0)
-        x = x + jnp.take(self.wpe[...], position_ids, axis=0)
+        x = jnp.take(_unshard_embed(self.wte[...], "vocab"), input_ids, axis=0)
+        if arange_positions:  # a slice, not a gather: simpler to shard and to differentiate
+            x = x + self.wpe[...][:t][None]
+        else:
+            x = x + jnp.take(_unshard_embed(self.wpe[...], "positions"), position_ids, axis=0)
         x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, 1_000_001))
+        x = constrain_batch(x)
         if cache is None:
             mask = attention_mask_bias(t, t, attention_mask)
         else:
@@ -522,7 +707,7 @@ class GPT2(nnx.Module):
                 state, i = xs
                 block = nnx.merge(graphdef, state)
                 out, _ = block(carry, mask, i, _fold(dropout_key, i))
-                return out, None
+                return constrain_batch(out), None
 
             x, _ = jax.lax.scan(
                 _checkpointed(body, cfg.remat), x, (stacked, jnp.arange(cfg.n_layer))
@@ -544,15 +729,26 @@ class GPT2(nnx.Module):
                     x, layer_cache = block(
                         x, mask, i, _fold(dropout_key, i), layer_cache, cache_index
                     )
+                x = constrain_batch(x)
                 if new_cache is not None:
                     new_cache.append(layer_cache)
-        return self.ln_f(x), new_cache
+        return constrain_batch(self.ln_f(x)), new_cache
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: logits in float32."""
         lead, d = h.shape[:-1], h.shape[-1]
         logits = tied_head(h.reshape(-1, d), self.wte[...].astype(h.dtype))
         return logits.reshape(*lead, -1).astype(jnp.float32)
+
+    def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
+        """Per-token LM cross-entropy (B, T) float32 of hidden states h (B, T, D) against
+        targets (B, T). cfg.loss_chunk 0: through the full float32 logits (lm_logits);
+        N > 0: chunked_nll over chunks of about N tokens (max(1, N // B) positions of
+        every row), so the (B * T, vocab) logits never exist at once."""
+        if self.cfg.loss_chunk <= 0:
+            return optax_nll(self.lm_logits(h), targets)
+        size = max(1, self.cfg.loss_chunk // h.shape[0])
+        return chunked_nll(h, self.wte[...].astype(h.dtype), targets, min(size, h.shape[1]))
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
         if self.cfg.head == "sequence":

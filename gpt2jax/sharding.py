@@ -144,3 +144,22 @@ def shardings_like_params(tree, params, param_shardings, default: NamedSharding)
         return default
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def mesh_of(tree):
+    """A context that makes the mesh of `tree`'s arrays the current abstract mesh, inside a
+    jit trace (model.constrain_batch reads it); a null context when the arrays are not on
+    a multi-device mesh or a mesh is already current.
+
+    The trainer jits its step without `jax.set_mesh`; its inputs' avals still carry the
+    mesh they were placed on, which is how the step learns it.
+    """
+    import contextlib
+
+    if not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty and mesh.size > 1:
+            return jax.sharding.use_abstract_mesh(mesh)
+    return contextlib.nullcontext()

@@ -52,7 +52,8 @@ def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]
                             "remove these keys or use model.init=scratch")
         base = source
     fields = dict(head=m.head, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
-                  classifier_dropout=m.classifier_dropout)
+                  classifier_dropout=m.classifier_dropout, attention=m.attention,
+                  loss_chunk=m.loss_chunk)
     if m.dropout is not None:
         fields.update(embd_pdrop=m.dropout, attn_pdrop=m.dropout, resid_pdrop=m.dropout)
     if m.head != "lm":
@@ -104,7 +105,7 @@ def train(cfg: Config) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from .batches import Batcher, prepare
+    from .batches import Batcher
     from .checkpoint import Checkpoints
     from .model import abstract_model
     from .optim import make_optimizer
@@ -155,8 +156,7 @@ def train(cfg: Config) -> dict:
         old = json.loads((run / "model.json").read_text())
         old_labels = tuple(old.get("labels") or ())
     eos = tokenizer.eos_token_id
-    prepared = prepare(cfg.data, tokenizer, seq_len=t.seq_len, seed=t.seed, eos=eos,
-                       labels=old_labels)
+    prepared = _prepare_data(cfg, tokenizer, eos, old_labels)
     if source_model is not None:
         mcfg = model_config(cfg, source_model.cfg, prepared.labels)
     elif resume:
@@ -225,7 +225,7 @@ def train(cfg: Config) -> dict:
     if classification and t.class_weights == "balanced":
         from .tasks import balanced_class_weights
 
-        class_weights = balanced_class_weights(prepared.train["labels"], len(prepared.labels))
+        class_weights = balanced_class_weights(prepared.train.labels, len(prepared.labels))
     step_fn = make_train_step(graphdef, tx, schedule, classification, t.grad_accum, base_key,
                               class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1),
@@ -441,6 +441,8 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
     import optax
     from flax import nnx
 
+    from .sharding import mesh_of
+
     def loss_sum(params, mb, key):
         model = nnx.merge(graphdef, params)
         if classification:
@@ -452,20 +454,23 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
                 jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
             total, count = (ce * w).sum(), w.sum()
             if lm_loss_weight:
-                nll = optax.softmax_cross_entropy_with_integer_labels(
-                    model.lm_logits(h[:, :-1]), ids[:, 1:])
+                nll = model.token_nll(h[:, :-1], ids[:, 1:])
                 real = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
                 lm = (nll * real).sum() / jnp.maximum(real.sum(), 1.0)
                 total = total + lm_loss_weight * lm * count  # the step divides by count
             return total, count
         tokens, w = mb["tokens"], mb["weights"][:, 1:]
-        logits = model(tokens[:, :-1], dropout_key=key)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        h, _ = model.hidden_states(tokens[:, :-1], dropout_key=key)
+        nll = model.token_nll(h, tokens[:, 1:])  # model.loss_chunk: chunked, fused
         return (nll * w).sum(), w.sum()
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def step(params, opt_state, batch, step):
+        with mesh_of(batch):  # activation sharding constraints when sharded
+            return _step(params, opt_state, batch, step)
+
+    def _step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
         if accum == 1:
             (loss, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), key)
@@ -496,34 +501,65 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
 def make_eval_step(graphdef, classification: bool):
     """Pure eval step: LM -> (nll sum, token count); classification -> logits."""
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
+    from .sharding import mesh_of
+
     def step(params, batch):
-        model = nnx.merge(graphdef, params)
-        if classification:
-            return model(batch["input_ids"], batch["attention_mask"])
-        tokens, w = batch["tokens"], batch["weights"][:, 1:]
-        nll = optax.softmax_cross_entropy_with_integer_labels(model(tokens[:, :-1]), tokens[:, 1:])
-        return jnp.stack([(nll * w).sum(), w.sum()])
+        with mesh_of(batch):  # activation sharding constraints when sharded
+            model = nnx.merge(graphdef, params)
+            if classification:
+                return model(batch["input_ids"], batch["attention_mask"])
+            tokens, w = batch["tokens"], batch["weights"][:, 1:]
+            h, _ = model.hidden_states(tokens[:, :-1])
+            nll = model.token_nll(h, tokens[:, 1:])
+            return jnp.stack([(nll * w).sum(), w.sum()])
 
     return step
 
 
-def run_eval(eval_fn, params, arrays: dict, t, mesh, classification: bool, labels, pad_id,
+def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
+    """batches.prepare, tokenizing once per run: in a multi-process run process 0 fills
+    the tokenized-data cache first and the others then memory-map it (on a filesystem
+    they do not share, each tokenizes for itself; the result is the same)."""
+    import jax
+
+    from .batches import prepare
+
+    def go():
+        return prepare(cfg.data, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
+                       eos=eos, labels=labels)
+
+    if jax.process_count() == 1 or cfg.data.cache_dir == "off":
+        return go()
+    from jax.experimental import multihost_utils
+
+    prepared, failed = None, None
+    if jax.process_index() == 0:
+        try:
+            prepared = go()
+        except Exception as e:  # reach the barrier anyway, or the others would wait forever
+            failed = e
+    multihost_utils.sync_global_devices("gpt2jax-data-cache")
+    if failed is not None:
+        raise failed
+    return prepared if prepared is not None else go()  # bad data fails the same way here
+
+
+def run_eval(eval_fn, params, source, t, mesh, classification: bool, labels, pad_id,
              max_len) -> dict:
-    """Validation metrics over (up to t.eval_batches) batches of the validation arrays."""
+    """Validation metrics over (up to t.eval_batches) batches of the validation source."""
     import jax
     import numpy as np
 
     from .batches import Batcher
     from .sharding import global_batch
 
-    n = len(next(iter(arrays.values())))
+    n = len(source)
     # Micro-batch size: what the train step holds in memory at once. A split smaller than
     # one batch wraps around (a few examples counted twice) rather than another shape.
     bs = t.batch_size // t.grad_accum
-    b = Batcher(arrays, bs, seed=t.seed + 1, process_index=jax.process_index(),
+    b = Batcher(source, bs, seed=t.seed + 1, process_index=jax.process_index(),
                 process_count=jax.process_count(), pad_id=pad_id, max_len=max_len)
     steps = max(1, n // bs)
     if t.eval_batches:
@@ -535,7 +571,7 @@ def run_eval(eval_fn, params, arrays: dict, t, mesh, classification: bool, label
             logits = eval_fn(params, global_batch(mesh, local))
             preds.append(np.asarray(_gather(logits)).argmax(-1))
             ys.append(b.global_indices(s))
-        y_true = np.asarray(arrays["labels"])[np.concatenate(ys)]
+        y_true = source.labels[np.concatenate(ys)]
         y_pred = np.concatenate(preds)
         from .evaluate import classification_metrics
 

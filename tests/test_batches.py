@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpt2jax.batches import Batcher, bucket, pack, pad_rows, split_blocks
+from gpt2jax.batches import Batcher, ClassRows, LMBlocks, bucket, pad_rows, split_blocks
+from gpt2jax.data import Tokenized
 from gpt2jax.errors import UserError
 
 EOS = 50256
@@ -16,29 +17,76 @@ def _docs(n: int = 9, seed: int = 0) -> list[list[int]]:
     return [rng.integers(0, 1000, rng.integers(1, 30)).tolist() for _ in range(n)]
 
 
+def _blocks(docs, block, masks=None) -> dict:
+    return LMBlocks(Tokenized.from_lists(docs, masks), block, EOS).arrays()
+
+
 def test_pack_makes_every_token_a_target_exactly_once():
     docs = _docs()
+    docs[3] = []  # an empty document is just its EOS
     block = 9
-    tokens, weights = pack(docs, block, EOS)
+    got = _blocks(docs, block)
+    tokens, weights = got["tokens"], got["weights"]
     stream = np.concatenate([[EOS, *d] for d in docs])
     assert tokens.shape[1] == block and weights.shape == tokens.shape
     # Blocks overlap by one token: the inputs/targets of consecutive blocks tile the stream.
     targets = np.concatenate([b[1:] for b in tokens])
     n = len(targets)
-    assert n == len(tokens) * (block - 1) and n >= len(stream) - block
+    assert n == len(tokens) * (block - 1) and len(stream) - block < n <= len(stream) - 1
     np.testing.assert_array_equal(targets, stream[1: n + 1])
     np.testing.assert_array_equal(tokens[:, 0], stream[np.arange(len(tokens)) * (block - 1)])
-    assert (weights == 1).all()
+    assert (weights == 1).all() and tokens.dtype == np.int32
 
 
 def test_pack_applies_loss_masks_and_rejects_too_little_data():
     docs = [[1, 2, 3], [4, 5]]
     masks = [[0, 1, 1], [0, 1]]
-    tokens, weights = pack(docs, 3, EOS, masks)
+    weights = _blocks(docs, 3, masks)["weights"]
     stream_w = np.array([1, 0, 1, 1, 1, 0, 1], np.float32)
     np.testing.assert_array_equal(weights[:, 1:].ravel(), stream_w[1: 1 + weights[:, 1:].size])
     with pytest.raises(UserError, match="fewer than one block"):
-        pack([[1, 2]], 8, EOS)
+        _blocks([[1, 2]], 8)
+
+
+class _Recording:
+    """An ids array that records which positions were read."""
+
+    def __init__(self, ids):
+        self.ids, self.read = ids, set()
+
+    def __getitem__(self, idx):
+        self.read.update(np.asarray(idx).ravel().tolist())
+        return self.ids[idx]
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def test_blocks_are_read_on_demand_from_a_memory_map_and_a_process_reads_only_its_rows(
+        tmp_path):
+    docs = _docs(n=200, seed=1)
+    full = _blocks(docs, 17)
+    tok = Tokenized.from_lists(docs)
+    np.save(tmp_path / "ids.npy", tok.ids.astype(np.uint16))
+    tok.ids = np.load(tmp_path / "ids.npy", mmap_mode="r")
+    mapped = LMBlocks(tok, 17, EOS)
+    np.testing.assert_array_equal(mapped.take(np.array([5, 0, 9]))["tokens"],
+                                  full["tokens"][[5, 0, 9]])
+    # two processes: each reads the tokens of its half of the global batch and no others
+    seen = []
+    for i in range(2):
+        tok.ids = _Recording(np.load(tmp_path / "ids.npy"))
+        b = Batcher(LMBlocks(tok, 17, EOS), 8, seed=4, process_index=i, process_count=2)
+        part = b.batch(3)
+        mine = b.global_indices(3)[i * 4: (i + 1) * 4]
+        np.testing.assert_array_equal(part["tokens"], full["tokens"][mine])
+        stream_pos = (mine[:, None] * 16 + np.arange(17)).ravel()
+        assert len(tok.ids.read) <= len(set(stream_pos.tolist()))
+        seen.append(tok.ids.read)
+    assert not seen[0] & seen[1]  # disjoint blocks: no token read by both processes
+    train, val = split_blocks(mapped, 0.25, seed=0)
+    assert isinstance(train, LMBlocks) and len(train) + len(val) == len(mapped)
+    np.testing.assert_array_equal(val.arrays()["tokens"][0], full["tokens"][val.index[0]])
 
 
 def _lm_arrays(n: int = 37, width: int = 5) -> dict:
@@ -84,14 +132,14 @@ def test_resuming_at_a_step_gives_the_same_batches_as_iterating_from_zero():
 
 def test_classification_batches_pad_to_one_bucket_for_all_processes():
     rows = [[1] * n for n in (3, 20, 5, 7, 2, 40, 9, 1)]
-    arrays = {"rows": rows, "labels": np.arange(8) % 3}
+    arrays = ClassRows(Tokenized.from_lists(rows), np.arange(8) % 3, 64, "right", EOS)
     per_process = [Batcher(arrays, 8, seed=0, process_index=i, process_count=2, pad_id=EOS,
                            max_len=64).batch(0) for i in range(2)]
     # The longest row of the global batch (40) sets the bucket on both processes.
     assert {p["input_ids"].shape for p in per_process} == {(4, 64)}
     idx = Batcher(arrays, 8, seed=0).global_indices(0)
     labels = np.concatenate([p["labels"] for p in per_process])
-    np.testing.assert_array_equal(labels, arrays["labels"][idx])
+    np.testing.assert_array_equal(labels, arrays.labels[idx])
     lengths = np.concatenate([p["attention_mask"].sum(1) for p in per_process])
     np.testing.assert_array_equal(lengths, [len(rows[i]) for i in idx])
     assert bucket(17, 64) == 32 and bucket(3, 64) == 16 and bucket(100, 64) == 64
@@ -104,6 +152,6 @@ def test_batch_size_must_divide_by_processes_and_block_split_is_disjoint():
         Batcher(_lm_arrays(), 6, seed=0, process_count=4)
     arrays = _lm_arrays(n=20)
     train, val = split_blocks(arrays, 0.25, seed=0)
-    assert len(val["tokens"]) == 5 and len(train["tokens"]) == 15
-    rows = {tuple(r) for r in np.concatenate([train["tokens"], val["tokens"]])}
+    assert len(val) == 5 and len(train) == 15
+    rows = {tuple(r) for r in np.concatenate([train.arrays["tokens"], val.arrays["tokens"]])}
     assert len(rows) == 20

@@ -111,7 +111,7 @@ def test_config_trains_two_steps_offline(path, fixtures, tmp_path, cli, monkeypa
     assert model["n_embd"] == 32 and model["head"] == original["model"].get("head", "lm")
     data_rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "data"]
     assert data_rows and data_rows[0]["bytes_per_token"] > 0
-    assert list((tmp_path / "cache" / "tokenized").glob("*.npz"))  # tokenized once, cached
+    assert list((tmp_path / "cache" / "tokenized").glob("*/meta.json"))  # tokenized once, cached
     if original["data"]["task"] == "classification":
         n_classes = 20 if model["head"] == "attention_pool" else 2
         assert len(model["labels"]) == n_classes

@@ -56,7 +56,7 @@ def test_repeated_run_reads_the_cache_and_a_changed_file_is_tokenized_again(
     d = _data(tmp_path, src, task="lm")
     first = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
     assert first.stats["cached"] is False
-    assert list((tmp_path / "cache" / "tokenized").glob("*.npz"))
+    assert list((tmp_path / "cache" / "tokenized").glob("*/meta.json"))
 
     def refuse(*a, **k):
         raise AssertionError("tokenized again despite the cache")
@@ -65,8 +65,11 @@ def test_repeated_run_reads_the_cache_and_a_changed_file_is_tokenized_again(
     second = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
     assert second.stats["cached"] is True
     for k in ("tokens", "weights"):
-        np.testing.assert_array_equal(first.train[k], second.train[k])
-        np.testing.assert_array_equal(first.validation[k], second.validation[k])
+        np.testing.assert_array_equal(first.train.arrays()[k], second.train.arrays()[k])
+        np.testing.assert_array_equal(first.validation.arrays()[k],
+                                      second.validation.arrays()[k])
+    # the cache is memory-mapped, not read into memory
+    assert isinstance(second.train.tok.ids, np.memmap)
     # another seq_len reuses the tokens too (packing is redone, not tokenizing)
     assert prepare(d, tok, seq_len=8, seed=0, eos=EOS).stats["cached"] is True
     _jsonl(src, [{"text": t} for t in _texts(21)])  # the file changed: the key changes
@@ -87,14 +90,14 @@ def test_split_by_documents_is_deterministic_by_seed_and_disjoint(tmp_path, tok)
     b = prepare(d, tok, seq_len=16, seed=3, eos=EOS)
     c = prepare(d, tok, seq_len=16, seed=4, eos=EOS)
     assert a.stats["validation_split"] == "documents" and a.stats["documents"] == 30
-    np.testing.assert_array_equal(a.validation["tokens"], b.validation["tokens"])
-    assert a.validation["tokens"].shape != c.validation["tokens"].shape or \
-        (a.validation["tokens"] != c.validation["tokens"]).any()
+    np.testing.assert_array_equal(a.validation.arrays()["tokens"], b.validation.arrays()["tokens"])
+    assert a.validation.arrays()["tokens"].shape != c.validation.arrays()["tokens"].shape or \
+        (a.validation.arrays()["tokens"] != c.validation.arrays()["tokens"]).any()
     # the held-out documents are exactly split_records' validation records
     train_records, val_records = split_records([{"text": t} for t in texts], 0.25, 3)
     assert len(val_records) == 10
-    train_stream = tok.decode(np.concatenate([blk[1:] for blk in a.train["tokens"]]))
-    val_stream = tok.decode(np.concatenate([blk[1:] for blk in a.validation["tokens"]]))
+    train_stream = tok.decode(np.concatenate([blk[1:] for blk in a.train.arrays()["tokens"]]))
+    val_stream = tok.decode(np.concatenate([blk[1:] for blk in a.validation.arrays()["tokens"]]))
     for r in val_records:
         assert r["text"] not in train_stream
     assert train_records[0]["text"] in train_stream and val_records[0]["text"] in val_stream
@@ -106,12 +109,12 @@ def test_a_single_document_is_split_by_packed_blocks(tmp_path, tok):
     d = _data(tmp_path, src, validation_fraction=0.2, cache_dir="off")
     p = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
     assert p.stats["validation_split"] == "blocks" and p.stats["documents"] == 1
-    n_train, n_val = len(p.train["tokens"]), len(p.validation["tokens"])
+    n_train, n_val = len(p.train.arrays()["tokens"]), len(p.validation.arrays()["tokens"])
     assert n_val == round((n_train + n_val) * 0.2)
-    rows = {tuple(r) for r in np.concatenate([p.train["tokens"], p.validation["tokens"]])}
+    rows = {tuple(r) for r in np.concatenate([p.train.arrays()["tokens"], p.validation.arrays()["tokens"]])}
     assert len(rows) == n_train + n_val  # no block is in both splits
     again = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
-    np.testing.assert_array_equal(p.validation["tokens"], again.validation["tokens"])
+    np.testing.assert_array_equal(p.validation.arrays()["tokens"], again.validation.arrays()["tokens"])
 
 
 # ---------------------------------------------------------------- bad data
@@ -164,9 +167,9 @@ def test_truncation_side_and_the_warning_count(tmp_path, tok, capsys):
     left = prepare(_cls(tmp_path, src, validation_fraction=0.0, truncation="left"), tok,
                    seq_len=8, seed=0, eos=EOS)
     ids = tok(long)["input_ids"]
-    assert right.train["rows"][0] == ids[:8] and left.train["rows"][0] == ids[-8:]
-    assert right.train["rows"][1] == left.train["rows"][1] == tok("short")["input_ids"]
-    assert right.labels == ("a", "b") and right.train["labels"].tolist() == [0, 1, 0, 1]
+    assert right.train.row(0).tolist() == ids[:8] and left.train.row(0).tolist() == ids[-8:]
+    assert right.train.row(1).tolist() == left.train.row(1).tolist() == tok("short")["input_ids"]
+    assert right.labels == ("a", "b") and right.train.labels.tolist() == [0, 1, 0, 1]
 
 
 def test_classification_records_round_trip_through_the_cache(tmp_path, tok):
@@ -180,6 +183,32 @@ def test_classification_records_round_trip_through_the_cache(tmp_path, tok):
     assert first.labels == second.labels == ("x", "y", "z")
     for split in ("train", "validation"):
         a, b = getattr(first, split), getattr(second, split)
-        assert a["rows"] == b["rows"]
-        np.testing.assert_array_equal(a["labels"], b["labels"])
-    assert len(first.validation["labels"]) == 3 and len(first.train["labels"]) == 9
+        assert [a.row(i).tolist() for i in range(len(a))] == \
+            [b.row(i).tolist() for i in range(len(b))]
+        np.testing.assert_array_equal(a.labels, b.labels)
+    assert len(first.validation.labels) == 3 and len(first.train.labels) == 9
+
+
+def test_hub_cache_is_keyed_by_the_datasets_fingerprint(tmp_path, tok, monkeypatch):
+    """The hub is unreachable here, so `load_task_dataset` is replaced by in-memory
+    `datasets.Dataset`s (whose fingerprints come from their content, as a hub copy's do)."""
+    import datasets
+
+    versions = {"v1": _texts(12), "v2": _texts(12, seed=1)}
+    current = {"name": "v1"}
+
+    def fake_load(spec, **kw):
+        assert spec == "hub:org/corpus@train"
+        return datasets.Dataset.from_dict({"text": versions[current["name"]]})
+
+    monkeypatch.setattr(data_mod, "load_task_dataset", fake_load)
+    d = _data(tmp_path, Path("unused"), validation_fraction=0.0)
+    d.train = "hub:org/corpus@train"
+    first = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    assert first.stats["cached"] is False
+    assert prepare(d, tok, seq_len=16, seed=0, eos=EOS).stats["cached"] is True
+    current["name"] = "v2"  # the hub copy changed under the same name
+    changed = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    assert changed.stats["cached"] is False
+    stream = tok.decode(changed.train.arrays()["tokens"][0])
+    assert versions["v2"][0] in stream and versions["v1"][0] not in stream

@@ -172,3 +172,93 @@ def test_tensor_parallel_train_step_matches_plain_one_device_run(monkeypatch):
         "h.1.attn.c_attn_kernel"].size  # heads really are split over the tensor axis
     for key, value in flat.items():  # AdamW magnifies float noise: test_sharding's bound
         np.testing.assert_allclose(np.asarray(value), ref[key], atol=2e-5, err_msg=key)
+
+
+# ---------------------------------------------------------------- chunked LM loss
+
+
+def _head_inputs(b=3, t=10, d=8, v=37, seed=6):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    h = jax.random.normal(keys[0], (b, t, d))
+    w = jax.random.normal(keys[1], (v, d))
+    targets = jax.random.randint(keys[2], (b, t), 0, v)
+    weights = (jax.random.uniform(keys[3], (b, t)) > 0.3).astype(jnp.float32)
+    return h, w, targets, weights
+
+
+@pytest.mark.parametrize("size", [1, 3, 10])  # 3 does not divide the 10 positions
+def test_chunked_nll_matches_full_logits(size):
+    from gpt2jax.model import chunked_nll, optax_nll
+
+    h, w, targets, weights = _head_inputs()
+    assert 0 < float(weights.mean()) < 1  # some tokens masked out
+
+    def full(h, w):
+        return jnp.sum(optax_nll(jnp.einsum("btd,vd->btv", h, w), targets) * weights)
+
+    def chunked(h, w):
+        return jnp.sum(chunked_nll(h, w, targets, size) * weights)
+
+    np.testing.assert_allclose(chunked_nll(h, w, targets, size),
+                               optax_nll(jnp.einsum("btd,vd->btv", h, w), targets), rtol=1e-6)
+    got_loss, got = jax.jit(jax.value_and_grad(chunked, (0, 1)))(h, w)
+    want_loss, want = jax.value_and_grad(full, (0, 1))(h, w)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    assert_trees_close(got, want)
+    # masked tokens get no gradient
+    assert float(jnp.abs(got[0][weights == 0]).max()) == 0.0
+
+
+def test_train_and_eval_steps_with_loss_chunk_match_full_logits():
+    """make_train_step / make_eval_step with model.loss_chunk vs the full-logits path."""
+    from test_optim import TINY, lm_batch
+
+    from gpt2jax.train import make_eval_step, make_train_step
+
+    full_cfg = TINY  # vocab 256; 8 rows of 16 positions
+    chunk_cfg = TINY.replace(loss_chunk=24)  # 3 positions per chunk: does not divide 16
+    gd_full, params = nnx.split(create_model(full_cfg, 0))
+    gd_chunk, _ = nnx.split(create_model(chunk_cfg, 0))
+    tx, schedule = make_optimizer(OPTIM, 10, params)
+    opt = tx.init(params)
+    batch = lm_batch(1, 8, 16, seed=3)
+    assert 0 < batch["weights"].mean() < 1
+    out = {}
+    for name, gd in (("full", gd_full), ("chunk", gd_chunk)):
+        step = jax.jit(make_train_step(gd, tx, schedule, False, 1, jax.random.key(0)))
+        new, _, m = step(params, opt, batch, jnp.int32(0))
+        ev = jax.jit(make_eval_step(gd, False))(params, jax.tree.map(lambda x: x[0], batch))
+        out[name] = (flat_params(new), m, ev)
+    (p_full, m_full, ev_full), (p_chunk, m_chunk, ev_chunk) = out["full"], out["chunk"]
+    np.testing.assert_allclose(float(m_chunk["loss"]), float(m_full["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m_chunk["grad_norm"]), float(m_full["grad_norm"]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ev_chunk), np.asarray(ev_full), rtol=1e-6)
+    for key, value in p_full.items():  # one AdamW step: test_sharding's bound
+        np.testing.assert_allclose(np.asarray(p_chunk[key]), np.asarray(value), atol=2e-5,
+                                   err_msg=key)
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+    """Compiled temp memory of loss + gradients: the full path needs the (N, V) float32
+    logits (and their gradient); the chunked one only a chunk's."""
+    from gpt2jax.model import chunked_nll, optax_nll
+
+    b, t, d, v = 4, 64, 32, 4096
+    h, w, targets, weights = _head_inputs(b, t, d, v)
+    logits_bytes = b * t * v * 4  # 4 MiB
+
+    def full(h, w):
+        return jnp.sum(optax_nll(jnp.einsum("btd,vd->btv", h, w), targets) * weights)
+
+    def chunked(h, w):
+        return jnp.sum(chunked_nll(h, w, targets, 8) * weights)  # 32-token chunks
+
+    def temp(f):
+        compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(h, w).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    full_temp, chunk_temp = temp(full), temp(chunked)
+    assert full_temp >= logits_bytes
+    # a chunk's logits are 32 x 4096 x 4 = 0.5 MiB; dW's accumulator is 0.5 MiB too
+    assert chunk_temp < logits_bytes / 2, (chunk_temp, full_temp)

@@ -118,3 +118,79 @@ def test_sharded_steps_match_one_device(setup, name):
         assert all(v.sharding.is_fully_replicated for v in flat.values())
     for key, value in flat.items():
         np.testing.assert_allclose(np.asarray(value), ref[key], atol=2e-5, err_msg=key)
+
+
+def test_sharded_chunked_loss_and_xla_attention_match_one_device(setup):
+    """model.loss_chunk (3 positions a chunk, not dividing 16) and model.attention=xla on
+    the mixed mesh, against the full-logits explicit one-device reference."""
+    from flax import nnx
+    from test_optim import TINY
+
+    from gpt2jax.model import abstract_model
+
+    ref, ref_losses = setup[-2:]
+    graphdef, _ = nnx.split(abstract_model(TINY.replace(loss_chunk=24, attention="xla")))
+    params, losses = sharded_run((graphdef, *setup[1:6]), make_mesh(2, 2, 2))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    for key, value in flat_params(params).items():
+        np.testing.assert_allclose(np.asarray(value), ref[key], atol=2e-5, err_msg=key)
+
+
+_WARNING_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from test_optim import OPTIM, TINY, lm_batch
+from gpt2jax import model as model_mod
+from gpt2jax.model import create_model
+from gpt2jax.optim import make_optimizer
+from gpt2jax.sharding import make_mesh, state_shardings, replicated, global_batch
+from gpt2jax.train import make_train_step
+
+if {control}:  # the model without its activation constraints
+    model_mod.constrain_batch = lambda x: x
+    model_mod._unshard_embed = lambda table, axis: table
+for shape, cls in (((2, 2, 2), False), ((4, 2, 1), True)):
+    cfg = TINY.replace(head="sequence", num_labels=3, pad_token_id=0) if cls else TINY
+    graphdef, params = nnx.split(create_model(cfg, 0))
+    tx, schedule = make_optimizer(OPTIM, 10, params)
+    mesh = make_mesh(*shape)
+    param_sh = state_shardings(params, mesh)
+    opt = jax.jit(tx.init)(params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, param_sh,
+                                   transform_non_params=lambda _: replicated(mesh))
+    p, o = jax.device_put(params, param_sh), jax.device_put(opt, opt_sh)
+    step = jax.jit(make_train_step(graphdef, tx, schedule, cls, 1, jax.random.key(0),
+                                   lm_loss_weight=0.5 if cls else 0.0),
+                   out_shardings=(param_sh, opt_sh, replicated(mesh)))
+    if cls:
+        rng = np.random.default_rng(0)
+        mask = np.ones((1, 8, 16), np.int32)
+        mask[0, :4, :3] = 0  # left padding: positions from the mask, a gather
+        b = dict(input_ids=rng.integers(1, 256, (1, 8, 16)).astype(np.int32),
+                 attention_mask=mask, labels=rng.integers(0, 3, (1, 8)).astype(np.int32))
+    else:
+        b = lm_batch(1, 8, 16, seed=10)
+    _, _, m = step(p, o, global_batch(mesh, b, leading=1), jnp.int32(0))
+    print("loss", float(m["loss"]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_sharded_step_compiles_without_involuntary_rematerialization(control):
+    """The SPMD partitioner's "Involuntary full rematerialization" warning (C++ stderr, so
+    a subprocess) is gone with the model's activation constraints on a data x fsdp x
+    tensor mesh; the control run without them shows it, so the check can fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _WARNING_SCRIPT.format(tests=str(Path(__file__).parent), control=control)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("loss") == 2
+    warned = "Involuntary full rematerialization" in res.stderr
+    assert warned == control, res.stderr[-2000:]

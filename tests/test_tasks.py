@@ -73,8 +73,8 @@ def test_conversation_renders_one_speaker_line_per_message(tmp_path, tok):
     d = DataSection(train=str(src), task="conversation", validation_fraction=0.0,
                     cache_dir="off")
     p = prepare(d, tok, seq_len=8, seed=0, eos=EOS)
-    stream = tok.decode(np.concatenate([p.train["tokens"][0], *[b[1:] for b in
-                                                               p.train["tokens"][1:]]]))
+    stream = tok.decode(np.concatenate([p.train.arrays()["tokens"][0], *[b[1:] for b in
+                                                               p.train.arrays()["tokens"][1:]]]))
     assert stream.startswith("<|endoftext|>ana: omw\nben: k see u<|endoftext|>ben: u up?\nana: ya")
     assert "2024" not in stream  # timestamps are metadata, not text
     with pytest.raises(UserError, match=r"row 0 .*message 0 .*needs \"speaker\""):
@@ -106,8 +106,8 @@ def test_loss_on_target_weights_only_the_target_tokens(tmp_path, tok):
         assert full[: len(prompt)] == prompt
         toks += [EOS, *full]
         ws += [1] + [0] * len(prompt) + [1] * (len(full) - len(prompt))
-    targets = np.concatenate([b[1:] for b in p.train["tokens"]])
-    weights = np.concatenate([b[1:] for b in p.train["weights"]])
+    targets = np.concatenate([b[1:] for b in p.train.arrays()["tokens"]])
+    weights = np.concatenate([b[1:] for b in p.train.arrays()["weights"]])
     n = len(targets)
     np.testing.assert_array_equal(targets, toks[1: n + 1])
     np.testing.assert_array_equal(weights, ws[1: n + 1])
@@ -117,8 +117,8 @@ def test_loss_on_target_weights_only_the_target_tokens(tmp_path, tok):
     everything = prepare(DataSection(train=str(src), task="dictionary_forward",
                                      validation_fraction=0.0, cache_dir="off"),
                          tok, seq_len=8, seed=0, eos=EOS)
-    assert (everything.train["weights"] == 1).all()
-    np.testing.assert_array_equal(everything.train["tokens"], p.train["tokens"])
+    assert (everything.train.arrays()["weights"] == 1).all()
+    np.testing.assert_array_equal(everything.train.arrays()["tokens"], p.train.arrays()["tokens"])
 
 
 # ---------------------------------------------------------------- classification objectives
@@ -276,6 +276,30 @@ def test_eval_dictionary_reverse_reports_exact_match(tmp_path, hf_lm_dir, cli):
     assert res.code == 2 and "names column 'word'" in res.last_err
 
 
+def test_eval_dictionary_reverse_prompts_like_the_run_was_trained(tmp_path, hf_lm_dir, cli):
+    """A run trained with its own reverse template is evaluated with that template; an
+    explicit --prompt-template wins."""
+    src, _ = hf_lm_dir
+    data = _dictionary(tmp_path / "d.jsonl", repeat=4)
+    cfg = _write_yaml(tmp_path / "cfg.yaml", {
+        "model": {"init": str(src), "dropout": 0.0},
+        "data": {"train": str(data), "task": "dictionary_reverse", "validation_fraction": 0.0,
+                 "prompt_template": "Which word means {definition}?",
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"steps": 1, "batch_size": 8, "seq_len": 16, "run_dir": str(tmp_path / "run"),
+                  "progress": "none"}})
+    assert cli("train", cfg).code == 0
+    for extra, start in (((), "Which word means"), (("--prompt-template", "{definition} ->"),
+                                                     ENTRIES[0][1])):
+        pred = tmp_path / f"pred{len(extra)}.jsonl"
+        res = cli("eval", "--model", tmp_path / "run", "--data", data, "--task",
+                  "dictionary_reverse", "--predictions", pred, *extra)
+        assert res.code == 0, res.err
+        prompts = [json.loads(x)["prompt"] for x in pred.read_text().splitlines()]
+        assert prompts[0].startswith(start), prompts[0]
+    assert prompts[0].endswith(" ->")
+
+
 def test_resuming_mid_epoch_replays_nothing_and_matches_the_uninterrupted_order(tmp_path, tok):
     """Real prepared classification rows; 2 processes; resume inside the second epoch."""
     lines = ["text,label"] + [f"{'word ' * (1 + i % 9)}{i},{'ab'[i % 2]}" for i in range(21)]
@@ -297,4 +321,4 @@ def test_resuming_mid_epoch_replays_nothing_and_matches_the_uninterrupted_order(
         np.testing.assert_array_equal(ids, ids2)
         np.testing.assert_array_equal(y, y2)
     one = Batcher(p.train, 4, seed=9, pad_id=EOS, max_len=16)
-    np.testing.assert_array_equal(full[8][2], p.train["labels"][one.global_indices(8)])
+    np.testing.assert_array_equal(full[8][2], p.train.labels[one.global_indices(8)])
