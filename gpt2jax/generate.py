@@ -420,6 +420,8 @@ class Generator:
                 if t == self.eos_id:
                     r.reason = "eos"
                     break
+            if r.reason is None and not stop and on_text is None and len(r.new) < max_new:
+                continue  # nothing needs the text yet: decode once, when the row ends
             body = r.new[:-1] if r.reason == "eos" else r.new
             text = self.tokenizer.decode(body)
             cut = _stop_hit(text, stop)

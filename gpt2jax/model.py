@@ -361,6 +361,54 @@ def _chunked_nll_bwd(size, res, g):
 chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_nll_sum(h: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array,
+                  size: int) -> jax.Array:
+    """sum(weights * nll) of the tied head, chunked, with the gradients made in the forward.
+
+    Same inputs as chunked_nll plus weights (B, T); returns a float32 scalar. Under
+    differentiation the forward pass computes, chunk by chunk, the logits, the loss and
+    already dh and dW (the upstream gradient of a scalar loss is one number, applied in the
+    backward pass), so every chunk's logits are made once, not twice as in chunked_nll.
+    Residuals: dh (B, T, D) and dW (V, D) in float32, no logits.
+    """
+    return jnp.sum(chunked_nll(h, w, targets, size) * weights)
+
+
+def _fused_fwd(h, w, targets, weights, size):
+    v = w.shape[0]
+
+    def body(dwt, xs):
+        hi, ti, wi = xs
+        logits = _chunk_logits(hi, w)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == ti[..., None]
+        nll = lse - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        p = jnp.exp(logits - lse[..., None])
+        d = (jnp.where(hit, p - 1.0, p) * wi[..., None]).astype(h.dtype)
+        dh = jnp.matmul(d, w, preferred_element_type=jnp.float32)
+        dwt = dwt + jnp.einsum("btd,btv->dv", hi, d, preferred_element_type=jnp.float32)
+        return dwt, (nll, dh)
+
+    xs = (_seq_chunks(h, size), _seq_chunks(targets, size),
+          _seq_chunks(weights.astype(jnp.float32), size))
+    dwt, (nll, dh) = jax.lax.scan(body, jnp.zeros((h.shape[-1], v), jnp.float32), xs)
+    t = h.shape[1]
+    nll = _unchunk(nll, t)
+    # residuals in the primal dtypes (an empty array carries the weights' dtype)
+    res = (nll, _unchunk(dh, t).astype(h.dtype), dwt.T.astype(w.dtype),
+           jnp.zeros((0,), weights.dtype))
+    return jnp.sum(nll * weights), res
+
+
+def _fused_bwd(size, res, g):
+    nll, dh, dw, wdt = res
+    return (g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw, None, (g * nll).astype(wdt.dtype))
+
+
+fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)
+
+
 def require_cudnn() -> None:
     """UserError unless JAX sees an NVIDIA GPU (CUDA backend), naming the devices seen."""
     devices = jax.devices()
@@ -749,6 +797,15 @@ class GPT2(nnx.Module):
             return optax_nll(self.lm_logits(h), targets)
         size = max(1, self.cfg.loss_chunk // h.shape[0])
         return chunked_nll(h, self.wte[...].astype(h.dtype), targets, min(size, h.shape[1]))
+
+    def lm_loss_sum(self, h: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+        """sum(weights * token_nll(h, targets)), float32 scalar, for training: with
+        cfg.loss_chunk > 0 through fused_nll_sum (gradients made in the forward pass, each
+        chunk's logits computed once), else through the full logits."""
+        if self.cfg.loss_chunk <= 0:
+            return jnp.sum(self.token_nll(h, targets) * weights)
+        size = min(max(1, self.cfg.loss_chunk // h.shape[0]), h.shape[1])
+        return fused_nll_sum(h, self.wte[...].astype(h.dtype), targets, weights, size)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
         if self.cfg.head == "sequence":

@@ -454,15 +454,14 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
                 jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
             total, count = (ce * w).sum(), w.sum()
             if lm_loss_weight:
-                nll = model.token_nll(h[:, :-1], ids[:, 1:])
                 real = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-                lm = (nll * real).sum() / jnp.maximum(real.sum(), 1.0)
+                lm = model.lm_loss_sum(h[:, :-1], ids[:, 1:], real) / jnp.maximum(
+                    real.sum(), 1.0)
                 total = total + lm_loss_weight * lm * count  # the step divides by count
             return total, count
         tokens, w = mb["tokens"], mb["weights"][:, 1:]
         h, _ = model.hidden_states(tokens[:, :-1], dropout_key=key)
-        nll = model.token_nll(h, tokens[:, 1:])  # model.loss_chunk: chunked, fused
-        return (nll * w).sum(), w.sum()
+        return model.lm_loss_sum(h, tokens[:, 1:], w), w.sum()  # model.loss_chunk: fused
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
