@@ -221,6 +221,55 @@ def _train_text(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize a config's data into the cache (no training)",
+                       description="gpt2jax prepare CONFIG [--section.key=value ...]: load, "
+                                   "tokenize and cache data.train / data.validation exactly "
+                                   "as `gpt2jax train` would, e.g. once before a multi-host "
+                                   "job, and report what the run will see")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args) -> int:
+    import time
+
+    from .batches import prepare
+    from .config import load_config
+    from .data import cache_dir
+    from .sources import tokenizer_for
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = tokenizer_for(cfg)
+    t0 = time.perf_counter()
+    p = prepare(cfg.data, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
+                eos=tokenizer.eos_token_id)
+    unit = "examples" if cfg.data.task == "classification" else "blocks"
+    out = {"train": cfg.data.train, **p.stats, f"train_{unit}": len(p.train),
+           f"validation_{unit}": len(p.validation) if p.validation is not None else 0,
+           "labels": list(p.labels), "seconds": round(time.perf_counter() - t0, 2),
+           "cache_dir": "off" if cfg.data.cache_dir == "off" else str(cache_dir(cfg.data))}
+    _emit(out, args.json, _prepare_text)
+    return 0
+
+
+def _prepare_text(r: dict) -> str:
+    unit = "examples" if "train_examples" in r else "blocks"
+    lines = [f"data: {r['train']}  ({r['documents']} training records, "
+             f"{r['bytes_per_token']:.3f} bytes/token, "
+             + ("from the cache" if r["cached"] else f"tokenized in {r['seconds']} s") + ")",
+             f"train {unit}: {r[f'train_{unit}']}  validation {unit}: "
+             f"{r[f'validation_{unit}']}"]
+    if "train_tokens" in r:
+        lines.append(f"train tokens: {r['train_tokens']}  validation split: "
+                     f"{r['validation_split']}")
+    if r["labels"]:
+        lines.append(f"labels: {', '.join(r['labels'])}")
+    lines.append(f"cache: {r['cache_dir']}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- generate, diff, similarity
 
 
@@ -450,7 +499,8 @@ def _cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS: list[Callable] = [_add_train, _add_demo, _add_export, _add_eval, _add_score,
+COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_export, _add_eval,
+                            _add_score,
                             _add_generate, _add_diff, _add_similarity, _add_bench]
 
 
@@ -469,8 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("GPT2JAX_DEBUG") == "1"
     try:
         args, rest = build_parser().parse_known_args(argv)
-        # Only `train` and `demo` take free-form --section.key=value overrides.
-        if rest and getattr(args, "command", None) not in ("train", "demo"):
+        # Only `train`, `prepare` and `demo` take free-form --section.key=value overrides.
+        if rest and getattr(args, "command", None) not in ("train", "prepare", "demo"):
             build_parser().parse_args(argv)  # reports the unknown arguments
         args.overrides = rest
         if not getattr(args, "func", None):

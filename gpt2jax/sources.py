@@ -118,3 +118,28 @@ def load_model(src: str, step: int | str | None = None, **overrides):
 
     model, tokenizer = load_run_model(source.path, source.step, **overrides)
     return model, tokenizer, source
+
+
+def tokenizer_for(cfg):
+    """The tokenizer a run of `cfg` (a config.Config) trains with: the run's own when it
+    exists (resume), else model.init's, else GPT-2's; plus data.add_special_tokens."""
+    from .tokenizer import load_tokenizer
+
+    run_tok = Path(cfg.train.run_dir) / "tokenizer"
+    if run_tok.is_dir():
+        tokenizer = load_tokenizer(run_tok)
+    elif cfg.model.init == "scratch":
+        tokenizer = load_tokenizer(None)
+    else:
+        source = resolve(cfg.model.init)
+        if source.kind == "hub":
+            tokenizer = load_tokenizer(hub_download(source.path))
+        elif source.kind == "hf_dir":
+            tokenizer = load_tokenizer(source.path)
+        else:
+            tokenizer = load_tokenizer(Path(source.path) / "tokenizer")
+    if cfg.data.add_special_tokens:
+        from .tasks import with_special_tokens
+
+        tokenizer = with_special_tokens(tokenizer, cfg.data.add_special_tokens)
+    return tokenizer

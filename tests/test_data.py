@@ -212,3 +212,22 @@ def test_hub_cache_is_keyed_by_the_datasets_fingerprint(tmp_path, tok, monkeypat
     assert changed.stats["cached"] is False
     stream = tok.decode(changed.train.arrays()["tokens"][0])
     assert versions["v2"][0] in stream and versions["v1"][0] not in stream
+
+
+def test_prepare_command_tokenizes_once_and_reports_what_train_will_see(tmp_path, tok, cli):
+    src = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in _texts(30)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{train: {src}, cache_dir: {tmp_path / 'cache'}}}\n"
+                   f"train: {{seq_len: 16, run_dir: {tmp_path / 'run'}}}\n")
+    first = cli("prepare", cfg, "--data.validation_fraction=0.2", "--json")
+    assert first.code == 0, first.err
+    second = cli("prepare", cfg, "--data.validation_fraction=0.2", "--json")
+    assert (first.json["cached"], second.json["cached"]) == (False, True)
+    direct = prepare(_data(tmp_path, src, validation_fraction=0.2), tok, seq_len=16, seed=0,
+                     eos=EOS)
+    assert direct.stats["cached"] is True  # train would read the cache `prepare` wrote
+    assert second.json["train_blocks"] == len(direct.train) > 0
+    assert second.json["validation_blocks"] == len(direct.validation) > 0
+    assert second.json["documents"] == 24 and not (tmp_path / "run").exists()
+    bad = cli("prepare", cfg, f"--data.train={tmp_path / 'missing.jsonl'}")
+    assert bad.code == 2 and "missing.jsonl" in bad.last_err
