@@ -436,8 +436,10 @@ def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[To
     if path is not None and (path / "meta.json").is_file():
         try:
             return _read_cache(path, spec), True
-        except (OSError, ValueError, KeyError):  # a torn or foreign cache: tokenize again
-            pass
+        except (OSError, ValueError, KeyError) as e:  # torn or foreign: tokenize again
+            print(f"gpt2jax: warning: the data cache {path} is unreadable ({e}); "
+                  "tokenizing again", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
     if ds is None:
         ds = load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
     if path is None:

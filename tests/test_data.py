@@ -231,3 +231,15 @@ def test_prepare_command_tokenizes_once_and_reports_what_train_will_see(tmp_path
     assert second.json["documents"] == 24 and not (tmp_path / "run").exists()
     bad = cli("prepare", cfg, f"--data.train={tmp_path / 'missing.jsonl'}")
     assert bad.code == 2 and "missing.jsonl" in bad.last_err
+
+
+def test_a_torn_cache_is_rebuilt_with_a_warning(tmp_path, tok, capsys):
+    src = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in _texts(20)])
+    d = _data(tmp_path, src, validation_fraction=0.0)
+    first = prepare(d, tok, seq_len=16, seed=0, eos=EOS).train.arrays()["tokens"]
+    (ids,) = (tmp_path / "cache" / "tokenized").glob("*/ids.npy")
+    ids.write_bytes(ids.read_bytes()[:200])  # a crash or a full disk cut the file short
+    again = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
+    assert again.stats["cached"] is False and "unreadable" in capsys.readouterr().err
+    np.testing.assert_array_equal(again.train.arrays()["tokens"], first)
+    assert prepare(d, tok, seq_len=16, seed=0, eos=EOS).stats["cached"] is True
