@@ -3,10 +3,10 @@
 Resolution order (the same for `--model` and for `model.init` in training):
 1. `hf:X` forces Hugging Face (a local directory X, else the hub name X); `run:X` forces a
    gpt2jax run directory.
-2. a directory with config.json and weights is a Hugging Face directory;
-3. a directory with config.yaml and checkpoints/ is a gpt2jax run (latest committed
-   checkpoint; `step` picks another, or "best");
-4. a directory named by a step number under checkpoints/ is that checkpoint;
+2. a directory with config.yaml and checkpoints/ is a gpt2jax run (latest committed
+   checkpoint; `step` picks another, or "best"), even when it also holds a config.json;
+3. a directory named by a step number under checkpoints/ is that checkpoint;
+4. a directory with config.json is a Hugging Face directory;
 5. anything else is a hub name (offline: an error saying so).
 """
 
@@ -46,12 +46,16 @@ class Source:
 
 def resolve(src: str, step: int | str | None = None) -> Source:
     """Decide what kind of source `src` names (no loading)."""
-    if not src:
-        raise UserError("empty model source; pass a directory, a run, or hf:NAME")
     forced = None
     if src.startswith(("hf:", "run:")):
         forced, src = src.split(":", 1)
-    p = Path(src).expanduser()
+    if not src:  # checked after the prefix: a bare "hf:" must not mean the current directory
+        where = f" after {forced}:" if forced else ""
+        raise UserError(f"empty model source{where}; pass a directory, a run, or hf:NAME")
+    try:
+        p = Path(src).expanduser()
+    except RuntimeError:  # ~user of an unknown user, or no home directory
+        raise UserError(f"model source {src}: cannot expand its ~; give a full path") from None
     if forced == "run" or (forced is None and _is_run(p)):
         if not _is_run(p):
             raise UserError(f"{src} is not a gpt2jax run directory (no config.yaml + checkpoints/)")

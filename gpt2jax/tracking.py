@@ -1,13 +1,14 @@
 """Run logs: metrics.jsonl (one JSON object per log step), tensorboardX, loss.png.
 
 Only process 0 writes. On resume, rows past the restored step are dropped first so that
-metrics.jsonl reads as one run.
+metrics.jsonl reads as one run (TensorBoard gets a purge event for the same steps).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -17,6 +18,7 @@ class Tracker:
         self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
         self._tb = None
+        self._resume_step = resume_step
         if enabled:
             truncate_metrics(self.path, resume_step)
 
@@ -25,7 +27,11 @@ class Tracker:
         if self._tb is None and self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # purge_step hides events a resumed run repeats (as truncate_metrics does for
+            # the jsonl); the pid keeps two writers in one second from sharing a file name.
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                     purge_step=self._resume_step + 1 if self._resume_step
+                                     else None, filename_suffix=f".{os.getpid()}")
         return self._tb
 
     def log(self, step: int, metrics: dict, split: str = "train") -> None:

@@ -109,12 +109,13 @@ def test_a_single_document_is_split_by_packed_blocks(tmp_path, tok):
     d = _data(tmp_path, src, validation_fraction=0.2, cache_dir="off")
     p = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
     assert p.stats["validation_split"] == "blocks" and p.stats["documents"] == 1
-    n_train, n_val = len(p.train.arrays()["tokens"]), len(p.validation.arrays()["tokens"])
+    train, val = p.train.arrays()["tokens"], p.validation.arrays()["tokens"]
+    n_train, n_val = len(train), len(val)
     assert n_val == round((n_train + n_val) * 0.2)
-    rows = {tuple(r) for r in np.concatenate([p.train.arrays()["tokens"], p.validation.arrays()["tokens"]])}
+    rows = {tuple(r) for r in np.concatenate([train, val])}
     assert len(rows) == n_train + n_val  # no block is in both splits
     again = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
-    np.testing.assert_array_equal(p.validation.arrays()["tokens"], again.validation.arrays()["tokens"])
+    np.testing.assert_array_equal(val, again.validation.arrays()["tokens"])
 
 
 # ---------------------------------------------------------------- bad data
