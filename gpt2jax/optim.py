@@ -83,3 +83,16 @@ def make_optimizer(optim, total_steps: int, params) -> tuple[optax.GradientTrans
                             "nothing would train")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
+
+
+def update_count(opt_state) -> int:
+    """How many updates the optimizer has applied: the step its schedule is at. Steps
+    skipped for a non-finite loss keep the old state, so they do not count."""
+    import jax
+    import numpy as np
+
+    for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+        if path and getattr(path[-1], "name", None) == "count":
+            # replicated; on several hosts only a local copy can be read
+            return int(np.asarray(leaf.addressable_data(0)))
+    raise ValueError("the optimizer state has no update count")

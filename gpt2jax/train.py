@@ -108,7 +108,7 @@ def train(cfg: Config) -> dict:
     from .batches import Batcher
     from .checkpoint import Checkpoints
     from .model import abstract_model
-    from .optim import make_optimizer
+    from .optim import make_optimizer, update_count
     from .sharding import (
         data_parallel_size,
         global_batch,
@@ -278,7 +278,9 @@ def train(cfg: Config) -> dict:
                 m, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
                 last_loss, pending = float(m["loss"]), None
                 dt = time.perf_counter() - window_t0
-                row = {"loss": float(m["loss"]), "lr": float(schedule(step)),
+                # the rate of the last applied update (skipped steps do not advance it)
+                lr = float(schedule(max(update_count(opt_state) - 1, 0)))
+                row = {"loss": float(m["loss"]), "lr": lr,
                        "grad_norm": float(m["grad_norm"]),
                        "tokens_per_sec": (window_steps * t.batch_size * t.seq_len) / dt,
                        "steps_per_sec": window_steps / dt,

@@ -59,6 +59,29 @@ def test_skip_nonfinite_allows_bad_steps(nan_run):
     assert "skipped step" in res.err
 
 
+def test_logged_lr_is_the_rate_of_the_last_applied_update(nan_run):
+    """Skipped steps leave the optimizer's count (and so its schedule) where it was."""
+    from gpt2jax.optim import make_schedule
+    from gpt2jax.tracking import read_metrics
+
+    path = _cfg(nan_run, skip_nonfinite=100)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["optim"].update(schedule="linear", warmup_steps=3)
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_cli("train", path)
+    assert res.code == 0, res.err[-2000:]
+    skipped = {int(x) for x in re.findall(r"skipped step (\d+)", res.err)}
+    assert skipped and min(skipped) > 1  # some updates applied, then some skipped
+    schedule = make_schedule(1.0e12, "linear", 3, 6)
+    applied = 0
+    rows = [r for r in read_metrics(nan_run / "run" / "metrics.jsonl") if "lr" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        applied += r["step"] not in skipped
+        assert r["lr"] == pytest.approx(float(schedule(max(applied - 1, 0))), rel=1e-6)
+    assert rows[-1]["lr"] != pytest.approx(float(schedule(5)), rel=1e-3)
+
+
 def test_failed_export_leaves_no_partial_directory(tmp_path, hf_lm_dir):
     from gpt2jax.hf import export_hf, load_hf_dir
 
