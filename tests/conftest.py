@@ -10,9 +10,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized-data cache of this test session only (never the user's ~/.cache).
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ["GPT2JAX_CACHE"] = tempfile.mkdtemp(prefix="gpt2jax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GPT2JAX_CACHE"], ignore_errors=True)
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
