@@ -78,7 +78,7 @@ class GPT2Config:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "explicit"  # explicit | xla | cudnn (ATTENTION)
-    loss_chunk: int = 0  # token_nll: 0 = full logits; N = rows per chunk, fused custom VJP
+    loss_chunk: int = 0  # LM loss: 0 = full logits; N = about N tokens per chunk (fused)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -381,11 +381,14 @@ def _fused_fwd(h, w, targets, weights, size):
     def body(dwt, xs):
         hi, ti, wi = xs
         logits = _chunk_logits(hi, w)
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - m)  # one exp per logit serves the loss and its gradient
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        tgt = jnp.take_along_axis(logits, ti[..., None], axis=-1)  # a gather, not a pass
+        nll = (m + jnp.log(s) - tgt)[..., 0]
         hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == ti[..., None]
-        nll = lse - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-        p = jnp.exp(logits - lse[..., None])
-        d = (jnp.where(hit, p - 1.0, p) * wi[..., None]).astype(h.dtype)
+        # d nll / d logits, times the token weight: softmax - onehot in one pass over e
+        d = (e * (wi[..., None] / s) - jnp.where(hit, wi[..., None], 0.0)).astype(h.dtype)
         dh = jnp.matmul(d, w, preferred_element_type=jnp.float32)
         dwt = dwt + jnp.einsum("btd,btv->dv", hi, d, preferred_element_type=jnp.float32)
         return dwt, (nll, dh)

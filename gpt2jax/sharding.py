@@ -159,7 +159,10 @@ def mesh_of(tree):
     if not jax.sharding.get_abstract_mesh().empty:
         return contextlib.nullcontext()
     for leaf in jax.tree.leaves(tree):
-        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        try:
+            mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        except TypeError:  # not an array (a Python scalar, say): no mesh to learn
+            continue
         if mesh is not None and not mesh.empty and mesh.size > 1:
             return jax.sharding.use_abstract_mesh(mesh)
     return contextlib.nullcontext()

@@ -436,7 +436,9 @@ def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, ba
     A step whose loss or gradient is not finite leaves params and optimizer state unchanged.
     Classification: `class_weights` (num_labels,) weight each example's cross-entropy (the
     loss is the weighted mean); lm_loss_weight > 0 adds lambda * the mean LM loss over the
-    real tokens (GPT-1's auxiliary objective), sharing one backbone pass.
+    real tokens (GPT-1's auxiliary objective), sharing one backbone pass. LM losses go
+    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). When the
+    batch lives on a multi-device mesh, the model's activation sharding constraints apply.
     """
     import jax
     import jax.numpy as jnp

@@ -186,7 +186,7 @@ def _head_inputs(b=3, t=10, d=8, v=37, seed=6):
     return h, w, targets, weights
 
 
-@pytest.mark.parametrize("size", [1, 3, 10])  # 3 does not divide the 10 positions
+@pytest.mark.parametrize("size", [3, 10])  # 3 does not divide the 10 positions
 def test_chunked_nll_matches_full_logits(size):
     from gpt2jax.model import chunked_nll, optax_nll
 
@@ -206,6 +206,28 @@ def test_chunked_nll_matches_full_logits(size):
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
     assert_trees_close(got, want)
     # masked tokens get no gradient
+    assert float(jnp.abs(got[0][weights == 0]).max()) == 0.0
+
+
+@pytest.mark.parametrize("size", [3])  # does not divide the 10 positions
+def test_fused_nll_sum_matches_full_logits(size):
+    """The training loss: gradients made in the forward pass, scaled by the upstream one."""
+    from gpt2jax.model import fused_nll_sum, optax_nll
+
+    h, w, targets, weights = _head_inputs(seed=7)
+
+    def full(h, w, weights):
+        return 2.5 * jnp.sum(optax_nll(jnp.einsum("btd,vd->btv", h, w), targets) * weights)
+
+    def fused(h, w, weights):
+        return 2.5 * fused_nll_sum(h, w, targets, weights, size)
+
+    np.testing.assert_allclose(float(fused(h, w, weights)), float(full(h, w, weights)),
+                               rtol=1e-6)
+    got_loss, got = jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(h, w, weights)
+    want_loss, want = jax.value_and_grad(full, (0, 1, 2))(h, w, weights)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    assert_trees_close(got, want)  # includes d/dweights = 2.5 * nll
     assert float(jnp.abs(got[0][weights == 0]).max()) == 0.0
 
 
@@ -239,10 +261,37 @@ def test_train_and_eval_steps_with_loss_chunk_match_full_logits():
                                    err_msg=key)
 
 
+def test_classification_auxiliary_lm_loss_with_loss_chunk_matches_full_logits():
+    """train.lm_loss_weight's LM term over the real tokens of padded rows, chunked."""
+    from test_optim import TINY
+
+    from gpt2jax.train import make_train_step
+
+    cfg = TINY.replace(head="sequence", num_labels=3, pad_token_id=0)
+    gd_full, params = nnx.split(create_model(cfg, 0))
+    gd_chunk, _ = nnx.split(create_model(cfg.replace(loss_chunk=20), 0))  # 5 of 15
+    tx, schedule = make_optimizer(OPTIM, 10, params)
+    opt = tx.init(params)
+    rng = np.random.default_rng(1)
+    mask = np.ones((1, 4, 16), np.int32)
+    mask[0, 0, :5] = 0  # left padding
+    mask[0, 1, 12:] = 0  # right padding
+    batch = dict(input_ids=rng.integers(1, 256, (1, 4, 16)).astype(np.int32),
+                 attention_mask=mask, labels=rng.integers(0, 3, (1, 4)).astype(np.int32))
+    out = []
+    for gd in (gd_full, gd_chunk):
+        step = jax.jit(make_train_step(gd, tx, schedule, True, 1, jax.random.key(0),
+                                       lm_loss_weight=0.5))
+        out.append(step(params, opt, batch, jnp.int32(0))[2])
+    np.testing.assert_allclose(float(out[1]["loss"]), float(out[0]["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(out[1]["grad_norm"]), float(out[0]["grad_norm"]),
+                               rtol=1e-5)
+
+
 def test_chunked_loss_never_holds_the_full_logits():
     """Compiled temp memory of loss + gradients: the full path needs the (N, V) float32
     logits (and their gradient); the chunked one only a chunk's."""
-    from gpt2jax.model import chunked_nll, optax_nll
+    from gpt2jax.model import chunked_nll, fused_nll_sum, optax_nll
 
     b, t, d, v = 4, 64, 32, 4096
     h, w, targets, weights = _head_inputs(b, t, d, v)
@@ -254,11 +303,15 @@ def test_chunked_loss_never_holds_the_full_logits():
     def chunked(h, w):
         return jnp.sum(chunked_nll(h, w, targets, 8) * weights)  # 32-token chunks
 
+    def fused(h, w):
+        return fused_nll_sum(h, w, targets, weights, 8)
+
     def temp(f):
         compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(h, w).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    full_temp, chunk_temp = temp(full), temp(chunked)
+    full_temp, chunk_temp, fused_temp = temp(full), temp(chunked), temp(fused)
     assert full_temp >= logits_bytes
     # a chunk's logits are 32 x 4096 x 4 = 0.5 MiB; dW's accumulator is 0.5 MiB too
     assert chunk_temp < logits_bytes / 2, (chunk_temp, full_temp)
+    assert fused_temp < logits_bytes / 2, (fused_temp, full_temp)
