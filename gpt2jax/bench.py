@@ -444,7 +444,7 @@ def run_bench(
                    "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions,
                    "batch_size": batch_size, "seq_len": seq_len, "dtype": cfg.dtype,
                    "remat": cfg.remat, "scan_layers": cfg.scan_layers,
-                   "attention": cfg.attention, "loss_chunk": cfg.loss_chunk, "steps": steps,
+                   "attention": cfg.attention, "loss_chunk": cfg.loss_chunk_tokens, "steps": steps,
                    "warmup": warmup, "rounds": rounds, "seed": seed,
                    "matmul_params": matmul_params(cfg)},
         "flops_per_token": fpt,

@@ -438,9 +438,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--attention", choices=("explicit", "xla", "cudnn"), default="explicit",
                    help="model.attention: the custom-VJP kernel, or jax.nn.dot_product_attention "
                         "with XLA or cuDNN flash attention (NVIDIA GPU, bfloat16)")
-    p.add_argument("--loss-chunk", type=int, default=0,
+    p.add_argument("--loss-chunk", type=int, default=-1,
                    help="model.loss_chunk: LM loss in chunks of about N tokens, never the full "
-                        "logits (0: full logits)")
+                        "logits (0: full logits; -1, the default: auto, 256 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")

@@ -35,7 +35,7 @@ class ModelSection:
     remat: str = "none"  # none | full | dots
     scan_layers: bool = False
     attention: str = "explicit"  # explicit | xla | cudnn (jax.nn.dot_product_attention)
-    loss_chunk: int = 0  # LM loss in chunks of about N tokens (0: full logits)
+    loss_chunk: int = -1  # LM loss in chunks of ~N tokens; 0: full logits; -1: auto by backend
 
 
 @dataclass
@@ -238,8 +238,8 @@ def validate(cfg: Config) -> None:
          f"{m.attention} has no attention dropout (jax.nn.dot_product_attention takes none) "
          f"but model.dropout is {m.dropout if m.dropout is not None else 'unset (0.1)'}; "
          "set model.dropout=0 or use model.attention=explicit")
-    need(m.loss_chunk >= 0, "model.loss_chunk", f"must be >= 0 (0 = full logits), got "
-         f"{m.loss_chunk}")
+    need(m.loss_chunk >= -1, "model.loss_chunk", "must be -1 (auto), 0 (full logits) or a "
+         f"token count, got {m.loss_chunk}")
     for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "num_labels"):
         v = getattr(m, key)
         need(v is None or v >= 1, f"model.{key}", f"must be >= 1, got {v}")

@@ -45,6 +45,10 @@ REMAT = ("none", "full", "dots")
 # no-cache attention: the custom-VJP kernel below, or jax.nn.dot_product_attention with
 # implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16/fp16)
 ATTENTION = ("explicit", "xla", "cudnn")
+# Tokens per LM-loss chunk for model.loss_chunk=-1. CPU: 256 measured fastest (+15%
+# tokens/s over full logits on the 4-layer bench config, docs/perf-notes.md 9); GPU/TPU:
+# not measured here, sized so a chunk's float32 logits stay under 1 GB at vocab 50257.
+AUTO_LOSS_CHUNK = {"cpu": 256, "gpu": 4096, "tpu": 4096}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -78,7 +82,9 @@ class GPT2Config:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "explicit"  # explicit | xla | cudnn (ATTENTION)
-    loss_chunk: int = 0  # LM loss: 0 = full logits; N = about N tokens per chunk (fused)
+    # LM loss: -1 = auto (AUTO_LOSS_CHUNK by backend), 0 = full logits, N = about N tokens
+    # per chunk (fused; the (tokens, vocab) logits never exist at once)
+    loss_chunk: int = -1
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -110,12 +116,20 @@ class GPT2Config:
                 "model.attention=cudnn needs a 16-bit compute dtype (cuDNN flash attention "
                 "has no float32 kernel): set model.dtype=bfloat16, or use model.attention=xla"
             )
-        if self.loss_chunk < 0:
+        if self.loss_chunk < -1:
             raise UserError(
-                f"model.loss_chunk must be >= 0 (0 = full logits), got {self.loss_chunk}"
+                f"model.loss_chunk must be -1 (auto), 0 (full logits) or a token count, got "
+                f"{self.loss_chunk}"
             )
         if self.head != "lm" and self.num_labels < 1:
             raise UserError(f"model.num_labels must be >= 1, got {self.num_labels}")
+
+    @property
+    def loss_chunk_tokens(self) -> int:
+        """loss_chunk with auto (-1) resolved for the default backend."""
+        if self.loss_chunk >= 0:
+            return self.loss_chunk
+        return AUTO_LOSS_CHUNK.get(jax.default_backend(), AUTO_LOSS_CHUNK["gpu"])
 
     @property
     def head_dim(self) -> int:
@@ -412,11 +426,16 @@ def _fused_bwd(size, res, g):
 fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)
 
 
+def has_cudnn() -> bool:
+    """Whether JAX sees an NVIDIA GPU (CUDA backend)."""
+    return any(d.platform == "gpu" and "cuda" in str(d.client.platform_version).lower()
+               for d in jax.devices())
+
+
 def require_cudnn() -> None:
     """UserError unless JAX sees an NVIDIA GPU (CUDA backend), naming the devices seen."""
     devices = jax.devices()
-    if not any(d.platform == "gpu" and "cuda" in str(d.client.platform_version).lower()
-               for d in devices):
+    if not has_cudnn():
         seen = ", ".join(sorted({f"{d.platform} ({d.device_kind})" for d in devices}))
         raise UserError(
             f"model.attention=cudnn needs an NVIDIA GPU with the CUDA build of jax, but JAX "
@@ -793,21 +812,23 @@ class GPT2(nnx.Module):
 
     def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
         """Per-token LM cross-entropy (B, T) float32 of hidden states h (B, T, D) against
-        targets (B, T). cfg.loss_chunk 0: through the full float32 logits (lm_logits);
+        targets (B, T). cfg.loss_chunk_tokens 0: through the full float32 logits (lm_logits);
         N > 0: chunked_nll over chunks of about N tokens (max(1, N // B) positions of
         every row), so the (B * T, vocab) logits never exist at once."""
-        if self.cfg.loss_chunk <= 0:
+        chunk = self.cfg.loss_chunk_tokens
+        if chunk == 0:
             return optax_nll(self.lm_logits(h), targets)
-        size = max(1, self.cfg.loss_chunk // h.shape[0])
+        size = max(1, chunk // h.shape[0])
         return chunked_nll(h, self.wte[...].astype(h.dtype), targets, min(size, h.shape[1]))
 
     def lm_loss_sum(self, h: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum(weights * token_nll(h, targets)), float32 scalar, for training: with
-        cfg.loss_chunk > 0 through fused_nll_sum (gradients made in the forward pass, each
-        chunk's logits computed once), else through the full logits."""
-        if self.cfg.loss_chunk <= 0:
+        cfg.loss_chunk_tokens > 0 through fused_nll_sum (gradients made in the forward pass,
+        each chunk's logits computed once), else through the full logits."""
+        chunk = self.cfg.loss_chunk_tokens
+        if chunk == 0:
             return jnp.sum(self.token_nll(h, targets) * weights)
-        size = min(max(1, self.cfg.loss_chunk // h.shape[0]), h.shape[1])
+        size = min(max(1, chunk // h.shape[0]), h.shape[1])
         return fused_nll_sum(h, self.wte[...].astype(h.dtype), targets, weights, size)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:

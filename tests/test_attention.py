@@ -78,8 +78,10 @@ def test_attention_config_errors(tmp_path):
         GPT2Config(attention="flash")
     with pytest.raises(UserError, match="cudnn needs a 16-bit compute dtype"):
         GPT2Config(attention="cudnn")
-    with pytest.raises(UserError, match="loss_chunk must be >= 0"):
-        GPT2Config(loss_chunk=-1)
+    with pytest.raises(UserError, match="loss_chunk must be -1 .auto."):
+        GPT2Config(loss_chunk=-2)
+    assert GPT2Config().loss_chunk_tokens == 256  # auto on this CPU backend
+    assert GPT2Config(loss_chunk=0).loss_chunk_tokens == 0
     base = ["--data.train=x.txt"]
     with pytest.raises(UserError, match=r"model.attention: xla has no attention dropout.*unset"):
         load_config(None, [*base, "--model.attention=xla"])

@@ -21,8 +21,9 @@ from gpt2jax.train import make_train_step
 OPTIM = OptimSection(lr=1e-3, warmup_steps=1, weight_decay=0.01, clip_norm=1.0)
 
 # No tokenizer is involved here, so a small vocabulary keeps the steps cheap.
+# loss_chunk=0: the plain full-logits loss, the reference the chunked paths are tested against
 TINY = GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                  embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+                  embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, loss_chunk=0)
 
 
 @functools.cache

@@ -129,6 +129,27 @@ def test_fsdp_run_restores_on_one_device(finetune):
         assert np.array_equal(np.asarray(value), np.asarray(one[name])), name
 
 
+def test_a_cudnn_run_loads_with_explicit_attention_without_a_gpu(finetune, tmp_path):
+    """model.json keeps model.attention; on a machine without an NVIDIA GPU, loading the
+    run for eval/generate/export falls back to the same maths (explicit attention)."""
+    import json
+    import shutil
+
+    from gpt2jax.checkpoint import load_run_model
+
+    _, _, run, _ = finetune
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta.update(attention="cudnn", dtype="bfloat16")
+    (copy / "model.json").write_text(json.dumps(meta))
+    model, _ = load_run_model(copy)
+    assert (model.cfg.attention, model.cfg.dtype) == ("explicit", "bfloat16")
+    ref, _ = load_run_model(run, dtype="bfloat16")
+    ids = np.arange(1, 9)[None]
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(ref(ids)))
+
+
 def test_init_source_fixes_the_architecture(finetune, cli, tmp_path):
     _, cfg, _, _ = finetune
     res = cli("train", cfg, f"--train.run_dir={tmp_path / 'other'}", "--model.n_layer=4")
