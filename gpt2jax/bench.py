@@ -344,7 +344,8 @@ def run_bench(
     """Benchmark a training step of `cfg` (and optionally transformers and decoding).
 
     Rounds alternate: peak matmul, one untimed then `steps` timed steps of ours, the same
-    for transformers (with vs_hf), decoding (with decode). Every rate is the median over rounds. Returns the documented JSON dict.
+    for transformers (with vs_hf), decoding (with decode). Every rate is the median over
+    rounds. Returns the documented JSON dict.
     """
     _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
     if decode and cfg.vocab_size <= EOS_ID:
