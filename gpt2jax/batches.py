@@ -74,15 +74,14 @@ class LMBlocks:
         pos = blocks[:, None] * (self.block - 1) + np.arange(self.block)
         doc = np.searchsorted(self.ends, pos, side="right")
         local = pos - (self.ends[doc] - self.tok.lengths[doc])  # -1 at a document's EOS
-        at_eos = local < 0
-        src = np.asarray(self.tok.starts)[doc] + np.maximum(local, 0)
-        tokens = np.where(at_eos, self.eos, self.tok.ids[src.ravel()].reshape(src.shape))
-        if self.tok.weights is None:
-            weights = np.ones(pos.shape, np.float32)
-        else:
-            w = self.tok.weights[src.ravel()].reshape(src.shape)
-            weights = np.where(at_eos, 1, w).astype(np.float32)
-        return {"tokens": tokens.astype(np.int32), "weights": weights}
+        keep = local >= 0  # EOS positions are not in the token store: never read them
+        src = (np.asarray(self.tok.starts)[doc] + local)[keep]
+        tokens = np.full(pos.shape, self.eos, np.int32)
+        tokens[keep] = self.tok.ids[src]
+        weights = np.ones(pos.shape, np.float32)
+        if self.tok.weights is not None:
+            weights[keep] = self.tok.weights[src]
+        return {"tokens": tokens, "weights": weights}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every block (reads all the tokens: small data, notebooks and tests)."""
@@ -90,9 +89,7 @@ class LMBlocks:
 
     def subset(self, idx: np.ndarray) -> LMBlocks:
         index = np.asarray(idx, np.int64) if self.index is None else self.index[idx]
-        out = LMBlocks.__new__(LMBlocks)
-        out.__dict__.update(self.__dict__, index=index)
-        return out
+        return LMBlocks(self.tok, self.block, self.eos, index)
 
 
 class ClassRows:

@@ -200,12 +200,12 @@ def load_run_model(run_dir: str | Path, step: int | str | None = None, **overrid
 
     fields = json.loads(meta_path.read_text())
     fields["labels"] = tuple(fields.get("labels") or ())
-    mcfg = GPT2Config(**{**fields, **overrides})
-    if mcfg.attention == "cudnn" and "attention" not in overrides:
+    if fields.get("attention") == "cudnn" and "attention" not in overrides:
         from .model import has_cudnn
 
         if not has_cudnn():  # a run trained on GPUs, evaluated elsewhere: the same maths
-            mcfg = mcfg.replace(attention="explicit")
+            fields["attention"] = "explicit"
+    mcfg = GPT2Config(**{**fields, **overrides})
     ckpts = Checkpoints(run, cfg.train.keep_checkpoints, read_only=True)
     if step is None or step == "latest":
         step = ckpts.latest()

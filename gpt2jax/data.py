@@ -381,7 +381,7 @@ class Tokenized:
         lengths = np.asarray([len(t) for t in token_lists], np.int64)
         flat = lambda xs, dt: np.asarray([v for x in xs for v in x], dt)  # noqa: E731
         return cls(ids=flat(token_lists, np.int32),
-                   starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+                   starts=np.cumsum(lengths) - lengths,
                    lengths=lengths, nbytes=lengths.copy(), rows=np.arange(len(lengths)),
                    weights=None if weights is None else flat(weights, np.uint8),
                    labels=None if labels is None else np.asarray(labels, str), source=source)
@@ -598,7 +598,7 @@ def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: st
     lengths = lengths.astype(np.int64)
     total = int(lengths.sum())
     flat: dict[str, np.ndarray] = {}
-    for name, kind in (("ids", dtype), ("weights", np.uint8)):
+    for name, kind in (("ids", dtype), ("weights", np.uint8)):  # weights are 0/1 masks
         if name not in table.column_names:
             continue
         if out_dir is None:
@@ -612,7 +612,7 @@ def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: st
             arr[pos: pos + len(values)] = values
             pos += len(values)
         flat[name] = arr
-    small = {"starts": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+    small = {"starts": np.cumsum(lengths) - lengths,
              "lengths": lengths,
              "nbytes": np.asarray(mapped["nbytes"], np.int64),
              "rows": np.asarray(mapped["row"], np.int64)}

@@ -125,12 +125,15 @@ def load_model(src: str, step: int | str | None = None, **overrides):
 
 
 def tokenizer_for(cfg):
-    """The tokenizer a run of `cfg` (a config.Config) trains with: the run's own when it
-    exists (resume), else model.init's, else GPT-2's; plus data.add_special_tokens."""
+    """The tokenizer a run of `cfg` (a config.Config) trains with, chosen as train() does:
+    the run's own when it resumes, else model.init's, else GPT-2's; plus
+    data.add_special_tokens."""
     from .tokenizer import load_tokenizer
 
-    run_tok = Path(cfg.train.run_dir) / "tokenizer"
-    if run_tok.is_dir():
+    run = Path(cfg.train.run_dir)
+    run_tok = run / "tokenizer"
+    resume = (run / "model.json").is_file() and (run / "checkpoints").is_dir()
+    if resume and run_tok.is_dir():
         tokenizer = load_tokenizer(run_tok)
     elif cfg.model.init == "scratch":
         tokenizer = load_tokenizer(None)

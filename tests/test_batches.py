@@ -23,7 +23,7 @@ def _blocks(docs, block, masks=None) -> dict:
 
 def test_pack_makes_every_token_a_target_exactly_once():
     docs = _docs()
-    docs[3] = []  # an empty document is just its EOS
+    docs[3] = docs[-1] = []  # an empty document is just its EOS, also the last one
     block = 9
     got = _blocks(docs, block)
     tokens, weights = got["tokens"], got["weights"]
@@ -46,6 +46,9 @@ def test_pack_applies_loss_masks_and_rejects_too_little_data():
     np.testing.assert_array_equal(weights[:, 1:].ravel(), stream_w[1: 1 + weights[:, 1:].size])
     with pytest.raises(UserError, match="fewer than one block"):
         _blocks([[1, 2]], 8)
+    assert len(Tokenized.from_lists([])) == 0
+    with pytest.raises(UserError, match="holds 0 tokens"):
+        LMBlocks(Tokenized.from_lists([]), 8, EOS)
 
 
 class _Recording:
@@ -80,10 +83,17 @@ def test_blocks_are_read_on_demand_from_a_memory_map_and_a_process_reads_only_it
         part = b.batch(3)
         mine = b.global_indices(3)[i * 4: (i + 1) * 4]
         np.testing.assert_array_equal(part["tokens"], full["tokens"][mine])
+        # the ids positions of this process's blocks (stream position p of document i
+        # is ids[p - i - 1]; a document's EOS is not stored)
         stream_pos = (mine[:, None] * 16 + np.arange(17)).ravel()
-        assert len(tok.ids.read) <= len(set(stream_pos.tolist()))
+        spans = np.array([len(d) + 1 for d in docs])
+        starts = np.cumsum(spans) - spans
+        doc = np.searchsorted(starts, stream_pos, side="right") - 1
+        expected = {int(p - i - 1) for p, i in zip(stream_pos, doc) if p != starts[i]}
+        assert tok.ids.read == expected
         seen.append(tok.ids.read)
-    assert not seen[0] & seen[1]  # disjoint blocks: no token read by both processes
+    # no token read by both processes but for blocks that touch (one shared token each)
+    assert len(seen[0] & seen[1]) <= 1
     train, val = split_blocks(mapped, 0.25, seed=0)
     assert isinstance(train, LMBlocks) and len(train) + len(val) == len(mapped)
     np.testing.assert_array_equal(val.arrays()["tokens"][0], full["tokens"][val.index[0]])

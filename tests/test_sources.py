@@ -322,8 +322,14 @@ def test_tokenizer_for_existing_run_tokenizer_wins(tmp_path):
     tok = copy.deepcopy(gpt2_tokenizer())
     tok.add_tokens(["<|pad|>"], special_tokens=True)
     tok.save_pretrained(str(tmp_path / "run" / "tokenizer"))
-    # model.init names a hub model: with the run's tokenizer present (resume), no download
     cfg = _cfg(tmp_path, "--model.init=gpt2", '--data.add_special_tokens=["<|pad|>"]')
+    # a tokenizer folder alone is not a run to resume: model.init decides (offline here)
+    with pytest.raises(UserError, match="offline"):
+        tokenizer_for(cfg)
+    # model.init names a hub model: when resuming (model.json + checkpoints/), the run's
+    # own tokenizer is used and nothing is downloaded
+    (tmp_path / "run" / "model.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir()
     got = tokenizer_for(cfg)
     assert len(got) == 50258  # <|pad|> is not added a second time
     assert got.convert_tokens_to_ids("<|pad|>") == 50257
