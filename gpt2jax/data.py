@@ -446,6 +446,7 @@ def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[To
         return tokenize_dataset(ds, data, tokenizer, where=spec), False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as e:  # a read-only cache is not fatal: tokenize in memory
         print(f"gpt2jax: warning: cannot write the data cache {path}: {e.strerror}",
@@ -461,6 +462,19 @@ def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[To
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _read_cache(path, spec), False
+
+
+def _remove_stale(root: Path, age: float = 86400.0) -> None:
+    """Remove temporary tokenizing folders (`.<key>.*`) left by runs killed mid-way; a
+    day old, so another process's tokenizing in progress is never touched."""
+    import time
+
+    for tmp in root.glob(".*"):
+        try:
+            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > age:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def cache_dir(data=None) -> Path:

@@ -34,17 +34,6 @@ TASKS = ("lm", "classification", "dictionary_reverse")
 # ---------------------------------------------------------------- token log-probabilities
 
 
-def next_token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """(B, T) float32: entry t is log p(input_ids[t] | input_ids[:t]); column 0 is 0.
-
-    Pure: `logits` are the LM logits (B, T, V) for the same input_ids.
-    """
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
-    lp = target - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(lp, ((0, 0), (1, 0)))
-
-
 @nnx.jit
 def token_logprobs(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Jitted (B, T) next-token log-probabilities (natural log) under the tied LM head.
@@ -54,7 +43,8 @@ def token_logprobs(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array)
     Works for every head (the backbone always has the tied LM head).
     """
     h, _ = model.hidden_states(input_ids, attention_mask)
-    lp = next_token_logprobs(model.lm_logits(h), input_ids)
+    # the model's LM loss (chunked by model.loss_chunk: no full (B, T, vocab) logits)
+    lp = jnp.pad(-model.token_nll(h[:, :-1], input_ids[:, 1:]), ((0, 0), (1, 0)))
     return jnp.where(attention_mask.astype(bool), lp, 0.0)
 
 

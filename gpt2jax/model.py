@@ -444,6 +444,23 @@ def require_cudnn() -> None:
         )
 
 
+def chunk_positions(tokens: int, shape: tuple[int, ...]) -> int:
+    """Sequence positions per LM-loss chunk so that each device holds about `tokens` rows
+    of logits (0: no chunking). Under a mesh the batch axis is split by sharding.RULES'
+    `batch` rule, so a device holds B / (its data-parallel width) rows of every chunk."""
+    if tokens <= 0:
+        return 0
+    batch, length = shape[0], shape[1]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        from .sharding import spec_for
+
+        axes = spec_for(("batch",), (batch,), mesh)[0]
+        names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        batch //= math.prod(mesh.shape[n] for n in names)
+    return min(max(1, tokens // max(batch, 1)), length)
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
     """Shard an activation's leading (batch) axis by sharding.RULES' `batch` rule, under a
     mesh only (jax.sharding.use_abstract_mesh / set_mesh; the train and eval steps enter
@@ -813,22 +830,20 @@ class GPT2(nnx.Module):
     def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
         """Per-token LM cross-entropy (B, T) float32 of hidden states h (B, T, D) against
         targets (B, T). cfg.loss_chunk_tokens 0: through the full float32 logits (lm_logits);
-        N > 0: chunked_nll over chunks of about N tokens (max(1, N // B) positions of
-        every row), so the (B * T, vocab) logits never exist at once."""
-        chunk = self.cfg.loss_chunk_tokens
-        if chunk == 0:
+        N > 0: chunked_nll over chunks of about N tokens per device (`chunk_positions`),
+        so the (B * T, vocab) logits never exist at once."""
+        size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
+        if size == 0:
             return optax_nll(self.lm_logits(h), targets)
-        size = max(1, chunk // h.shape[0])
-        return chunked_nll(h, self.wte[...].astype(h.dtype), targets, min(size, h.shape[1]))
+        return chunked_nll(h, self.wte[...].astype(h.dtype), targets, size)
 
     def lm_loss_sum(self, h: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum(weights * token_nll(h, targets)), float32 scalar, for training: with
         cfg.loss_chunk_tokens > 0 through fused_nll_sum (gradients made in the forward pass,
         each chunk's logits computed once), else through the full logits."""
-        chunk = self.cfg.loss_chunk_tokens
-        if chunk == 0:
+        size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
+        if size == 0:
             return jnp.sum(self.token_nll(h, targets) * weights)
-        size = min(max(1, chunk // h.shape[0]), h.shape[1])
         return fused_nll_sum(h, self.wte[...].astype(h.dtype), targets, weights, size)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:

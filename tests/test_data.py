@@ -244,3 +244,19 @@ def test_a_torn_cache_is_rebuilt_with_a_warning(tmp_path, tok, capsys):
     assert again.stats["cached"] is False and "unreadable" in capsys.readouterr().err
     np.testing.assert_array_equal(again.train.arrays()["tokens"], first)
     assert prepare(d, tok, seq_len=16, seed=0, eos=EOS).stats["cached"] is True
+
+
+def test_temporary_folders_of_killed_runs_are_removed_after_a_day(tmp_path, tok):
+    import os
+    import time
+
+    root = tmp_path / "cache" / "tokenized"
+    old, fresh = root / ".abc.killed", root / ".def.running"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "map.arrow").write_bytes(b"x" * 100)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    src = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in _texts(10)])
+    assert prepare(_data(tmp_path, src), tok, seq_len=16, seed=0, eos=EOS).stats["cached"] is False
+    assert not old.exists() and fresh.exists()

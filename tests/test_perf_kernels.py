@@ -315,3 +315,16 @@ def test_chunked_loss_never_holds_the_full_logits():
     # a chunk's logits are 32 x 4096 x 4 = 0.5 MiB; dW's accumulator is 0.5 MiB too
     assert chunk_temp < logits_bytes / 2, (chunk_temp, full_temp)
     assert fused_temp < logits_bytes / 2, (fused_temp, full_temp)
+
+
+def test_chunk_positions_count_the_rows_each_device_holds():
+    """loss_chunk is tokens per device: under a mesh the batch is split over data x fsdp."""
+    from gpt2jax.model import chunk_positions
+    from gpt2jax.sharding import make_mesh
+
+    assert chunk_positions(0, (8, 256)) == 0
+    assert chunk_positions(256, (8, 256)) == 32  # one device holds all 8 rows
+    assert chunk_positions(4096, (8, 256)) == 256  # capped at the sequence length
+    with jax.sharding.use_abstract_mesh(make_mesh(4, 2, 1).abstract_mesh):
+        assert chunk_positions(256, (16, 256)) == 128  # 2 rows per device
+        assert chunk_positions(256, (6, 256)) == 42  # 6 rows do not split 8 ways: whole
