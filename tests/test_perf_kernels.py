@@ -1,7 +1,8 @@
-"""The custom-VJP kernels of model.py (docs/perf-notes.md 4-5) against plain JAX.
+"""The custom-VJP kernels of model.py (docs/perf-notes.md 4-5, 14) against plain JAX.
 
-`attention_core` and `tied_head` carry hand-written backward passes. Their gradients must
-equal jax.grad of the plain formulas (float32, 1e-5 relative to the largest entry;
+`attention_core`, `tied_head`, `linear` and `layer_norm` carry hand-written backward
+passes. Their gradients must equal jax.grad of the plain formulas (float32, 1e-5
+relative to the largest entry;
 measured around 1e-7), alone and inside the whole model (padding masks, attention dropout
 with the same keep mask, scale_attn_by_inverse_layer_idx, scan_layers, a classification
 head), and a train step sharded with tensor parallelism must match a one-device step
@@ -20,7 +21,14 @@ from test_sharding import sharded_run
 
 from gpt2jax import model as model_mod
 from gpt2jax.checkpoint import flat_params
-from gpt2jax.model import GPT2Config, attention_core, create_model, tied_head
+from gpt2jax.model import (
+    GPT2Config,
+    attention_core,
+    create_model,
+    layer_norm,
+    linear,
+    tied_head,
+)
 from gpt2jax.optim import make_optimizer
 from gpt2jax.sharding import make_mesh
 
@@ -36,6 +44,17 @@ def ref_attention(q, k, v, mask, scale, keep, rate):
 
 def ref_head(h, w):
     return jnp.einsum("nd,vd->nv", h, w)
+
+
+def ref_linear(x, w, b):
+    return x @ w + b
+
+
+def ref_layer_norm(x, scale, bias, eps):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
 
 
 def assert_trees_close(got, want, rel=1e-5):
@@ -109,9 +128,37 @@ def test_tied_head_gradients_match_plain_formula():
     assert_trees_close(got, want)
 
 
+@pytest.mark.parametrize("shape", [(12, 16), (2, 5, 16)])
+def test_linear_and_layer_norm_gradients_match_plain_formulas(shape):
+    keys = jax.random.split(jax.random.key(4), 6)
+    x = jax.random.normal(keys[0], shape)
+    w = jax.random.normal(keys[1], (16, 24))
+    b = jax.random.normal(keys[2], (24,))
+    scale = 1.0 + jax.random.normal(keys[3], (16,))
+    bias = jax.random.normal(keys[4], (16,))
+    cot = jax.random.normal(keys[5], (*shape[:-1], 24))
+
+    def loss(lin, ln):
+        return lambda x, w, b, s, c: jnp.sum(lin(ln(x, s, c, 1e-5), w, b) * cot)
+
+    np.testing.assert_allclose(linear(x, w, b), ref_linear(x, w, b), atol=1e-5)
+    np.testing.assert_allclose(layer_norm(x, scale, bias, 1e-5),
+                               ref_layer_norm(x, scale, bias, 1e-5), atol=1e-5)
+    args = (x, w, b, scale, bias)
+    got = jax.jit(jax.grad(loss(linear, layer_norm), tuple(range(5))))(*args)
+    want = jax.grad(loss(ref_linear, ref_layer_norm), tuple(range(5)))(*args)
+    assert_trees_close(got, want)
+    # bfloat16 compute: LayerNorm statistics stay float32, gradients come back in bf16
+    xb = x.astype(jnp.bfloat16)
+    g = jax.grad(lambda x: jnp.sum(layer_norm(x, scale, bias, 1e-5).astype(jnp.float32)))(xb)
+    assert g.dtype == jnp.bfloat16
+
+
 def _plain_kernels(monkeypatch):
     monkeypatch.setattr(model_mod, "attention_core", ref_attention)
     monkeypatch.setattr(model_mod, "tied_head", ref_head)
+    monkeypatch.setattr(model_mod, "linear", ref_linear)
+    monkeypatch.setattr(model_mod, "layer_norm", ref_layer_norm)
 
 
 MODEL_CASES = {
