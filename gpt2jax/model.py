@@ -287,19 +287,22 @@ def _attention_bwd(rate, res, do):
     pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
     # Every matmul below takes the (T, T) matrices in their stored layout: products that
     # contract their first axis are computed transposed, (K, T) = x^T @ (T, T), with the
-    # small operand and result transposed instead (the barriers keep XLA from folding
-    # that back into a transposed copy of the large matrix, 2 per layer otherwise).
+    # small operand and result transposed instead (2 transposed copies of a (T, T)
+    # matrix per layer otherwise).
     dv = _t(jnp.matmul(_t(do), pd.astype(q.dtype)))
-    # a barrier keeps this product out of a library fusion with the elementwise softmax
-    # backward below, which ran several times slower than the two apart
-    dp = jax.lax.optimization_barrier(jnp.matmul(do, jnp.swapaxes(v, -1, -2)))
-    dp = dp.astype(jnp.float32)
-    if keep is not None:
-        dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
     # sum_s dp * p over the keys equals do . out (out = pd @ v), so the softmax backward
     # needs no reduction over the (T, T) matrix
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-    ds = p * (dp - delta)
+    if keep is None:
+        # dp - delta as one product, [do, delta] @ [v, -1]^T: fused into the elementwise
+        # pass below, the library ran dp = do @ v^T several times slower than alone
+        do_aug = jnp.concatenate([do, delta.astype(do.dtype)], -1)
+        v_aug = jnp.concatenate([v, -jnp.ones((*v.shape[:-1], 1), v.dtype)], -1)
+        dpd = jnp.matmul(do_aug, jnp.swapaxes(v_aug, -1, -2), preferred_element_type=jnp.float32)
+    else:
+        dp = jnp.matmul(do, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
+        dpd = jnp.where(keep, dp / (1.0 - rate), 0.0) - delta
+    ds = p * dpd
     # masked scores are constants: no gradient, even in a fully masked (padding) row,
     # where the softmax is uniform and p alone would not zero them
     ds = jnp.where(mask, ds * scale, 0.0).astype(q.dtype)
