@@ -619,20 +619,29 @@ class Attention(nnx.Module):
         out = out + self.c_proj_bias[...].astype(dt)
         return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
 
+    def _project_qkv(self, x):
+        """q, k, v as (B, T, H, K): three plain (tokens, d) @ (d, d) products.
+
+        One product per q/k/v keeps a kernel split along `heads` (tensor parallelism)
+        split the same way in each (d, H * K) view; written as one einsum into
+        (3, B, H, T, K), XLA computed a transposed product and rebuilt a transposed copy
+        of x (with its whole producer fused in) for it, on every layer and, in decoding,
+        transposed the whole kernel on every token.
+        """
+        b, t, d = x.shape
+        w = self.c_attn_kernel[...].astype(x.dtype)
+        bias = self.c_attn_bias[...].astype(x.dtype)
+        heads = w.shape[2:]
+        return tuple(linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1)).reshape(b, t, *heads)
+                     for i in range(3))
+
     def _attend_no_cache(self, x, mask, scale, key):
         """Training / evaluation: heads-major (B, H, T, K) layout and attention_core."""
         cfg, dt = self.cfg, x.dtype
         if cfg.attention != "explicit":
             return self._attend_library(x, mask, scale, _fold(key, 0))
         b, t, d = x.shape
-        # plain (tokens, d) @ (d, 3 * d) products, then one head-major copy: written as one
-        # einsum into (3, B, H, T, K), XLA computed the transposed product instead and
-        # rebuilt a transposed copy of x (with its whole producer fused in) for it
-        w = self.c_attn_kernel[...].astype(dt)
-        bias = self.c_attn_bias[...].astype(dt).reshape(-1)
-        qkv = linear(x, w.reshape(d, -1), bias).reshape(b, t, *w.shape[1:])
-        qkv = jnp.transpose(qkv, (2, 0, 3, 1, 4))
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._project_qkv(x))  # (B, H, T, K)
         keep, rate = None, 0.0
         akey = _fold(key, 0)
         if akey is not None and cfg.attn_pdrop > 0.0:
@@ -683,12 +692,7 @@ class Attention(nnx.Module):
         """Decoding: the new tokens' k/v go into the (B, S, H, K) cache at cache_index."""
         cfg, dt = self.cfg, x.dtype
         b, t, d = x.shape
-        # a plain (tokens, d) @ (d, 3 * d) product: the einsum form made XLA transpose the
-        # whole kernel on every decoded token (about 70% of a GPT-2-small decode step)
-        w = self.c_attn_kernel[...].astype(dt)
-        bias = self.c_attn_bias[...].astype(dt).reshape(-1)
-        qkv = linear(x, w.reshape(d, -1), bias).reshape(b, t, *w.shape[1:])
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self._project_qkv(x)
         ck, cv = cache
         k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
