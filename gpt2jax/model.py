@@ -619,19 +619,24 @@ class Attention(nnx.Module):
         out = out + self.c_proj_bias[...].astype(dt)
         return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
 
-    def _project_qkv(self, x):
-        """q, k, v as (B, T, H, K): three plain (tokens, d) @ (d, d) products.
+    def _project_qkv(self, x, merged: bool = False):
+        """q, k, v as (B, T, H, K), each a plain (tokens, d) @ (d, H * K) product.
 
-        One product per q/k/v keeps a kernel split along `heads` (tensor parallelism)
-        split the same way in each (d, H * K) view; written as one einsum into
-        (3, B, H, T, K), XLA computed a transposed product and rebuilt a transposed copy
-        of x (with its whole producer fused in) for it, on every layer and, in decoding,
-        transposed the whole kernel on every token.
+        Written as one einsum into (3, B, H, T, K), XLA computed a transposed product and
+        rebuilt a transposed copy of x (with its whole producer fused in) on every layer,
+        and in decoding transposed the whole kernel on every token. Training takes one
+        product per q/k/v, so a kernel split along `heads` (tensor parallelism) stays split
+        the same way in each (d, H * K) view. `merged` (decoding, one device) takes one
+        (d, 3 * H * K) view instead: the per-q/k/v slices of the kernel are strided, and
+        XLA copied them on every decoded token.
         """
         b, t, d = x.shape
         w = self.c_attn_kernel[...].astype(x.dtype)
         bias = self.c_attn_bias[...].astype(x.dtype)
         heads = w.shape[2:]
+        if merged:
+            qkv = linear(x, w.reshape(d, -1), bias.reshape(-1)).reshape(b, t, *w.shape[1:])
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return tuple(linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1)).reshape(b, t, *heads)
                      for i in range(3))
 
@@ -692,7 +697,7 @@ class Attention(nnx.Module):
         """Decoding: the new tokens' k/v go into the (B, S, H, K) cache at cache_index."""
         cfg, dt = self.cfg, x.dtype
         b, t, d = x.shape
-        q, k, v = self._project_qkv(x)
+        q, k, v = self._project_qkv(x, merged=True)
         ck, cv = cache
         k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
