@@ -1,12 +1,11 @@
 """The custom-VJP kernels of model.py (docs/perf-notes.md 4-5, 14) against plain JAX.
 
 `attention_core`, `tied_head`, `linear` and `layer_norm` carry hand-written backward
-passes. Their gradients must equal jax.grad of the plain formulas (float32, 1e-5
-relative to the largest entry;
-measured around 1e-7), alone and inside the whole model (padding masks, attention dropout
-with the same keep mask, scale_attn_by_inverse_layer_idx, scan_layers, a classification
-head), and a train step sharded with tensor parallelism must match a one-device step
-that uses the plain formulas.
+passes. Their gradients must equal jax.grad of the plain formulas (float32, 1e-5 relative
+to the largest entry; measured around 1e-7), alone and inside the whole model (padding
+masks, attention dropout with the same keep mask, scale_attn_by_inverse_layer_idx,
+scan_layers, a classification head), and a train step sharded with tensor parallelism
+must match a one-device step that uses the plain formulas.
 """
 
 from __future__ import annotations
