@@ -212,3 +212,37 @@ def test_sharded_step_compiles_without_involuntary_rematerialization():
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == \
         "{'lm': False, 'cls': False, 'control': True}", res.stdout
+
+
+def _all_gathers_in_tensor_parallel_step(merged_qkv: bool, monkeypatch) -> list[str]:
+    """The all-gathers XLA puts in a (4, 1, 2) train step of a one-layer model."""
+    from flax import nnx
+
+    from gpt2jax import model as model_mod
+    from gpt2jax.model import GPT2Config, create_model
+
+    if merged_qkv:  # control: the one (d, 3 * H * K) view the decoder uses
+        project = model_mod.Attention._project_qkv
+        monkeypatch.setattr(model_mod.Attention, "_project_qkv",
+                            lambda self, x, merged=False: project(self, x, True))
+    cfg = GPT2Config(vocab_size=128, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    graphdef, params = nnx.split(create_model(cfg, 0))
+    tx, schedule = make_optimizer(OPTIM, 10, params)
+    mesh = make_mesh(4, 1, 2)
+    params = jax.device_put(params, state_shardings(params, mesh))
+    opt = jax.jit(tx.init)(params)
+    tokens = np.random.default_rng(0).integers(0, 128, (1, 4, 17)).astype(np.int32)
+    batch = global_batch(mesh, {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32)},
+                         leading=1)
+    step = jax.jit(make_train_step(graphdef, tx, schedule, False, 1, jax.random.key(0)))
+    text = step.lower(params, opt, batch, jnp.int32(0)).compile().as_text()
+    return [line for line in text.splitlines() if "all-gather" in line and " = " in line]
+
+
+def test_tensor_parallel_attention_keeps_its_kernel_split(monkeypatch):
+    """q, k, v are projected with per-q/k/v views of the heads-split kernel, so a
+    tensor-parallel step gathers nothing; the merged view (the control) makes the
+    partitioner all-gather the whole (d, 3, H, K) kernel, so the check can fail."""
+    assert _all_gathers_in_tensor_parallel_step(False, monkeypatch) == []
+    gathered = _all_gathers_in_tensor_parallel_step(True, monkeypatch)
+    assert any("f32[32,3,2,16]" in line for line in gathered), gathered
