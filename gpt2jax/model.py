@@ -313,7 +313,9 @@ def _attention_bwd(rate, res, do):
 
 
 def _t(x: jax.Array) -> jax.Array:
-    """Swap the last two axes as a materialised copy (see _attention_bwd)."""
+    """Swap the last two axes (see _attention_bwd). The barrier keeps XLA's algebraic
+    simplifier from folding the swap back into the product; XLA's CPU pipeline removes
+    it before fusion, so it constrains the dot's form, not what is fused."""
     return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
@@ -347,13 +349,13 @@ tied_head.defvjp(_head_fwd, _head_bwd)
 
 @jax.custom_vjp
 def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """x (..., n_in) @ w (n_in, n_out) + b (n_out,), with a backward pass of plain matmuls.
+    """x (..., n_in) @ w (n_in, n_out) + b (n_out,), with a hand-written backward pass.
 
-    XLA's own backward computed the weight gradient x^T g by transposing g, and fused
-    g's whole producer (the residual stream's gradient chain) into that transposed copy
-    (about 30 ms per use for GPT-2 small on CPU). Here g is materialised once and the
-    small operands are transposed instead; the bias gradient is a ones-vector product,
-    which ran faster than XLA's reduction over the token axis.
+    XLA's own backward computed the weight gradient x^T g from a transposed copy of g,
+    and fused g's whole producer (the residual stream's gradient chain) into that copy
+    (about 30 ms per use for GPT-2 small on CPU). Here the weight gradient contracts the
+    token axes of x and g directly, and the bias gradient is a ones-vector product,
+    which ran faster than XLA's reduction over the token axis (docs/perf-notes.md 14).
     """
     return _linear_fwd(x, w, b)[0]
 
@@ -366,7 +368,7 @@ def _linear_fwd(x, w, b):
 def _linear_bwd(res, g):
     x, w = res
     x2 = x.reshape(-1, x.shape[-1])
-    g2, x2 = jax.lax.optimization_barrier((g.reshape(-1, g.shape[-1]), x2))
+    g2 = g.reshape(-1, g.shape[-1])
     dx = jnp.matmul(g2, w.T)
     dw = jnp.matmul(x2.T, g2)
     db = jnp.matmul(jnp.ones((1, g2.shape[0]), g2.dtype), g2)[0]
