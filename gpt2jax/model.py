@@ -188,6 +188,13 @@ def _fold(key: jax.Array | None, i: int | jax.Array) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
+def sum_tokens(x: jax.Array) -> jax.Array:
+    """Sum over every axis but the last, as a ones-vector product: XLA's CPU reduction
+    over the token axis of a (tokens, features) array ran at under 1 GB/s."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return jnp.matmul(jnp.ones((1, x2.shape[0]), x.dtype), x2)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """LayerNorm computed in float32 whatever the compute dtype (as a bf16 run needs).
@@ -210,10 +217,7 @@ def _layer_norm_fwd(x, scale, bias, eps):
 def _layer_norm_bwd(eps, res, g):
     xhat, rstd, scale = res
     gf = g.astype(jnp.float32)
-    d = xhat.shape[-1]
-    ones = jnp.ones((1, gf.size // d), jnp.float32)
-    dscale = jnp.matmul(ones, (gf * xhat).reshape(-1, d))[0]
-    dbias = jnp.matmul(ones, gf.reshape(-1, d))[0]
+    dscale, dbias = sum_tokens(gf * xhat), sum_tokens(gf)
     gs = gf * scale
     dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
     # the output, so its cotangent g, has the dtype of x
@@ -348,8 +352,8 @@ tied_head.defvjp(_head_fwd, _head_bwd)
 
 
 @jax.custom_vjp
-def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """x (..., n_in) @ w (n_in, n_out) + b (n_out,), with a hand-written backward pass.
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x (..., n_in) @ w (n_in, n_out) (+ b (n_out,)), with a hand-written backward pass.
 
     XLA's own backward computed the weight gradient x^T g from a transposed copy of g,
     and fused g's whole producer (the residual stream's gradient chain) into that copy
@@ -361,18 +365,20 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _linear_fwd(x, w, b):
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w) + b
-    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w)
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w)
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b)
 
 
 def _linear_bwd(res, g):
-    x, w = res
+    x, w, b = res
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1])
     dx = jnp.matmul(g2, w.T)
     dw = jnp.matmul(x2.T, g2)
-    db = jnp.matmul(jnp.ones((1, g2.shape[0]), g2.dtype), g2)[0]
-    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), db.astype(w.dtype)
+    db = None if b is None else sum_tokens(g2).astype(b.dtype)
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), db
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
@@ -658,7 +664,7 @@ class Attention(nnx.Module):
             keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
         out = attention_core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, t, d)
-        return linear(out, self.c_proj_kernel[...].astype(dt).reshape(d, d), jnp.zeros((d,), dt))
+        return linear(out, self.c_proj_kernel[...].astype(dt).reshape(d, d))
 
     def _attend_library(self, x, mask, scale, akey):
         """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
@@ -708,8 +714,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         probs = dropout(probs, cfg.attn_pdrop, _fold(key, 0)).astype(dt)
         out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt)).reshape(b, t, d)
-        w_out = self.c_proj_kernel[...].astype(dt).reshape(d, d)
-        return linear(out, w_out, jnp.zeros((d,), dt)), (k, v)
+        return linear(out, self.c_proj_kernel[...].astype(dt).reshape(d, d)), (k, v)
 
 
 class MLP(nnx.Module):
