@@ -352,8 +352,8 @@ tied_head.defvjp(_head_fwd, _head_bwd)
 
 
 @jax.custom_vjp
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x (..., n_in) @ w (n_in, n_out) (+ b (n_out,)), with a hand-written backward pass.
+def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x (..., n_in) @ w (n_in, n_out) + b (n_out,), with a hand-written backward pass.
 
     XLA's own backward computed the weight gradient x^T g from a transposed copy of g,
     and fused g's whole producer (the residual stream's gradient chain) into that copy
@@ -365,9 +365,7 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
 
 
 def _linear_fwd(x, w, b):
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w)
-    if b is not None:
-        y = y + b
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w) + b
     return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b)
 
 
@@ -377,7 +375,7 @@ def _linear_bwd(res, g):
     g2 = g.reshape(-1, g.shape[-1])
     dx = jnp.matmul(g2, w.T)
     dw = jnp.matmul(x2.T, g2)
-    db = None if b is None else sum_tokens(g2).astype(b.dtype)
+    db = sum_tokens(g2).astype(b.dtype)
     return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), db
 
 
@@ -614,7 +612,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, mask, layer_idx, key=None, cache=None, cache_index=None):
-        cfg, dt = self.cfg, x.dtype
+        cfg = self.cfg
         scale = 1.0
         if cfg.scale_attn_weights:
             scale /= math.sqrt(cfg.head_dim)
@@ -624,7 +622,6 @@ class Attention(nnx.Module):
             out = self._attend_no_cache(x, mask, scale, key)
         else:
             out, cache = self._attend_cached(x, mask, scale, key, cache, cache_index)
-        out = out + self.c_proj_bias[...].astype(dt)
         return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
 
     def _project_qkv(self, x, merged: bool = False):
@@ -650,10 +647,9 @@ class Attention(nnx.Module):
 
     def _attend_no_cache(self, x, mask, scale, key):
         """Training / evaluation: heads-major (B, H, T, K) layout and attention_core."""
-        cfg, dt = self.cfg, x.dtype
+        cfg = self.cfg
         if cfg.attention != "explicit":
             return self._attend_library(x, mask, scale, _fold(key, 0))
-        b, t, d = x.shape
         q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._project_qkv(x))  # (B, H, T, K)
         keep, rate = None, 0.0
         akey = _fold(key, 0)
@@ -663,8 +659,13 @@ class Attention(nnx.Module):
             # the same draw as dropout() on the (B, H, T, T) probabilities
             keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
         out = attention_core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
-        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, t, d)
-        return linear(out, self.c_proj_kernel[...].astype(dt).reshape(d, d))
+        return self._project_out(jnp.swapaxes(out, 1, 2))
+
+    def _project_out(self, out):
+        """(B, T, H, K) attention output -> (B, T, d): c_proj as one plain product."""
+        b, t, h, k = out.shape
+        w = self.c_proj_kernel[...].astype(out.dtype).reshape(h * k, -1)
+        return linear(out.reshape(b, t, h * k), w, self.c_proj_bias[...].astype(out.dtype))
 
     def _attend_library(self, x, mask, scale, akey):
         """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
@@ -685,9 +686,7 @@ class Attention(nnx.Module):
         impl = None if cfg.attention == "xla" else "cudnn"
         if impl == "cudnn":
             require_cudnn()
-        qkv = jnp.einsum("btd,dshk->sbthk", x, self.c_attn_kernel[...].astype(dt))
-        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = self._project_qkv(x)  # (B, T, N, H), the library's layout
         if impl == "cudnn" and not isinstance(scale, float):
             # cuDNN wants a static scale; a traced one (scan_layers with
             # scale_attn_by_inverse_layer_idx) is folded into q instead
@@ -699,12 +698,11 @@ class Attention(nnx.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                                implementation=impl)
-        return jnp.einsum("bqhk,hkd->bqd", out, self.c_proj_kernel[...].astype(dt))
+        return self._project_out(out)
 
     def _attend_cached(self, x, mask, scale, key, cache, cache_index):
         """Decoding: the new tokens' k/v go into the (B, S, H, K) cache at cache_index."""
         cfg, dt = self.cfg, x.dtype
-        b, t, d = x.shape
         q, k, v = self._project_qkv(x, merged=True)
         ck, cv = cache
         k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
@@ -713,8 +711,8 @@ class Attention(nnx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = dropout(probs, cfg.attn_pdrop, _fold(key, 0)).astype(dt)
-        out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt)).reshape(b, t, d)
-        return linear(out, self.c_proj_kernel[...].astype(dt).reshape(d, d)), (k, v)
+        out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
+        return self._project_out(out), (k, v)
 
 
 class MLP(nnx.Module):
