@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from . import hugepages
 from .errors import UserError
 
 
@@ -538,7 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also `python -m gpt2jax`): restarts once with glibc's
+    huge-page malloc (gpt2jax/hugepages.py), then runs the command."""
+    hugepages.ensure()
     sys.exit(main())
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import hugepages
 from .errors import UserError
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -46,9 +47,11 @@ REMAT = ("none", "full", "dots")
 # implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16/fp16)
 ATTENTION = ("explicit", "xla", "cudnn")
 # Tokens per LM-loss chunk for model.loss_chunk=-1. CPU: 256 measured fastest (+15%
-# tokens/s over full logits on the 4-layer bench config, docs/perf-notes.md 9); GPU/TPU:
-# not measured here, sized so a chunk's float32 logits stay under 1 GB at vocab 50257.
-AUTO_LOSS_CHUNK = {"cpu": 256, "gpu": 4096, "tpu": 4096}
+# tokens/s over full logits on the 4-layer bench config, docs/perf-notes.md 9), 1024 when
+# glibc's malloc backs the buffers with huge pages (a chunk's fresh buffers then cost
+# little to fault in; +5-7%, perf-notes 16); GPU/TPU: not measured here, sized so a
+# chunk's float32 logits stay under 1 GB at vocab 50257.
+AUTO_LOSS_CHUNK = {"cpu": 256, "cpu+hugepages": 1024, "gpu": 4096, "tpu": 4096}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -129,7 +132,10 @@ class GPT2Config:
         """loss_chunk with auto (-1) resolved for the default backend."""
         if self.loss_chunk >= 0:
             return self.loss_chunk
-        return AUTO_LOSS_CHUNK.get(jax.default_backend(), AUTO_LOSS_CHUNK["gpu"])
+        backend = jax.default_backend()
+        if backend == "cpu" and hugepages.active():
+            backend = "cpu+hugepages"
+        return AUTO_LOSS_CHUNK.get(backend, AUTO_LOSS_CHUNK["gpu"])
 
     @property
     def head_dim(self) -> int:

@@ -73,14 +73,18 @@ def test_library_attention_refuses_attention_dropout():
     assert np.isfinite(create_model(cfg, 0)(ids, dropout_key=jax.random.key(0))).all()
 
 
-def test_attention_config_errors(tmp_path):
+def test_attention_config_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="model.attention='flash'"):
         GPT2Config(attention="flash")
     with pytest.raises(UserError, match="cudnn needs a 16-bit compute dtype"):
         GPT2Config(attention="cudnn")
     with pytest.raises(UserError, match="loss_chunk must be -1 .auto."):
         GPT2Config(loss_chunk=-2)
-    assert GPT2Config().loss_chunk_tokens == 256  # auto on this CPU backend
+    # auto on this CPU backend: 1024 with glibc's huge-page malloc (make test sets it)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert GPT2Config().loss_chunk_tokens == 1024
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert GPT2Config().loss_chunk_tokens == 256
     assert GPT2Config(loss_chunk=0).loss_chunk_tokens == 0
     base = ["--data.train=x.txt"]
     with pytest.raises(UserError, match=r"model.attention: xla has no attention dropout.*unset"):
