@@ -11,6 +11,7 @@ reported, so background load hits both sides alike. The FLOP convention is in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from . import hugepages
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
@@ -190,43 +192,41 @@ def make_optimizer_for(params, total_steps: int = 1_000_000):
 
 
 def _require_torch():
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise UserError(
-            f"--vs hf needs PyTorch and transformers ({e}); install the optional extra: "
-            "pip install 'gpt2jax[bench]' (torch==2.13.0, the CPU wheel)"
-        ) from None
+    """UserError unless torch and transformers are installed (checked without importing
+    them here: they run in the worker process)."""
+    import importlib.util
+
+    for name in ("torch", "transformers"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules
+            found = False
+        if not found:
+            raise UserError(
+                f"--vs hf needs PyTorch and transformers (no module named {name!r}); install "
+                "the optional extra: pip install 'gpt2jax[bench]' (torch==2.13.0, the CPU wheel)"
+            )
 
 
-def hf_config(cfg: GPT2Config):
-    """The transformers GPT2Config of the same shape, dropout off."""
-    from transformers import GPT2Config as HFConfig
-
-    return HFConfig(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
-                    activation_function=cfg.activation_function,
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+def hf_dims(cfg: GPT2Config) -> dict:
+    """The transformers GPT2Config arguments of the same shape, dropout off."""
+    return dict(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
+                activation_function=cfg.activation_function,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def torch_device(jax_platform: str) -> str:
-    """Where transformers runs: CUDA when JAX runs on a GPU and torch sees one, else CPU."""
-    import torch
-
-    return "cuda" if jax_platform == "gpu" and torch.cuda.is_available() else "cpu"
-
-
-def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int, where: str):
+def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, threads: int, where: str):
     """transformers GPT2LMHeadModel + torch.optim.AdamW in a plain loop (clipping at 1.0
     like the Trainer's default). bfloat16 runs under torch.autocast with float32 weights,
     like our model.dtype. Returns run(n) -> seconds."""
     import torch
+    from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(hf_config(cfg)).to(where).train()
+    model = GPT2LMHeadModel(HFConfig(**dims)).to(where).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.01)
     t = torch.from_numpy(tokens.astype("int64")).to(where)
@@ -255,14 +255,130 @@ def _hf_trainer(cfg: GPT2Config, tokens, dtype: str, seed: int, threads: int, wh
     return run
 
 
+def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int, threads: int,
+                where: str):
+    """transformers' greedy `generate` on our weights (HF names, numpy). Returns
+    run() -> (seconds, new tokens)."""
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    model = GPT2LMHeadModel(HFConfig(**dims)).eval()
+    state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+    # lm_head.weight is tied to wte, so it is the only key the export leaves out.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
+                           f"unexpected {unexpected}")
+    model.to(where)
+    x = torch.tensor([ids], device=where)
+
+    def run() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
+                                 do_sample=False, min_new_tokens=new_tokens,
+                                 max_new_tokens=new_tokens)
+        return time.perf_counter() - t0, out.shape[1] - len(ids)
+
+    return run
+
+
+# ---------------------------------------------------------------- transformers' process
+
+
+def torch_worker() -> None:
+    """The transformers side of `--vs hf`, in its own process: requests arrive pickled on
+    stdin, answers leave pickled on the original stdout (anything the libraries print goes
+    to stderr). ("init", kwargs) -> versions; ("train", n) -> (seconds, cpu seconds);
+    ("decode",) -> (seconds, tokens); EOF ends it. Errors answer ("error", message)."""
+    import pickle
+    import sys
+
+    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints must not corrupt the answers
+    train = decode = None
+    while True:
+        try:
+            msg = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            if msg[0] == "init":
+                a = msg[1]
+                import torch
+                import transformers
+
+                where = "cuda" if a["jax_platform"] == "gpu" and torch.cuda.is_available() \
+                    else "cpu"
+                train = _hf_trainer(a["dims"], a["tokens"], a["dtype"], a["seed"], a["threads"],
+                                    where)
+                if a["decode"] is not None:
+                    decode = _hf_decoder(a["dims"], **a["decode"], threads=a["threads"],
+                                         where=where)
+                reply = {"torch_version": torch.__version__, "torch_device": where,
+                         "transformers_version": transformers.__version__,
+                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            elif msg[0] == "train":
+                c0 = _cpu_seconds()
+                reply = (train(msg[1]), _cpu_seconds() - c0)
+            else:
+                reply = decode()
+            pickle.dump(("ok", reply), out)
+        except Exception as e:  # the parent turns it into a UserError
+            pickle.dump(("error", f"{type(e).__name__}: {e}"), out)
+        out.flush()
+
+
+class TorchWorker:
+    """The parent's handle on torch_worker: a process started in the environment the user
+    launched gpt2jax with (without the huge-page tunable gpt2jax adds for itself, which
+    slowed torch's step down by 10-15% here: docs/perf-notes.md 16)."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from gpt2jax.bench import torch_worker; torch_worker()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=hugepages.user_environ())
+
+    def call(self, *msg):
+        import pickle
+
+        try:
+            pickle.dump(msg, self.proc.stdin)
+            self.proc.stdin.flush()
+            status, reply = pickle.load(self.proc.stdout)
+        except (EOFError, BrokenPipeError):
+            raise RuntimeError(f"the transformers worker exited ({self.proc.wait()})") from None
+        if status != "ok":
+            raise UserError(f"--vs hf: the transformers side failed: {reply}")
+        return reply
+
+    def close(self) -> None:
+        """End the worker: EOF on its stdin, then a kill if it does not exit."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # ---------------------------------------------------------------- decoding
 
 
-def _decoders(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool, threads: int,
-              where: str = "cpu"):
-    """Greedy batch-1 decoders: ours (generate.Generator) and, with vs_hf, transformers'
-    `generate` on the same weights. Returns (prompt_tokens, new_tokens, {name: run})."""
+def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
+    """Our greedy batch-1 decoder (generate.Generator) and, with vs_hf, what transformers
+    needs to run `generate` on the same weights. Returns (run, prompt_tokens, new_tokens,
+    hf_args or None)."""
     from .generate import Generator, Sampling
+    from .hf import to_hf_tensors
     from .model import create_model
     from .tokenizer import gpt2_tokenizer
 
@@ -282,34 +398,11 @@ def _decoders(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool, threads:
         s = gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=32)[0]
         return time.perf_counter() - t0, len(s.token_ids)
 
-    runs = {"jax": ours}
+    hf_args = None
     if vs_hf:
-        import torch
-        from transformers import GPT2LMHeadModel
-
-        from .hf import to_hf_tensors
-
-        torch.set_num_threads(threads)
-        hf_model = GPT2LMHeadModel(hf_config(cfg)).eval()
-        state = {k: torch.from_numpy(v.copy()) for k, v in to_hf_tensors(model).items()}
-        # lm_head.weight is tied to wte, so it is the only key the export leaves out.
-        missing, unexpected = hf_model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
-                               f"unexpected {unexpected}")
-        hf_model.to(where)
-        x = torch.tensor([ids], device=where)
-
-        def theirs() -> tuple[float, int]:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = hf_model.generate(x, attention_mask=torch.ones_like(x),
-                                        pad_token_id=tok.eos_token_id, do_sample=False,
-                                        min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-            return time.perf_counter() - t0, out.shape[1] - len(ids)
-
-        runs["hf"] = theirs
-    return len(ids), new_tokens, runs
+        hf_args = {"weights": to_hf_tensors(model), "ids": ids, "new_tokens": new_tokens,
+                   "eos": tok.eos_token_id}
+    return ours, len(ids), new_tokens, hf_args
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -368,51 +461,32 @@ def run_bench(
     first_step_seconds = jax_run(1)
     if warmup > 1:
         jax_run(warmup - 1)
-    mem, mem_source = peak_memory(device)  # before torch or the probe allocate anything
+    mem, mem_source = peak_memory(device)  # before the probe allocates anything
 
-    hf_run = None
-    if vs_hf:
-        say("building the transformers model")
-        hf_where = torch_device(device.platform)
-        hf_run = _hf_trainer(cfg, tokens, cfg.dtype, seed, threads, hf_where)
-        hf_first = hf_run(1)
-        if warmup > 1:
-            hf_run(warmup - 1)
-    decoders = None
+    our_decode, hf_decode_args, prompt_len = None, None, 0
     if decode:
         say("compiling the decoder")
-        where = torch_device(device.platform) if vs_hf else "cpu"
-        prompt_len, decode_tokens, decoders = _decoders(cfg, seed, decode_tokens, vs_hf, threads,
-                                                        where)
-        for fn in decoders.values():
-            fn()  # warm-up (compiles ours)
-
-    probe = make_peak_probe(device, cfg.dtype, peak_size)
-    peaks, jax_t, hf_t, jax_cpu, hf_cpu = [], [], [], [], []
-    dec_t: dict[str, list[float]] = {k: [] for k in (decoders or {})}
-    for r in range(rounds):
-        peaks.append(probe(3))
-        # One untimed step per side per round: the first step after other work (the probe,
-        # the other framework's step) pays page faults for memory the allocator returned
-        # in between (measured: GPT-2 small's first JAX step after a torch step takes 1.6x
-        # as long, the next one the usual time). Steady-state training never pays it.
-        jax_run(1)
-        c0 = _cpu_seconds()
-        jax_t.append(jax_run(steps) / steps)
-        jax_cpu.append((_cpu_seconds() - c0) / steps)
-        if hf_run is not None:
-            hf_run(1)
-            c0 = _cpu_seconds()
-            hf_t.append(hf_run(steps) / steps)
-            hf_cpu.append((_cpu_seconds() - c0) / steps)
-        for name, fn in (decoders or {}).items():
-            secs, n = fn()
-            dec_t[name].append(n / secs)
-        line = f"round {r + 1}/{rounds}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, " \
-               f"jax {tokens_per_step / jax_t[-1]:,.0f} tokens/s"
-        if hf_t:
-            line += f", hf {tokens_per_step / hf_t[-1]:,.0f} tokens/s"
-        say(line)
+        our_decode, prompt_len, decode_tokens, hf_decode_args = _decoder(cfg, seed, decode_tokens,
+                                                                         vs_hf)
+        our_decode()  # warm-up (compiles)
+    worker, hf_info, hf_first = None, None, 0.0
+    with contextlib.ExitStack() as cleanup:
+        if vs_hf:
+            say("building the transformers model (in its own process)")
+            worker = TorchWorker()
+            cleanup.callback(worker.close)
+            hf_info = worker.call("init", {"dims": hf_dims(cfg), "tokens": tokens,
+                                           "dtype": cfg.dtype, "seed": seed, "threads": threads,
+                                           "jax_platform": device.platform,
+                                           "decode": hf_decode_args})
+            hf_first = worker.call("train", 1)[0]
+            if warmup > 1:
+                worker.call("train", warmup - 1)
+            if hf_decode_args is not None:
+                worker.call("decode")  # warm-up
+        peaks, jax_t, hf_t, jax_cpu, hf_cpu, dec_t = _rounds(
+            make_peak_probe(device, cfg.dtype, peak_size), jax_run, worker, our_decode,
+            hf_decode_args is not None, steps, rounds, tokens_per_step, say)
 
     peak = statistics.median(peaks)
     step_s = statistics.median(jax_t)
@@ -422,27 +496,25 @@ def run_bench(
                    first_step_seconds=round(first_step_seconds, 4),
                    peak_memory_bytes=mem, peak_memory_source=mem_source)
     hf_res, ratio = None, None
-    if hf_run is not None:
-        import torch
-        import transformers
-
+    if worker is not None:
         hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t, hf_cpu)
-        hf_res.update(first_step_seconds=round(hf_first, 4), torch_device=hf_where,
-                      torch_threads=threads,
-                      torch_version=torch.__version__,
-                      transformers_version=transformers.__version__,
-                      compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32")
+        hf_res.update(first_step_seconds=round(hf_first, 4),
+                      torch_device=hf_info["torch_device"], torch_threads=threads,
+                      torch_version=hf_info["torch_version"],
+                      transformers_version=hf_info["transformers_version"],
+                      compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32",
+                      env={"GLIBC_TUNABLES": hf_info["glibc_tunables"]})
         ratio = round(jax_res["tokens_per_sec"] / hf_res["tokens_per_sec"], 3)
         # per-round ratios show how much the background load moved the comparison
         hf_res["ratio_rounds"] = [round(h / j, 3) for j, h in zip(jax_t, hf_t)]
     decode_res = None
-    if decoders is not None:
+    if our_decode is not None:
         decode_res = {"batch_size": 1, "prompt_tokens": prompt_len, "new_tokens": decode_tokens,
                       "weights_dtype": "float32",
                       "flops_per_token": decode_flops_per_token(cfg, prompt_len + decode_tokens),
                       "jax_tokens_per_sec": round(statistics.median(dec_t["jax"]), 2),
                       "hf_tokens_per_sec": None, "ratio": None}
-        if "hf" in dec_t:
+        if dec_t["hf"]:
             decode_res["hf_tokens_per_sec"] = round(statistics.median(dec_t["hf"]), 2)
             decode_res["ratio"] = round(decode_res["jax_tokens_per_sec"]
                                         / decode_res["hf_tokens_per_sec"], 3)
@@ -469,8 +541,44 @@ def run_bench(
     }
 
 
+def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rounds: int,
+            tokens_per_step: int, say):
+    """The alternating rounds. Returns (peaks, our step seconds, transformers' step
+    seconds, our CPU seconds per step, theirs, decode tokens/s by side), one entry a round."""
+    peaks, jax_t, hf_t, jax_cpu, hf_cpu = [], [], [], [], []
+    dec_t: dict[str, list[float]] = {"jax": [], "hf": []}
+    for r in range(rounds):
+        peaks.append(probe(3))
+        # One untimed step per side per round: the first step after other work (the probe,
+        # the other framework's step) pays page faults for memory the allocator returned
+        # in between (measured: GPT-2 small's first JAX step after a torch step took 1.6x
+        # as long, the next one the usual time). Steady-state training never pays it.
+        jax_run(1)
+        c0 = _cpu_seconds()
+        jax_t.append(jax_run(steps) / steps)
+        jax_cpu.append((_cpu_seconds() - c0) / steps)
+        if worker is not None:
+            worker.call("train", 1)
+            secs, cpu = worker.call("train", steps)
+            hf_t.append(secs / steps)
+            hf_cpu.append(cpu / steps)
+        if our_decode is not None:
+            secs, n = our_decode()
+            dec_t["jax"].append(n / secs)
+            if hf_decode:
+                secs, n = worker.call("decode")
+                dec_t["hf"].append(n / secs)
+        line = f"round {r + 1}/{rounds}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, " \
+               f"jax {tokens_per_step / jax_t[-1]:,.0f} tokens/s"
+        if hf_t:
+            line += f", hf {tokens_per_step / hf_t[-1]:,.0f} tokens/s"
+        say(line)
+
+    return peaks, jax_t, hf_t, jax_cpu, hf_cpu, dec_t
+
+
 def _cpu_seconds() -> float:
-    # user + system CPU time of every thread of this process (both frameworks' pools)
+    # user + system CPU time of every thread of this process
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 

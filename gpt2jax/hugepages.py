@@ -18,6 +18,8 @@ from collections.abc import Mapping
 TUNABLE = "glibc.malloc.hugetlb"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 OPT_OUT = "GPT2JAX_HUGEPAGES"
+# set by ensure(): the GLIBC_TUNABLES the user started with ("" for none)
+BEFORE = "GPT2JAX_GLIBC_TUNABLES_BEFORE"
 
 
 def active(environ: Mapping[str, str] = os.environ) -> bool:
@@ -56,6 +58,20 @@ def restart_env(environ: Mapping[str, str] = os.environ, platform: str = sys.pla
         return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    env[BEFORE] = tunables
+    return env
+
+
+def user_environ(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment as the user launched gpt2jax: what ensure() added taken out (for
+    child processes that should run as they would on their own, like the bench's torch)."""
+    env = dict(environ)
+    if BEFORE in env:
+        before = env.pop(BEFORE)
+        if before:
+            env["GLIBC_TUNABLES"] = before
+        else:
+            env.pop("GLIBC_TUNABLES", None)
     return env
 
 

@@ -5,6 +5,7 @@ Speed is never asserted (the machine is shared); the tests check the bookkeeping
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -80,6 +81,8 @@ def test_bench_vs_hf_reports_both_sides_and_ratio(vs_hf):
         assert h[key] > 0, key
     assert h["torch_device"] == "cpu" and len(h["ratio_rounds"]) == 2
     assert h["torch_version"].startswith("2.") and h["torch_threads"] >= 1
+    # transformers runs in its own process, in the environment the user started us with
+    assert h["env"] == {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")}
     assert r["ratio"] == pytest.approx(r["jax"]["tokens_per_sec"] / h["tokens_per_sec"],
                                        rel=1e-2)
     d = r["decode"]

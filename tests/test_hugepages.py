@@ -29,11 +29,17 @@ def test_active_reads_the_tunable():
 def test_restart_env_appends_the_tunable(thp):
     path = thp("always [madvise] never\n")
     env = hugepages.restart_env({"PATH": "/bin"}, "linux", path)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    env = hugepages.restart_env({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, "linux",
-                                thp("[always] madvise never\n"))
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                   hugepages.BEFORE: ""}
+    assert hugepages.user_environ(env) == {"PATH": "/bin"}  # as the user started it
+    user = {"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}
+    env = hugepages.restart_env(user, "linux", thp("[always] madvise never\n"))
     assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1"
-    assert hugepages.active(env)
+    assert hugepages.active(env) and not hugepages.active(hugepages.user_environ(env))
+    assert hugepages.user_environ(env) == user
+    # a tunable the user set themselves is theirs: children keep it
+    assert hugepages.user_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 @pytest.mark.parametrize("environ,platform,mode", [
