@@ -289,45 +289,48 @@ def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int,
 
 
 def torch_worker() -> None:
-    """The transformers side of `--vs hf`, in its own process: requests arrive pickled on
-    stdin, answers leave pickled on the original stdout (anything the libraries print goes
-    to stderr). ("init", kwargs) -> versions; ("train", n) -> (seconds, cpu seconds);
-    ("decode",) -> (seconds, tokens); EOF ends it. Errors answer ("error", message)."""
-    import pickle
+    """The transformers side of `--vs hf`, in its own process. One JSON request per line on
+    stdin, one JSON answer per line on the original stdout (anything the libraries print
+    goes to stderr); arrays travel in an .npz file loaded without pickle.
+    {"op": "init", ...} -> versions; {"op": "train", "n": n} -> [seconds, cpu seconds];
+    {"op": "decode"} -> [seconds, tokens]; EOF ends it. Failures answer {"error": ...}."""
+    import json
     import sys
 
-    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    import numpy as np
+
+    out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints must not corrupt the answers
     train = decode = None
-    while True:
+    for line in sys.stdin:
+        msg = json.loads(line)
         try:
-            msg = pickle.load(inp)
-        except EOFError:
-            return
-        try:
-            if msg[0] == "init":
-                a = msg[1]
+            if msg["op"] == "init":
                 import torch
                 import transformers
 
-                where = "cuda" if a["jax_platform"] == "gpu" and torch.cuda.is_available() \
+                where = "cuda" if msg["jax_platform"] == "gpu" and torch.cuda.is_available() \
                     else "cpu"
-                train = _hf_trainer(a["dims"], a["tokens"], a["dtype"], a["seed"], a["threads"],
-                                    where)
-                if a["decode"] is not None:
-                    decode = _hf_decoder(a["dims"], **a["decode"], threads=a["threads"],
-                                         where=where)
+                with np.load(msg["arrays"], allow_pickle=False) as z:
+                    tokens = z["tokens"]
+                    weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
+                train = _hf_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"],
+                                    msg["threads"], where)
+                if msg["decode"] is not None:
+                    decode = _hf_decoder(msg["dims"], weights, **msg["decode"],
+                                         threads=msg["threads"], where=where)
                 reply = {"torch_version": torch.__version__, "torch_device": where,
                          "transformers_version": transformers.__version__,
                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
-            elif msg[0] == "train":
+            elif msg["op"] == "train":
                 c0 = _cpu_seconds()
-                reply = (train(msg[1]), _cpu_seconds() - c0)
+                reply = [train(msg["n"]), _cpu_seconds() - c0]
             else:
-                reply = decode()
-            pickle.dump(("ok", reply), out)
+                reply = list(decode())
+            answer = {"ok": reply}
         except Exception as e:  # the parent turns it into a UserError
-            pickle.dump(("error", f"{type(e).__name__}: {e}"), out)
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(answer) + "\n")
         out.flush()
 
 
@@ -339,23 +342,38 @@ class TorchWorker:
     def __init__(self):
         import subprocess
         import sys
+        import tempfile
 
+        self.tmp = tempfile.TemporaryDirectory(prefix="gpt2jax-bench-")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from gpt2jax.bench import torch_worker; torch_worker()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=hugepages.user_environ())
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=hugepages.user_environ())
 
-    def call(self, *msg):
-        import pickle
+    def init(self, tokens, weights: dict | None, **kw) -> dict:
+        """Build transformers' model (and decoder, with weights) in the worker."""
+        import numpy as np
+
+        path = os.path.join(self.tmp.name, "arrays.npz")
+        np.savez(path, tokens=tokens, **{f"w/{k}": v for k, v in (weights or {}).items()})
+        return self.call("init", arrays=path, **kw)
+
+    def call(self, op: str, **kw):
+        """Send one request and return its answer."""
+        import json
 
         try:
-            pickle.dump(msg, self.proc.stdin)
+            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
             self.proc.stdin.flush()
-            status, reply = pickle.load(self.proc.stdout)
-        except (EOFError, BrokenPipeError):
-            raise RuntimeError(f"the transformers worker exited ({self.proc.wait()})") from None
-        if status != "ok":
-            raise UserError(f"--vs hf: the transformers side failed: {reply}")
-        return reply
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise RuntimeError(f"the transformers worker exited ({self.proc.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise UserError(f"--vs hf: the transformers side failed: {answer['error']}")
+        return answer["ok"]
 
     def close(self) -> None:
         """End the worker: EOF on its stdin, then a kill if it does not exit."""
@@ -368,6 +386,7 @@ class TorchWorker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.tmp.cleanup()
 
 
 # ---------------------------------------------------------------- decoding
@@ -475,13 +494,13 @@ def run_bench(
             say("building the transformers model (in its own process)")
             worker = TorchWorker()
             cleanup.callback(worker.close)
-            hf_info = worker.call("init", {"dims": hf_dims(cfg), "tokens": tokens,
-                                           "dtype": cfg.dtype, "seed": seed, "threads": threads,
-                                           "jax_platform": device.platform,
-                                           "decode": hf_decode_args})
-            hf_first = worker.call("train", 1)[0]
+            weights = hf_decode_args.pop("weights") if hf_decode_args else None
+            hf_info = worker.init(tokens, weights, dims=hf_dims(cfg), dtype=cfg.dtype,
+                                  seed=seed, threads=threads, jax_platform=device.platform,
+                                  decode=hf_decode_args)
+            hf_first = worker.call("train", n=1)[0]
             if warmup > 1:
-                worker.call("train", warmup - 1)
+                worker.call("train", n=warmup - 1)
             if hf_decode_args is not None:
                 worker.call("decode")  # warm-up
         peaks, jax_t, hf_t, jax_cpu, hf_cpu, dec_t = _rounds(
@@ -558,8 +577,8 @@ def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rou
         jax_t.append(jax_run(steps) / steps)
         jax_cpu.append((_cpu_seconds() - c0) / steps)
         if worker is not None:
-            worker.call("train", 1)
-            secs, cpu = worker.call("train", steps)
+            worker.call("train", n=1)
+            secs, cpu = worker.call("train", n=steps)
             hf_t.append(secs / steps)
             hf_cpu.append(cpu / steps)
         if our_decode is not None:
