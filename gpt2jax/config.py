@@ -86,6 +86,8 @@ class DistSection:
     num_processes: int = 0
     process_id: int = -1
     timeout: float = 60.0
+    # seconds the other processes wait for process 0 to tokenize the data into the cache
+    data_timeout: float = 3600.0
     local_device_count: int = 0
 
 
@@ -253,6 +255,7 @@ def validate(cfg: Config) -> None:
     need([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1, "mesh",
          "at most one of mesh.data/fsdp/tensor may be -1")
     need(cfg.dist.timeout > 0, "dist.timeout", "must be > 0 seconds")
+    need(cfg.dist.data_timeout > 0, "dist.data_timeout", "must be > 0 seconds")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

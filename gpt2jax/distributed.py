@@ -463,6 +463,41 @@ def _info(coordinator: str, source: str) -> DistInfo:
     )
 
 
+_barriers: dict[str, int] = {}
+
+
+def wait_for_peers(name: str, timeout: float, waiting_for: str) -> None:
+    """Block until every process has reached barrier `name`; a no-op for one process.
+
+    The barrier is the coordination service's (jax.distributed's client), not a device
+    collective: a long wait (process 0 tokenizing a large dataset) holds no accelerator
+    and cannot trip a collective's own timeout. After `timeout` seconds: UserError naming
+    `waiting_for`, the thing awaited, and the setting to raise.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:  # pragma: no cover - multi-process JAX always has the client
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    # a barrier id completes once; repeated waits get numbered ids (same order everywhere)
+    n = _barriers[name] = _barriers.get(name, 0) + 1
+    try:
+        client.wait_at_barrier(f"gpt2jax-{name}-{n}", timeout_in_ms=max(1, int(timeout * 1000)))
+    except Exception as e:  # jax's XlaRuntimeError: DEADLINE_EXCEEDED, or a peer went away
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"process {jax.process_index()} of {jax.process_count()}: waited {timeout:g} s for "
+            f"{waiting_for} ({reason})"
+        ) from None
+
+
 # ---------------------------------------------------------------- self-test
 
 

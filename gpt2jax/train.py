@@ -535,7 +535,7 @@ def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
 
     if jax.process_count() == 1 or cfg.data.cache_dir == "off":
         return go()
-    from jax.experimental import multihost_utils
+    from .distributed import wait_for_peers
 
     prepared, failed = None, None
     if jax.process_index() == 0:
@@ -543,7 +543,10 @@ def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
             prepared = go()
         except Exception as e:  # reach the barrier anyway, or the others would wait forever
             failed = e
-    multihost_utils.sync_global_devices("gpt2jax-data-cache")
+    limit = cfg.dist.data_timeout
+    wait_for_peers("data-cache", limit,
+                   f"process 0 to tokenize the data into the cache; raise dist.data_timeout "
+                   f"(now {limit:g} s) or run `gpt2jax prepare` with the same config first")
     if failed is not None:
         raise failed
     return prepared if prepared is not None else go()  # bad data fails the same way here

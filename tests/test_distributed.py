@@ -245,3 +245,51 @@ def test_resolve_command_prints_the_plan(clean_env, monkeypatch, capsys):
                    "process_id": 2, "local_device_ids": None, "source": "config+env"}
     assert dist.main(["--resolve", "--process-id", "3"]) == 2
     assert capsys.readouterr().err.startswith("gpt2jax: error: process id 3 is out of range")
+
+
+_BARRIER_SCRIPT = """
+import sys, time
+from gpt2jax import distributed as dist
+from gpt2jax.errors import UserError
+delay, timeout = float(sys.argv[1]), float(sys.argv[2])
+dist.initialize(timeout=30)  # coordinator, count and id from GPT2JAX_* variables
+time.sleep(delay)
+try:
+    for _ in range(2):  # the same name twice: each wait is its own barrier
+        dist.wait_for_peers("test", timeout, "the other test process")
+except UserError as e:
+    print(f"gpt2jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+print("through")
+"""
+
+
+def _barrier_pair(delays: tuple[float, float], timeout: float) -> list[tuple[int, str, str]]:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(JAX_PLATFORMS="cpu", GPT2JAX_COORDINATOR=coordinator, GPT2JAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, "-c", _BARRIER_SCRIPT, str(delay), str(timeout)],
+                              env={**env, "GPT2JAX_PROCESS_ID": str(i)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i, delay in enumerate(delays)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        results.append((p.returncode, out, err))
+    return results
+
+
+def test_wait_for_peers_is_a_real_barrier_and_times_out_cleanly():
+    """Two real processes: both pass the (coordination-service) barrier twice; then process
+    0 arrives late and process 1 gives up after its timeout with a one-line error."""
+    for code, out, err in _barrier_pair((0.0, 0.0), 30):
+        assert code == 0 and out.strip() == "through", err[-2000:]
+    t0 = time.monotonic()
+    (code0, _, err0), (code1, out1, err1) = _barrier_pair((10.0, 0.0), 2)
+    assert code1 == 2 and "through" not in out1, err1[-2000:]
+    last = err1.strip().splitlines()[-1]
+    assert last.startswith("gpt2jax: error: process 1 of 2: waited 2 s for the other test "
+                           "process"), last
+    assert "Traceback" not in err1
+    assert code0 != 0  # the late one finds its peer gone or times out too; nobody hangs
+    assert time.monotonic() - t0 < 90
