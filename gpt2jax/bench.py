@@ -155,9 +155,9 @@ def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int):
         graphdef, params = nnx.split(create_model(cfg, seed))
     params = jax.device_put(params, device)
     # The trainer's default optimizer: AdamW, weight-decay mask, clipping, cosine schedule.
-    tx, schedule = make_optimizer_for(params)
+    tx, _ = make_optimizer_for(params)
     opt_state = jax.jit(tx.init)(params)
-    step_fn = make_train_step(graphdef, tx, schedule, False, 1, jax.random.key(seed))
+    step_fn = make_train_step(graphdef, tx, False, 1, jax.random.key(seed))
     jitted = jax.jit(step_fn, donate_argnums=(0, 1))
     batch = jax.device_put({"tokens": tokens[None],
                             "weights": np.ones((1, *tokens.shape), np.float32)}, device)

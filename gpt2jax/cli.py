@@ -441,7 +441,8 @@ def _add_bench(sub) -> None:
                         "with XLA or cuDNN flash attention (NVIDIA GPU, bfloat16)")
     p.add_argument("--loss-chunk", type=int, default=-1,
                    help="model.loss_chunk: LM loss in chunks of about N tokens, never the full "
-                        "logits (0: full logits; -1, the default: auto, 256 on CPU)")
+                        "logits (0: full logits; -1, the default: auto, on CPU 1024 with huge "
+                        "pages, else 256)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
@@ -532,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"gpt2jax: error: {e}", file=sys.stderr)
+        from .distributed import leave_on_error
+
+        leave_on_error(2)  # peers waiting for this process must not wait for a timeout
         return 2
     except KeyboardInterrupt:
         print("gpt2jax: error: interrupted", file=sys.stderr)

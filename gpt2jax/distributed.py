@@ -463,6 +463,23 @@ def _info(coordinator: str, source: str) -> DistInfo:
     )
 
 
+def leave_on_error(code: int) -> None:
+    """In a multi-process run, end this process now with `code` (after flushing output).
+
+    A normal exit runs JAX's atexit shutdown, which waits at a barrier for the other
+    processes, while they may be waiting for this one (at a collective or a barrier): both
+    sides then sit until a timeout. Leaving without it makes the coordination service end
+    the others (within seconds when this is process 0, after its heartbeat timeout
+    otherwise). Does nothing in a single process or before jax.distributed started.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 _barriers: dict[str, int] = {}
 
 

@@ -57,6 +57,8 @@ class Tracker:
 
 
 def _plain(v):
+    if v is None:  # JSON null, not the string "None"
+        return None
     try:
         return float(v) if not isinstance(v, int | str | list | dict) else v
     except (TypeError, ValueError):

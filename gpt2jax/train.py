@@ -78,11 +78,13 @@ def _fault(kind: str, step: int) -> None:
 
 
 def _check_run_dir(run: Path) -> None:
+    import tempfile
+
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        # a probe of its own: every process of a multi-process run checks the same directory
+        with tempfile.NamedTemporaryFile(dir=run, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise UserError(f"train.run_dir={run} is not writable ({e.strerror}); "
                         "choose another directory") from e
@@ -99,7 +101,9 @@ def train(cfg: Config) -> dict:
     """Train (or resume) the run in cfg.train.run_dir. Returns a summary dict."""
     from . import distributed
 
-    dist = distributed.initialize(**asdict(cfg.dist))  # before any other JAX call
+    d = cfg.dist  # before any other JAX call
+    dist = distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.timeout,
+                                  d.local_device_count)
 
     import jax
     import jax.numpy as jnp
@@ -226,7 +230,7 @@ def train(cfg: Config) -> dict:
         from .tasks import balanced_class_weights
 
         class_weights = balanced_class_weights(prepared.train.labels, len(prepared.labels))
-    step_fn = make_train_step(graphdef, tx, schedule, classification, t.grad_accum, base_key,
+    step_fn = make_train_step(graphdef, tx, classification, t.grad_accum, base_key,
                               class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1),
                       out_shardings=(param_sh, opt_sh, replicated(mesh)))
@@ -427,7 +431,7 @@ def _initial_params(mcfg, seed, source_model, param_sh):
     return nnx.from_flat_state(leaves)
 
 
-def make_train_step(graphdef, tx, schedule, classification: bool, accum: int, base_key,
+def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                     *, class_weights=None, lm_loss_weight: float = 0.0):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 

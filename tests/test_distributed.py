@@ -259,7 +259,8 @@ try:
         dist.wait_for_peers("test", timeout, "the other test process")
 except UserError as e:
     print(f"gpt2jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    dist.leave_on_error(2)  # what the CLI does: no shutdown barrier with a waiting peer
+    sys.exit(99)  # not reached in a two-process run
 print("through")
 """
 
@@ -292,4 +293,4 @@ def test_wait_for_peers_is_a_real_barrier_and_times_out_cleanly():
                            "process"), last
     assert "Traceback" not in err1
     assert code0 != 0  # the late one finds its peer gone or times out too; nobody hangs
-    assert time.monotonic() - t0 < 90
+    assert time.monotonic() - t0 < 60

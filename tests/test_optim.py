@@ -47,7 +47,7 @@ def run_steps(graphdef, params, optim: OptimSection, batches: list[dict], accum:
               total: int = 10):
     """Apply the real train step to each batch; returns (params, list of losses)."""
     tx, schedule = make_optimizer(optim, total, params)
-    step = jax.jit(make_train_step(graphdef, tx, schedule, False, accum, jax.random.key(0)))
+    step = jax.jit(make_train_step(graphdef, tx, False, accum, jax.random.key(0)))
     opt_state = tx.init(params)
     losses = []
     for i, b in enumerate(batches):

@@ -293,7 +293,7 @@ def test_train_and_eval_steps_with_loss_chunk_match_full_logits():
     assert 0 < batch["weights"].mean() < 1
     out = {}
     for name, gd in (("full", gd_full), ("chunk", gd_chunk)):
-        step = jax.jit(make_train_step(gd, tx, schedule, False, 1, jax.random.key(0)))
+        step = jax.jit(make_train_step(gd, tx, False, 1, jax.random.key(0)))
         new, _, m = step(params, opt, batch, jnp.int32(0))
         ev = jax.jit(make_eval_step(gd, False))(params, jax.tree.map(lambda x: x[0], batch))
         out[name] = (flat_params(new), m, ev)
@@ -326,7 +326,7 @@ def test_classification_auxiliary_lm_loss_with_loss_chunk_matches_full_logits():
                  attention_mask=mask, labels=rng.integers(0, 3, (1, 4)).astype(np.int32))
     out = []
     for gd in (gd_full, gd_chunk):
-        step = jax.jit(make_train_step(gd, tx, schedule, True, 1, jax.random.key(0),
+        step = jax.jit(make_train_step(gd, tx, True, 1, jax.random.key(0),
                                        lm_loss_weight=0.5))
         out.append(step(params, opt, batch, jnp.int32(0))[2])
     np.testing.assert_allclose(float(out[1]["loss"]), float(out[0]["loss"]), rtol=1e-6)

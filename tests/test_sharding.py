@@ -80,7 +80,7 @@ def sharded_run(setup, mesh):
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, host_opt, param_sh,
                                    transform_non_params=lambda _: replicated(mesh))
     params, opt_state = jax.device_put(host, param_sh), jax.device_put(host_opt, opt_sh)
-    step = jax.jit(make_train_step(graphdef, tx, schedule, False, 1, jax.random.key(0)),
+    step = jax.jit(make_train_step(graphdef, tx, False, 1, jax.random.key(0)),
                    donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated(mesh)))
     losses = []
     for i, b in enumerate(batches):
@@ -160,7 +160,7 @@ def run(shape, cls):
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, param_sh,
                                    transform_non_params=lambda _: replicated(mesh))
     p, o = jax.device_put(params, param_sh), jax.device_put(opt, opt_sh)
-    step = jax.jit(make_train_step(graphdef, tx, schedule, cls, 1, jax.random.key(0),
+    step = jax.jit(make_train_step(graphdef, tx, cls, 1, jax.random.key(0),
                                    lm_loss_weight=0.5 if cls else 0.0),
                    out_shardings=(param_sh, opt_sh, replicated(mesh)))
     if cls:
@@ -234,7 +234,7 @@ def _all_gathers_in_tensor_parallel_step(merged_qkv: bool, monkeypatch) -> list[
     tokens = np.random.default_rng(0).integers(0, 128, (1, 4, 17)).astype(np.int32)
     batch = global_batch(mesh, {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32)},
                          leading=1)
-    step = jax.jit(make_train_step(graphdef, tx, schedule, False, 1, jax.random.key(0)))
+    step = jax.jit(make_train_step(graphdef, tx, False, 1, jax.random.key(0)))
     text = step.lower(params, opt, batch, jnp.int32(0)).compile().as_text()
     return [line for line in text.splitlines() if "all-gather" in line and " = " in line]
 

@@ -169,7 +169,7 @@ def test_class_weighted_loss_and_auxiliary_lm_loss_match_a_hand_computation():
     expected = (ce * class_w[labels]).sum() / class_w[labels].sum() + lam * lm
 
     tx = optax.sgd(0.0)
-    step = make_train_step(graphdef, tx, lambda s: 0.0, True, 1, jax.random.key(0),
+    step = make_train_step(graphdef, tx, True, 1, jax.random.key(0),
                            class_weights=class_w, lm_loss_weight=lam)
     _, _, m = jax.jit(step)(params, tx.init(params), batch, 0)
     assert float(m["loss"]) == pytest.approx(float(expected), rel=1e-5)

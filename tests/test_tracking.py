@@ -89,11 +89,11 @@ def test_jax_and_numpy_scalars_become_plain_numbers(tmp_path):
 
     t = Tracker(tmp_path)
     t.log(1, {"loss": jnp.asarray(1.5), "grad_norm": np.float64(0.25), "note": "warmup",
-              "shape": np.zeros(2)})
+              "shape": np.zeros(2), "best": None})
     t.close()
     (row,) = _rows(tmp_path)
     assert row == {"step": 1, "loss": 1.5, "grad_norm": 0.25, "note": "warmup",
-                   "shape": "[0. 0.]"}
+                   "shape": "[0. 0.]", "best": None}  # null, not the string "None"
     assert set(tb_scalars(tmp_path)) == {"train/loss", "train/grad_norm"}  # strings are not
 
 

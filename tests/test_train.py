@@ -255,3 +255,17 @@ def test_freeze_trains_only_the_head_on_a_sharded_mesh(cls_data, cli):
         # this eager init; a trained tensor moves by ~lr = 3e-2.
         same = np.allclose(trained[name], init[name], rtol=0, atol=1e-6)
         assert same == (not name.startswith("score.")), name
+
+
+def test_run_dir_check_is_safe_when_every_process_runs_it(tmp_path):
+    """All processes of a multi-process run check the same run directory at once; a shared
+    probe file made one process delete another's probe ('not writable (No such file or
+    directory)', seen in the two-process test). Eight threads, 50 checks each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpt2jax.train import _check_run_dir
+
+    run = tmp_path / "run"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: _check_run_dir(run), range(400)))  # raises on any failure
+    assert run.is_dir() and not list(run.iterdir())  # no probe left behind
