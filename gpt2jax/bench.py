@@ -368,8 +368,9 @@ class TorchWorker:
             line = self.proc.stdout.readline()
         except BrokenPipeError:
             line = ""
-        if not line:
-            raise RuntimeError(f"the transformers worker exited ({self.proc.wait()})")
+        if not line:  # it died (out of memory, a crash): its own stderr says why
+            raise UserError(f"--vs hf: the transformers worker process exited with status "
+                            f"{self.proc.wait()} (its output above says why)")
         answer = json.loads(line)
         if "error" in answer:
             raise UserError(f"--vs hf: the transformers side failed: {answer['error']}")

@@ -22,13 +22,18 @@ OPT_OUT = "GPT2JAX_HUGEPAGES"
 BEFORE = "GPT2JAX_GLIBC_TUNABLES_BEFORE"
 
 
-def active(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process's GLIBC_TUNABLES asks glibc's malloc for huge pages (1 or 2)."""
+def _setting(environ: Mapping[str, str]) -> str | None:
+    """The tunable's value in GLIBC_TUNABLES, None when it is not there."""
     for item in environ.get("GLIBC_TUNABLES", "").split(":"):
         key, _, value = item.partition("=")
         if key == TUNABLE:
-            return value in ("1", "2")
-    return False
+            return value
+    return None
+
+
+def active(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process's GLIBC_TUNABLES asks glibc's malloc for huge pages (1 or 2)."""
+    return _setting(environ) in ("1", "2")
 
 
 def _thp_usable(path: str) -> bool:
@@ -51,11 +56,9 @@ def restart_env(environ: Mapping[str, str] = os.environ, platform: str = sys.pla
     """
     if not platform.startswith("linux") or environ.get(OPT_OUT, "1") == "0":
         return None
+    if _setting(environ) is not None or not _thp_usable(thp_path):
+        return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(item.partition("=")[0] == TUNABLE for item in tunables.split(":")):
-        return None
-    if not _thp_usable(thp_path):
-        return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
     env[BEFORE] = tunables

@@ -110,3 +110,22 @@ def test_bench_bad_input_is_a_user_error(cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     res = cli("bench", *TINY, "--vs", "hf")
     assert res.code == 2 and "pip install 'gpt2jax[bench]'" in res.last_err
+
+
+def test_bench_worker_failures_are_user_errors():
+    """The transformers worker: a failing request answers with the error (the worker
+    lives on); a dead worker is reported with its exit status, not a pipe traceback."""
+    from gpt2jax.bench import TorchWorker
+    from gpt2jax.errors import UserError
+
+    w = TorchWorker()
+    try:
+        with pytest.raises(UserError, match="the transformers side failed: TypeError"):
+            w.call("train", n=1)  # before "init": nothing to train
+        w.proc.kill()
+        w.proc.wait()
+        with pytest.raises(UserError, match="worker process exited with status -9"):
+            w.call("train", n=1)
+    finally:
+        w.close()
+    assert not os.path.exists(w.tmp.name)  # its scratch directory is gone
