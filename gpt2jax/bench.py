@@ -466,6 +466,9 @@ def run_bench(
                         f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
     if vs_hf:
         _require_torch()
+        # on a GPU, JAX would take 75% of its memory up front and leave the transformers
+        # worker the rest; read when JAX creates its GPU client (no effect on CPU)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     say = log or (lambda _msg: None)
