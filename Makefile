@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(BIN)/gpt2jax demo
 
 # two pytest workers (one per core here), a whole test file per worker so each module's
-# fixtures are built once: 5.5 instead of 9 minutes on the 2-core machine
+# fixtures are built once: 6-7 instead of 9 minutes of tests on the 2-core machine
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-test

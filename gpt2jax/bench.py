@@ -292,7 +292,8 @@ def torch_worker() -> None:
     """The transformers side of `--vs hf`, in its own process. One JSON request per line on
     stdin, one JSON answer per line on the original stdout (anything the libraries print
     goes to stderr); arrays travel in an .npz file loaded without pickle.
-    {"op": "init", ...} -> versions; {"op": "train", "n": n} -> [seconds, cpu seconds];
+    {"op": "init", ...} -> versions; {"op": "train", "n": n} -> [seconds, cpu seconds,
+    minor page faults];
     {"op": "decode"} -> [seconds, tokens]; EOF ends it. Failures answer {"error": ...}."""
     import json
     import sys
@@ -323,8 +324,9 @@ def torch_worker() -> None:
                          "transformers_version": transformers.__version__,
                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
             elif msg["op"] == "train":
-                c0 = _cpu_seconds()
-                reply = [train(msg["n"]), _cpu_seconds() - c0]
+                u0 = _usage()
+                secs = train(msg["n"])
+                reply = [secs, *(b - a for a, b in zip(u0, _usage()))]
             else:
                 reply = list(decode())
             answer = {"ok": reply}
@@ -498,8 +500,9 @@ def run_bench(
             say("building the transformers model (in its own process)")
             worker = TorchWorker()
             cleanup.callback(worker.close)
-            weights = hf_decode_args.pop("weights") if hf_decode_args else None
-            hf_info = worker.init(tokens, weights, dims=hf_dims(cfg), dtype=cfg.dtype,
+            # pop: the parent does not keep transformers' copy of the weights while timing
+            hf_info = worker.init(tokens, hf_decode_args.pop("weights") if hf_decode_args
+                                  else None, dims=hf_dims(cfg), dtype=cfg.dtype,
                                   seed=seed, threads=threads, jax_platform=device.platform,
                                   decode=hf_decode_args)
             hf_first = worker.call("train", n=1)[0]
@@ -507,20 +510,20 @@ def run_bench(
                 worker.call("train", n=warmup - 1)
             if hf_decode_args is not None:
                 worker.call("decode")  # warm-up
-        peaks, jax_t, hf_t, jax_cpu, hf_cpu, dec_t = _rounds(
+        peaks, jax_t, hf_t, jax_use, hf_use, dec_t = _rounds(
             make_peak_probe(device, cfg.dtype, peak_size), jax_run, worker, our_decode,
             hf_decode_args is not None, steps, rounds, tokens_per_step, say)
 
     peak = statistics.median(peaks)
     step_s = statistics.median(jax_t)
-    jax_res = _side(tokens_per_step, step_s, fpt, peak, jax_t, jax_cpu)
+    jax_res = _side(tokens_per_step, step_s, fpt, peak, jax_t, jax_use)
     jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, jax_t, peaks),
                    compile_seconds=round(compile_seconds, 3),
                    first_step_seconds=round(first_step_seconds, 4),
                    peak_memory_bytes=mem, peak_memory_source=mem_source)
     hf_res, ratio = None, None
     if worker is not None:
-        hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t, hf_cpu)
+        hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t, hf_use)
         hf_res.update(first_step_seconds=round(hf_first, 4),
                       torch_device=hf_info["torch_device"], torch_threads=threads,
                       torch_version=hf_info["torch_version"],
@@ -567,8 +570,9 @@ def run_bench(
 def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rounds: int,
             tokens_per_step: int, say):
     """The alternating rounds. Returns (peaks, our step seconds, transformers' step
-    seconds, our CPU seconds per step, theirs, decode tokens/s by side), one entry a round."""
-    peaks, jax_t, hf_t, jax_cpu, hf_cpu = [], [], [], [], []
+    seconds, our (CPU seconds, minor page faults) per step, theirs, decode tokens/s by
+    side), one entry a round."""
+    peaks, jax_t, hf_t, jax_use, hf_use = [], [], [], [], []
     dec_t: dict[str, list[float]] = {"jax": [], "hf": []}
     for r in range(rounds):
         peaks.append(probe(3))
@@ -577,14 +581,14 @@ def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rou
         # in between (measured: GPT-2 small's first JAX step after a torch step took 1.6x
         # as long, the next one the usual time). Steady-state training never pays it.
         jax_run(1)
-        c0 = _cpu_seconds()
+        u0 = _usage()
         jax_t.append(jax_run(steps) / steps)
-        jax_cpu.append((_cpu_seconds() - c0) / steps)
+        jax_use.append([(b - a) / steps for a, b in zip(u0, _usage())])
         if worker is not None:
             worker.call("train", n=1)
-            secs, cpu = worker.call("train", n=steps)
+            secs, *use = worker.call("train", n=steps)
             hf_t.append(secs / steps)
-            hf_cpu.append(cpu / steps)
+            hf_use.append([u / steps for u in use])
         if our_decode is not None:
             secs, n = our_decode()
             dec_t["jax"].append(n / secs)
@@ -597,22 +601,24 @@ def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rou
             line += f", hf {tokens_per_step / hf_t[-1]:,.0f} tokens/s"
         say(line)
 
-    return peaks, jax_t, hf_t, jax_cpu, hf_cpu, dec_t
+    return peaks, jax_t, hf_t, jax_use, hf_use, dec_t
 
 
-def _cpu_seconds() -> float:
-    # user + system CPU time of every thread of this process
+def _usage() -> tuple[float, int]:
+    """(user + system CPU seconds of every thread, minor page faults) of this process."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime + r.ru_stime, r.ru_minflt
 
 
 def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: list,
-          cpu: list) -> dict:
+          use: list) -> dict:
     tps = tokens_per_step / step_s
     return {"tokens_per_sec": round(tps, 2), "step_seconds": round(step_s, 5),
             "step_seconds_rounds": [round(t, 5) for t in rounds],
             # CPU time per step moves less than wall time when other processes compete
-            "cpu_seconds_per_step": round(statistics.median(cpu), 5),
+            "cpu_seconds_per_step": round(statistics.median(u[0] for u in use), 5),
+            # memory the step faults in afresh (perf-notes 16: huge pages cut it 100x)
+            "page_faults_per_step": round(statistics.median(u[1] for u in use)),
             "flops_per_token": fpt, "achieved_flops": round(tps * fpt),
             "mfu": round(tps * fpt / peak, 4)}
 

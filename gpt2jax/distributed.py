@@ -497,12 +497,7 @@ def wait_for_peers(name: str, timeout: float, waiting_for: str) -> None:
         return
     from jax._src import distributed as jax_distributed
 
-    client = jax_distributed.global_state.client
-    if client is None:  # pragma: no cover - multi-process JAX always has the client
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-        return
+    client = jax_distributed.global_state.client  # set by jax.distributed.initialize
     # a barrier id completes once; repeated waits get numbered ids (same order everywhere)
     n = _barriers[name] = _barriers.get(name, 0) + 1
     try:

@@ -129,7 +129,8 @@ class GPT2Config:
 
     @property
     def loss_chunk_tokens(self) -> int:
-        """loss_chunk with auto (-1) resolved for the default backend."""
+        """loss_chunk with auto (-1) resolved for the default backend (and, on CPU, for
+        whether glibc's huge-page malloc is on: AUTO_LOSS_CHUNK)."""
         if self.loss_chunk >= 0:
             return self.loss_chunk
         backend = jax.default_backend()

@@ -65,6 +65,7 @@ def test_bench_json_has_every_field(vs_hf):
                 "first_step_seconds", "flops_per_token", "achieved_flops", "mfu",
                 "peak_memory_bytes"):
         assert isinstance(j[key], int | float) and j[key] > 0, key
+    assert isinstance(j["page_faults_per_step"], int) and j["page_faults_per_step"] >= 0
     assert j["peak_memory_source"] in ("process_max_rss", "device_peak_bytes_in_use")
     assert len(j["step_seconds_rounds"]) == 2 and len(j["mfu_rounds"]) == 2
     # the derived numbers are consistent with each other
@@ -79,6 +80,7 @@ def test_bench_vs_hf_reports_both_sides_and_ratio(vs_hf):
     for key in ("tokens_per_sec", "step_seconds", "cpu_seconds_per_step", "mfu",
                 "first_step_seconds"):
         assert h[key] > 0, key
+    assert isinstance(h["page_faults_per_step"], int) and h["page_faults_per_step"] >= 0
     assert h["torch_device"] == "cpu" and len(h["ratio_rounds"]) == 2
     assert h["torch_version"].startswith("2.") and h["torch_threads"] >= 1
     # transformers runs in its own process, in the environment the user started us with
