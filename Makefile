@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # glibc huge pages for XLA's buffers (the gpt2jax command sets this itself; here it also
-# covers the in-process tests; gpt2jax/hugepages.py, docs/perf-notes.md 16)
+# covers the in-process tests; gpt2jax/malloc.py, docs/perf-notes.md 16)
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test lint clean

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import hugepages
+from . import malloc
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
@@ -350,7 +350,7 @@ class TorchWorker:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from gpt2jax.bench import torch_worker; torch_worker()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=hugepages.user_environ())
+            env=malloc.user_environ())
 
     def init(self, tokens, weights: dict | None, **kw) -> dict:
         """Build transformers' model (and decoder, with weights) in the worker."""

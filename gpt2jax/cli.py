@@ -13,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from . import hugepages
+from . import malloc
 from .errors import UserError
 
 
@@ -543,9 +543,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """Console-script entry point (also `python -m gpt2jax`): restarts once with glibc's
-    huge-page malloc (gpt2jax/hugepages.py), then runs the command."""
-    hugepages.ensure()
+    """Console-script entry point (also `python -m gpt2jax`): restarts once with a glibc
+    malloc policy (gpt2jax/malloc.py: huge pages, memory kept for reuse), then runs the
+    command."""
+    malloc.ensure()
     sys.exit(main())
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import hugepages
+from . import malloc
 from .errors import UserError
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -134,7 +134,7 @@ class GPT2Config:
         if self.loss_chunk >= 0:
             return self.loss_chunk
         backend = jax.default_backend()
-        if backend == "cpu" and hugepages.active():
+        if backend == "cpu" and malloc.active():
             backend = "cpu+hugepages"
         return AUTO_LOSS_CHUNK.get(backend, AUTO_LOSS_CHUNK["gpu"])
 
@@ -478,7 +478,7 @@ def fused_nll_sum(h: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.A
 
 
 def _fused_fwd(h, w, targets, weights, size):
-    v = w.shape[0]
+    v, d = w.shape
 
     def body(dwt, xs):
         hi, ti, wi = xs
@@ -488,20 +488,30 @@ def _fused_fwd(h, w, targets, weights, size):
         s = jnp.sum(e, axis=-1, keepdims=True)
         tgt = jnp.take_along_axis(logits, ti[..., None], axis=-1)  # a gather, not a pass
         nll = (m + jnp.log(s) - tgt)[..., 0]
-        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == ti[..., None]
-        # d nll / d logits, times the token weight: softmax - onehot in one pass over e
-        d = (e * (wi[..., None] / s) - jnp.where(hit, wi[..., None], 0.0)).astype(h.dtype)
-        dh = jnp.matmul(d, w, preferred_element_type=jnp.float32)
-        dwt = dwt + jnp.einsum("btd,btv->dv", hi, d, preferred_element_type=jnp.float32)
+        # d nll / d logits times the token weight is e * c - onehot * wi with c = wi / s.
+        # The products take e as it is: c scales a row of dh after its product and a row
+        # of h before dW's (both small), and the onehot part is a gather here and a
+        # scatter after the loop. A pass over the (tokens, V) logits to form the gradient
+        # is gone (3% of config A's step; docs/perf-notes.md 17).
+        c = wi[..., None] / s
+        e = e.astype(h.dtype)
+        dh = jnp.matmul(e, w, preferred_element_type=jnp.float32) * c \
+            - wi[..., None] * jnp.take(w, ti, axis=0).astype(jnp.float32)
+        # h^T e keeps the vocab axis contiguous (tied_head's layout argument)
+        dwt = dwt + jnp.einsum("btd,btv->dv", (hi * c).astype(h.dtype), e,
+                               preferred_element_type=jnp.float32)
         return dwt, (nll, dh)
 
     xs = (_seq_chunks(h, size), _seq_chunks(targets, size),
           _seq_chunks(weights.astype(jnp.float32), size))
-    dwt, (nll, dh) = jax.lax.scan(body, jnp.zeros((h.shape[-1], v), jnp.float32), xs)
+    dwt, (nll, dh) = jax.lax.scan(body, jnp.zeros((d, v), jnp.float32), xs)
     t = h.shape[1]
     nll = _unchunk(nll, t)
+    # the onehot part of dW: minus the weighted h of every token, added at its target's row
+    hw = h.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
+    dw = dwt.T.at[targets.reshape(-1)].add(-hw.reshape(-1, d))
     # residuals in the primal dtypes (an empty array carries the weights' dtype)
-    res = (nll, _unchunk(dh, t).astype(h.dtype), dwt.T.astype(w.dtype),
+    res = (nll, _unchunk(dh, t).astype(h.dtype), dw.astype(w.dtype),
            jnp.zeros((0,), weights.dtype))
     return jnp.sum(nll * weights), res
 

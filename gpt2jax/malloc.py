@@ -1,0 +1,123 @@
+"""glibc's malloc for XLA's host buffers: huge pages, and memory kept for reuse.
+
+XLA on CPU allocates a step's temporary buffers afresh on every execution, and glibc
+serves allocations above its mmap threshold (at most 32 MB) with fresh mmaps that it
+unmaps on free. So every step faults its working set in again and the kernel zeroes it
+(4-layer bench config: 107,000 faults a step in 4 KiB pages; GPT-2 small: about 5 GB a
+step). On this VM freed memory is also handed back to the hypervisor (free page
+reporting), and the next fault on it stalls for milliseconds. Two tunables help:
+
+- `glibc.malloc.hugetlb=1`: transparent huge pages for malloc's mmaps (about 600 faults
+  a step; docs/perf-notes.md 16);
+- never giving memory back (`mmap_max=0`, one arena, no trimming): after a few steps the
+  heap holds the step's peak and nothing is faulted or zeroed again. GPT-2 small 3.6-4.0
+  -> 3.0-3.2 s a step, without the 0.4-2 s stalls (perf-notes 17). The price: the
+  process keeps its peak memory (plus fragmentation) between steps.
+
+glibc reads tunables only at process start, so the `gpt2jax` command restarts itself once
+(`os.execve`: same PID, same arguments) with a policy's tunables appended. Policies, by
+`GPT2JAX_MALLOC`: `keep` (default: both), `hugepages` (huge pages only), `system` (no
+restart; `GPT2JAX_HUGEPAGES=0` means the same). A GLIBC_TUNABLES that already sets any
+`glibc.malloc.*` tunable is the user's choice and is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+POLICIES: dict[str, tuple[str, ...]] = {
+    "keep": (HUGEPAGES, "glibc.malloc.mmap_max=0", "glibc.malloc.arena_max=1",
+             f"glibc.malloc.trim_threshold={2 ** 36}"),
+    "hugepages": (HUGEPAGES,),
+    "system": (),
+}
+DEFAULT = "keep"
+CHOICE = "GPT2JAX_MALLOC"
+LEGACY_OPT_OUT = "GPT2JAX_HUGEPAGES"  # =0: the policy "system"
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+# set by ensure(): the GLIBC_TUNABLES the user started with ("" for none)
+BEFORE = "GPT2JAX_GLIBC_TUNABLES_BEFORE"
+
+
+def _tunables(environ: Mapping[str, str]) -> dict[str, str]:
+    items = (i.partition("=") for i in environ.get("GLIBC_TUNABLES", "").split(":") if i)
+    return {key: value for key, _, value in items}
+
+
+def active(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process's GLIBC_TUNABLES asks glibc's malloc for huge pages (1 or 2)."""
+    return _tunables(environ).get("glibc.malloc.hugetlb") in ("1", "2")
+
+
+def policy(environ: Mapping[str, str] = os.environ) -> str:
+    """The policy asked for: GPT2JAX_MALLOC, else `system` if GPT2JAX_HUGEPAGES=0, else
+    the default. Raises ValueError for an unknown name."""
+    name = environ.get(CHOICE)
+    if name is None:
+        return "system" if environ.get(LEGACY_OPT_OUT) == "0" else DEFAULT
+    if name not in POLICIES:
+        raise ValueError(f"{CHOICE}={name!r} is not a malloc policy: use "
+                         f"{', '.join(POLICIES)} (or unset it for {DEFAULT})")
+    return name
+
+
+def _thp_usable(path: str) -> bool:
+    """Transparent huge pages in `madvise` or `always` mode (the tunable needs one)."""
+    try:
+        with open(path) as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[madvise]" in mode or "[always]" in mode
+
+
+def restart_env(environ: Mapping[str, str] = os.environ, platform: str = sys.platform,
+                thp_path: str = THP_ENABLED) -> dict[str, str] | None:
+    """The environment to restart with (the policy's tunables appended), or None to run
+    as is: not on Linux, policy `system`, transparent huge pages off (both policies
+    build on them; never returning memory in 4 KiB pages made config A slower), or
+    GLIBC_TUNABLES already setting a `glibc.malloc.*` tunable (an explicit choice wins,
+    and it stops a second restart)."""
+    add = POLICIES[policy(environ)]
+    if not platform.startswith("linux") or not add:
+        return None
+    if any(k.startswith("glibc.malloc.") for k in _tunables(environ)):
+        return None
+    if not _thp_usable(thp_path):
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = ":".join([tunables, *add] if tunables else add)
+    env[BEFORE] = tunables
+    return env
+
+
+def user_environ(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment as the user launched gpt2jax: what ensure() added taken out (for
+    child processes that should run as they would on their own, like the bench's torch)."""
+    env = dict(environ)
+    if BEFORE in env:
+        before = env.pop(BEFORE)
+        if before:
+            env["GLIBC_TUNABLES"] = before
+        else:
+            env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
+def ensure() -> None:
+    """Restart this process (same PID, same arguments) with the policy's tunables, if
+    restart_env says so. Call it first thing in a command's entry point, before jax is
+    imported. An unknown GPT2JAX_MALLOC exits with status 2 and one line on stderr."""
+    try:
+        env = restart_env()
+    except ValueError as e:
+        print(f"gpt2jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

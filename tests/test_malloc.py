@@ -1,0 +1,102 @@
+"""gpt2jax/malloc.py: when and how the command restarts itself with a glibc malloc policy."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpt2jax import malloc
+
+KEEP = ":".join(malloc.POLICIES["keep"])
+
+
+@pytest.fixture
+def thp(tmp_path):
+    def make(mode: str) -> str:
+        path = tmp_path / "enabled"
+        path.write_text(mode)
+        return str(path)
+    return make
+
+
+def test_active_reads_the_tunable():
+    assert malloc.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    assert malloc.active({"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.hugetlb=2"})
+    assert malloc.active({"GLIBC_TUNABLES": KEEP})
+    assert not malloc.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert not malloc.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb_x=1"})
+    assert not malloc.active({})
+
+
+def test_policy_names():
+    assert malloc.policy({}) == "keep"
+    assert malloc.policy({"GPT2JAX_MALLOC": "hugepages"}) == "hugepages"
+    assert malloc.policy({"GPT2JAX_HUGEPAGES": "0"}) == "system"  # the older opt-out
+    assert malloc.policy({"GPT2JAX_HUGEPAGES": "0", "GPT2JAX_MALLOC": "keep"}) == "keep"
+    with pytest.raises(ValueError, match="GPT2JAX_MALLOC='fast' is not a malloc policy: use "
+                                         "keep, hugepages, system"):
+        malloc.policy({"GPT2JAX_MALLOC": "fast"})
+
+
+def test_restart_env_appends_the_policy(thp):
+    path = thp("always [madvise] never\n")
+    env = malloc.restart_env({"PATH": "/bin"}, "linux", path)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": KEEP, malloc.BEFORE: ""}
+    assert "glibc.malloc.mmap_max=0" in env["GLIBC_TUNABLES"].split(":")
+    assert malloc.user_environ(env) == {"PATH": "/bin"}  # as the user started it
+    user = {"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "GPT2JAX_MALLOC": "hugepages"}
+    env = malloc.restart_env(user, "linux", thp("[always] madvise never\n"))
+    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1"
+    assert malloc.active(env) and not malloc.active(malloc.user_environ(env))
+    assert malloc.user_environ(env) == user
+    # a tunable the user set themselves is theirs: children keep it
+    assert malloc.user_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+@pytest.mark.parametrize("environ,platform,mode", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux", "[madvise]"),   # explicit choice
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "linux", "[madvise]"),  # explicit choice
+    ({"GLIBC_TUNABLES": KEEP}, "linux", "[madvise]"),                        # restarted already
+    ({"GPT2JAX_MALLOC": "system"}, "linux", "[madvise]"),                    # opted out
+    ({"GPT2JAX_HUGEPAGES": "0"}, "linux", "[madvise]"),                      # opted out
+    ({}, "darwin", "[madvise]"),                                             # no glibc
+    ({}, "linux", "always madvise [never]"),                                 # THP off
+])
+def test_restart_env_none(thp, environ, platform, mode):
+    assert malloc.restart_env(environ, platform, thp(mode)) is None
+
+
+def test_restart_env_without_thp_file(tmp_path):
+    assert malloc.restart_env({}, "linux", str(tmp_path / "missing")) is None
+
+
+def _clean_env(**extra) -> dict:
+    drop = ("GLIBC_TUNABLES", "GPT2JAX_HUGEPAGES", "GPT2JAX_MALLOC", malloc.BEFORE)
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+@pytest.mark.skipif(malloc.restart_env({}) is None, reason="no transparent huge pages here")
+def test_ensure_restarts_once_with_the_same_arguments(tmp_path):
+    """A real exec: the child runs the same command line again, now with the tunables, and
+    does not restart a second time (the counter file gets exactly two lines)."""
+    code = ("import os, sys; from gpt2jax import malloc; "
+            "open(sys.argv[1], 'a').write(os.environ.get('GLIBC_TUNABLES', '-') + '\\n'); "
+            "malloc.ensure(); print(os.getpid(), sys.argv[2])")
+    log = tmp_path / "starts.log"
+    p = subprocess.run([sys.executable, "-c", code, str(log), "arg two"], env=_clean_env(),
+                       capture_output=True, text=True, timeout=60, check=True)
+    assert log.read_text().splitlines() == ["-", KEEP]
+    pid, arg = p.stdout.strip().split(" ", 1)
+    assert int(pid) > 0 and arg == "arg two"
+
+
+def test_unknown_policy_is_a_clean_error():
+    p = subprocess.run([sys.executable, "-m", "gpt2jax", "--help"], capture_output=True,
+                       text=True, timeout=120, env=_clean_env(GPT2JAX_MALLOC="fast"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (
+        "gpt2jax: error: GPT2JAX_MALLOC='fast' is not a malloc policy: use keep, hugepages, "
+        "system (or unset it for keep)")
+    assert "Traceback" not in p.stderr
