@@ -57,6 +57,7 @@ def test_bench_json_has_every_field(vs_hf):
     assert (c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"], c["n_positions"],
             c["batch_size"], c["seq_len"], c["dtype"], c["steps"], c["rounds"]) == \
         (2, 32, 2, 50257, 64, 2, 16, "float32", 2, 2)
+    assert 1 <= c["settle_rounds"] <= 8  # rounds until the step stopped faulting memory in
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
     assert r["flops_per_token"] == flops_per_token(cfg, 16)
     assert len(r["peak_flops_rounds"]) == 2 and r["peak_flops"] > 0
