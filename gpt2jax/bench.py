@@ -480,28 +480,28 @@ def run_bench(
     fpt = flops_per_token(cfg, seq_len)
     tokens_per_step = batch_size * seq_len
 
-    say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
-        f"batch {batch_size} x {seq_len}, {cfg.dtype})")
-    compile_seconds, jax_run = _jax_trainer(cfg, tokens, device, seed)
-    first_step_seconds = jax_run(1)
-    if warmup > 1:
-        jax_run(warmup - 1)
-    mem, mem_source = peak_memory(device)  # before the probe allocates anything
-
-    our_decode, hf_decode_args, prompt_len = None, None, 0
-    if decode:
-        say("compiling the decoder")
-        our_decode, prompt_len, decode_tokens, hf_decode_args = _decoder(cfg, seed, decode_tokens,
-                                                                         vs_hf)
-        our_decode()  # warm-up (compiles)
-    probe = make_peak_probe(device, cfg.dtype, peak_size)
-    settle = _settle(probe, jax_run, our_decode)
     worker, hf_info, hf_first = None, None, 0.0
     with contextlib.ExitStack() as cleanup:
         if vs_hf:
-            say("building the transformers model (in its own process)")
+            # started before our side allocates: the fork copies less
             worker = TorchWorker()
             cleanup.callback(worker.close)
+        say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
+            f"batch {batch_size} x {seq_len}, {cfg.dtype})")
+        compile_seconds, jax_run = _jax_trainer(cfg, tokens, device, seed)
+        first_step_seconds = jax_run(1)
+        if warmup > 1:
+            jax_run(warmup - 1)
+        mem, mem_source = peak_memory(device)  # before the probe allocates anything
+
+        our_decode, hf_decode_args, prompt_len = None, None, 0
+        if decode:
+            say("compiling the decoder")
+            our_decode, prompt_len, decode_tokens, hf_decode_args = _decoder(
+                cfg, seed, decode_tokens, vs_hf)
+            our_decode()  # warm-up (compiles)
+        if worker is not None:
+            say("building the transformers model (in its own process)")
             # pop: the parent does not keep transformers' copy of the weights while timing
             hf_info = worker.init(tokens, hf_decode_args.pop("weights") if hf_decode_args
                                   else None, dims=hf_dims(cfg), dtype=cfg.dtype,
@@ -512,6 +512,8 @@ def run_bench(
                 worker.call("train", n=warmup - 1)
             if hf_decode_args is not None:
                 worker.call("decode")  # warm-up
+        probe = make_peak_probe(device, cfg.dtype, peak_size)
+        settle = _settle(probe, jax_run, our_decode, worker, steps)
         peaks, jax_t, hf_t, jax_use, hf_use, dec_t = _rounds(
             probe, jax_run, worker, our_decode,
             hf_decode_args is not None, steps, rounds, tokens_per_step, say)
@@ -606,21 +608,27 @@ def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rou
     return peaks, jax_t, hf_t, jax_use, hf_use, dec_t
 
 
-def _settle(probe, jax_run, our_decode, most: int = 8) -> int:
-    """Repeat one round of our side's work (probe, step, decode) until the step stops
-    faulting in fresh memory: 0 minor page faults, or no fewer than the time before.
-    With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows for a few rounds
-    until it holds every buffer of a round, and a step that still grows it pays the
-    kernel's page zeroing (GPT-2 small: 5.7 s instead of 3.0). Returns the rounds run."""
+def _settle(probe, jax_run, our_decode, worker, steps: int, most: int = 8) -> int:
+    """Untimed rounds (probe, `steps` of our steps, decode, a transformers step) until our
+    steps stop faulting memory in. With the `keep` malloc policy (gpt2jax/malloc.py) the
+    heap grows until it holds every buffer of a round, and a step that grows it pays the
+    kernel's page zeroing (GPT-2 small: 5.7 s instead of 3.0). Several steps in a row are
+    dispatched asynchronously and overlap, so they need more than one step alone: the
+    rounds repeat the timed pattern. Wait for steps with no minor page faults; other
+    policies fault a steady amount every step: wait until the count stops falling.
+    Returns the rounds run."""
+    keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
         probe(1)
         f0 = _usage()[1]
-        jax_run(1)
+        jax_run(steps)
         faults = _usage()[1] - f0
         if our_decode is not None:
             our_decode()
-        if faults == 0 or (last is not None and faults >= last):
+        if worker is not None:
+            worker.call("train", n=1)
+        if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults
     return most

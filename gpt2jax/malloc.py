@@ -52,6 +52,11 @@ def active(environ: Mapping[str, str] = os.environ) -> bool:
     return _tunables(environ).get("glibc.malloc.hugetlb") in ("1", "2")
 
 
+def keeps_memory(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether glibc's malloc never unmaps memory here (mmap_max=0, as in `keep`)."""
+    return _tunables(environ).get("glibc.malloc.mmap_max") == "0"
+
+
 def policy(environ: Mapping[str, str] = os.environ) -> str:
     """The policy asked for: GPT2JAX_MALLOC, else `system` if GPT2JAX_HUGEPAGES=0, else
     the default. Raises ValueError for an unknown name."""

@@ -27,6 +27,8 @@ def test_active_reads_the_tunable():
     assert not malloc.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert not malloc.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb_x=1"})
     assert not malloc.active({})
+    assert malloc.keeps_memory({"GLIBC_TUNABLES": KEEP})
+    assert not malloc.keeps_memory({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
 
 
 def test_policy_names():
