@@ -483,7 +483,7 @@ def run_bench(
     worker, hf_info, hf_first = None, None, 0.0
     with contextlib.ExitStack() as cleanup:
         if vs_hf:
-            # started before our side allocates: the fork copies less
+            # started before our side allocates (forking a small process is cheap)
             worker = TorchWorker()
             cleanup.callback(worker.close)
         say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "

@@ -10,9 +10,10 @@ reporting), and the next fault on it stalls for milliseconds. Two tunables help:
 - `glibc.malloc.hugetlb=1`: transparent huge pages for malloc's mmaps (about 600 faults
   a step; docs/perf-notes.md 16);
 - never giving memory back (`mmap_max=0`, one arena, no trimming): after a few steps the
-  heap holds the step's peak and nothing is faulted or zeroed again. GPT-2 small 3.6-4.0
-  -> 3.0-3.2 s a step, without the 0.4-2 s stalls (perf-notes 17). The price: the
-  process keeps its peak memory (plus fragmentation) between steps.
+  heap holds the step's peak and nothing is faulted or zeroed again. GPT-2 small: median
+  4.0 -> 3.2 s a step, without the 0.4-2 s stalls (perf-notes 17). The price: the
+  process keeps its peak memory (plus fragmentation) between steps. The restart does
+  not know the backend; on GPU/TPU hosts (host buffers only) it is unmeasured.
 
 glibc reads tunables only at process start, so the `gpt2jax` command restarts itself once
 (`os.execve`: same PID, same arguments) with a policy's tunables appended. Policies, by
