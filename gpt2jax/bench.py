@@ -513,10 +513,10 @@ def run_bench(
             if hf_decode_args is not None:
                 worker.call("decode")  # warm-up
         probe = make_peak_probe(device, cfg.dtype, peak_size)
-        settle = _settle(probe, jax_run, our_decode, worker, steps)
+        hf_decode = hf_decode_args is not None
+        settle = _settle(probe, jax_run, worker, our_decode, hf_decode, steps)
         peaks, jax_t, hf_t, jax_use, hf_use, dec_t = _rounds(
-            probe, jax_run, worker, our_decode,
-            hf_decode_args is not None, steps, rounds, tokens_per_step, say)
+            probe, jax_run, worker, our_decode, hf_decode, steps, rounds, tokens_per_step, say)
 
     peak = statistics.median(peaks)
     step_s = statistics.median(jax_t)
@@ -571,63 +571,71 @@ def run_bench(
     }
 
 
+def _round(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int) -> dict:
+    """One alternating round: the peak probe, then per side one untimed and `steps` timed
+    steps, then a greedy decode per side (with `our_decode`). Returns the peak FLOP/s, each
+    side's seconds a step and [CPU seconds, minor page faults] a step, and decode tokens/s
+    (None where a side did not run)."""
+    r = {"peak": probe(3), "hf_s": None, "hf_use": None, "jax_dec": None, "hf_dec": None}
+    # One untimed step per side: the first step after other work (the probe, the other
+    # framework's step) pays page faults for memory the allocator returned in between
+    # (measured: GPT-2 small's first JAX step after a torch step took 1.6x as long, the
+    # next one the usual time). Steady-state training never pays it.
+    jax_run(1)
+    u0 = _usage()
+    r["jax_s"] = jax_run(steps) / steps
+    r["jax_use"] = [(b - a) / steps for a, b in zip(u0, _usage())]
+    if worker is not None:
+        worker.call("train", n=1)
+        secs, *use = worker.call("train", n=steps)
+        r["hf_s"], r["hf_use"] = secs / steps, [u / steps for u in use]
+    if our_decode is not None:
+        secs, n = our_decode()
+        r["jax_dec"] = n / secs
+        if hf_decode:
+            secs, n = worker.call("decode")
+            r["hf_dec"] = n / secs
+    return r
+
+
 def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rounds: int,
             tokens_per_step: int, say):
-    """The alternating rounds. Returns (peaks, our step seconds, transformers' step
+    """The timed rounds (_round). Returns (peaks, our step seconds, transformers' step
     seconds, our (CPU seconds, minor page faults) per step, theirs, decode tokens/s by
     side), one entry a round."""
     peaks, jax_t, hf_t, jax_use, hf_use = [], [], [], [], []
     dec_t: dict[str, list[float]] = {"jax": [], "hf": []}
-    for r in range(rounds):
-        peaks.append(probe(3))
-        # One untimed step per side per round: the first step after other work (the probe,
-        # the other framework's step) pays page faults for memory the allocator returned
-        # in between (measured: GPT-2 small's first JAX step after a torch step took 1.6x
-        # as long, the next one the usual time). Steady-state training never pays it.
-        jax_run(1)
-        u0 = _usage()
-        jax_t.append(jax_run(steps) / steps)
-        jax_use.append([(b - a) / steps for a, b in zip(u0, _usage())])
-        if worker is not None:
-            worker.call("train", n=1)
-            secs, *use = worker.call("train", n=steps)
-            hf_t.append(secs / steps)
-            hf_use.append([u / steps for u in use])
-        if our_decode is not None:
-            secs, n = our_decode()
-            dec_t["jax"].append(n / secs)
-            if hf_decode:
-                secs, n = worker.call("decode")
-                dec_t["hf"].append(n / secs)
-        line = f"round {r + 1}/{rounds}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, " \
-               f"jax {tokens_per_step / jax_t[-1]:,.0f} tokens/s"
-        if hf_t:
-            line += f", hf {tokens_per_step / hf_t[-1]:,.0f} tokens/s"
+    for i in range(rounds):
+        r = _round(probe, jax_run, worker, our_decode, hf_decode, steps)
+        peaks.append(r["peak"])
+        jax_t.append(r["jax_s"])
+        jax_use.append(r["jax_use"])
+        line = f"round {i + 1}/{rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " \
+               f"jax {tokens_per_step / r['jax_s']:,.0f} tokens/s"
+        if r["hf_s"] is not None:
+            hf_t.append(r["hf_s"])
+            hf_use.append(r["hf_use"])
+            line += f", hf {tokens_per_step / r['hf_s']:,.0f} tokens/s"
+        for side in ("jax", "hf"):
+            if r[f"{side}_dec"] is not None:
+                dec_t[side].append(r[f"{side}_dec"])
         say(line)
-
     return peaks, jax_t, hf_t, jax_use, hf_use, dec_t
 
 
-def _settle(probe, jax_run, our_decode, worker, steps: int, most: int = 8) -> int:
-    """Untimed rounds (probe, `steps` of our steps, decode, a transformers step) until our
-    steps stop faulting memory in. With the `keep` malloc policy (gpt2jax/malloc.py) the
-    heap grows until it holds every buffer of a round, and a step that grows it pays the
-    kernel's page zeroing (GPT-2 small: 5.7 s instead of 3.0). Several steps in a row are
-    dispatched asynchronously and overlap, so they need more than one step alone: the
-    rounds repeat the timed pattern. Wait for steps with no minor page faults; other
-    policies fault a steady amount every step: wait until the count stops falling.
-    Returns the rounds run."""
+def _settle(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int,
+            most: int = 8) -> int:
+    """Untimed rounds, the same as the timed ones (_round), until our steps stop faulting
+    memory in. With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it
+    holds every buffer of a round, and a step that grows it pays the kernel's page
+    zeroing (GPT-2 small: 5.7 s instead of 3.0). Several steps in a row are dispatched
+    asynchronously and overlap, so single warm-up steps do not grow it far enough. Wait
+    for a round whose steps fault nothing; other policies fault a steady amount every
+    step: wait until the count stops falling. Returns the rounds run."""
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
-        probe(1)
-        f0 = _usage()[1]
-        jax_run(steps)
-        faults = _usage()[1] - f0
-        if our_decode is not None:
-            our_decode()
-        if worker is not None:
-            worker.call("train", n=1)
+        faults = _round(probe, jax_run, worker, our_decode, hf_decode, steps)["jax_use"][1]
         if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults

@@ -102,8 +102,10 @@ def train(cfg: Config) -> dict:
     from . import distributed
 
     d = cfg.dist  # before any other JAX call
-    dist = distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.timeout,
-                                  d.local_device_count)
+    # by name: dist also holds settings initialize does not take (data_timeout)
+    dist = distributed.initialize(
+        coordinator=d.coordinator, num_processes=d.num_processes, process_id=d.process_id,
+        timeout=d.timeout, local_device_count=d.local_device_count)
 
     import jax
     import jax.numpy as jnp
