@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _emit(result: dict, as_json: bool, text: Callable[[dict], str] | None = None) -> None:
     if as_json:
-        print(json.dumps(result, ensure_ascii=False))
+        from .distributed import print_line
+        print_line(json.dumps(result, ensure_ascii=False))
     elif text is not None:
         print(text(result))
     else:

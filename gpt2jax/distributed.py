@@ -545,6 +545,18 @@ def selftest(info: DistInfo) -> dict:
     }
 
 
+def print_line(text: str, file=None) -> None:
+    """Print `text` and its newline in one write, then flush.
+
+    Under PYTHONUNBUFFERED (local.sh, the k8s jobs) `print` writes the text and the newline
+    separately, and gloo's threads write their "[Gloo] Rank ..." messages to the same stdout
+    piece by piece; one write of under PIPE_BUF bytes keeps a machine-read line contiguous.
+    """
+    out = sys.stdout if file is None else file
+    out.write(text + "\n")
+    out.flush()
+
+
 def jnp_sum(a):
     """Sum of all elements (a named function so the jit cache key is stable)."""
     return a.sum()
@@ -579,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"gpt2jax: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result), flush=True)
+    print_line(json.dumps(result))
     ok = result["sum"] == result["expected"] == result["psum"]
     return 0 if ok else 1
 

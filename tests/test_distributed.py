@@ -247,6 +247,54 @@ def test_resolve_command_prints_the_plan(clean_env, monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("gpt2jax: error: process id 3 is out of range")
 
 
+_INTERLEAVE_SCRIPT = """
+import os, threading
+from gpt2jax.distributed import print_line
+stop = threading.Event()
+def gloo():  # what gloo does under PYTHONUNBUFFERED: a line as several small writes
+    while True:  # at least one whole message, however the threads are scheduled
+        for piece in ("[Gloo] Rank ", "0", " is connected to ", "3", " peer ranks.", "\\n"):
+            os.write(1, piece.encode())
+        if stop.is_set():
+            break
+t = threading.Thread(target=gloo)
+t.start()
+for i in range(300):
+    print_line('{"process_id": 0, "i": %d}' % i)
+stop.set()
+t.join()
+"""
+
+
+class _Writes(list):
+    """A text stream that records each write call."""
+
+    def write(self, text: str) -> int:
+        self.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_print_line_keeps_a_line_whole_among_other_threads_writes():
+    """The selftest's JSON line stays contiguous while another thread writes fragments."""
+    writes = _Writes()
+    print("{}", file=writes)
+    assert writes == ["{}", "\n"]  # why: print's newline is a write of its own
+    writes.clear()
+    dist.print_line("{}", file=writes)
+    assert writes == ["{}\n"]
+    # A real process under PYTHONUNBUFFERED, with a thread writing gloo-like fragments.
+    r = subprocess.run([sys.executable, "-c", _INTERLEAVE_SCRIPT],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[Gloo] Rank ") > 0
+    missing = [i for i in range(300) if f'{{"process_id": 0, "i": {i}}}\n' not in r.stdout]
+    assert missing == []
+
+
 _BARRIER_SCRIPT = """
 import sys, time
 from gpt2jax import distributed as dist

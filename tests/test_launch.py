@@ -65,12 +65,15 @@ def test_local_two_processes_agree():
     r = _run([LAUNCH / "local.sh", "2", "2", "--", "python", "-m", "gpt2jax.distributed",
               "--selftest", "--timeout", "30"], timeout=90)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # gloo's threads print "[Gloo] Rank ..." to the same stdout a fragment at a time, so a
+    # fragment may share a line with the JSON (itself one write): decode it where it starts.
     results = {}
     for line in r.stdout.splitlines():
-        m = re.fullmatch(r"\[(\d)\] (\{.*\})", line)
-        if m:
-            results[int(m.group(1))] = json.loads(m.group(2))
-    assert sorted(results) == [0, 1]
+        m = re.match(r"\[(\d)\] ", line)
+        at = line.find('{"process_id"')
+        if m and at >= 0:
+            results[int(m.group(1))] = json.JSONDecoder().raw_decode(line, at)[0]
+    assert sorted(results) == [0, 1], r.stdout[-3000:]
     for rank, res in results.items():
         assert res["process_id"] == rank  # the prefix is the process's own id
         assert (res["num_processes"], res["local_devices"], res["global_devices"]) == (2, 2, 4)
