@@ -139,11 +139,12 @@ while ((left > 0)); do
 done
 # A process stopped before it opened its pipes leaves its printers blocked in open():
 # give every printer a writer that closes at once (O_RDWR never blocks on a FIFO), wait up
-# to 2 s for the last lines, then stop any printer that is still stuck.
+# to 10 s for the last lines (a printer is a bash loop, slow on a loaded machine; only a
+# leftover grandchild holding a pipe keeps one waiting), then stop any that is stuck.
 for ((i = 0; i < N; i++)); do
   : 1<>"$tmp/out$i" 1<>"$tmp/err$i"
 done
-for _ in {1..20}; do
+for _ in {1..100}; do
   alive=0
   for pid in "${printers[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
   ((alive)) || break
