@@ -1,5 +1,6 @@
 """gpt2jax/malloc.py: when and how the command restarts itself with a glibc malloc policy."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,20 @@ def test_unknown_policy_is_a_clean_error():
         "gpt2jax: error: GPT2JAX_MALLOC='fast' is not a malloc policy: use keep, hugepages, "
         "system (or unset it for keep)")
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(malloc.restart_env({}) is None, reason="no transparent huge pages here")
+def test_a_command_runs_under_the_default_policy():
+    """What users get by default, which the in-process tests do not run under (the
+    Makefile's tunable opts them out): a real `gpt2jax bench` restarted into `keep` compiles,
+    trains and reports, with keep's tunables in its environment."""
+    tiny = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-positions", "64",
+            "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1",
+            "--rounds", "1", "--peak-size", "128"]
+    p = subprocess.run([sys.executable, "-m", "gpt2jax", "bench", *tiny, "--json"],
+                       capture_output=True, text=True, timeout=300, env=_clean_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert r["env"]["GLIBC_TUNABLES"] == KEEP
+    assert r["jax"]["tokens_per_sec"] > 0 and r["jax"]["page_faults_per_step"] >= 0
+    assert 1 <= r["config"]["settle_rounds"] <= 8
