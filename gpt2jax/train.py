@@ -71,10 +71,12 @@ def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]
 
 
 def _fault(kind: str, step: int) -> None:
-    """Test hook: GPT2JAX_FAULT=kill@step:N or kill@save:N kills this process (SIGKILL)."""
+    """Test hook: GPT2JAX_FAULT=kill@step:N or kill@save:N sends this process SIGKILL;
+    term@step:N sends SIGTERM (a preemption at a known step, whatever the scheduling)."""
     spec = os.environ.get("GPT2JAX_FAULT", "")
-    if spec and spec == f"kill@{kind}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM)):
+        if spec == f"{action}@{kind}:{step}":
+            os.kill(os.getpid(), sig)
 
 
 def _check_run_dir(run: Path) -> None:

@@ -19,6 +19,8 @@ atexit.register(shutil.rmtree, os.environ["GPT2JAX_CACHE"], ignore_errors=True)
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -44,6 +46,19 @@ class CliResult:
     def last_err(self) -> str:
         lines = [ln for ln in self.err.strip().splitlines() if ln.strip()]
         return lines[-1] if lines else ""
+
+
+def json_per_process(stdout: str, first_key: str) -> dict[int, dict]:
+    """{process id: JSON object} from launch/local.sh's "[i] ..." lines: the object that
+    starts with `{"first_key"`. Decoded where it starts: gloo's threads write "[Gloo] Rank
+    ..." to the same stdout a fragment at a time, so a fragment may share its line."""
+    found = {}
+    for line in stdout.splitlines():
+        m = re.match(r"\[(\d+)\] ", line)
+        at = line.find(f'{{"{first_key}"')
+        if m and at >= 0:
+            found[int(m.group(1))] = json.JSONDecoder().raw_decode(line, at)[0]
+    return found
 
 
 def run_cli(*argv: str) -> CliResult:

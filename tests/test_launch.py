@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import json_per_process
 
 from gpt2jax import distributed as dist
 
@@ -65,14 +66,7 @@ def test_local_two_processes_agree():
     r = _run([LAUNCH / "local.sh", "2", "2", "--", "python", "-m", "gpt2jax.distributed",
               "--selftest", "--timeout", "30"], timeout=90)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # gloo's threads print "[Gloo] Rank ..." to the same stdout a fragment at a time, so a
-    # fragment may share a line with the JSON (itself one write): decode it where it starts.
-    results = {}
-    for line in r.stdout.splitlines():
-        m = re.match(r"\[(\d)\] ", line)
-        at = line.find('{"process_id"')
-        if m and at >= 0:
-            results[int(m.group(1))] = json.JSONDecoder().raw_decode(line, at)[0]
+    results = json_per_process(r.stdout, "process_id")
     assert sorted(results) == [0, 1], r.stdout[-3000:]
     for rank, res in results.items():
         assert res["process_id"] == rank  # the prefix is the process's own id
@@ -84,14 +78,18 @@ def test_local_two_processes_agree():
     print(f"local.sh 2x2 selftest: {time.monotonic() - t0:.1f} s")
 
 
-def test_local_failure_stops_the_others_and_propagates_status():
+def test_local_failure_stops_the_others_and_propagates_status(tmp_path):
+    # Process 1 fails once the others have said they are up (however slowly they start).
     script = ('echo "up $GPT2JAX_PROCESS_ID/$GPT2JAX_NUM_PROCESSES $GPT2JAX_LOCAL_DEVICES '
-              '$XLA_FLAGS"; '
-              'if [ "$GPT2JAX_PROCESS_ID" = 1 ]; then sleep 0.5; echo boom >&2; exit 3; fi; '
+              '$XLA_FLAGS"; touch "$UP/$GPT2JAX_PROCESS_ID"; '
+              'if [ "$GPT2JAX_PROCESS_ID" = 1 ]; then '
+              'until [ -e "$UP/0" ] && [ -e "$UP/2" ]; do sleep 0.05; done; '
+              'echo boom >&2; exit 3; fi; '
               'exec sleep 60')
     t0 = time.monotonic()
     r = _run([LAUNCH / "local.sh", "3", "--", "bash", "-c", script], timeout=30,
-             XLA_FLAGS="--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8")
+             XLA_FLAGS="--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8",
+             UP=str(tmp_path))
     assert r.returncode == 3
     assert time.monotonic() - t0 < 15  # the sleepers were stopped, not waited for
     for i in range(3):

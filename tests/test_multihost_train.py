@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import json_per_process
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "launch" / "local.sh"
@@ -136,8 +136,7 @@ def runs(tmp_path_factory) -> dict:
     print(f"\n2-process and 1-process runs, side by side: {time.monotonic() - t0:.1f} s")
 
     # local.sh prefixes every line with the process id: "[i] {json summary}".
-    per_process = {int(m[1]): json.loads(m[2])
-                   for m in re.finditer(r"^\[(\d+)\] (\{.*\})$", multi_out, re.M)}
+    per_process = json_per_process(multi_out, "run_dir")
     single_json = [ln for ln in single_out.splitlines() if ln.startswith("{")]
     assert len(single_json) == 1, single_out
     return {"single": single, "multi": multi, "per_process": per_process,
