@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 from .errors import UserError
 
@@ -545,7 +546,7 @@ def selftest(info: DistInfo) -> dict:
     }
 
 
-def print_line(text: str, file=None) -> None:
+def print_line(text: str, file: TextIO | None = None) -> None:
     """Print `text` and its newline in one write, then flush.
 
     Under PYTHONUNBUFFERED (local.sh, the k8s jobs) `print` writes the text and the newline
