@@ -581,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.resolve:
             p = plan(args.coordinator, args.num_processes, args.process_id)
-            print(json.dumps(asdict(p)))
+            print_line(json.dumps(asdict(p)))
             return 0
         info = initialize(args.coordinator, args.num_processes, args.process_id,
                           args.timeout, args.local_devices)
