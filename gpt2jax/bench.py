@@ -513,10 +513,15 @@ def run_bench(
             if hf_decode_args is not None:
                 worker.call("decode")  # warm-up
         probe = make_peak_probe(device, cfg.dtype, peak_size)
-        hf_decode = hf_decode_args is not None
-        settle = _settle(probe, jax_run, worker, our_decode, hf_decode, steps)
-        peaks, jax_t, hf_t, jax_use, hf_use, dec_t = _rounds(
-            probe, jax_run, worker, our_decode, hf_decode, steps, rounds, tokens_per_step, say)
+        settle = _settle(probe, jax_run, worker, our_decode, steps)
+        timed = _rounds(probe, jax_run, worker, our_decode, steps, rounds, tokens_per_step, say)
+
+    def per_round(key: str) -> list:  # a field of every round, where that side ran
+        return [r[key] for r in timed if r[key] is not None]
+
+    peaks, jax_t, hf_t = per_round("peak"), per_round("jax_s"), per_round("hf_s")
+    jax_use, hf_use = per_round("jax_use"), per_round("hf_use")
+    dec_t = {"jax": per_round("jax_dec"), "hf": per_round("hf_dec")}
 
     peak = statistics.median(peaks)
     step_s = statistics.median(jax_t)
@@ -571,11 +576,11 @@ def run_bench(
     }
 
 
-def _round(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int) -> dict:
+def _round(probe, jax_run, worker, our_decode, steps: int) -> dict:
     """One alternating round: the peak probe, then per side one untimed and `steps` timed
-    steps, then a greedy decode per side (with `our_decode`). Returns the peak FLOP/s, each
-    side's seconds a step and [CPU seconds, minor page faults] a step, and decode tokens/s
-    (None where a side did not run)."""
+    steps, then a greedy decode per side (with `our_decode`; transformers' with `worker`).
+    Returns the peak FLOP/s, each side's seconds a step and [CPU seconds, minor page
+    faults] a step, and decode tokens/s (None where a side did not run)."""
     r = {"peak": probe(3), "hf_s": None, "hf_use": None, "jax_dec": None, "hf_dec": None}
     # One untimed step per side: the first step after other work (the probe, the other
     # framework's step) pays page faults for memory the allocator returned in between
@@ -592,39 +597,28 @@ def _round(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int) -> d
     if our_decode is not None:
         secs, n = our_decode()
         r["jax_dec"] = n / secs
-        if hf_decode:
+        if worker is not None:  # the worker was given a decoder whenever we have one
             secs, n = worker.call("decode")
             r["hf_dec"] = n / secs
     return r
 
 
-def _rounds(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int, rounds: int,
-            tokens_per_step: int, say):
-    """The timed rounds (_round). Returns (peaks, our step seconds, transformers' step
-    seconds, our (CPU seconds, minor page faults) per step, theirs, decode tokens/s by
-    side), one entry a round."""
-    peaks, jax_t, hf_t, jax_use, hf_use = [], [], [], [], []
-    dec_t: dict[str, list[float]] = {"jax": [], "hf": []}
+def _rounds(probe, jax_run, worker, our_decode, steps: int, rounds: int,
+            tokens_per_step: int, say) -> list[dict]:
+    """The timed rounds (_round each), with a progress line per round."""
+    out = []
     for i in range(rounds):
-        r = _round(probe, jax_run, worker, our_decode, hf_decode, steps)
-        peaks.append(r["peak"])
-        jax_t.append(r["jax_s"])
-        jax_use.append(r["jax_use"])
+        r = _round(probe, jax_run, worker, our_decode, steps)
         line = f"round {i + 1}/{rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " \
                f"jax {tokens_per_step / r['jax_s']:,.0f} tokens/s"
         if r["hf_s"] is not None:
-            hf_t.append(r["hf_s"])
-            hf_use.append(r["hf_use"])
             line += f", hf {tokens_per_step / r['hf_s']:,.0f} tokens/s"
-        for side in ("jax", "hf"):
-            if r[f"{side}_dec"] is not None:
-                dec_t[side].append(r[f"{side}_dec"])
         say(line)
-    return peaks, jax_t, hf_t, jax_use, hf_use, dec_t
+        out.append(r)
+    return out
 
 
-def _settle(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int,
-            most: int = 8) -> int:
+def _settle(probe, jax_run, worker, our_decode, steps: int, most: int = 8) -> int:
     """Untimed rounds, the same as the timed ones (_round), until our steps stop faulting
     memory in. With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it
     holds every buffer of a round, and a step that grows it pays the kernel's page
@@ -635,7 +629,7 @@ def _settle(probe, jax_run, worker, our_decode, hf_decode: bool, steps: int,
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
-        faults = _round(probe, jax_run, worker, our_decode, hf_decode, steps)["jax_use"][1]
+        faults = _round(probe, jax_run, worker, our_decode, steps)["jax_use"][1]
         if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults
