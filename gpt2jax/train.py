@@ -440,7 +440,8 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
     Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
-    the total token (or example) count, so accumulation equals the big-batch step exactly.
+    the whole step's token (or example) counts, taken from the batch before the
+    micro-batches run, so accumulation equals the big-batch step (auxiliary LM term too).
     A step whose loss or gradient is not finite leaves params and optimizer state unchanged.
     Classification: `class_weights` (num_labels,) weight each example's cross-entropy (the
     loss is the weighted mean); lm_loss_weight > 0 adds lambda * the mean LM loss over the
@@ -455,27 +456,36 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
 
     from .sharding import mesh_of
 
-    def loss_sum(params, mb, key):
+    def weights(mb):
+        """Per-example (classification) or per-target-token (LM) loss weights, and for the
+        auxiliary LM loss the mask of real next-token pairs: they depend on the batch only."""
+        if classification:
+            mask = mb["attention_mask"]
+            w = jnp.ones(mb["labels"].shape, jnp.float32) if class_weights is None else \
+                jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
+            return w, (mask[..., 1:] * mask[..., :-1]).astype(jnp.float32)
+        return mb["weights"][..., 1:], None
+
+    def loss_part(params, mb, key, denom):
+        """This micro-batch's share of the step's loss: sums divided by the whole step's
+        counts `denom`, so the shares of the micro-batches add up to the big-batch loss."""
         model = nnx.merge(graphdef, params)
+        w, real = weights(mb)
         if classification:
             ids, mask = mb["input_ids"], mb["attention_mask"]
             h, _ = model.hidden_states(ids, mask, dropout_key=key)
             ce = optax.softmax_cross_entropy_with_integer_labels(
                 model.classify(h, mask, key), mb["labels"])
-            w = jnp.ones_like(ce) if class_weights is None else \
-                jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
-            total, count = (ce * w).sum(), w.sum()
+            loss = (ce * w).sum() / denom[0]
             if lm_loss_weight:
-                real = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-                lm = model.lm_loss_sum(h[:, :-1], ids[:, 1:], real) / jnp.maximum(
-                    real.sum(), 1.0)
-                total = total + lm_loss_weight * lm * count  # the step divides by count
-            return total, count
-        tokens, w = mb["tokens"], mb["weights"][:, 1:]
+                lm = model.lm_loss_sum(h[:, :-1], ids[:, 1:], real)
+                loss = loss + lm_loss_weight * lm / denom[1]
+            return loss
+        tokens = mb["tokens"]
         h, _ = model.hidden_states(tokens[:, :-1], dropout_key=key)
-        return model.lm_loss_sum(h, tokens[:, 1:], w), w.sum()  # model.loss_chunk: fused
+        return model.lm_loss_sum(h, tokens[:, 1:], w) / denom[0]  # model.loss_chunk: fused
 
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_part)
 
     def step(params, opt_state, batch, step):
         with mesh_of(batch):  # activation sharding constraints when sharded
@@ -483,21 +493,21 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
 
     def _step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
+        w, real = weights(batch)  # over all micro-batches: the big batch's counts
+        count = jnp.maximum(w.sum(), 1.0)
+        denom = (count, jnp.maximum(real.sum(), 1.0) if real is not None else None)
         if accum == 1:
-            (loss, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), key)
+            loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), key, denom)
         else:
             def micro(carry, xs):
-                g_acc, l_acc, n_acc = carry
+                g_acc, l_acc = carry
                 mb, i = xs
-                (loss_i, n), g = grad_fn(params, mb, jax.random.fold_in(key, i))
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_i, n_acc + n), None
+                loss_i, g = grad_fn(params, mb, jax.random.fold_in(key, i), denom)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_i), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, loss, count), _ = jax.lax.scan(
-                micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, jnp.arange(accum)))
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        loss = loss / count
+            (grads, loss), _ = jax.lax.scan(
+                micro, (zeros, jnp.float32(0)), (batch, jnp.arange(accum)))
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
