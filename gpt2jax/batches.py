@@ -5,9 +5,11 @@ are block[:-1], targets block[1:]), no padding. Classification: one row per exam
 padded per batch to a length bucket.
 
 The order is a pure function of (seed, step): the global batch of step s holds examples
-perm_e[j] for the global positions s*B ... s*B+B-1 (epoch e, offset j). A process takes
-its contiguous slice of that batch, so the data seen does not depend on the number of
-processes or the mesh, and resuming at step s needs no replay.
+perm_e[j] for the global positions s*B ... s*B+B-1 (epoch e, offset j). With gradient
+accumulation over A micro-batches, micro-batch i is positions i*B/A ... (i+1)*B/A-1 of
+that batch; a process takes its contiguous slice of every micro-batch, so the rows of
+each micro-batch (and the dropout key that goes with its index) do not depend on the
+number of processes or the mesh, and resuming at step s needs no replay.
 """
 
 from __future__ import annotations
@@ -152,7 +154,11 @@ def bucket(n: int, cap: int, minimum: int = 16) -> int:
 @dataclass
 class Batcher:
     """Deterministic, resumable batches over a source: LMBlocks, ClassRows (padded per
-    batch to a length bucket) or a dict of equally indexed arrays."""
+    batch to a length bucket) or a dict of equally indexed arrays.
+
+    `accum` is the number of micro-batches a step accumulates over: a process's rows,
+    reshaped to (accum, rows, ...), are its slices of the step's global micro-batches.
+    """
 
     source: LMBlocks | ClassRows | Arrays | dict
     batch_size: int
@@ -161,14 +167,15 @@ class Batcher:
     process_count: int = 1
     pad_id: int = 0
     max_len: int = 0
+    accum: int = 1
     _perm_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.source, dict):
             self.source = Arrays(self.source)
-        if self.batch_size % self.process_count:
-            raise UserError(f"train.batch_size={self.batch_size} is not divisible by the "
-                            f"{self.process_count} processes")
+        if self.batch_size % (self.accum * self.process_count):
+            raise UserError(f"train.batch_size={self.batch_size} is not divisible by "
+                            f"train.grad_accum={self.accum} x {self.process_count} processes")
 
     def __len__(self) -> int:
         return len(self.source)
@@ -193,10 +200,11 @@ class Batcher:
         return idx
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of the global batch for `step`."""
+        """This process's rows of the global batch for `step`: its slice of micro-batch 0,
+        then of micro-batch 1, ... (see the class docstring)."""
         idx = self.global_indices(step)
-        per = self.batch_size // self.process_count
-        mine = idx[self.process_index * per: (self.process_index + 1) * per]
+        per = self.batch_size // (self.accum * self.process_count)
+        mine = idx.reshape(self.accum, self.process_count, per)[:, self.process_index].ravel()
         if isinstance(self.source, ClassRows):
             # Pad length from the whole global batch (lengths only, no tokens read) so
             # every process compiles one shape.

@@ -190,7 +190,8 @@ def train(cfg: Config) -> dict:
                         f"{len(tokenizer)} tokens; raise model.vocab_size (GPT-2: 50257)")
 
     batcher = Batcher(prepared.train, t.batch_size, t.seed, jax.process_index(),
-                      jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions))
+                      jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions),
+                      accum=t.grad_accum)
     total = t.steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
 
     if main_process:

@@ -105,16 +105,21 @@ def _lm_arrays(n: int = 37, width: int = 5) -> dict:
 
 
 @pytest.mark.parametrize("step", [0, 3, 11])
-def test_global_batch_does_not_depend_on_process_count(step):
+@pytest.mark.parametrize("accum", [1, 2, 4])
+def test_micro_batches_do_not_depend_on_process_count(step, accum):
+    """Each process reshapes its rows to (accum, rows, ...) and the trainer joins the
+    processes' slices along the rows axis: micro-batch i must be global positions
+    i*B/A ... (i+1)*B/A-1 of the step whatever the number of processes."""
     arrays = _lm_arrays()
-    batches = {}
-    for count in (1, 2, 4):
-        parts = [Batcher(arrays, 8, seed=5, process_index=i, process_count=count).batch(step)
-                 for i in range(count)]
-        batches[count] = np.concatenate([p["tokens"] for p in parts])
-        assert all(len(p["tokens"]) == 8 // count for p in parts)
-    np.testing.assert_array_equal(batches[1], batches[2])
-    np.testing.assert_array_equal(batches[1], batches[4])
+    idx = Batcher(arrays, 8, seed=5).global_indices(step)
+    expected = arrays["tokens"][idx].reshape(accum, 8 // accum, -1)
+    for count in (1, 2) if accum == 4 else (1, 2, 4):
+        parts = [Batcher(arrays, 8, seed=5, process_index=i, process_count=count,
+                         accum=accum).batch(step)["tokens"] for i in range(count)]
+        assert all(len(p) == 8 // count for p in parts)
+        joined = np.concatenate([p.reshape(accum, 8 // (accum * count), -1) for p in parts],
+                                axis=1)
+        np.testing.assert_array_equal(joined, expected, err_msg=f"{count} processes")
 
 
 def test_order_is_a_permutation_per_epoch_and_depends_on_seed():
@@ -160,6 +165,9 @@ def test_classification_batches_pad_to_one_bucket_for_all_processes():
 def test_batch_size_must_divide_by_processes_and_block_split_is_disjoint():
     with pytest.raises(UserError, match="not divisible"):
         Batcher(_lm_arrays(), 6, seed=0, process_count=4)
+    with pytest.raises(UserError, match=r"batch_size=8 is not divisible by train.grad_accum=4 x "
+                                        r"4 processes"):
+        Batcher(_lm_arrays(), 8, seed=0, process_count=4, accum=4)
     arrays = _lm_arrays(n=20)
     train, val = split_blocks(arrays, 0.25, seed=0)
     assert len(val) == 5 and len(train) == 15

@@ -7,6 +7,10 @@ so `fsdp` is the axis that crosses the two processes. Each process then feeds ha
 global batch, holds half of every fsdp-sharded parameter and optimizer moment, and writes
 its own shards of the Orbax checkpoint, so the restore below needs both processes' files.
 
+Both runs accumulate gradients over 2 micro-batches with dropout 0.1 (issue 19, bug 5):
+each micro-batch must hold the same rows, with the same dropout key, whatever the number of
+processes, or the losses differ at the scale of dropout's effect (~1e-2 relative).
+
 Checked: process 0's metrics.jsonl matches the single-process trajectory, every process
 reports the same aggregated loss, and the checkpoints written by the two processes restore
 in this (single) test process to the single-process run's parameters.
@@ -33,6 +37,7 @@ BIN = Path(sys.executable).parent  # the venv's bin, so that `gpt2jax` resolves
 TIMEOUT = 240  # seconds for both runs together; the machine may be heavily loaded
 
 STEPS, CHECKPOINT_EVERY = 4, 2
+ACCUM, DROPOUT = 2, 0.1
 MESH = ["--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2"]
 
 # Both runs compile the same partitioned XLA program and see the same global batches; they
@@ -41,11 +46,13 @@ MESH = ["--mesh.data=1", "--mesh.fsdp=2", "--mesh.tensor=2"]
 # moves a loss by ~1e-7 relative (one ulp per reduction); AdamW then turns noise on
 # near-zero gradients into parameter differences of up to ~1e-5 after a few steps (seen
 # between sharded and unsharded runs), which feed into the later losses. Measured here:
-# identical to the last bit for this mesh, up to 1e-7 relative for data=2 x fsdp=2. 1e-5
-# leaves room for that noise, yet a real divergence (a wrong batch shard, a missing
-# gradient all-reduce, a per-process loss) shows at the scale of what one step changes:
-# the loss moves by ~3e-3 relative per step here.
-LOSS_RTOL = 1e-5
+# identical to the last bit for this mesh (also with grad_accum 2 and dropout 0.1), up to
+# 1e-7 relative for data=2 x fsdp=2 without accumulation. 1e-6 leaves room for gloo's
+# summation order over 4 steps, yet a real divergence shows at the scale of what one step
+# changes (the loss moves by ~3e-3 relative per step here): a wrong batch shard, a missing
+# gradient all-reduce, a per-process loss, or micro-batches that depend on the number of
+# processes (4e-4 relative before issue 19's bug 5 was fixed).
+LOSS_RTOL = 1e-6
 PARAM_TOL = 1e-5  # rtol and atol of the restored parameters, for the same reason
 
 
@@ -61,10 +68,11 @@ def _corpus(lines: int = 60) -> str:
 def _config(data: Path) -> str:
     return f"""\
 model: {{init: scratch, vocab_size: 50257, n_layer: 2, n_embd: 32, n_head: 2,
-        n_positions: 64, dropout: 0.0}}
+        n_positions: 64, dropout: {DROPOUT}}}
 data: {{train: {data}, text_unit: line, validation_fraction: 0.0}}
 optim: {{lr: 1.0e-3, schedule: constant}}
-train: {{steps: {STEPS}, batch_size: 8, seq_len: 16, seed: 0, log_every: 1, eval_every: 0,
+train: {{steps: {STEPS}, batch_size: 8, grad_accum: {ACCUM}, seq_len: 16, seed: 0, log_every: 1,
+        eval_every: 0,
         checkpoint_every: {CHECKPOINT_EVERY}, progress: none}}
 """
 
