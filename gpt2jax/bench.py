@@ -545,7 +545,7 @@ def run_bench(
     decode_res = None
     if our_decode is not None:
         decode_res = {"batch_size": 1, "prompt_tokens": prompt_len, "new_tokens": decode_tokens,
-                      "weights_dtype": "float32",
+                      "weights_dtype": cfg.dtype,  # _decoder: Generator(weights_dtype=cfg.dtype)
                       "flops_per_token": decode_flops_per_token(cfg, prompt_len + decode_tokens),
                       "jax_tokens_per_sec": round(statistics.median(dec_t["jax"]), 2),
                       "hf_tokens_per_sec": None, "ratio": None}

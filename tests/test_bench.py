@@ -39,8 +39,11 @@ def test_flops_per_token_equals_hand_calculation():
 
 @pytest.fixture(scope="module")
 def vs_hf(cli):
-    res = cli("bench", *TINY, "--rounds", "2", "--vs", "hf", "--decode",
-              "--decode-tokens", "8", "--json")
+    # bfloat16: the float32 default is the same code with another dtype. --loss-chunk 16
+    # makes two chunks of the 32 tokens (a bf16 train step whose fused LM loss is a single
+    # chunk fails on CPU: "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")
+    res = cli("bench", *TINY, "--dtype", "bfloat16", "--loss-chunk", "16", "--rounds", "2",
+              "--vs", "hf", "--decode", "--decode-tokens", "8", "--json")
     assert res.code == 0, res.err
     return res.json
 
@@ -56,7 +59,7 @@ def test_bench_json_has_every_field(vs_hf):
     c = r["config"]
     assert (c["n_layer"], c["n_embd"], c["n_head"], c["vocab_size"], c["n_positions"],
             c["batch_size"], c["seq_len"], c["dtype"], c["steps"], c["rounds"]) == \
-        (2, 32, 2, 50257, 64, 2, 16, "float32", 2, 2)
+        (2, 32, 2, 50257, 64, 2, 16, "bfloat16", 2, 2)
     assert 1 <= c["settle_rounds"] <= 8  # rounds until the step stopped faulting memory in
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
     assert r["flops_per_token"] == flops_per_token(cfg, 16)
@@ -132,3 +135,21 @@ def test_bench_worker_failures_are_user_errors():
     finally:
         w.close()
     assert not os.path.exists(w.tmp.name)  # its scratch directory is gone
+
+
+
+def test_bf16_decode_reports_the_bf16_weights_it_decodes_with(vs_hf):
+    """--dtype bfloat16 --decode: the decoder's weights are bfloat16 (a Generator built as
+    the benchmark builds it holds bf16 arrays) and the JSON says so."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2jax.generate import Generator
+    from gpt2jax.model import GPT2Config, create_model
+    from gpt2jax.tokenizer import gpt2_tokenizer
+
+    assert vs_hf["decode"]["weights_dtype"] == "bfloat16"
+    assert vs_hf["hf"]["compute"] == "bfloat16 autocast"
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    gen = Generator(create_model(cfg, 0), gpt2_tokenizer(), weights_dtype="bfloat16")
+    assert {a.dtype for a in jax.tree.leaves(gen.state)} == {jnp.dtype(jnp.bfloat16)}
