@@ -3,7 +3,7 @@
 #
 #   launch/tpu_pod.sh --name NAME --zone ZONE [options] -- COMMAND [ARGS...]
 #   launch/tpu_pod.sh --name lm --zone us-west4-a --accelerator-type v5litepod-16 --delete \
-#       -- gpt2jax train configs/gpt2_small.yaml --mesh.fsdp=-1
+#       -- gpt2jax train configs/gpt2_124m_pretrain.yaml --mesh.data=1 --mesh.fsdp=-1
 #
 # Steps: create the slice unless it exists (reuse), copy this checkout to every worker and
 # install it into ~/gpt2jax-venv with jax[tpu] (skip with --no-install), run COMMAND on all

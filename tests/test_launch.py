@@ -110,7 +110,20 @@ def test_local_usage_errors(args):
 # ---------------------------------------------------------------- tpu_pod.sh
 
 TPU_ARGS = ["--name", "lm", "--zone", "us-west4-a", "--project", "proj"]
-TRAIN = ["gpt2jax", "train", "configs/gpt2_small.yaml", "--mesh.fsdp=-1", "--run.name=it's big"]
+# a real config and keys (test_doc_commands checks them); the quote and the space in the
+# run directory must reach the remote shell intact
+TRAIN = ["gpt2jax", "train", "configs/gpt2_124m_pretrain.yaml", "--mesh.data=1",
+         "--mesh.fsdp=-1", "--train.run_dir=/mnt/runs/it's big"]
+
+
+def test_the_forwarded_train_command_is_valid():
+    """The command the launcher tests forward is one `gpt2jax train` accepts: its config
+    file exists and its overrides are real keys (load_config refuses unknown ones)."""
+    from gpt2jax.config import load_config
+
+    assert TRAIN[:2] == ["gpt2jax", "train"]
+    cfg = load_config(ROOT / TRAIN[2], TRAIN[3:])
+    assert cfg.mesh.fsdp == -1 and cfg.train.run_dir == "/mnt/runs/it's big"
 
 
 def _commands(stdout: str) -> list[list[str]]:

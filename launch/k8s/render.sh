@@ -3,7 +3,7 @@
 #
 #   launch/k8s/render.sh --kind tpu --name lm --image IMAGE --hosts 4 \
 #       [--tpu-accelerator tpu-v5-lite-podslice --tpu-topology 4x4 --chips-per-host 4] \
-#       [--port 8476] [--dry-run] -- gpt2jax train configs/gpt2_small.yaml --mesh.fsdp=-1
+#       [--port 8476] [--dry-run] -- gpt2jax train configs/gpt2_124m_pretrain.yaml --mesh.data=1 --mesh.fsdp=-1
 #   launch/k8s/render.sh --kind gpu --name lm --image IMAGE --hosts 2 \
 #       [--gpu-type nvidia-h100-80gb --gpus 8] [--dry-run] -- gpt2jax train CONFIG
 #
