@@ -274,21 +274,22 @@ def _load_hub(hub: HubSpec, split: str | None, text_unit: str) -> datasets.Datas
 
     if text_unit != "document":
         raise UserError(f"--text-unit {text_unit} applies to local .txt files, not hub datasets")
-    spec = f"{HUB_PREFIX}{hub.name}"
+    spec = f"{HUB_PREFIX}{hub.name}" + (f":{hub.config}" if hub.config else "")
     want = hub.split or split
     try:
         with _quiet():
             loaded = datasets.load_dataset(hub.name, hub.config, split=want)
     except Exception as e:
-        if _offline():
+        # datasets answers an unknown split or config with ValueError, also offline
+        if _offline() and not isinstance(e, ValueError):
             raise UserError(
                 f"dataset {spec} is not in the local cache and the hub is offline "
                 "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set); use a local file, or unset "
                 "the variable on a machine with network"
             ) from e
         raise UserError(
-            f"cannot load dataset {spec} from the Hugging Face hub ({_cause(e)}); "
-            "check the name, config and split, and the network"
+            f"cannot load dataset {spec} ({_cause(e)}); check the name, config and split"
+            + ("" if Path(hub.name).is_dir() else ", and the network")
         ) from e
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:

@@ -190,29 +190,69 @@ def test_classification_records_round_trip_through_the_cache(tmp_path, tok):
     assert len(first.validation.labels) == 3 and len(first.train.labels) == 9
 
 
-def test_hub_cache_is_keyed_by_the_datasets_fingerprint(tmp_path, tok, monkeypatch):
-    """The hub is unreachable here, so `load_task_dataset` is replaced by in-memory
-    `datasets.Dataset`s (whose fingerprints come from their content, as a hub copy's do)."""
-    import datasets
+def _hub_dir(root: Path, splits: dict[str, list[str]]) -> Path:
+    """A dataset directory as the hub lays one out: data/SPLIT-00000-of-00001.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    versions = {"v1": _texts(12), "v2": _texts(12, seed=1)}
-    current = {"name": "v1"}
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, texts in splits.items():
+        table = pa.table({"text": texts, "label": [i % 2 for i in range(len(texts))]})
+        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+    return root
 
-    def fake_load(spec, **kw):
-        assert spec == "hub:org/corpus@train"
-        return datasets.Dataset.from_dict({"text": versions[current["name"]]})
 
-    monkeypatch.setattr(data_mod, "load_task_dataset", fake_load)
+def test_hub_cache_is_keyed_by_the_datasets_fingerprint(tmp_path, tok):
+    """`hub:DIR` goes through datasets.load_dataset itself (offline: a local dataset
+    directory in the hub's layout). Rewriting its file changes the loaded dataset's
+    fingerprint, as a new revision on the hub does, and with it the tokenized cache."""
+    versions = {"v1": _texts(12), "v2": _texts(12, seed=1, words=14)}
+    root = _hub_dir(tmp_path / "corpus", {"train": versions["v1"]})
     d = _data(tmp_path, Path("unused"), validation_fraction=0.0)
-    d.train = "hub:org/corpus@train"
+    d.train = f"hub:{root}@train"
     first = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
     assert first.stats["cached"] is False
+    assert tok.decode(first.train.arrays()["tokens"][0]).startswith(
+        "<|endoftext|>" + versions["v1"][0])
     assert prepare(d, tok, seq_len=16, seed=0, eos=EOS).stats["cached"] is True
-    current["name"] = "v2"  # the hub copy changed under the same name
+    _hub_dir(root, {"train": versions["v2"]})  # the copy changed under the same name
     changed = prepare(d, tok, seq_len=16, seed=0, eos=EOS)
     assert changed.stats["cached"] is False
     stream = tok.decode(changed.train.arrays()["tokens"][0])
     assert versions["v2"][0] in stream and versions["v1"][0] not in stream
+
+
+def test_hub_splits_and_configs_through_datasets(tmp_path):
+    """The DatasetDict branches with datasets' real loader: a named split, the only
+    split, several splits without a choice, a config from the README's `configs:`, and an
+    unknown split or config (reported as such, not as the hub being offline)."""
+    from gpt2jax.data import load_records
+
+    two = _hub_dir(tmp_path / "two", {"train": ["a b", "c d", "e"], "test": ["x", "y"]})
+    got = load_records(f"hub:{two}@test")
+    assert got["text"] == ["x", "y"] and got.column_names == ["text", "label"]
+    assert load_records(f"hub:{two}", split="train")["text"] == ["a b", "c d", "e"]
+    with pytest.raises(UserError, match=rf"hub:{two} has splits (train, test|test, train); "
+                                        rf"pick one with hub:{two}@SPLIT"):
+        load_records(f"hub:{two}")
+    with pytest.raises(UserError, match=r"Unknown split \"validation\".*check the name, config "
+                                        r"and split$"):
+        load_records(f"hub:{two}@validation")
+    one = _hub_dir(tmp_path / "one", {"train": ["only", "split"]})
+    assert load_records(f"hub:{one}")["text"] == ["only", "split"]
+
+    cfg = tmp_path / "configs"
+    (cfg / "big").mkdir(parents=True)
+    (cfg / "README.md").write_text(
+        "---\nconfigs:\n- config_name: big\n  data_files:\n  - split: train\n"
+        "    path: big/train.jsonl\n  - split: test\n    path: big/test.jsonl\n---\n")
+    _jsonl(cfg / "big" / "train.jsonl", [{"text": "b1"}, {"text": "b2"}])
+    _jsonl(cfg / "big" / "test.jsonl", [{"text": "t1"}])
+    assert load_records(f"hub:{cfg}:big@test")["text"] == ["t1"]
+    with pytest.raises(UserError, match=rf"hub:{cfg}:big has splits .*hub:{cfg}:big@SPLIT"):
+        load_records(f"hub:{cfg}:big")
+    with pytest.raises(UserError, match=r"BuilderConfig 'small' not found"):
+        load_records(f"hub:{cfg}:small@train")
 
 
 def test_prepare_command_tokenizes_once_and_reports_what_train_will_see(tmp_path, tok, cli):

@@ -2,10 +2,12 @@
 subcommands and their flags (from the CLI's own argparse parser), `--section.key`
 overrides and `section.key` names (from gpt2jax.config's dataclasses), and config files
 under configs/ (on disk); a `gpt2jax train|prepare configs/X.yaml --section.key=value ...`
-example must also load (load_config validates the values and their combination). Only
-code is read: fenced blocks and `inline spans` of the Markdown files, and the usage lines
-(comments indented past "# ") of the scripts and YAML files in launch/. An inline `model.name` may also name something in the module of that
-name (`model.attention_core`); KEY-style capitals are placeholders (`--dist.KEY=value`)."""
+example must also load (load_config validates the values and their combination).
+
+Only code is read: fenced blocks and `inline spans` of the Markdown files, and the usage
+lines (comments indented past "# ") of the scripts and YAML files in launch/. An inline
+`model.name` may also name something in the module of that name (`model.attention_core`);
+KEY-style capitals are placeholders (`--dist.KEY=value`)."""
 
 from __future__ import annotations
 
