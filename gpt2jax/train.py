@@ -13,8 +13,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import Config, save_config
 from .errors import UserError
@@ -111,19 +113,14 @@ def train(cfg: Config) -> dict:
 
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from .batches import Batcher
     from .checkpoint import Checkpoints
-    from .model import abstract_model
-    from .optim import make_optimizer, update_count
+    from .optim import update_count
     from .sharding import (
         data_parallel_size,
         global_batch,
         make_mesh,
-        replicated,
-        shardings_like_params,
-        state_shardings,
     )
     from .tracking import Tracker, plot_loss
 
@@ -200,11 +197,14 @@ def train(cfg: Config) -> dict:
             tokenizer.save_pretrained(str(run / "tokenizer"))
 
     # ---- parameters, optimizer, shardings
-    graphdef, abstract = nnx.split(abstract_model(mcfg))
-    param_sh = state_shardings(abstract, mesh)
-    tx, schedule = make_optimizer(cfg.optim, total, abstract)
-    abstract_opt = jax.eval_shape(tx.init, abstract)
-    opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
+    class_weights = None
+    if cfg.data.task == "classification" and t.class_weights == "balanced":
+        from .tasks import balanced_class_weights
+
+        class_weights = balanced_class_weights(prepared.train.labels, len(prepared.labels))
+    plan = build_step(cfg, mcfg, mesh, total, class_weights=class_weights)
+    graphdef, abstract, param_sh = plan.graphdef, plan.abstract_params, plan.param_sh
+    tx, schedule, abstract_opt, opt_sh = plan.tx, plan.schedule, plan.abstract_opt, plan.opt_sh
 
     classification = cfg.data.task == "classification"
     best_key = t.best_metric or ("accuracy" if classification else "loss")
@@ -226,19 +226,7 @@ def train(cfg: Config) -> dict:
     source_model = None
     tracker = Tracker(run, main_process, resume_step=start)
     tracker.log(start, prepared.stats, split="data")  # bytes_per_token, documents, ...
-
-    # ---- compiled functions
-    base_key = jax.random.key(t.seed)
-    class_weights = None
-    if classification and t.class_weights == "balanced":
-        from .tasks import balanced_class_weights
-
-        class_weights = balanced_class_weights(prepared.train.labels, len(prepared.labels))
-    step_fn = make_train_step(graphdef, tx, classification, t.grad_accum, base_key,
-                              class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
-    step_fn = jax.jit(step_fn, donate_argnums=(0, 1),
-                      out_shardings=(param_sh, opt_sh, replicated(mesh)))
-    eval_fn = jax.jit(make_eval_step(graphdef, classification))
+    step_fn, eval_fn = plan.train_step, plan.eval_step
 
     def to_global(local: dict) -> dict:
         shaped = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in local.items()}
@@ -433,6 +421,50 @@ def _initial_params(mcfg, seed, source_model, param_sh):
         arr = jax.make_array_from_callback(host.shape, shard[name], lambda idx, h=host: h[idx])
         leaves.append((path, var.replace(arr)))
     return nnx.from_flat_state(leaves)
+
+
+@dataclass
+class StepPlan:
+    """Everything a training step needs, built from the config alone (no data, no memory):
+    the abstract parameters and optimizer state with their shardings, the optimizer, and
+    the jitted train and eval steps. `gpt2jax train` runs it; `gpt2jax compile` lowers it
+    for a device topology, so both see exactly the same step."""
+
+    graphdef: Any
+    abstract_params: Any  # nnx.State of jax.ShapeDtypeStruct
+    abstract_opt: Any
+    param_sh: Any
+    opt_sh: Any
+    tx: Any  # optax.GradientTransformation
+    schedule: Callable[[int], Any]
+    train_step: Callable  # (params, opt_state, batch, step) -> (params, opt_state, metrics)
+    eval_step: Callable  # (params, batch) -> LM (nll sum, count) | class logits
+
+
+def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
+               class_weights=None) -> StepPlan:
+    """The sharded train and eval steps of `cfg` for model `mcfg` on `mesh`."""
+    import jax
+    from flax import nnx
+
+    from .model import abstract_model
+    from .optim import make_optimizer
+    from .sharding import replicated, shardings_like_params, state_shardings
+
+    t = cfg.train
+    graphdef, abstract = nnx.split(abstract_model(mcfg))
+    param_sh = state_shardings(abstract, mesh)
+    tx, schedule = make_optimizer(cfg.optim, total_steps, abstract)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
+    classification = cfg.data.task == "classification"
+    step = make_train_step(graphdef, tx, classification, t.grad_accum, jax.random.key(t.seed),
+                           class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
+    train_step = jax.jit(step, donate_argnums=(0, 1),
+                         out_shardings=(param_sh, opt_sh, replicated(mesh)))
+    eval_step = jax.jit(make_eval_step(graphdef, classification))
+    return StepPlan(graphdef, abstract, abstract_opt, param_sh, opt_sh, tx, schedule,
+                    train_step, eval_step)
 
 
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
