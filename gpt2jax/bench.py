@@ -21,12 +21,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from . import malloc
+from .config import DTYPES
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
-
-DTYPES = ("float32", "bfloat16")
-
 
 # ---------------------------------------------------------------- FLOP accounting (pure)
 

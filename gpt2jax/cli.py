@@ -240,7 +240,7 @@ def _cmd_prepare(args) -> int:
     from .batches import prepare
     from .config import load_config
     from .data import cache_dir
-    from .sources import tokenizer_for
+    from .run import tokenizer_for
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = tokenizer_for(cfg)

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .config import DTYPES
 from .errors import UserError
-from .model import DTYPES, GPT2, positions_from_mask
+from .model import GPT2, JNP_DTYPES, positions_from_mask
 from .tokenizer import encode, eos_id
 
 FINISH_REASONS = ("eos", "stop", "length")
@@ -294,15 +295,16 @@ class Generator:
             raise UserError(f"weights dtype {weights_dtype!r}: choose one of {', '.join(DTYPES)}")
         compute = weights_dtype or cfg.dtype
         if cfg.scan_layers or compute != cfg.dtype:
-            from .hf import from_flat_params, to_flat_params
+            from . import params as P
+            from .model import from_values
 
-            new_cfg = cfg.replace(scan_layers=False, dtype=compute)
-            model = from_flat_params(new_cfg, to_flat_params(model))
+            values = P.flat(nnx.state(model, nnx.Param))
+            model = from_values(cfg.replace(scan_layers=False, dtype=compute), values)
         self.cfg = model.cfg
         graphdef, state = nnx.split(model)
         if weights_dtype and weights_dtype != "float32":
             # Stored in the compute dtype, so the per-use .astype in the model is a no-op.
-            dt = DTYPES[weights_dtype]
+            dt = JNP_DTYPES[weights_dtype]
             state = jax.tree.map(lambda a: a.astype(dt), state)
         self.graphdef, self.state = graphdef, state
         self.eos_id = eos_id(tokenizer, cfg.eos_token_id)

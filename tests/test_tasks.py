@@ -233,10 +233,10 @@ def test_classification_options_train_and_export(cls_run, cli):
 
 
 def test_added_token_on_a_pretrained_model_starts_at_the_mean_embedding(cls_run, hf_lm_dir):
-    from gpt2jax.checkpoint import load_run_model
+    from gpt2jax.run import load_run
 
     tmp, _ = cls_run
-    model, tokenizer = load_run_model(tmp / "run")
+    model, tokenizer, _ = load_run(tmp / "run")
     assert len(tokenizer) == 50258 and model.cfg.vocab_size == 50258
     old = hf_lm_dir[1].transformer.wte.weight.detach().numpy()
     wte = np.asarray(model.wte[...])
