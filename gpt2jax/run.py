@@ -187,6 +187,24 @@ def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh):
     return P.unflat(fresh, values)
 
 
+def load_model(src: str, step: int | str | None = None, **overrides):
+    """(model, tokenizer, Source) for a SRC string; a run's Source names the step it read.
+
+    overrides are GPT2Config fields that do not change weights (dtype, dropout, remat...).
+    """
+    from . import hf
+    from .sources import Source, hub_download, resolve
+    from .tokenizer import load_tokenizer
+
+    source = resolve(src, step)
+    if source.kind in ("run", "checkpoint"):
+        model, tokenizer, found = load_run(source.path, source.step, **overrides)
+        return model, tokenizer, Source(source.kind, source.path, found)
+    directory = hub_download(source.path) if source.kind == "hub" else source.path
+    model = hf.load_hf_dir(directory, resolve=for_this_process, **overrides)
+    return model, load_tokenizer(directory), source
+
+
 def load_run(run_dir: str | Path, step: int | str | None = None, **overrides):
     """(model, tokenizer, step) of a gpt2jax run directory: latest, a step, or "best"."""
     from flax import nnx

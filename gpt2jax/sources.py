@@ -1,4 +1,4 @@
-"""Model sources (SRC): one function turns a string into a model and its tokenizer.
+"""Model sources (SRC): what a string names (run.load_model loads it).
 
 Resolution order (the same for `--model` and for `model.init` in training):
 1. `hf:X` forces Hugging Face (a local directory X, else the hub name X); `run:X` forces a
@@ -101,24 +101,6 @@ def hub_download(name: str) -> Path:
             f"cannot download {name!r} from the Hugging Face hub ({type(e).__name__}); "
             "check the name and the network, or pass a local directory"
         ) from e
-
-
-def load_model(src: str, step: int | str | None = None, **overrides):
-    """(model, tokenizer, Source) for a SRC string; a run's Source names the step it read.
-
-    overrides are GPT2Config fields that do not change weights (dtype, dropout, remat...).
-    """
-    from . import hf
-    from .run import for_this_process, load_run
-    from .tokenizer import load_tokenizer
-
-    source = resolve(src, step)
-    if source.kind in ("run", "checkpoint"):
-        model, tokenizer, found = load_run(source.path, source.step, **overrides)
-        return model, tokenizer, Source(source.kind, source.path, found)
-    directory = hub_download(source.path) if source.kind == "hub" else source.path
-    model = hf.load_hf_dir(directory, resolve=for_this_process, **overrides)
-    return model, load_tokenizer(directory), source
 
 
 def source_tokenizer(src: str):

@@ -70,7 +70,7 @@ def train(cfg: Config) -> dict:
                         f"mesh.data x mesh.fsdp = {data_parallel_size(mesh)}")
     source_model = None
     if cfg.model.init != "scratch" and not run.resume:
-        from .sources import load_model
+        from .run import load_model
 
         source_model = load_model(cfg.model.init)[0]
     tokenizer = tokenizer_for(cfg)
@@ -97,7 +97,7 @@ def train(cfg: Config) -> dict:
     finally:
         loop.close()
     if main_process:
-        loop.plots()
+        _plots(run.path, loop.last_eval, prepared.labels)
     return {"run_dir": str(run.path), "start_step": state["start"], "total_steps": total,
             "processes": dist.num_processes if dist else 1, "mesh": dict(mesh.shape),
             "final_step": loop.step, "train_loss": loop.last_loss, "validation": loop.last_eval,
@@ -276,15 +276,17 @@ class _Loop:
         except Exception:
             pass
 
-    def plots(self) -> None:
-        from .tracking import plot_loss
 
-        plot_loss(self.run_dir)
-        if self.classification and self.last_eval and "confusion_matrix" in self.last_eval:
-            from .evaluate import plot_confusion_matrix
+def _plots(run_dir: Path, last_eval: dict | None, labels) -> None:
+    """The loss curve and, for a classifier, the last evaluation's confusion matrix."""
+    from .tracking import plot_loss
 
-            plot_confusion_matrix(self.last_eval["confusion_matrix"], self.prepared.labels,
-                                  self.run_dir / "confusion_matrix.png")
+    plot_loss(run_dir)
+    if last_eval and "confusion_matrix" in last_eval:
+        from .evaluate import plot_confusion_matrix
+
+        plot_confusion_matrix(last_eval["confusion_matrix"], labels,
+                              run_dir / "confusion_matrix.png")
 
 
 def _main_thread() -> bool:

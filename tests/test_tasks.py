@@ -253,7 +253,7 @@ def test_eval_dictionary_reverse_reports_exact_match(tmp_path, hf_lm_dir, cli):
     """Against a random model: words set to its own greedy output for half of the
     definitions give exactly 50% exact match."""
     from gpt2jax.generate import generate
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
 
     src, _ = hf_lm_dir
     model, tokenizer, _ = load_model(str(src))
