@@ -18,7 +18,7 @@ reporting), and the next fault on it stalls for milliseconds. Two tunables help:
 glibc reads tunables only at process start, so the `gpt2jax` command restarts itself once
 (`os.execve`: same PID, same arguments) with a policy's tunables appended. Policies, by
 `GPT2JAX_MALLOC`: `keep` (default: both), `hugepages` (huge pages only), `system` (no
-restart; `GPT2JAX_HUGEPAGES=0` means the same). A GLIBC_TUNABLES that already sets any
+restart). A GLIBC_TUNABLES that already sets any
 `glibc.malloc.*` tunable is the user's choice and is left alone.
 """
 
@@ -37,7 +37,6 @@ POLICIES: dict[str, tuple[str, ...]] = {
 }
 DEFAULT = "keep"
 CHOICE = "GPT2JAX_MALLOC"
-LEGACY_OPT_OUT = "GPT2JAX_HUGEPAGES"  # =0: the policy "system"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 # set by ensure(): the GLIBC_TUNABLES the user started with ("" for none)
 BEFORE = "GPT2JAX_GLIBC_TUNABLES_BEFORE"
@@ -59,11 +58,11 @@ def keeps_memory(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def policy(environ: Mapping[str, str] = os.environ) -> str:
-    """The policy asked for: GPT2JAX_MALLOC, else `system` if GPT2JAX_HUGEPAGES=0, else
-    the default. Raises ValueError for an unknown name."""
+    """The policy asked for: GPT2JAX_MALLOC, else the default. Raises ValueError for an
+    unknown name."""
     name = environ.get(CHOICE)
     if name is None:
-        return "system" if environ.get(LEGACY_OPT_OUT) == "0" else DEFAULT
+        return DEFAULT
     if name not in POLICIES:
         raise ValueError(f"{CHOICE}={name!r} is not a malloc policy: use "
                          f"{', '.join(POLICIES)} (or unset it for {DEFAULT})")

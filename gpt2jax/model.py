@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import malloc
+from .config import ATTENTION, DTYPES, HEADS, REMAT
 from .errors import UserError
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -30,7 +30,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
 }
-HEADS = ("lm", "sequence", "attention_pool")
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -42,17 +41,13 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
-REMAT = ("none", "full", "dots")
-# no-cache attention: the custom-VJP kernel below, or jax.nn.dot_product_attention with
-# implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16/fp16)
-ATTENTION = ("explicit", "xla", "cudnn")
 # Tokens per LM-loss chunk for model.loss_chunk=-1. CPU: 256 measured fastest (+15%
 # tokens/s over full logits on the 4-layer bench config, docs/perf-notes.md 9), 1024 when
 # glibc's malloc backs the buffers with huge pages (a chunk's fresh buffers then cost
 # little to fault in; +5-7%, perf-notes 16); GPU/TPU: not measured here, sized so a
 # chunk's float32 logits stay under 1 GB at vocab 50257.
 AUTO_LOSS_CHUNK = {"cpu": 256, "cpu+hugepages": 1024, "gpu": 4096, "tpu": 4096}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -85,10 +80,10 @@ class GPT2Config:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "explicit"  # explicit | xla | cudnn (ATTENTION)
-    # LM loss: -1 = auto (AUTO_LOSS_CHUNK by backend), 0 = full logits, N = about N tokens
-    # per chunk (fused; the (tokens, vocab) logits never exist at once)
+    # LM loss: -1 = auto (fixed by resolve_auto at the entry points; left open it means
+    # full logits), 0 = full logits, N = about N tokens per chunk (fused; the (tokens,
+    # vocab) logits never exist at once)
     loss_chunk: int = -1
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -129,14 +124,8 @@ class GPT2Config:
 
     @property
     def loss_chunk_tokens(self) -> int:
-        """loss_chunk with auto (-1) resolved for the default backend (and, on CPU, for
-        whether glibc's huge-page malloc is on: AUTO_LOSS_CHUNK)."""
-        if self.loss_chunk >= 0:
-            return self.loss_chunk
-        backend = jax.default_backend()
-        if backend == "cpu" and malloc.active():
-            backend = "cpu+hugepages"
-        return AUTO_LOSS_CHUNK.get(backend, AUTO_LOSS_CHUNK["gpu"])
+        """Tokens per LM-loss chunk; 0 (full logits) while loss_chunk is still auto."""
+        return max(self.loss_chunk, 0)
 
     @property
     def head_dim(self) -> int:
@@ -148,7 +137,7 @@ class GPT2Config:
 
     @property
     def compute_dtype(self):
-        return DTYPES[self.dtype]
+        return JNP_DTYPES[self.dtype]
 
     def replace(self, **kw) -> GPT2Config:
         return dataclasses.replace(self, **kw)
@@ -159,13 +148,14 @@ class GPT2Config:
             raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **kw})
 
-    def architecture(self) -> dict:
-        """The fields that decide parameter shapes and values (compared on resume)."""
-        keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "head")
-        arch = {k: getattr(self, k) for k in keys}
-        if self.head != "lm":
-            arch["num_labels"] = self.num_labels
-        return arch
+
+def resolve_auto(cfg: GPT2Config, platform: str, hugepages: bool = False) -> GPT2Config:
+    """cfg with its automatic choices fixed for `platform` ("cpu", "gpu", "tpu"); on CPU
+    `hugepages` says whether glibc's huge-page malloc backs the buffers (AUTO_LOSS_CHUNK)."""
+    if cfg.loss_chunk >= 0:
+        return cfg
+    key = "cpu+hugepages" if platform == "cpu" and hugepages else platform
+    return cfg.replace(loss_chunk=AUTO_LOSS_CHUNK.get(key, AUTO_LOSS_CHUNK["gpu"]))
 
 
 def param_count(cfg: GPT2Config) -> int:
@@ -1003,6 +993,24 @@ def create_model(cfg: GPT2Config, seed: int = 0) -> GPT2:
     """A freshly initialised model on the default device (no mesh needed)."""
     with nnx.use_eager_sharding(False):
         return GPT2(cfg, nnx.Rngs(params=seed))
+
+
+def from_values(cfg: GPT2Config, values: dict) -> GPT2:
+    """A model of `cfg` from {parameter name: array} in either layer layout (params.py),
+    without initialising random weights."""
+    from . import params as P
+
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    values = P.relayout(values, cfg.n_layer, cfg.scan_layers, stack_fn=jnp.stack)
+    want = {k: tuple(v.shape) for k, v in P.flat(abstract).items()}
+    for name, shape in want.items():
+        if name not in values:
+            raise UserError(f"parameter {name} is missing")
+        if tuple(values[name].shape) != shape:
+            raise UserError(f"parameter {name} has shape {tuple(values[name].shape)}, "
+                            f"expected {shape}")
+    return nnx.merge(graphdef, P.unflat(abstract, {
+        k: jnp.asarray(values[k], dtype=jnp.float32) for k in want}))
 
 
 def abstract_model(cfg: GPT2Config) -> GPT2:

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import yaml
 
-from gpt2jax.checkpoint import Checkpoints, flat_params, load_run_model
+from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.params import flat as flat_params
+from gpt2jax.run import load_run
 from gpt2jax.tracking import read_metrics
 
 STEPS = 16
@@ -173,7 +175,7 @@ def runs(tmp_path_factory):
 
 
 def _params(run: Path, step=None) -> dict:
-    model, _ = load_run_model(run, step)
+    model, _, _ = load_run(run, step)
     from flax import nnx
 
     return {k: np.asarray(v) for k, v in flat_params(nnx.state(model, nnx.Param)).items()}
@@ -237,21 +239,22 @@ def test_resume_refuses_changed_model_dimensions(runs, cli):
 
 
 def test_no_restorable_checkpoint_is_an_error_and_moves_nothing(runs):
-    """Every step failing (here: a mismatched optimizer state, as after changing
-    optim.freeze) means changed settings, not damage: refuse, and keep the checkpoints."""
+    """An optimizer state whose arrays are not the checkpoint's (as after changing
+    optim.freeze) means changed settings, not damage: refuse by name, keep the checkpoints."""
     import jax
     from flax import nnx
 
     from gpt2jax.errors import UserError
     from gpt2jax.model import abstract_model
 
-    model, _ = load_run_model(runs["ref"])
+    model, _, _ = load_run(runs["ref"])
     _, template = nnx.split(abstract_model(model.cfg))
     wrong_opt = [jax.ShapeDtypeStruct((3,), np.float32)] * 4
     ckpts = Checkpoints(runs["ref"])
     before = ckpts.steps()
     try:
-        with pytest.raises(UserError, match="none of the checkpoints .* can be restored"):
+        with pytest.raises(UserError, match=r"opt_state does not match this run \(4 arrays not "
+                           r"in the checkpoint.*optim.freeze"):
             ckpts.restore_latest_good(template, wrong_opt)
     finally:
         ckpts.close()

@@ -35,8 +35,6 @@ def test_active_reads_the_tunable():
 def test_policy_names():
     assert malloc.policy({}) == "keep"
     assert malloc.policy({"GPT2JAX_MALLOC": "hugepages"}) == "hugepages"
-    assert malloc.policy({"GPT2JAX_HUGEPAGES": "0"}) == "system"  # the older opt-out
-    assert malloc.policy({"GPT2JAX_HUGEPAGES": "0", "GPT2JAX_MALLOC": "keep"}) == "keep"
     with pytest.raises(ValueError, match="GPT2JAX_MALLOC='fast' is not a malloc policy: use "
                                          "keep, hugepages, system"):
         malloc.policy({"GPT2JAX_MALLOC": "fast"})
@@ -63,7 +61,6 @@ def test_restart_env_appends_the_policy(thp):
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "linux", "[madvise]"),  # explicit choice
     ({"GLIBC_TUNABLES": KEEP}, "linux", "[madvise]"),                        # restarted already
     ({"GPT2JAX_MALLOC": "system"}, "linux", "[madvise]"),                    # opted out
-    ({"GPT2JAX_HUGEPAGES": "0"}, "linux", "[madvise]"),                      # opted out
     ({}, "darwin", "[madvise]"),                                             # no glibc
     ({}, "linux", "always madvise [never]"),                                 # THP off
 ])
@@ -76,7 +73,7 @@ def test_restart_env_without_thp_file(tmp_path):
 
 
 def _clean_env(**extra) -> dict:
-    drop = ("GLIBC_TUNABLES", "GPT2JAX_HUGEPAGES", "GPT2JAX_MALLOC", malloc.BEFORE)
+    drop = ("GLIBC_TUNABLES", "GPT2JAX_MALLOC", malloc.BEFORE)
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 

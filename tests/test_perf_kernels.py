@@ -19,7 +19,6 @@ from test_optim import OPTIM, reference_run, tiny_setup
 from test_sharding import sharded_run
 
 from gpt2jax import model as model_mod
-from gpt2jax.checkpoint import flat_params
 from gpt2jax.model import (
     GPT2Config,
     attention_core,
@@ -29,6 +28,7 @@ from gpt2jax.model import (
     tied_head,
 )
 from gpt2jax.optim import make_optimizer
+from gpt2jax.params import flat as flat_params
 from gpt2jax.sharding import make_mesh
 
 

@@ -16,9 +16,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from test_optim import OPTIM, reference_run, tiny_setup
 
-from gpt2jax.checkpoint import flat_params
 from gpt2jax.errors import UserError
 from gpt2jax.optim import make_optimizer
+from gpt2jax.params import flat as flat_params
 from gpt2jax.sharding import (
     batch_sharding,
     global_batch,
