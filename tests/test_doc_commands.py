@@ -63,7 +63,8 @@ def _markdown_code(text: str) -> list[tuple[int, str]]:
         if line.lstrip().startswith("```"):
             fenced = not fenced
         elif fenced:
-            out.append((n, line))
+            if not line.lstrip().startswith("#"):  # a comment line in a block is prose
+                out.append((n, line))
         else:
             out.extend((n, span) for span in re.findall(r"`([^`]+)`", line))
     return _join_continuations(out)
