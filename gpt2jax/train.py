@@ -388,6 +388,20 @@ def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
                     train_step, eval_step, mcfg)
 
 
+def _loss_weights(mb: dict, classification: bool, class_weights=None):
+    """Per-example (classification) or per-target-token (LM) loss weights, and for the
+    auxiliary LM loss the mask of real next-token pairs (None for LM): functions of the
+    batch alone, so a step can count them over all its micro-batches first."""
+    import jax.numpy as jnp
+
+    if classification:
+        mask = mb["attention_mask"]
+        w = jnp.ones(mb["labels"].shape, jnp.float32) if class_weights is None else \
+            jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
+        return w, (mask[..., 1:] * mask[..., :-1]).astype(jnp.float32)
+    return mb["weights"][..., 1:], None
+
+
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                     *, class_weights=None, lm_loss_weight: float = 0.0):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
@@ -410,14 +424,7 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     from .sharding import mesh_of
 
     def weights(mb):
-        """Per-example (classification) or per-target-token (LM) loss weights, and for the
-        auxiliary LM loss the mask of real next-token pairs: they depend on the batch only."""
-        if classification:
-            mask = mb["attention_mask"]
-            w = jnp.ones(mb["labels"].shape, jnp.float32) if class_weights is None else \
-                jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
-            return w, (mask[..., 1:] * mask[..., :-1]).astype(jnp.float32)
-        return mb["weights"][..., 1:], None
+        return _loss_weights(mb, classification, class_weights)
 
     def loss_part(params, mb, key, denom):
         """This micro-batch's share of the step's loss: sums divided by the whole step's
