@@ -337,7 +337,7 @@ def torch_worker() -> None:
 class TorchWorker:
     """The parent's handle on torch_worker: a process started in the environment the user
     launched gpt2jax with (without the huge-page tunable gpt2jax adds for itself, which
-    slowed torch's step down by 10-15% here: docs/perf-notes.md 16)."""
+    slowed torch's step down by 4-14% here: docs/perf-notes.md section 8)."""
 
     def __init__(self):
         import subprocess
@@ -492,7 +492,8 @@ def run_bench(
     jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, jax_t, peaks),
                    compile_seconds=round(m["compile_seconds"], 3),
                    first_step_seconds=round(m["first_step_seconds"], 4),
-                   peak_memory_bytes=m["memory"][0], peak_memory_source=m["memory"][1])
+                   peak_memory_bytes=m["memory"][0], peak_memory_source=m["memory"][1],
+                   malloc=malloc.describe())
     hf_res, ratio = None, None
     if vs_hf:
         hf_res = _hf_result(cfg, m, _side(tokens_per_step, statistics.median(hf_t), fpt, peak,
@@ -575,6 +576,7 @@ def _hf_result(cfg: GPT2Config, m: dict, side: dict, jax_t: list, hf_t: list) ->
                 transformers_version=info["transformers_version"],
                 compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32",
                 env={"GLIBC_TUNABLES": info["glibc_tunables"]},
+                malloc=malloc.describe({"GLIBC_TUNABLES": info["glibc_tunables"] or ""}),
                 # per-round ratios show how much the background load moved the comparison
                 ratio_rounds=[round(h / j, 3) for j, h in zip(jax_t, hf_t)])
     return side
@@ -668,7 +670,7 @@ def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: li
             "step_seconds_rounds": [round(t, 5) for t in rounds],
             # CPU time per step moves less than wall time when other processes compete
             "cpu_seconds_per_step": round(statistics.median(u[0] for u in use), 5),
-            # memory the step faults in afresh (perf-notes 16: huge pages cut it 100x)
+            # memory the step faults in afresh (perf-notes section 7: huge pages cut it 100x)
             "page_faults_per_step": round(statistics.median(u[1] for u in use)),
             "flops_per_token": fpt, "achieved_flops": round(tps * fpt),
             "mfu": round(tps * fpt / peak, 4)}

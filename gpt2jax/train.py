@@ -379,16 +379,17 @@ def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
     opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
     classification = cfg.data.task == "classification"
     step = make_train_step(graphdef, tx, classification, t.grad_accum, jax.random.key(t.seed),
-                           class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
+                           class_weights=class_weights, lm_loss_weight=t.lm_loss_weight,
+                           mesh=mesh)
     train_step = jax.jit(step, donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, replicated(mesh)))
-    eval_step = jax.jit(make_eval_step(graphdef, classification))
+    eval_step = jax.jit(make_eval_step(graphdef, classification, mesh))
     return StepPlan(graphdef, abstract, abstract_opt, param_sh, opt_sh, tx, schedule,
                     train_step, eval_step, mcfg)
 
 
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
-                    *, class_weights=None, lm_loss_weight: float = 0.0):
+                    *, class_weights=None, lm_loss_weight: float = 0.0, mesh=None):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
     Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
@@ -397,15 +398,15 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     Classification: `class_weights` (num_labels,) weight each example's cross-entropy (the
     loss is the weighted mean); lm_loss_weight > 0 adds lambda * the mean LM loss over the
     real tokens (GPT-1's auxiliary objective), sharing one backbone pass. LM losses go
-    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). When the
-    batch lives on a multi-device mesh, the model's activation sharding constraints apply.
+    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). With a
+    `mesh`, the step traces under it, so the model's activation sharding constraints apply.
     """
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from .sharding import mesh_of
+    from .sharding import under_mesh
 
     def loss_sum(params, mb, key):
         model = nnx.merge(graphdef, params)
@@ -430,10 +431,6 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def step(params, opt_state, batch, step):
-        with mesh_of(batch):  # activation sharding constraints when sharded
-            return _step(params, opt_state, batch, step)
-
-    def _step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
         if accum == 1:
             (loss, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), key)
@@ -458,27 +455,27 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
         return keep(new_params, params), keep(new_opt, opt_state), {
             "loss": loss, "grad_norm": grad_norm, "count": count, "finite": ok}
 
-    return step
+    return step if mesh is None else under_mesh(step, mesh)
 
 
-def make_eval_step(graphdef, classification: bool):
-    """Pure eval step: LM -> (nll sum, token count); classification -> logits."""
+def make_eval_step(graphdef, classification: bool, mesh=None):
+    """Pure eval step: LM -> (nll sum, token count); classification -> logits. With a
+    `mesh`, it traces under it (the model's activation sharding constraints)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from .sharding import mesh_of
+    from .sharding import under_mesh
 
     def step(params, batch):
-        with mesh_of(batch):  # activation sharding constraints when sharded
-            model = nnx.merge(graphdef, params)
-            if classification:
-                return model(batch["input_ids"], batch["attention_mask"])
-            tokens, w = batch["tokens"], batch["weights"][:, 1:]
-            h, _ = model.hidden_states(tokens[:, :-1])
-            nll = model.token_nll(h, tokens[:, 1:])
-            return jnp.stack([(nll * w).sum(), w.sum()])
+        model = nnx.merge(graphdef, params)
+        if classification:
+            return model(batch["input_ids"], batch["attention_mask"])
+        tokens, w = batch["tokens"], batch["weights"][:, 1:]
+        h, _ = model.hidden_states(tokens[:, :-1])
+        nll = model.token_nll(h, tokens[:, 1:])
+        return jnp.stack([(nll * w).sum(), w.sum()])
 
-    return step
+    return step if mesh is None else under_mesh(step, mesh)
 
 
 def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
