@@ -478,7 +478,8 @@ def generate(
     not depend on the batch it ran in. Stops at EOS, at any `stop` string (cut from the
     completion) or after max_new_tokens. `on_text(prompt_index, sample_index, text)` streams
     text as it is produced (rows then run one at a time). `return_logits` keeps each step's
-    raw logits on the samples (for tests). For repeated calls build a `Generator` once.
+    raw logits on the samples (to inspect the distribution, or to check the decoder
+    against another implementation). For repeated calls build a `Generator` once.
     """
     sampling = Sampling(greedy, temperature, top_k, top_p, repetition_penalty)
     return Generator(model, tokenizer).generate(
