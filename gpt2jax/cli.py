@@ -203,7 +203,7 @@ def _cmd_train(args) -> int:
         summary = train(cfg)
     except Preempted as e:
         print(f"gpt2jax: {e}", file=sys.stderr)
-        return 143
+        return e.exit_status
     _emit(summary, args.json, _train_text)
     return 0
 
@@ -486,7 +486,7 @@ def _cmd_demo(args) -> int:
         result = run_demo(args.config or DEMO_CONFIG, args.overrides)
     except Preempted as e:
         print(f"gpt2jax: {e}", file=sys.stderr)
-        return 143
+        return e.exit_status
     if args.json:
         _emit(result, True)
     return 0

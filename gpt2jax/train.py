@@ -25,18 +25,23 @@ from .model import GPT2Config
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved. The CLI exits with status 143."""
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) arrived; a checkpoint was saved. The CLI
+    exits with 128 + the signal's number (143, 130)."""
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"preempted: saved checkpoint at step {step} to {path}")
-        self.step, self.path = step, path
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGTERM):
+        what = "interrupted" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{what}: saved checkpoint at step {step} to {path} (run the same "
+                         "command again to continue)")
+        self.step, self.path, self.exit_status = step, path, 128 + signum
 
 
 def _fault(kind: str, step: int) -> None:
-    """Test hook: GPT2JAX_FAULT=kill@step:N or kill@save:N sends this process SIGKILL;
-    term@step:N sends SIGTERM (a preemption at a known step, whatever the scheduling)."""
+    """Fault injection for the resume tests: GPT2JAX_FAULT=kill@step:N or kill@save:N sends
+    this process SIGKILL; term@step:N SIGTERM and int@step:N SIGINT (a preemption or a
+    Ctrl-C at a known step, whatever the scheduling)."""
     spec = os.environ.get("GPT2JAX_FAULT", "")
-    for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM)):
+    for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM),
+                        ("int", signal.SIGINT)):
         if spec == f"{action}@{kind}:{step}":
             os.kill(os.getpid(), sig)
 
@@ -53,15 +58,28 @@ def train(cfg: Config) -> dict:
 
     import jax
 
+    from .run import RunDir
+
+    run = RunDir(cfg.train.run_dir)
+    run.check_writable()
+    if jax.process_index() == 0:
+        run.lock()  # before anything is read or written: one training per run directory
+    try:
+        return _train(cfg, run, dist)
+    finally:
+        run.unlock()
+
+
+def _train(cfg: Config, run, dist) -> dict:
+    import jax
+
     from .batches import Batcher
     from .checkpoint import Checkpoints
-    from .run import RunDir, resolve_model_config, tokenizer_for
+    from .run import resolve_model_config, tokenizer_for
     from .sharding import data_parallel_size, make_mesh
 
     t_start = time.time()
     t = cfg.train
-    run = RunDir(t.run_dir)
-    run.check_writable()
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     micro = t.batch_size // t.grad_accum
     if micro % data_parallel_size(mesh):
@@ -160,12 +178,14 @@ class _Loop:
         self.pending = None  # metrics of the step in flight, read one step late (async)
         self.bad_steps = 0
         self.window = (time.perf_counter(), 0.0, 0)  # start, data wait, steps
-        self.term = False
-        self.old_handler = signal.signal(signal.SIGTERM, self._on_term) \
-            if _main_thread() else None
+        self.stop_signal = None  # SIGTERM or SIGINT once one arrived
+        self.old_handlers = {sig: signal.signal(sig, self._on_signal)
+                             for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
 
-    def _on_term(self, *_) -> None:
-        self.term = True
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum  # checkpointed at the next step's preemption check
+        if signum == signal.SIGINT:  # a second Ctrl-C aborts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def actions(self) -> list[tuple[int, Callable[[int], None]]]:
         t = self.t
@@ -258,19 +278,19 @@ class _Loop:
         _fault("save", done)
 
     def check_preempted(self, done: int) -> None:
-        if not _any_process(self.term, done):
+        if not _any_process(self.stop_signal is not None, done):
             return
         every = self.t.checkpoint_every
         if not (every and done % every == 0):  # saved just now: Orbax refuses a step twice
             self.save(done)
         self.ckpts.close()
-        raise Preempted(done, self.ckpts.dir / str(done))
+        raise Preempted(done, self.ckpts.dir / str(done), self.stop_signal or signal.SIGTERM)
 
     def close(self) -> None:
         self.progress.close()
         self.tracker.close()
-        if self.old_handler is not None:
-            signal.signal(signal.SIGTERM, self.old_handler)
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
         try:
             self.ckpts.close()
         except Exception:
