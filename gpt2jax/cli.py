@@ -511,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # gpt2jax uses transformers for tokenizers only: its advice, printed on import where
+    # torch is not installed, that models will not be available is noise here
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     debug = "--debug" in argv or os.environ.get("GPT2JAX_DEBUG") == "1"
     try:
         args, rest = build_parser().parse_known_args(argv)
