@@ -175,8 +175,8 @@ def _add_score(sub) -> None:
 def _cmd_score(args) -> int:
     from .evaluate import score
 
-    model, tok, _ = _load(args.model, args.step)
-    result = score(model, tok, args.prompt, args.answer)
+    model, tok, source = _load(args.model, args.step)
+    result = {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
     _emit(result, args.json, lambda r: (f"logprob {r['logprob']:.6f}  probability "
                                         f"{r['probability']:.6g}  answer_tokens "
                                         f"{r['answer_tokens']}"))
