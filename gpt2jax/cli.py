@@ -1,4 +1,6 @@
-"""`gpt2jax` command line: parse, call the Python API, print. Nothing else lives here.
+"""gpt2jax: Train, fine-tune, evaluate and export GPT-2 in JAX (`gpt2jax COMMAND --help`).
+
+The command line parses, calls the Python API and prints; nothing else lives here.
 
 Every command takes --json (one JSON object on stdout). Bad input ends with exit status 2
 and a last stderr line `gpt2jax: error: ...`; --debug shows the traceback instead.
@@ -278,7 +280,8 @@ def _prepare_text(r: dict) -> str:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)")
+    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
@@ -473,7 +476,11 @@ def _cmd_bench(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train the embedded GCIDE dictionary demo, offline")
+    p = sub.add_parser(
+        "demo", help="train the embedded GCIDE dictionary demo, offline",
+        description="Train a small GPT-2 from scratch on the GCIDE dictionary (word -> "
+                    "definition), print definitions of held-out words and export the model. "
+                    "Any --section.key=value overrides the config, e.g. --train.steps=50.")
     p.add_argument("--config", default=None, help="default: configs/demo.yaml")
     _runs(p, _cmd_demo)
 
@@ -500,7 +507,7 @@ COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_export, _a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpt2jax", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gpt2jax", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
