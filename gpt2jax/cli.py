@@ -110,6 +110,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--text-unit", choices=("document", "line", "paragraph"), default="document",
                    help=".txt files: a whole file, each line, or each paragraph is a record")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="evaluate the first N records only (default 0: all)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window / truncation length (default: the model's n_positions)")
     p.add_argument("--stride", type=int, default=None,
@@ -143,7 +145,7 @@ def _cmd_eval(args) -> int:
         model, tok, args.data, task=args.task, text_column=args.text_column,
         label_column=args.label_column, split=args.split, text_unit=args.text_unit,
         batch_size=args.batch_size, seq_len=args.seq_len, stride=args.stride,
-        predictions=args.predictions, templates=templates,
+        predictions=args.predictions, templates=templates, limit=args.limit,
     )
     _emit({"model": source.describe(), **result}, args.json, _eval_text)
     return 0
@@ -151,7 +153,9 @@ def _cmd_eval(args) -> int:
 
 def _eval_text(r: dict) -> str:
     if r["task"] == "dictionary_reverse":
-        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']})\n"
+        skipped = f"; {r['skipped']} skipped, prompt too long" if r["skipped"] else ""
+        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']}"
+                f"{skipped})\n"
                 + "\n".join(f"  {s['word']!r} -> {s['generated']!r}" for s in r["samples"]))
     if r["task"] == "lm":
         return (f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
