@@ -1,4 +1,6 @@
-"""`gpt2jax` command line: parse, call the Python API, print. Nothing else lives here.
+"""gpt2jax: Train, fine-tune, evaluate and export GPT-2 in JAX (`gpt2jax COMMAND --help`).
+
+The command line parses, calls the Python API and prints; nothing else lives here.
 
 Every command takes --json (one JSON object on stdout). Bad input ends with exit status 2
 and a last stderr line `gpt2jax: error: ...`; --debug shows the traceback instead.
@@ -108,6 +110,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--text-unit", choices=("document", "line", "paragraph"), default="document",
                    help=".txt files: a whole file, each line, or each paragraph is a record")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="evaluate the first N records only (default 0: all)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window / truncation length (default: the model's n_positions)")
     p.add_argument("--stride", type=int, default=None,
@@ -141,7 +145,7 @@ def _cmd_eval(args) -> int:
         model, tok, args.data, task=args.task, text_column=args.text_column,
         label_column=args.label_column, split=args.split, text_unit=args.text_unit,
         batch_size=args.batch_size, seq_len=args.seq_len, stride=args.stride,
-        predictions=args.predictions, templates=templates,
+        predictions=args.predictions, templates=templates, limit=args.limit,
     )
     _emit({"model": source.describe(), **result}, args.json, _eval_text)
     return 0
@@ -149,7 +153,9 @@ def _cmd_eval(args) -> int:
 
 def _eval_text(r: dict) -> str:
     if r["task"] == "dictionary_reverse":
-        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']})\n"
+        skipped = f"; {r['skipped']} skipped, prompt too long" if r["skipped"] else ""
+        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']}"
+                f"{skipped})\n"
                 + "\n".join(f"  {s['word']!r} -> {s['generated']!r}" for s in r["samples"]))
     if r["task"] == "lm":
         return (f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
@@ -175,8 +181,8 @@ def _add_score(sub) -> None:
 def _cmd_score(args) -> int:
     from .evaluate import score
 
-    model, tok, _ = _load(args.model, args.step)
-    result = score(model, tok, args.prompt, args.answer)
+    model, tok, source = _load(args.model, args.step)
+    result = {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
     _emit(result, args.json, lambda r: (f"logprob {r['logprob']:.6f}  probability "
                                         f"{r['probability']:.6g}  answer_tokens "
                                         f"{r['answer_tokens']}"))
@@ -203,7 +209,7 @@ def _cmd_train(args) -> int:
         summary = train(cfg)
     except Preempted as e:
         print(f"gpt2jax: {e}", file=sys.stderr)
-        return 143
+        return e.exit_status
     _emit(summary, args.json, _train_text)
     return 0
 
@@ -278,7 +284,8 @@ def _prepare_text(r: dict) -> str:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)")
+    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
@@ -473,7 +480,11 @@ def _cmd_bench(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train the embedded GCIDE dictionary demo, offline")
+    p = sub.add_parser(
+        "demo", help="train the embedded GCIDE dictionary demo, offline",
+        description="Train a small GPT-2 from scratch on the GCIDE dictionary (word -> "
+                    "definition), print definitions of held-out words and export the model. "
+                    "Any --section.key=value overrides the config, e.g. --train.steps=50.")
     p.add_argument("--config", default=None, help="default: configs/demo.yaml")
     _runs(p, _cmd_demo)
 
@@ -486,7 +497,7 @@ def _cmd_demo(args) -> int:
         result = run_demo(args.config or DEMO_CONFIG, args.overrides)
     except Preempted as e:
         print(f"gpt2jax: {e}", file=sys.stderr)
-        return 143
+        return e.exit_status
     if args.json:
         _emit(result, True)
     return 0
@@ -500,7 +511,7 @@ COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_export, _a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpt2jax", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gpt2jax", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
@@ -511,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # gpt2jax uses transformers for tokenizers only: its advice, printed on import where
+    # torch is not installed, that models will not be available is noise here
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     debug = "--debug" in argv or os.environ.get("GPT2JAX_DEBUG") == "1"
     try:
         args, rest = build_parser().parse_known_args(argv)

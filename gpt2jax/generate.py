@@ -116,6 +116,12 @@ class Sampling:
 
     def validate(self) -> Sampling:
         """Raise UserError for settings that make no sense; returns self."""
+        ignored = [name for name, on in (("temperature", self.temperature != 1.0),
+                                          ("top-k", self.top_k != 0), ("top-p", self.top_p != 1.0))
+                   if on]
+        if self.greedy and ignored:
+            raise UserError(f"--greedy always takes the most likely token, so --{ignored[0]} "
+                            "would have no effect: drop one of them")
         if not self.greedy and not self.temperature > 0:
             raise UserError(
                 f"temperature must be > 0 when sampling, got {self.temperature}; "
@@ -478,7 +484,8 @@ def generate(
     not depend on the batch it ran in. Stops at EOS, at any `stop` string (cut from the
     completion) or after max_new_tokens. `on_text(prompt_index, sample_index, text)` streams
     text as it is produced (rows then run one at a time). `return_logits` keeps each step's
-    raw logits on the samples (for tests). For repeated calls build a `Generator` once.
+    raw logits on the samples (to inspect the distribution, or to check the decoder
+    against another implementation). For repeated calls build a `Generator` once.
     """
     sampling = Sampling(greedy, temperature, top_k, top_p, repetition_penalty)
     return Generator(model, tokenizer).generate(

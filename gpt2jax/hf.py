@@ -403,9 +403,8 @@ def export_hf(
         gen = {"bos_token_id": cfg.eos_token_id, "eos_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
-            if cfg.head == "sequence" and tokenizer.pad_token is None:
-                tokenizer = _with_pad(tokenizer)
-            tokenizer.save_pretrained(str(tmp))
+            _for_export(tokenizer, cfg).save_pretrained(str(tmp))
+        _usual_permissions(tmp)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():  # --overwrite of a plain file
@@ -417,12 +416,26 @@ def export_hf(
     return out
 
 
-def _with_pad(tokenizer):
+def _for_export(tokenizer, cfg: GPT2Config):
+    """The tokenizer as the exported model needs it: truncation=True cuts at the model's
+    context (n_positions), and a sequence classifier has a pad token (its EOS)."""
     import copy
 
     tok = copy.deepcopy(tokenizer)
-    tok.pad_token = tok.eos_token
+    tok.model_max_length = cfg.n_positions
+    if cfg.head == "sequence" and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     return tok
+
+
+def _usual_permissions(directory: Path) -> None:
+    """What a plain mkdir and open would give under the user's umask (mkdtemp makes the
+    directory private, 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _as_head(model: GPT2, cfg: GPT2Config) -> GPT2:

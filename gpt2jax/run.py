@@ -42,6 +42,34 @@ class RunDir:
             raise UserError(f"{key}={self.path} is not writable ({e.strerror}); "
                             "choose another directory") from e
 
+    def lock(self) -> None:
+        """Hold RUN/.lock until `unlock` or this process's end (an fcntl lock: the kernel
+        drops it on any exit, even a kill, so a dead holder never blocks); refuse while
+        another process holds it, naming that process."""
+        import fcntl
+        import os
+        import socket
+
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path} is in use: {holder} is training it; wait for it "
+                            "to end (or stop it), or choose another train.run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        import os
+
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing drops the lock; the file stays (a holder may reopen it)
+            self._lock_fd = None
+
     def model_config(self) -> GPT2Config | None:
         """The model config recorded by the run (None before the first train)."""
         if not self.model_json.is_file():

@@ -25,18 +25,23 @@ from .model import GPT2Config
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved. The CLI exits with status 143."""
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) arrived; a checkpoint was saved. The CLI
+    exits with 128 + the signal's number (143, 130)."""
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"preempted: saved checkpoint at step {step} to {path}")
-        self.step, self.path = step, path
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGTERM):
+        what = "interrupted" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{what}: saved checkpoint at step {step} to {path} (run the same "
+                         "command again to continue)")
+        self.step, self.path, self.exit_status = step, path, 128 + signum
 
 
 def _fault(kind: str, step: int) -> None:
-    """Test hook: GPT2JAX_FAULT=kill@step:N or kill@save:N sends this process SIGKILL;
-    term@step:N sends SIGTERM (a preemption at a known step, whatever the scheduling)."""
+    """Fault injection for the resume tests: GPT2JAX_FAULT=kill@step:N or kill@save:N sends
+    this process SIGKILL; term@step:N SIGTERM and int@step:N SIGINT (a preemption or a
+    Ctrl-C at a known step, whatever the scheduling)."""
     spec = os.environ.get("GPT2JAX_FAULT", "")
-    for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM)):
+    for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM),
+                        ("int", signal.SIGINT)):
         if spec == f"{action}@{kind}:{step}":
             os.kill(os.getpid(), sig)
 
@@ -53,15 +58,28 @@ def train(cfg: Config) -> dict:
 
     import jax
 
+    from .run import RunDir
+
+    run = RunDir(cfg.train.run_dir)
+    run.check_writable()
+    if jax.process_index() == 0:
+        run.lock()  # before anything is read or written: one training per run directory
+    try:
+        return _train(cfg, run, dist)
+    finally:
+        run.unlock()
+
+
+def _train(cfg: Config, run, dist) -> dict:
+    import jax
+
     from .batches import Batcher
     from .checkpoint import Checkpoints
-    from .run import RunDir, resolve_model_config, tokenizer_for
+    from .run import resolve_model_config, tokenizer_for
     from .sharding import data_parallel_size, make_mesh
 
     t_start = time.time()
     t = cfg.train
-    run = RunDir(t.run_dir)
-    run.check_writable()
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     micro = t.batch_size // t.grad_accum
     if micro % data_parallel_size(mesh):
@@ -83,6 +101,10 @@ def train(cfg: Config) -> dict:
                       jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions),
                       accum=t.grad_accum)
     total = t.steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
+    if cfg.optim.warmup_steps >= total and jax.process_index() == 0:
+        print(f"gpt2jax: warning: optim.warmup_steps={cfg.optim.warmup_steps} is not below the "
+              f"run's {total} steps, so the learning rate never reaches optim.lr",
+              file=sys.stderr)
     plan = build_step(cfg, mcfg, mesh, total, class_weights=_class_weights(cfg, prepared))
     ckpts = Checkpoints(run.path, t.keep_checkpoints)
     state = _start_state(ckpts, plan, mcfg, t.seed, source_model)
@@ -161,12 +183,14 @@ class _Loop:
         self.pending = None  # metrics of the step in flight, read one step late (async)
         self.bad_steps = 0
         self.window = (time.perf_counter(), 0.0, 0)  # start, data wait, steps
-        self.term = False
-        self.old_handler = signal.signal(signal.SIGTERM, self._on_term) \
-            if _main_thread() else None
+        self.stop_signal = None  # SIGTERM or SIGINT once one arrived
+        self.old_handlers = {sig: signal.signal(sig, self._on_signal)
+                             for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
 
-    def _on_term(self, *_) -> None:
-        self.term = True
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum  # checkpointed at the next step's preemption check
+        if signum == signal.SIGINT:  # a second Ctrl-C aborts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def actions(self) -> list[tuple[int, Callable[[int], None]]]:
         t = self.t
@@ -259,19 +283,19 @@ class _Loop:
         _fault("save", done)
 
     def check_preempted(self, done: int) -> None:
-        if not _any_process(self.term, done):
+        if not _any_process(self.stop_signal is not None, done):
             return
         every = self.t.checkpoint_every
         if not (every and done % every == 0):  # saved just now: Orbax refuses a step twice
             self.save(done)
         self.ckpts.close()
-        raise Preempted(done, self.ckpts.dir / str(done))
+        raise Preempted(done, self.ckpts.dir / str(done), self.stop_signal or signal.SIGTERM)
 
     def close(self) -> None:
         self.progress.close()
         self.tracker.close()
-        if self.old_handler is not None:
-            signal.signal(signal.SIGTERM, self.old_handler)
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
         try:
             self.ckpts.close()
         except Exception:
@@ -380,10 +404,11 @@ def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
     opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
     classification = cfg.data.task == "classification"
     step = make_train_step(graphdef, tx, classification, t.grad_accum, jax.random.key(t.seed),
-                           class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
+                           class_weights=class_weights, lm_loss_weight=t.lm_loss_weight,
+                           mesh=mesh)
     train_step = jax.jit(step, donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, replicated(mesh)))
-    eval_step = jax.jit(make_eval_step(graphdef, classification))
+    eval_step = jax.jit(make_eval_step(graphdef, classification, mesh))
     return StepPlan(graphdef, abstract, abstract_opt, param_sh, opt_sh, tx, schedule,
                     train_step, eval_step, mcfg)
 
@@ -403,7 +428,7 @@ def _loss_weights(mb: dict, classification: bool, class_weights=None):
 
 
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
-                    *, class_weights=None, lm_loss_weight: float = 0.0):
+                    *, class_weights=None, lm_loss_weight: float = 0.0, mesh=None):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
     Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
@@ -413,15 +438,15 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     Classification: `class_weights` (num_labels,) weight each example's cross-entropy (the
     loss is the weighted mean); lm_loss_weight > 0 adds lambda * the mean LM loss over the
     real tokens (GPT-1's auxiliary objective), sharing one backbone pass. LM losses go
-    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). When the
-    batch lives on a multi-device mesh, the model's activation sharding constraints apply.
+    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). With a
+    `mesh`, the step traces under it, so the model's activation sharding constraints apply.
     """
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from .sharding import mesh_of
+    from .sharding import under_mesh
 
     def weights(mb):
         return _loss_weights(mb, classification, class_weights)
@@ -448,10 +473,6 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     grad_fn = jax.value_and_grad(loss_part)
 
     def step(params, opt_state, batch, step):
-        with mesh_of(batch):  # activation sharding constraints when sharded
-            return _step(params, opt_state, batch, step)
-
-    def _step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
         w, real = weights(batch)  # over all micro-batches: the big batch's counts
         count = jnp.maximum(w.sum(), 1.0)
@@ -476,27 +497,27 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
         return keep(new_params, params), keep(new_opt, opt_state), {
             "loss": loss, "grad_norm": grad_norm, "count": count, "finite": ok}
 
-    return step
+    return step if mesh is None else under_mesh(step, mesh)
 
 
-def make_eval_step(graphdef, classification: bool):
-    """Pure eval step: LM -> (nll sum, token count); classification -> logits."""
+def make_eval_step(graphdef, classification: bool, mesh=None):
+    """Pure eval step: LM -> (nll sum, token count); classification -> logits. With a
+    `mesh`, it traces under it (the model's activation sharding constraints)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from .sharding import mesh_of
+    from .sharding import under_mesh
 
     def step(params, batch):
-        with mesh_of(batch):  # activation sharding constraints when sharded
-            model = nnx.merge(graphdef, params)
-            if classification:
-                return model(batch["input_ids"], batch["attention_mask"])
-            tokens, w = batch["tokens"], batch["weights"][:, 1:]
-            h, _ = model.hidden_states(tokens[:, :-1])
-            nll = model.token_nll(h, tokens[:, 1:])
-            return jnp.stack([(nll * w).sum(), w.sum()])
+        model = nnx.merge(graphdef, params)
+        if classification:
+            return model(batch["input_ids"], batch["attention_mask"])
+        tokens, w = batch["tokens"], batch["weights"][:, 1:]
+        h, _ = model.hidden_states(tokens[:, :-1])
+        nll = model.token_nll(h, tokens[:, 1:])
+        return jnp.stack([(nll * w).sum(), w.sum()])
 
-    return step
+    return step if mesh is None else under_mesh(step, mesh)
 
 
 def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):

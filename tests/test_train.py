@@ -271,3 +271,14 @@ def test_run_dir_check_is_safe_when_every_process_runs_it(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: RunDir(run).check_writable(), range(400)))  # raises on any failure
     assert run.is_dir() and not list(run.iterdir())  # no probe left behind
+
+
+def test_results_name_the_checkpoint_step_they_used(finetune, cli):
+    """`latest` and `best` are resolved: results say which step was read."""
+    _, _, run, _ = finetune
+    res = cli("score", "--model", run, "--prompt", "The river", "--answer", " stone", "--json")
+    assert res.code == 0, res.err
+    assert res.json["model"] == f"{run} (step 4)" and res.json["logprob"] < 0
+    res = cli("export", "--model", run, "--step", "best", "--out", run / "best-export", "--json")
+    assert res.code == 0, res.err
+    assert res.json["source"] in (f"{run} (step 2)", f"{run} (step 4)")
