@@ -291,14 +291,9 @@ def _add_generate(sub) -> None:
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompts-file", metavar="F",
                      help="one prompt per line (blank lines skipped)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
+    _sampling_args(p, greedy=False)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop at these strings")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (--json)")
     p.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default=None,
@@ -306,10 +301,35 @@ def _add_generate(sub) -> None:
     _runs(p, _cmd_generate)
 
 
+def _sampling_args(p: argparse.ArgumentParser, greedy: bool) -> None:
+    """How tokens are picked (generate.Sampling), the same flags wherever gpt2jax decodes;
+    `greedy` is the command's default."""
+    if greedy:
+        p.add_argument("--sample", dest="greedy", action="store_false",
+                       help="sample with the options below instead of taking the most likely "
+                            "token")
+    else:
+        p.add_argument("--greedy", action="store_true",
+                       help="always take the most likely token")
+    p.set_defaults(greedy=greedy)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling(args):
+    from .generate import Sampling
+
+    return Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
+                    args.repetition_penalty).validate()  # fail before loading a model
+
+
 def _cmd_generate(args) -> int:
     import time
 
-    from .generate import Generator, Sampling
+    from .generate import Generator
     if args.prompts_file is not None:
         try:
             lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
@@ -322,8 +342,7 @@ def _cmd_generate(args) -> int:
         prompts = [args.prompt]
     if not all(prompts):
         raise UserError("--prompt is empty; give some text to continue")
-    sampling = Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
-                        args.repetition_penalty).validate()  # fail before loading a model
+    sampling = _sampling(args)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = _load(args.model, args.step)
@@ -385,7 +404,7 @@ def _add_similarity(sub) -> None:
                        help="generate definitions for words, compare them to the references")
     _model_args(p)
     p.add_argument("--data", required=True, help="records with a word and a definition column "
-                                                 "(file, folder or hub:ORG/NAME)")
+                                                 "(file, folder, hub:ORG/NAME, or gcide)")
     p.add_argument("--split", default=None, help="split of a hub dataset or a folder")
     p.add_argument("--embed-model", default=None, metavar="SRC_OR_NAME",
                    help="embedding model: a gpt2jax/HF source (mean-pooled hidden states), "
@@ -396,18 +415,22 @@ def _add_similarity(sub) -> None:
                    help="record format; the prompt is the part before {definition}")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    _sampling_args(p, greedy=True)
     _runs(p, _cmd_similarity)
 
 
 def _cmd_similarity(args) -> int:
     from .analysis import similarity
-    from .data import load_records
-    records = load_records(args.data, split=args.split)
+    from .data import load_task_dataset
+
+    sampling = _sampling(args)
+    records = load_task_dataset(args.data, split=args.split, limit=args.limit or 0)
     model, tok, source = _load(args.model, args.step)
     result = similarity(
         model, tok, records, embed_model=args.embed_model, word_column=args.word_column,
         definition_column=args.definition_column, prompt_template=args.prompt_template,
-        limit=args.limit, max_new_tokens=args.max_new_tokens,
+        limit=args.limit, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        seed=args.seed,
     )
     _emit({"model": source.describe(), **result}, args.json, _similarity_text)
     return 0
@@ -415,7 +438,8 @@ def _cmd_similarity(args) -> int:
 
 def _similarity_text(r: dict) -> str:
     lines = [f"mean cosine similarity {r['mean_cosine_similarity']:.4f}  "
-             f"distance {r['mean_cosine_distance']:.4f}  ({r['n']} words)"]
+             f"distance {r['mean_cosine_distance']:.4f}  ({r['n']} words; {r['degenerate']} "
+             "degenerate: a repeated 3-word sequence)"]
     for ex in r["examples"][:10]:
         lines.append(f"  {ex['cosine']:.3f}  {ex['word']}: {ex['generated']!r}  "
                      f"(reference: {ex['reference']!r})")

@@ -120,8 +120,8 @@ class Sampling:
                                           ("top-k", self.top_k != 0), ("top-p", self.top_p != 1.0))
                    if on]
         if self.greedy and ignored:
-            raise UserError(f"--greedy always takes the most likely token, so --{ignored[0]} "
-                            "would have no effect: drop one of them")
+            raise UserError(f"greedy decoding always takes the most likely token, so "
+                            f"--{ignored[0]} would have no effect: drop it, or sample instead")
         if not self.greedy and not self.temperature > 0:
             raise UserError(
                 f"temperature must be > 0 when sampling, got {self.temperature}; "

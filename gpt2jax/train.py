@@ -107,7 +107,11 @@ def _train(cfg: Config, run, dist) -> dict:
               file=sys.stderr)
     plan = build_step(cfg, mcfg, mesh, total, class_weights=_class_weights(cfg, prepared))
     ckpts = Checkpoints(run.path, t.keep_checkpoints)
-    state = _start_state(ckpts, plan, mcfg, t.seed, source_model)
+    try:
+        state = _start_state(ckpts, plan, mcfg, t.seed, source_model)
+    except BaseException:
+        ckpts.close()  # its background threads would outlive a refused resume
+        raise
     source_model = None  # its host copy of the weights is no longer needed
     main_process = jax.process_index() == 0
     if main_process:  # only now: a failed restore leaves the run's files as they were

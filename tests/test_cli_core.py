@@ -161,7 +161,7 @@ def test_hints_a_new_user_gets(cli, capsys):
     assert "--section.key=value overrides the config" in helps["demo"]
     assert "--top-k TOP_K 0: off (default: 0)" in helps["generate"]
     res = cli("generate", "--model", "x", "--prompt", "hi", "--greedy", "--top-k", "5")
-    assert res.code == 2 and "--greedy always takes the most likely token, so --top-k" in \
+    assert res.code == 2 and "greedy decoding always takes the most likely token, so --top-k" in \
         res.last_err
     res = cli("train", "configs/demo.yaml", "--optim.learning_rate=1e-3")
     assert res.code == 2 and "unknown key (did you mean optim.lr?)" in res.last_err
