@@ -3,7 +3,7 @@
 Tolerance: losses agree to 1e-6 relative (measured: 2.6e-7). Parameters after two AdamW
 steps (lr 1e-3) agree to 2e-5 absolute (measured: 1.2e-6 at most): a sharded step sums in
 another order (~1e-8 in the gradients) and Adam's division by sqrt(v) magnifies that on
-near-zero gradients (stack-facts: ~1e-5), so bit-equality is not expected.
+near-zero gradients (about 1e-5 after a few steps), so bit-equality is not expected.
 """
 
 from __future__ import annotations
