@@ -222,18 +222,19 @@ def lm_source(tmp_path_factory):
     return tmp, model, initial, blocks
 
 
-@pytest.mark.parametrize("accum, steps, mesh", [
-    (1, 6, {"data": 2, "fsdp": 4}),  # warmup 2 + cosine 4, sharded weights
-    (4, 3, {"data": 2, "fsdp": 1, "tensor": -1}),  # 4 micro-batches of 2 rows
-], ids=["full_batch_fsdp", "grad_accum_4"])
+@pytest.mark.parametrize("accum, steps, mesh, model", [
+    (1, 6, {"data": 2, "fsdp": 4}, {}),  # warmup 2 + cosine 4, weights sharded over fsdp
+    # 4 micro-batches of 2 rows; layers scanned (stacked weights), tensor parallelism
+    (4, 3, {"data": 2, "fsdp": 1, "tensor": 4}, {"scan_layers": True}),
+], ids=["full_batch_fsdp", "grad_accum_4_scan_layers_tensor"])
 def test_lm_finetuning_equals_transformers_and_torch_adamw(lm_source, cli, tmp_path, accum,
-                                                           steps, mesh):
+                                                           steps, mesh, model):
     from transformers import GPT2LMHeadModel
 
     tmp, _, initial, blocks = lm_source
     data = {"train": str(tmp / "train.txt"), "task": "lm", "validation_fraction": 0.0}
     train = {"steps": steps, "batch_size": 8, "grad_accum": accum, "seq_len": 32}
-    rows, export = run_gpt2jax(cli, tmp_path, tmp / "hf", data, LM_OPTIM, train, mesh)
+    rows, export = run_gpt2jax(cli, tmp_path, tmp / "hf", data, LM_OPTIM, train, mesh, model)
 
     torch_model = GPT2LMHeadModel.from_pretrained(str(tmp / "hf"))
     ref = torch_train(torch_model, lm_loss, {"blocks": blocks}, LM_OPTIM, steps, micro=8 // accum)
