@@ -4,11 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# glibc huge pages for XLA's buffers in the in-process tests (gpt2jax/malloc.py,
-# docs/perf-notes.md 16). A malloc tunable set here is an explicit choice, so the
-# gpt2jax commands the tests start keep it instead of restarting with `keep` (which
-# would hold each test process's peak memory).
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test lint clean
 

@@ -18,7 +18,7 @@ _API = {
     "GPT2": "model",
     "GPT2Config": "model",
     "create_model": "model",
-    "load_model": "sources",
+    "load_model": "run",
     "resolve": "sources",
     "load_hf_dir": "hf",
     "export_hf": "hf",

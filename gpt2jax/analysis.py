@@ -336,7 +336,7 @@ def make_embedder(embed_model, default_model=None, default_tokenizer=None):
         return sentence_transformer_embedder(name[3:])
     if name.lower() in ST_PACKAGE_MODELS or (Path(name) / "modules.json").is_file():
         return sentence_transformer_embedder(name)
-    from .sources import load_model
+    from .run import load_model
 
     model, tokenizer, _ = load_model(name)
     return HiddenStateEmbedder(model, tokenizer)

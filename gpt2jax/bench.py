@@ -21,12 +21,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from . import malloc
+from .config import DTYPES
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
-
-DTYPES = ("float32", "bfloat16")
-
 
 # ---------------------------------------------------------------- FLOP accounting (pure)
 
@@ -339,7 +337,7 @@ def torch_worker() -> None:
 class TorchWorker:
     """The parent's handle on torch_worker: a process started in the environment the user
     launched gpt2jax with (without the huge-page tunable gpt2jax adds for itself, which
-    slowed torch's step down by 10-15% here: docs/perf-notes.md 16)."""
+    slowed torch's step down by 4-14% here: docs/perf-notes.md section 8)."""
 
     def __init__(self):
         import subprocess
@@ -473,93 +471,41 @@ def run_bench(
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
-    say = log or (lambda _msg: None)
+    from .run import for_this_process
+
+    cfg = for_this_process(cfg)
     device = jax.local_devices()[0]
-    threads = _cores()
     tokens = _random_tokens(batch_size, seq_len, cfg.vocab_size, seed)
-    fpt = flops_per_token(cfg, seq_len)
-    tokens_per_step = batch_size * seq_len
-
-    worker, hf_info, hf_first = None, None, 0.0
-    with contextlib.ExitStack() as cleanup:
-        if vs_hf:
-            # started before our side allocates (forking a small process is cheap)
-            worker = TorchWorker()
-            cleanup.callback(worker.close)
-        say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
-            f"batch {batch_size} x {seq_len}, {cfg.dtype})")
-        compile_seconds, jax_run = _jax_trainer(cfg, tokens, device, seed)
-        first_step_seconds = jax_run(1)
-        if warmup > 1:
-            jax_run(warmup - 1)
-        mem, mem_source = peak_memory(device)  # before the probe allocates anything
-
-        our_decode, hf_decode_args, prompt_len = None, None, 0
-        if decode:
-            say("compiling the decoder")
-            our_decode, prompt_len, decode_tokens, hf_decode_args = _decoder(
-                cfg, seed, decode_tokens, vs_hf)
-            our_decode()  # warm-up (compiles)
-        if worker is not None:
-            say("building the transformers model (in its own process)")
-            # pop: the parent does not keep transformers' copy of the weights while timing
-            hf_info = worker.init(tokens, hf_decode_args.pop("weights") if hf_decode_args
-                                  else None, dims=hf_dims(cfg), dtype=cfg.dtype,
-                                  seed=seed, threads=threads, jax_platform=device.platform,
-                                  decode=hf_decode_args)
-            hf_first = worker.call("train", n=1)[0]
-            if warmup > 1:
-                worker.call("train", n=warmup - 1)
-            if hf_decode_args is not None:
-                worker.call("decode")  # warm-up
-        probe = make_peak_probe(device, cfg.dtype, peak_size)
-        settle = _settle(probe, jax_run, worker, our_decode, steps)
-        timed = _rounds(probe, jax_run, worker, our_decode, steps, rounds, tokens_per_step, say)
+    m = _measure(cfg, tokens, device, steps=steps, warmup=warmup, rounds=rounds, vs_hf=vs_hf,
+                 decode_tokens=decode_tokens if decode else 0, peak_size=peak_size, seed=seed,
+                 say=log or (lambda _msg: None))
+    timed = m["timed"]
 
     def per_round(key: str) -> list:  # a field of every round, where that side ran
         return [r[key] for r in timed if r[key] is not None]
 
+    fpt, tokens_per_step = flops_per_token(cfg, seq_len), batch_size * seq_len
     peaks, jax_t, hf_t = per_round("peak"), per_round("jax_s"), per_round("hf_s")
-    jax_use, hf_use = per_round("jax_use"), per_round("hf_use")
-    dec_t = {"jax": per_round("jax_dec"), "hf": per_round("hf_dec")}
-
     peak = statistics.median(peaks)
-    step_s = statistics.median(jax_t)
-    jax_res = _side(tokens_per_step, step_s, fpt, peak, jax_t, jax_use)
+    jax_res = _side(tokens_per_step, statistics.median(jax_t), fpt, peak, jax_t,
+                    per_round("jax_use"))
     jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, jax_t, peaks),
-                   compile_seconds=round(compile_seconds, 3),
-                   first_step_seconds=round(first_step_seconds, 4),
-                   peak_memory_bytes=mem, peak_memory_source=mem_source)
+                   compile_seconds=round(m["compile_seconds"], 3),
+                   first_step_seconds=round(m["first_step_seconds"], 4),
+                   peak_memory_bytes=m["memory"][0], peak_memory_source=m["memory"][1],
+                   malloc=malloc.describe())
     hf_res, ratio = None, None
-    if worker is not None:
-        hf_res = _side(tokens_per_step, statistics.median(hf_t), fpt, peak, hf_t, hf_use)
-        hf_res.update(first_step_seconds=round(hf_first, 4),
-                      torch_device=hf_info["torch_device"], torch_threads=threads,
-                      torch_version=hf_info["torch_version"],
-                      transformers_version=hf_info["transformers_version"],
-                      compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32",
-                      env={"GLIBC_TUNABLES": hf_info["glibc_tunables"]})
+    if vs_hf:
+        hf_res = _hf_result(cfg, m, _side(tokens_per_step, statistics.median(hf_t), fpt, peak,
+                                          hf_t, per_round("hf_use")), jax_t, hf_t)
         ratio = round(jax_res["tokens_per_sec"] / hf_res["tokens_per_sec"], 3)
-        # per-round ratios show how much the background load moved the comparison
-        hf_res["ratio_rounds"] = [round(h / j, 3) for j, h in zip(jax_t, hf_t)]
-    decode_res = None
-    if our_decode is not None:
-        decode_res = {"batch_size": 1, "prompt_tokens": prompt_len, "new_tokens": decode_tokens,
-                      "weights_dtype": "float32",
-                      "flops_per_token": decode_flops_per_token(cfg, prompt_len + decode_tokens),
-                      "jax_tokens_per_sec": round(statistics.median(dec_t["jax"]), 2),
-                      "hf_tokens_per_sec": None, "ratio": None}
-        if dec_t["hf"]:
-            decode_res["hf_tokens_per_sec"] = round(statistics.median(dec_t["hf"]), 2)
-            decode_res["ratio"] = round(decode_res["jax_tokens_per_sec"]
-                                        / decode_res["hf_tokens_per_sec"], 3)
     return {
         "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
                    "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions,
                    "batch_size": batch_size, "seq_len": seq_len, "dtype": cfg.dtype,
                    "remat": cfg.remat, "scan_layers": cfg.scan_layers,
                    "attention": cfg.attention, "loss_chunk": cfg.loss_chunk_tokens, "steps": steps,
-                   "warmup": warmup, "settle_rounds": settle, "rounds": rounds, "seed": seed,
+                   "warmup": warmup, "settle_rounds": m["settle"], "rounds": rounds, "seed": seed,
                    "matmul_params": matmul_params(cfg)},
         "flops_per_token": fpt,
         "peak_flops": round(peak),
@@ -568,12 +514,87 @@ def run_bench(
         "jax": jax_res,
         "hf": hf_res,
         "ratio": ratio,
-        "decode": decode_res,
+        "decode": _decode_result(cfg, m, per_round("jax_dec"), per_round("hf_dec")),
         "device": describe_device(device),
         "jax_version": jax.__version__,
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds: int,
+             vs_hf: bool, decode_tokens: int, peak_size: int, seed: int,
+             say: Callable[[str], None]) -> dict:
+    """Compile and warm each side up, settle, then run the timed rounds (`_rounds`).
+    decode_tokens 0: no decoding. Returns the rounds and what was learnt on the way."""
+    out = {"threads": _cores(), "hf_info": None, "hf_first": 0.0, "prompt_tokens": 0}
+    worker = None
+    with contextlib.ExitStack() as cleanup:
+        if vs_hf:
+            # started before our side allocates (forking a small process is cheap)
+            worker = TorchWorker()
+            cleanup.callback(worker.close)
+        batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
+        say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
+            f"batch {batch_size} x {seq_len}, {cfg.dtype})")
+        out["compile_seconds"], jax_run = _jax_trainer(cfg, tokens, device, seed)
+        out["first_step_seconds"] = jax_run(1)
+        if warmup > 1:
+            jax_run(warmup - 1)
+        out["memory"] = peak_memory(device)  # before the probe allocates anything
+        our_decode, hf_decode_args = None, None
+        if decode_tokens:
+            say("compiling the decoder")
+            our_decode, out["prompt_tokens"], out["new_tokens"], hf_decode_args = _decoder(
+                cfg, seed, decode_tokens, vs_hf)
+            our_decode()  # warm-up (compiles)
+        if worker is not None:
+            say("building the transformers model (in its own process)")
+            # pop: the parent does not keep transformers' copy of the weights while timing
+            out["hf_info"] = worker.init(
+                tokens, hf_decode_args.pop("weights") if hf_decode_args else None,
+                dims=hf_dims(cfg), dtype=cfg.dtype, seed=seed, threads=out["threads"],
+                jax_platform=device.platform, decode=hf_decode_args)
+            out["hf_first"] = worker.call("train", n=1)[0]
+            if warmup > 1:
+                worker.call("train", n=warmup - 1)
+            if hf_decode_args is not None:
+                worker.call("decode")  # warm-up
+        probe = make_peak_probe(device, cfg.dtype, peak_size)
+        out["settle"] = _settle(probe, jax_run, worker, our_decode, steps)
+        out["timed"] = _rounds(probe, jax_run, worker, our_decode, steps, rounds,
+                               batch_size * seq_len, say)
+    return out
+
+
+def _hf_result(cfg: GPT2Config, m: dict, side: dict, jax_t: list, hf_t: list) -> dict:
+    """transformers' side of the result: its rates (`side`) plus what it ran with."""
+    info = m["hf_info"]
+    side.update(first_step_seconds=round(m["hf_first"], 4),
+                torch_device=info["torch_device"], torch_threads=m["threads"],
+                torch_version=info["torch_version"],
+                transformers_version=info["transformers_version"],
+                compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32",
+                env={"GLIBC_TUNABLES": info["glibc_tunables"]},
+                malloc=malloc.describe({"GLIBC_TUNABLES": info["glibc_tunables"] or ""}),
+                # per-round ratios show how much the background load moved the comparison
+                ratio_rounds=[round(h / j, 3) for j, h in zip(jax_t, hf_t)])
+    return side
+
+
+def _decode_result(cfg: GPT2Config, m: dict, jax_rates: list, hf_rates: list) -> dict | None:
+    if not jax_rates:
+        return None
+    prompt, new = m["prompt_tokens"], m["new_tokens"]
+    res = {"batch_size": 1, "prompt_tokens": prompt, "new_tokens": new,
+           "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
+           "flops_per_token": decode_flops_per_token(cfg, prompt + new),
+           "jax_tokens_per_sec": round(statistics.median(jax_rates), 2),
+           "hf_tokens_per_sec": None, "ratio": None}
+    if hf_rates:
+        res["hf_tokens_per_sec"] = round(statistics.median(hf_rates), 2)
+        res["ratio"] = round(res["jax_tokens_per_sec"] / res["hf_tokens_per_sec"], 3)
+    return res
 
 
 def _round(probe, jax_run, worker, our_decode, steps: int) -> dict:
@@ -649,7 +670,7 @@ def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: li
             "step_seconds_rounds": [round(t, 5) for t in rounds],
             # CPU time per step moves less than wall time when other processes compete
             "cpu_seconds_per_step": round(statistics.median(u[0] for u in use), 5),
-            # memory the step faults in afresh (perf-notes 16: huge pages cut it 100x)
+            # memory the step faults in afresh (perf-notes section 7: huge pages cut it 100x)
             "page_faults_per_step": round(statistics.median(u[1] for u in use)),
             "flops_per_token": fpt, "achieved_flops": round(tps * fpt),
             "mfu": round(tps * fpt / peak, 4)}

@@ -1,10 +1,11 @@
 """Orbax checkpoints of a run: params, optimizer state and metadata, saved asynchronously.
 
-Layout: RUN/checkpoints/<step>/{params,opt_state,meta}. Params are stored as a flat dict
-{dotted name: array} and the optimizer state as its list of leaves, so a checkpoint
-restores onto any mesh (the target shardings decide) and the model can be read back
-without the optimizer. Orbax commits a step by renaming its temporary directory, so a
-kill mid-write never damages an older step.
+Layout: RUN/checkpoints/<step>/{params,opt_state,meta}. Params and optimizer state are
+stored as flat dicts {dotted name: array} (params.py), so a checkpoint restores onto any
+mesh (the target shardings decide), into either layer layout (scan_layers on or off), and
+an optimizer state whose names differ from the checkpoint's is refused instead of filled
+by position. Orbax commits a step by renaming its temporary directory, so a kill
+mid-write never damages an older step.
 """
 
 from __future__ import annotations
@@ -14,26 +15,12 @@ from pathlib import Path
 
 import jax
 
+from . import params as P
 from .errors import UserError
 
 
-def flat_params(state) -> dict:
-    """{dotted name: array} of an nnx.State."""
-    from flax import nnx
-
-    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
-
-
-def unflat_params(template, flat: dict):
-    """Fill an nnx.State template with arrays from flat_params' dict."""
-    from flax import nnx
-
-    leaves = [(p, v.replace(flat[".".join(map(str, p))])) for p, v in nnx.to_flat_state(template)]
-    return nnx.from_flat_state(leaves)
-
-
-def _leaf_dict(tree) -> dict:
-    return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+class StateMismatch(UserError):
+    """The checkpoint holds other arrays than the run's state: settings changed."""
 
 
 def _abstract(x, sharding=None):
@@ -41,6 +28,39 @@ def _abstract(x, sharding=None):
         sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
             jax.devices()[0])
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _target(template, shardings) -> dict:
+    """{name: ShapeDtypeStruct with the target sharding} of a state template."""
+    shards = P.flat(shardings) if shardings is not None else {}
+    return {k: _abstract(v, shards.get(k)) for k, v in P.flat(template).items()}
+
+
+def _restore_target(item: str, target: dict, saved: set[str]) -> dict:
+    """The target in the checkpoint's layer layout; StateMismatch if the names differ."""
+    if saved and P.is_stacked(saved) != P.is_stacked(target):
+        target = P.relayout_abstract(target, P.layer_count(target))
+    if set(target) != saved:
+        missing, extra = sorted(set(target) - saved), sorted(saved - set(target))
+        hint = ("the optimizer settings changed (e.g. optim.freeze): restore them, or start "
+                "a new train.run_dir from these weights with --model.init=RUN_DIR"
+                if item == "opt_state" else "the model settings changed")
+        raise StateMismatch(
+            f"the checkpoint's {item} does not match this run ({len(missing)} arrays not in "
+            f"the checkpoint, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}); "
+            + hint)
+    return target
+
+
+def _from_saved(template, restored: dict, shardings):
+    """Fill `template` from restored arrays, converting the layer layout if needed."""
+    import jax.numpy as jnp
+
+    want = _target(template, shardings)
+    values = P.relayout(restored, P.layer_count(want), P.is_stacked(want), stack_fn=jnp.stack)
+    if values is not restored:  # converted on device: put each array where the run wants it
+        values = {k: jax.device_put(v, want[k].sharding) for k, v in values.items()}
+    return P.unflat(template, values)
 
 
 class Checkpoints:
@@ -55,11 +75,15 @@ class Checkpoints:
         self.read_only = read_only
         if read_only and not self.dir.is_dir():
             raise UserError(f"{run_dir} has no checkpoints/ directory")
+        # handlers named up front, so item_metadata can list a step's arrays before restore
         self.mngr = ocp.CheckpointManager(
             self.dir,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=None, create=not read_only, enable_async_checkpointing=True
             ),
+            item_handlers={"params": ocp.StandardCheckpointHandler(),
+                           "opt_state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
         )
 
     # -- queries
@@ -92,8 +116,8 @@ class Checkpoints:
         self.mngr.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(flat_params(params)),
-                opt_state=ocp.args.StandardSave(_leaf_dict(opt_state)),
+                params=ocp.args.StandardSave(P.flat(params)),
+                opt_state=ocp.args.StandardSave(P.flat(opt_state)),
                 meta=ocp.args.JsonSave(meta),
             ),
             force=True,
@@ -110,29 +134,27 @@ class Checkpoints:
         self.mngr.close()
 
     # -- reading
+    def saved_names(self, step: int, item: str) -> set[str]:
+        """The array names a step holds for `item` (params or opt_state)."""
+        md = self.mngr.item_metadata(step)[item]
+        return set(getattr(md, "tree", md) or {})
+
     def restore(self, step: int, params_template, opt_template=None, shardings=None,
                 opt_shardings=None):
         """(params, opt_state or None, meta) restored onto the templates' shardings."""
         import orbax.checkpoint as ocp
 
-        flat_t = flat_params(params_template)
-        flat_s = flat_params(shardings) if shardings is not None else {}
-        target = {k: _abstract(v, flat_s.get(k)) for k, v in flat_t.items()}
-        items = {"params": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        targets = {"params": (params_template, shardings)}
         if opt_template is not None:
-            leaves = jax.tree.leaves(opt_template)
-            shard_leaves = jax.tree.leaves(opt_shardings) if opt_shardings is not None \
-                else [None] * len(leaves)
-            items["opt_state"] = ocp.args.StandardRestore(
-                {f"{i:05d}": _abstract(x, s) for i, (x, s) in enumerate(zip(leaves, shard_leaves))}
-            )
-        out = self.mngr.restore(step, args=ocp.args.Composite(**items))
-        params = unflat_params(params_template, out["params"])
-        opt = None
-        if opt_template is not None:
-            restored = out["opt_state"]
-            opt = jax.tree.unflatten(jax.tree.structure(opt_template),
-                                     [restored[f"{i:05d}"] for i in range(len(restored))])
+            targets["opt_state"] = (opt_template, opt_shardings)
+        items = {name: ocp.args.StandardRestore(
+                     _restore_target(name, _target(t, s), self.saved_names(step, name)))
+                 for name, (t, s) in targets.items()}
+        out = self.mngr.restore(step, args=ocp.args.Composite(
+            **items, meta=ocp.args.JsonRestore()))
+        params = _from_saved(params_template, out["params"], shardings)
+        opt = None if opt_template is None else \
+            _from_saved(opt_template, out["opt_state"], opt_shardings)
         return params, opt, dict(out["meta"])
 
     def restore_latest_good(self, params_template, opt_template=None, shardings=None,
@@ -148,6 +170,8 @@ class Checkpoints:
         for step in reversed(steps):
             try:
                 got = self.restore(step, params_template, opt_template, shardings, opt_shardings)
+            except StateMismatch:
+                raise  # settings, not damage: older steps hold the same arrays
             except Exception as e:  # a corrupt or partial step: fall back to the previous
                 failed.append((step, e))
                 continue
@@ -179,46 +203,3 @@ class Checkpoints:
         src.rename(dst)
         self.mngr.reload()
         return dst
-
-
-def load_run_model(run_dir: str | Path, step: int | str | None = None, **overrides):
-    """(model, tokenizer) from a gpt2jax run directory: latest, a step, or "best"."""
-    from flax import nnx
-
-    from .config import read_run_config
-    from .model import abstract_model
-    from .tokenizer import load_tokenizer
-
-    run = Path(run_dir)
-    cfg = read_run_config(run)
-    meta_path = run / "model.json"
-    if not meta_path.is_file():
-        raise UserError(f"{run} has no model.json; it was not written by gpt2jax train")
-    import json
-
-    from .model import GPT2Config
-
-    fields = json.loads(meta_path.read_text())
-    fields["labels"] = tuple(fields.get("labels") or ())
-    if fields.get("attention") == "cudnn" and "attention" not in overrides:
-        from .model import has_cudnn
-
-        if not has_cudnn():  # a run trained on GPUs, evaluated elsewhere: the same maths
-            fields["attention"] = "explicit"
-    mcfg = GPT2Config(**{**fields, **overrides})
-    ckpts = Checkpoints(run, cfg.train.keep_checkpoints, read_only=True)
-    if step is None or step == "latest":
-        step = ckpts.latest()
-        if step is None:
-            raise UserError(f"{run} has no committed checkpoint yet")
-    elif step == "best":
-        step = ckpts.best()
-        if step is None:
-            raise UserError(f"{run} has no best checkpoint (no evaluation ran); use --step N")
-    elif step not in ckpts.steps():
-        raise UserError(f"{run} has no checkpoint at step {step}; it has {ckpts.steps()}")
-    graphdef, template = nnx.split(abstract_model(mcfg))
-    params, _, _ = ckpts.restore(int(step), template)
-    ckpts.close()
-    tok_dir = run / "tokenizer"
-    return nnx.merge(graphdef, params), load_tokenizer(tok_dir if tok_dir.is_dir() else None)

@@ -43,6 +43,12 @@ def _step(value: str) -> int | str:
         raise UserError(f"--step must be a number, 'best' or 'latest', got {value!r}") from None
 
 
+def _runs(p: argparse.ArgumentParser, func: Callable) -> None:
+    """The command's --json switch and the function that runs it."""
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(func=func)
+
+
 def _model_args(p: argparse.ArgumentParser, flag: str = "--model") -> None:
     p.add_argument(flag, required=True, metavar="SRC",
                    help="HF directory, hub name, gpt2jax run or checkpoint (hf:/run: to force)")
@@ -61,15 +67,13 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--backbone-only", action="store_true",
                    help="attention_pool head: export the backbone as GPT2LMHeadModel")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_export)
+    _runs(p, _cmd_export)
 
 
 def _cmd_export(args) -> int:
     from .hf import export_hf
-    from .sources import load_model
 
-    model, tok, source = load_model(args.model, _latest(args.step))
+    model, tok, source = _load(args.model, args.step)
     out = export_hf(model, args.out, tok, overwrite=args.overwrite,
                     backbone_only=args.backbone_only)
     _emit({"out": str(out), "source": source.describe(), "head": model.cfg.head}, args.json,
@@ -77,8 +81,11 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _latest(step):
-    return None if step == "latest" else step
+def _load(src: str, step):
+    """(model, tokenizer, Source) of a --model SRC and its --step."""
+    from .run import load_model
+
+    return load_model(src, None if step == "latest" else step)
 
 
 # ---------------------------------------------------------------- eval, score
@@ -112,15 +119,13 @@ def _add_eval(sub) -> None:
                         "the run's own data.prompt_template, else the task's)")
     p.add_argument("--target-template", default="",
                    help="dictionary_reverse: the target, e.g. ' {word}' (same defaults)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_eval)
+    _runs(p, _cmd_eval)
 
 
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate_data
-    from .sources import load_model
 
-    model, tok, source = load_model(args.model, _latest(args.step))
+    model, tok, source = _load(args.model, args.step)
     templates = None
     if args.task == "dictionary_reverse":
         from .evaluate import run_templates
@@ -164,16 +169,14 @@ def _add_score(sub) -> None:
     p.add_argument("--prompt", required=True,
                    help="context, tokenized as is; empty: the answer follows one <|endoftext|>")
     p.add_argument("--answer", required=True, help="the text whose probability is scored")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_score)
+    _runs(p, _cmd_score)
 
 
 def _cmd_score(args) -> int:
     from .evaluate import score
-    from .sources import load_model
 
-    model, tok, _ = load_model(args.model, _latest(args.step))
-    result = score(model, tok, args.prompt, args.answer)
+    model, tok, source = _load(args.model, args.step)
+    result = {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
     _emit(result, args.json, lambda r: (f"logprob {r['logprob']:.6f}  probability "
                                         f"{r['probability']:.6g}  answer_tokens "
                                         f"{r['answer_tokens']}"))
@@ -200,7 +203,7 @@ def _cmd_train(args) -> int:
         summary = train(cfg)
     except Preempted as e:
         print(f"gpt2jax: {e}", file=sys.stderr)
-        return 143
+        return e.exit_status
     _emit(summary, args.json, _train_text)
     return 0
 
@@ -230,8 +233,7 @@ def _add_prepare(sub) -> None:
                                    "as `gpt2jax train` would, e.g. once before a multi-host "
                                    "job, and report what the run will see")
     p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_prepare)
+    _runs(p, _cmd_prepare)
 
 
 def _cmd_prepare(args) -> int:
@@ -240,7 +242,7 @@ def _cmd_prepare(args) -> int:
     from .batches import prepare
     from .config import load_config
     from .data import cache_dir
-    from .sources import tokenizer_for
+    from .run import tokenizer_for
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = tokenizer_for(cfg)
@@ -294,16 +296,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (--json)")
     p.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default=None,
                    help="cast the weights for decoding (default: as stored)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_generate)
+    _runs(p, _cmd_generate)
 
 
 def _cmd_generate(args) -> int:
     import time
 
     from .generate import Generator, Sampling
-    from .sources import load_model
-
     if args.prompts_file is not None:
         try:
             lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
@@ -320,7 +319,7 @@ def _cmd_generate(args) -> int:
                         args.repetition_penalty).validate()  # fail before loading a model
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok, _ = load_model(args.model, _latest(args.step))
+    model, tok, _ = _load(args.model, args.step)
     gen = Generator(model, tok, weights_dtype=args.weights_dtype)
     opts = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, stop=args.stop,
                 seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size)
@@ -358,16 +357,14 @@ def _add_diff(sub) -> None:
     p.add_argument("--plot", metavar="FILE.png", default=None, help="per-layer heatmap")
     p.add_argument("--plot-metric", default="relative_l2",
                    help="statistic coloured in --plot (default relative_l2)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_diff)
+    _runs(p, _cmd_diff)
 
 
 def _cmd_diff(args) -> int:
     from .analysis import format_diff, plot_diff, weight_diff
-    from .sources import load_model
 
-    model_a, _, src_a = load_model(args.a, _latest(args.step_a))
-    model_b, _, src_b = load_model(args.b, _latest(args.step_b))
+    model_a, _, src_a = _load(args.a, args.step_a)
+    model_b, _, src_b = _load(args.b, args.step_b)
     result = {"a": src_a.describe(), "b": src_b.describe(), **weight_diff(model_a, model_b)}
     if args.plot:
         result["plot"] = str(plot_diff(result, args.plot, args.plot_metric))
@@ -392,17 +389,14 @@ def _add_similarity(sub) -> None:
                    help="record format; the prompt is the part before {definition}")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_similarity)
+    _runs(p, _cmd_similarity)
 
 
 def _cmd_similarity(args) -> int:
     from .analysis import similarity
     from .data import load_records
-    from .sources import load_model
-
     records = load_records(args.data, split=args.split)
-    model, tok, source = load_model(args.model, _latest(args.step))
+    model, tok, source = _load(args.model, args.step)
     result = similarity(
         model, tok, records, embed_model=args.embed_model, word_column=args.word_column,
         definition_column=args.definition_column, prompt_template=args.prompt_template,
@@ -454,8 +448,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--peak-size", type=int, default=4096,
                    help="side of the square matmul that measures the peak FLOP/s")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_bench)
+    _runs(p, _cmd_bench)
 
 
 def _cmd_bench(args) -> int:
@@ -482,8 +475,7 @@ def _cmd_bench(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train the embedded GCIDE dictionary demo, offline")
     p.add_argument("--config", default=None, help="default: configs/demo.yaml")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_demo)
+    _runs(p, _cmd_demo)
 
 
 def _cmd_demo(args) -> int:
@@ -494,7 +486,7 @@ def _cmd_demo(args) -> int:
         result = run_demo(args.config or DEMO_CONFIG, args.overrides)
     except Preempted as e:
         print(f"gpt2jax: {e}", file=sys.stderr)
-        return 143
+        return e.exit_status
     if args.json:
         _emit(result, True)
     return 0
@@ -519,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # gpt2jax uses transformers for tokenizers only: its advice, printed on import where
+    # torch is not installed, that models will not be available is noise here
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     debug = "--debug" in argv or os.environ.get("GPT2JAX_DEBUG") == "1"
     try:
         args, rest = build_parser().parse_known_args(argv)

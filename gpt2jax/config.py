@@ -14,8 +14,16 @@ from typing import Any
 
 from .errors import UserError
 
+# The allowed choices, defined once: validation here and the model (model.py) use them.
 TASKS = ("lm", "text", "classification", "dictionary_forward", "dictionary_reverse", "conversation")
 SCHEDULES = ("constant", "linear", "cosine")
+HEADS = ("lm", "sequence", "attention_pool")
+DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32
+REMAT = ("none", "full", "dots")
+# no-cache attention: gpt2jax's custom-VJP kernel, or jax.nn.dot_product_attention with
+# implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16)
+ATTENTION = ("explicit", "xla", "cudnn")
+PROGRESS = ("auto", "bar", "lines", "none")
 
 
 @dataclass
@@ -213,8 +221,7 @@ def validate(cfg: Config) -> None:
     for key in ("log_every", "eval_every", "checkpoint_every"):
         need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    need(t.progress in ("auto", "bar", "lines", "none"), "train.progress",
-         "choose auto, bar, lines or none")
+    need(t.progress in PROGRESS, "train.progress", f"choose one of {', '.join(PROGRESS)}")
     need(d.task in TASKS, "data.task", f"choose one of {', '.join(TASKS)}")
     need(bool(d.train), "data.train", "is required: a file, folder, hub:ORG/NAME or gcide")
     need(0 <= d.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
@@ -225,14 +232,11 @@ def validate(cfg: Config) -> None:
     need(t.class_weights in ("none", "balanced"), "train.class_weights",
          "choose none or balanced")
     need(t.lm_loss_weight >= 0, "train.lm_loss_weight", "must be >= 0")
-    need(m.head in ("lm", "sequence", "attention_pool"), "model.head",
-         "choose lm, sequence or attention_pool")
-    need(m.dtype in ("float32", "bfloat16"), "model.dtype", "choose float32 or bfloat16")
-    need(m.remat in ("none", "full", "dots"), "model.remat", "choose none, full or dots")
+    for key, allowed in (("head", HEADS), ("dtype", DTYPES), ("remat", REMAT),
+                         ("attention", ATTENTION)):
+        need(getattr(m, key) in allowed, f"model.{key}", f"choose one of {', '.join(allowed)}")
     if m.dropout is not None:
         need(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
-    need(m.attention in ("explicit", "xla", "cudnn"), "model.attention",
-         "choose explicit, xla or cudnn")
     need(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
          "cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel)")
     # checked here, before any data work; None would mean the model's own 0.1

@@ -375,17 +375,6 @@ class Tokenized:
     labels: np.ndarray | None = None
     source: str = ""
 
-    @classmethod
-    def from_lists(cls, token_lists, weights=None, labels=None, source: str = "") -> Tokenized:
-        """In-memory records from lists of token ids (and per-token weights, labels)."""
-        lengths = np.asarray([len(t) for t in token_lists], np.int64)
-        flat = lambda xs, dt: np.asarray([v for x in xs for v in x], dt)  # noqa: E731
-        return cls(ids=flat(token_lists, np.int32),
-                   starts=np.cumsum(lengths) - lengths,
-                   lengths=lengths, nbytes=lengths.copy(), rows=np.arange(len(lengths)),
-                   weights=None if weights is None else flat(weights, np.uint8),
-                   labels=None if labels is None else np.asarray(labels, str), source=source)
-
     def __len__(self) -> int:
         return len(self.starts)
 

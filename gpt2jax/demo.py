@@ -14,17 +14,17 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words: int = 6) -> dict:
     """Train (or resume) the demo run, then print definitions for held-out words."""
     from .batches import load_task_records, split_records
-    from .checkpoint import load_run_model
     from .config import load_config
     from .generate import generate
     from .hf import export_hf
+    from .run import load_run
     from .tasks import Templates, render
     from .train import train
 
     cfg = load_config(config, list(overrides))
     summary = train(cfg)
     run = Path(cfg.train.run_dir)
-    model, tokenizer = load_run_model(run)
+    model, tokenizer, _ = load_run(run)
     # The validation split holds words the model never trained on.
     records = load_task_records(cfg.data.train, cfg.data)
     _, held_out = split_records(records, cfg.data.validation_fraction, cfg.train.seed)

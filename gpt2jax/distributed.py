@@ -216,38 +216,7 @@ def plan(
     if process_id < -1:
         raise UserError(f"dist.process_id={process_id}: use -1 (auto) or an id >= 0")
     slurm = _in_slurm_step(env)
-
-    # Each setting independently: argument, then GPT2JAX_* variable, then SLURM.
-    sources: dict[str, str] = {}
-    coord = coordinator.strip()
-    if coord:
-        sources["coordinator"] = "config (dist.coordinator)"
-    elif env.get(ENV_COORDINATOR, "").strip():
-        coord, sources["coordinator"] = env[ENV_COORDINATOR].strip(), f"env {ENV_COORDINATOR}"
-    elif slurm:
-        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-        coord = f"{first_slurm_host(nodes)}:{_slurm_port(env)}"
-        sources["coordinator"] = "slurm (first node of the step)"
-
-    num: int | None = num_processes or None
-    if num is not None:
-        sources["num_processes"] = "config (dist.num_processes)"
-    elif (n := _int_env(env, ENV_NUM_PROCESSES)) is not None:
-        if n < 1:
-            raise UserError(f"{ENV_NUM_PROCESSES}={n}: the number of processes must be >= 1")
-        num, sources["num_processes"] = n, f"env {ENV_NUM_PROCESSES}"
-    elif slurm:
-        num = _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
-        sources["num_processes"] = "slurm (SLURM_NTASKS)"
-
-    pid: int | None = process_id if process_id >= 0 else None
-    if pid is not None:
-        sources["process_id"] = "config (dist.process_id)"
-    elif (i := _int_env(env, ENV_PROCESS_ID)) is not None:
-        pid, sources["process_id"] = i, f"env {ENV_PROCESS_ID}"
-    elif slurm:
-        pid, sources["process_id"] = _int_env(env, "SLURM_PROCID"), "slurm (SLURM_PROCID)"
-
+    coord, num, pid, sources = _settings(coordinator, num_processes, process_id, env, slurm)
     if not sources:
         if on_tpu_vm(env) if tpu is None else tpu:
             return Plan(mode="tpu", num_processes=0, process_id=-1, source="tpu")
@@ -282,6 +251,42 @@ def plan(
     ids = slurm_local_device_ids(env) if "slurm" in sources.get("process_id", "") else None
     return Plan(mode="explicit", coordinator=coord, num_processes=num, process_id=pid,
                 local_device_ids=ids, source=_kind(sources))
+
+
+def _settings(coordinator: str, num_processes: int, process_id: int, env: Mapping[str, str],
+              slurm: bool) -> tuple[str, int | None, int | None, dict[str, str]]:
+    """(coordinator, processes, process id, where each came from), each setting on its own:
+    argument, then GPT2JAX_* variable, then SLURM."""
+    sources: dict[str, str] = {}
+    coord = coordinator.strip()
+    if coord:
+        sources["coordinator"] = "config (dist.coordinator)"
+    elif env.get(ENV_COORDINATOR, "").strip():
+        coord, sources["coordinator"] = env[ENV_COORDINATOR].strip(), f"env {ENV_COORDINATOR}"
+    elif slurm:
+        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        coord = f"{first_slurm_host(nodes)}:{_slurm_port(env)}"
+        sources["coordinator"] = "slurm (first node of the step)"
+
+    num: int | None = num_processes or None
+    if num is not None:
+        sources["num_processes"] = "config (dist.num_processes)"
+    elif (n := _int_env(env, ENV_NUM_PROCESSES)) is not None:
+        if n < 1:
+            raise UserError(f"{ENV_NUM_PROCESSES}={n}: the number of processes must be >= 1")
+        num, sources["num_processes"] = n, f"env {ENV_NUM_PROCESSES}"
+    elif slurm:
+        num = _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
+        sources["num_processes"] = "slurm (SLURM_NTASKS)"
+
+    pid: int | None = process_id if process_id >= 0 else None
+    if pid is not None:
+        sources["process_id"] = "config (dist.process_id)"
+    elif (i := _int_env(env, ENV_PROCESS_ID)) is not None:
+        pid, sources["process_id"] = i, f"env {ENV_PROCESS_ID}"
+    elif slurm:
+        pid, sources["process_id"] = _int_env(env, "SLURM_PROCID"), "slurm (SLURM_PROCID)"
+    return coord, num, pid, sources
 
 
 def _kind(sources: Mapping[str, str]) -> str:

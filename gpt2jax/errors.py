@@ -11,7 +11,3 @@ class UserError(Exception):
     """Bad input: say what is wrong, where, and how to fix it."""
 
 
-def require(cond: object, message: str) -> None:
-    """Raise UserError(message) unless cond holds."""
-    if not cond:
-        raise UserError(message)

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .config import DTYPES
 from .errors import UserError
-from .model import DTYPES, GPT2, positions_from_mask
+from .model import GPT2, JNP_DTYPES, positions_from_mask
 from .tokenizer import encode, eos_id
 
 FINISH_REASONS = ("eos", "stop", "length")
@@ -279,6 +280,47 @@ class _Row:
         self.shown = 0
         self.logits: list[np.ndarray] = []
 
+    def absorb(self, tokens: list[int], logits, eos: int, max_new: int, stop: Sequence[str],
+               tokenizer, on_text) -> None:
+        """Append a chunk of new tokens (and their logits); detect EOS, stop strings and
+        length; stream the text that is final."""
+        for j, t in enumerate(tokens):
+            self.new.append(t)
+            if logits is not None:
+                self.logits.append(logits[j] if logits.ndim == 2 else logits)
+            if t == eos:
+                self.reason = "eos"
+                break
+        if self.reason is None and not stop and on_text is None and len(self.new) < max_new:
+            return  # nothing needs the text yet: decode once, when the row ends
+        text = tokenizer.decode(self.new[:-1] if self.reason == "eos" else self.new)
+        cut = _stop_hit(text, stop)
+        if cut >= 0:
+            self.reason = "stop"
+            text = text[:cut]
+            # the shortest prefix of the new tokens whose text holds a stop string
+            n = next(n for n in range(1, len(self.new) + 1)
+                     if _stop_hit(tokenizer.decode(self.new[:n]), stop) >= 0)
+            self.new, self.logits = self.new[:n], self.logits[:n]
+        elif self.reason is None and len(self.new) >= max_new:
+            self.reason = "length"
+        self.completion = text
+        if on_text is not None:
+            show = len(text) if self.reason else _held_back(text, stop)
+            if show > self.shown:
+                on_text(self.prompt_index, self.sample_index, text[self.shown:show])
+                self.shown = show
+
+
+def _left_padded(rows: list[_Row], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' prompts right-aligned in (rows, length) ids and their attention mask."""
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r.ids):] = r.ids
+        mask[i, length - len(r.ids):] = 1
+    return ids, mask
+
 
 class Generator:
     """A model prepared for decoding (unrolled layers, optional cast weights).
@@ -294,15 +336,16 @@ class Generator:
             raise UserError(f"weights dtype {weights_dtype!r}: choose one of {', '.join(DTYPES)}")
         compute = weights_dtype or cfg.dtype
         if cfg.scan_layers or compute != cfg.dtype:
-            from .hf import from_flat_params, to_flat_params
+            from . import params as P
+            from .model import from_values
 
-            new_cfg = cfg.replace(scan_layers=False, dtype=compute)
-            model = from_flat_params(new_cfg, to_flat_params(model))
+            values = P.flat(nnx.state(model, nnx.Param))
+            model = from_values(cfg.replace(scan_layers=False, dtype=compute), values)
         self.cfg = model.cfg
         graphdef, state = nnx.split(model)
         if weights_dtype and weights_dtype != "float32":
             # Stored in the compute dtype, so the per-use .astype in the model is a no-op.
-            dt = DTYPES[weights_dtype]
+            dt = JNP_DTYPES[weights_dtype]
             state = jax.tree.map(lambda a: a.astype(dt), state)
         self.graphdef, self.state = graphdef, state
         self.eos_id = eos_id(tokenizer, cfg.eos_token_id)
@@ -372,15 +415,10 @@ class Generator:
     def _run(self, rows, sampling, max_new, stop, seed, chunk, on_text, on_start, with_logits):
         prefill, decode = _compiled(self.graphdef)
         ctx = self.cfg.n_positions
-        b = len(rows)
         longest = max(len(r.ids) for r in rows)
         p = max(longest, min(bucket(longest, ctx), ctx - max_new))
         total = bucket(p + max_new, ctx)
-        ids = np.full((b, p), self.eos_id, np.int32)
-        mask = np.zeros((b, p), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, p - len(r.ids):] = r.ids  # left padding
-            mask[i, p - len(r.ids):] = 1
+        ids, mask = _left_padded(rows, p, self.eos_id)
         base = jax.random.PRNGKey(seed)
         row_keys = jnp.stack([
             jax.random.fold_in(jax.random.fold_in(base, r.prompt_index), r.sample_index)
@@ -392,7 +430,9 @@ class Generator:
         tok, cache, cache_mask, seen, logits = prefill(
             self.state, ids, mask, row_keys, total, sampling, with_logits
         )
-        self._absorb(rows, np.asarray(tok)[:, None], logits, max_new, stop, on_text)
+        absorb = functools.partial(self._absorb, rows, max_new=max_new, stop=stop,
+                                   on_text=on_text)
+        absorb(np.asarray(tok)[:, None], logits)
         pos0 = jnp.asarray(mask.sum(1), jnp.int32)  # position of the first new token
         done = jnp.asarray([r.reason is not None for r in rows])
         step = 1
@@ -403,48 +443,15 @@ class Generator:
                 done, seen, row_keys, self.eos_id, chunk, sampling, with_logits,
             )
             out = np.asarray(out)[:, :n]
-            self._absorb(rows, out, None if scores is None else scores[:, :n], max_new, stop,
-                         on_text)
+            absorb(out, None if scores is None else scores[:, :n])
             step += n
 
-    def _absorb(self, rows, new_tokens, logits, max_new, stop, on_text) -> None:
-        """Append a chunk of tokens per row; detect EOS, stop strings and length; stream."""
+    def _absorb(self, rows, new_tokens, logits, *, max_new, stop, on_text) -> None:
         logits = None if logits is None else np.asarray(logits)
         for i, r in enumerate(rows):
-            if r.reason is not None:
-                continue
-            for j, t in enumerate(new_tokens[i].tolist()):
-                r.new.append(t)
-                if logits is not None:
-                    r.logits.append(logits[i, j] if logits.ndim == 3 else logits[i])
-                if t == self.eos_id:
-                    r.reason = "eos"
-                    break
-            if r.reason is None and not stop and on_text is None and len(r.new) < max_new:
-                continue  # nothing needs the text yet: decode once, when the row ends
-            body = r.new[:-1] if r.reason == "eos" else r.new
-            text = self.tokenizer.decode(body)
-            cut = _stop_hit(text, stop)
-            if cut >= 0:
-                r.reason = "stop"
-                text = text[:cut]
-                r.new = self._tokens_through_stop(r.new, stop)
-                r.logits = r.logits[:len(r.new)]
-            elif r.reason is None and len(r.new) >= max_new:
-                r.reason = "length"
-            r.completion = text
-            if on_text is not None:
-                show = len(text) if r.reason else _held_back(text, stop)
-                if show > r.shown:
-                    on_text(r.prompt_index, r.sample_index, text[r.shown:show])
-                    r.shown = show
-
-    def _tokens_through_stop(self, ids: list[int], stop: Sequence[str]) -> list[int]:
-        """The shortest prefix of ids whose text contains a stop string."""
-        for n in range(1, len(ids) + 1):
-            if _stop_hit(self.tokenizer.decode(ids[:n]), stop) >= 0:
-                return ids[:n]
-        return ids
+            if r.reason is None:
+                r.absorb(new_tokens[i].tolist(), None if logits is None else logits[i],
+                         self.eos_id, max_new, stop, self.tokenizer, on_text)
 
 
 def generate(
@@ -471,7 +478,8 @@ def generate(
     not depend on the batch it ran in. Stops at EOS, at any `stop` string (cut from the
     completion) or after max_new_tokens. `on_text(prompt_index, sample_index, text)` streams
     text as it is produced (rows then run one at a time). `return_logits` keeps each step's
-    raw logits on the samples (for tests). For repeated calls build a `Generator` once.
+    raw logits on the samples (to inspect the distribution, or to check the decoder
+    against another implementation). For repeated calls build a `Generator` once.
     """
     sampling = Sampling(greedy, temperature, top_k, top_p, repetition_penalty)
     return Generator(model, tokenizer).generate(

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,37 +69,17 @@ def to_flat_params(model: GPT2) -> dict[str, np.ndarray]:
     """Our parameters as {"h.0.attn.c_attn_kernel": array}, layers always unstacked."""
     from flax import nnx
 
-    flat = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        arr = np.asarray(var[...])
-        if model.cfg.scan_layers and path[0] == "h":
-            for i in range(arr.shape[0]):
-                flat[".".join(map(str, ("h", i, *path[1:])))] = arr[i]
-        else:
-            flat[".".join(map(str, path))] = arr
-    return flat
+    from . import params as P
+
+    values = {k: np.asarray(v) for k, v in P.flat(nnx.state(model, nnx.Param)).items()}
+    return P.relayout(values, model.cfg.n_layer, stacked=False)
 
 
 def from_flat_params(cfg: GPT2Config, flat: dict[str, np.ndarray]) -> GPT2:
     """Build a model from {our path: array} without initialising random weights."""
-    import jax.numpy as jnp
-    from flax import nnx
+    from .model import from_values
 
-    from .model import abstract_model
-
-    graphdef, abstract = nnx.split(abstract_model(cfg))
-    leaves = []
-    for path, var in nnx.to_flat_state(abstract):
-        if cfg.scan_layers and path[0] == "h":
-            rest = ".".join(map(str, path[1:]))
-            arr = np.stack([flat[f"h.{i}.{rest}"] for i in range(cfg.n_layer)])
-        else:
-            arr = flat[".".join(map(str, path))]
-        want = tuple(var.get_value().shape)
-        if tuple(arr.shape) != want:
-            raise UserError(f"parameter {path} has shape {arr.shape}, expected {want}")
-        leaves.append((path, var.replace(jnp.asarray(arr, dtype=jnp.float32))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return from_values(cfg, flat)
 
 
 def to_hf_tensors(model: GPT2) -> dict[str, np.ndarray]:
@@ -368,10 +348,14 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from e
 
 
-def load_hf_dir(directory: str | Path, **overrides) -> GPT2:
-    """Import a local transformers GPT-2 directory as a gpt2jax model."""
+def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Config] | None = None,
+                **overrides) -> GPT2:
+    """Import a local transformers GPT-2 directory as a gpt2jax model; `resolve` fixes the
+    config's automatic choices (run.for_this_process does it for the CLI)."""
     hf, tensors = read_hf_dir(directory)
     cfg = config_from_hf(hf, where=str(Path(directory) / "config.json"), **overrides)
+    if resolve is not None:
+        cfg = resolve(cfg)
     tensors = {k: v for k, v in tensors.items() if not _ignored(k)}
     return from_hf_tensors(cfg, tensors, where=str(directory))
 
@@ -419,9 +403,8 @@ def export_hf(
         gen = {"bos_token_id": cfg.eos_token_id, "eos_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
-            if cfg.head == "sequence" and tokenizer.pad_token is None:
-                tokenizer = _with_pad(tokenizer)
-            tokenizer.save_pretrained(str(tmp))
+            _for_export(tokenizer, cfg).save_pretrained(str(tmp))
+        _usual_permissions(tmp)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():  # --overwrite of a plain file
@@ -433,12 +416,26 @@ def export_hf(
     return out
 
 
-def _with_pad(tokenizer):
+def _for_export(tokenizer, cfg: GPT2Config):
+    """The tokenizer as the exported model needs it: truncation=True cuts at the model's
+    context (n_positions), and a sequence classifier has a pad token (its EOS)."""
     import copy
 
     tok = copy.deepcopy(tokenizer)
-    tok.pad_token = tok.eos_token
+    tok.model_max_length = cfg.n_positions
+    if cfg.head == "sequence" and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     return tok
+
+
+def _usual_permissions(directory: Path) -> None:
+    """What a plain mkdir and open would give under the user's umask (mkdtemp makes the
+    directory private, 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _as_head(model: GPT2, cfg: GPT2Config) -> GPT2:

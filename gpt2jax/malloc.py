@@ -8,18 +8,19 @@ step). On this VM freed memory is also handed back to the hypervisor (free page
 reporting), and the next fault on it stalls for milliseconds. Two tunables help:
 
 - `glibc.malloc.hugetlb=1`: transparent huge pages for malloc's mmaps (about 600 faults
-  a step; docs/perf-notes.md 16);
+  a step; docs/perf-notes.md section 7);
 - never giving memory back (`mmap_max=0`, one arena, no trimming): after a few steps the
   heap holds the step's peak and nothing is faulted or zeroed again. GPT-2 small: median
-  4.0 -> 3.2 s a step, without the 0.4-2 s stalls (perf-notes 17). The price: the
+  4.0 -> 3.2 s a step, without the 0.4-2 s stalls (perf-notes section 7). The price: the
   process keeps its peak memory (plus fragmentation) between steps. The restart does
   not know the backend; on GPU/TPU hosts (host buffers only) it is unmeasured.
 
-glibc reads tunables only at process start, so the `gpt2jax` command restarts itself once
-(`os.execve`: same PID, same arguments) with a policy's tunables appended. Policies, by
-`GPT2JAX_MALLOC`: `keep` (default: both), `hugepages` (huge pages only), `system` (no
-restart; `GPT2JAX_HUGEPAGES=0` means the same). A GLIBC_TUNABLES that already sets any
-`glibc.malloc.*` tunable is the user's choice and is left alone.
+Both are opt-in, because both change what a Python program is expected to do with its
+memory. glibc reads tunables only at process start, so when asked the `gpt2jax` command
+restarts itself once (`os.execve`: same PID, same arguments) with the policy's tunables
+appended. Policies, by `GPT2JAX_MALLOC`: `system` (the default: glibc as it is, no
+restart), `hugepages` (huge pages only), `keep` (both). A GLIBC_TUNABLES that already
+sets any `glibc.malloc.*` tunable is the user's choice and is left alone.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ POLICIES: dict[str, tuple[str, ...]] = {
     "hugepages": (HUGEPAGES,),
     "system": (),
 }
-DEFAULT = "keep"
+DEFAULT = "system"
 CHOICE = "GPT2JAX_MALLOC"
-LEGACY_OPT_OUT = "GPT2JAX_HUGEPAGES"  # =0: the policy "system"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 # set by ensure(): the GLIBC_TUNABLES the user started with ("" for none)
 BEFORE = "GPT2JAX_GLIBC_TUNABLES_BEFORE"
@@ -59,15 +59,26 @@ def keeps_memory(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def policy(environ: Mapping[str, str] = os.environ) -> str:
-    """The policy asked for: GPT2JAX_MALLOC, else `system` if GPT2JAX_HUGEPAGES=0, else
-    the default. Raises ValueError for an unknown name."""
+    """The policy asked for: GPT2JAX_MALLOC, else the default. Raises ValueError for an
+    unknown name."""
     name = environ.get(CHOICE)
     if name is None:
-        return "system" if environ.get(LEGACY_OPT_OUT) == "0" else DEFAULT
+        return DEFAULT
     if name not in POLICIES:
         raise ValueError(f"{CHOICE}={name!r} is not a malloc policy: use "
                          f"{', '.join(POLICIES)} (or unset it for {DEFAULT})")
     return name
+
+
+def describe(environ: Mapping[str, str] = os.environ) -> str:
+    """The policy a process with this environment runs under: a policy's name when its
+    malloc tunables are exactly that policy's, `custom` for other malloc tunables."""
+    ours = sorted(f"{k}={v}" for k, v in _tunables(environ).items()
+                  if k.startswith("glibc.malloc."))
+    for name, tunables in POLICIES.items():
+        if ours == sorted(tunables):
+            return name
+    return "custom"
 
 
 def _thp_usable(path: str) -> bool:

@@ -13,16 +13,17 @@ explicit key so a training step is a deterministic function of (params, batch, s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import malloc
+from . import kernels as K
+from .config import ATTENTION, DTYPES, HEADS, REMAT
 from .errors import UserError
+from .sharding import chunk_positions, constrain_batch, require_cudnn, unshard_embed
 
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
@@ -30,7 +31,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
 }
-HEADS = ("lm", "sequence", "attention_pool")
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -42,17 +42,13 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
-REMAT = ("none", "full", "dots")
-# no-cache attention: the custom-VJP kernel below, or jax.nn.dot_product_attention with
-# implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16/fp16)
-ATTENTION = ("explicit", "xla", "cudnn")
 # Tokens per LM-loss chunk for model.loss_chunk=-1. CPU: 256 measured fastest (+15%
-# tokens/s over full logits on the 4-layer bench config, docs/perf-notes.md 9), 1024 when
+# tokens/s over full logits on the 4-layer bench config, docs/perf-notes.md section 6), 1024 when
 # glibc's malloc backs the buffers with huge pages (a chunk's fresh buffers then cost
-# little to fault in; +5-7%, perf-notes 16); GPU/TPU: not measured here, sized so a
+# little to fault in; +5-7%, perf-notes sections 6-7); GPU/TPU: not measured here, sized so a
 # chunk's float32 logits stay under 1 GB at vocab 50257.
 AUTO_LOSS_CHUNK = {"cpu": 256, "cpu+hugepages": 1024, "gpu": 4096, "tpu": 4096}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -85,10 +81,10 @@ class GPT2Config:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "explicit"  # explicit | xla | cudnn (ATTENTION)
-    # LM loss: -1 = auto (AUTO_LOSS_CHUNK by backend), 0 = full logits, N = about N tokens
-    # per chunk (fused; the (tokens, vocab) logits never exist at once)
+    # LM loss: -1 = auto (fixed by resolve_auto at the entry points; left open it means
+    # full logits), 0 = full logits, N = about N tokens per chunk (fused; the (tokens,
+    # vocab) logits never exist at once)
     loss_chunk: int = -1
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -129,14 +125,8 @@ class GPT2Config:
 
     @property
     def loss_chunk_tokens(self) -> int:
-        """loss_chunk with auto (-1) resolved for the default backend (and, on CPU, for
-        whether glibc's huge-page malloc is on: AUTO_LOSS_CHUNK)."""
-        if self.loss_chunk >= 0:
-            return self.loss_chunk
-        backend = jax.default_backend()
-        if backend == "cpu" and malloc.active():
-            backend = "cpu+hugepages"
-        return AUTO_LOSS_CHUNK.get(backend, AUTO_LOSS_CHUNK["gpu"])
+        """Tokens per LM-loss chunk; 0 (full logits) while loss_chunk is still auto."""
+        return max(self.loss_chunk, 0)
 
     @property
     def head_dim(self) -> int:
@@ -148,7 +138,7 @@ class GPT2Config:
 
     @property
     def compute_dtype(self):
-        return DTYPES[self.dtype]
+        return JNP_DTYPES[self.dtype]
 
     def replace(self, **kw) -> GPT2Config:
         return dataclasses.replace(self, **kw)
@@ -159,13 +149,14 @@ class GPT2Config:
             raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **kw})
 
-    def architecture(self) -> dict:
-        """The fields that decide parameter shapes and values (compared on resume)."""
-        keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "head")
-        arch = {k: getattr(self, k) for k in keys}
-        if self.head != "lm":
-            arch["num_labels"] = self.num_labels
-        return arch
+
+def resolve_auto(cfg: GPT2Config, platform: str, hugepages: bool = False) -> GPT2Config:
+    """cfg with its automatic choices fixed for `platform` ("cpu", "gpu", "tpu"); on CPU
+    `hugepages` says whether glibc's huge-page malloc backs the buffers (AUTO_LOSS_CHUNK)."""
+    if cfg.loss_chunk >= 0:
+        return cfg
+    key = "cpu+hugepages" if platform == "cpu" and hugepages else platform
+    return cfg.replace(loss_chunk=AUTO_LOSS_CHUNK.get(key, AUTO_LOSS_CHUNK["gpu"]))
 
 
 def param_count(cfg: GPT2Config) -> int:
@@ -195,45 +186,6 @@ def _fold(key: jax.Array | None, i: int | jax.Array) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def sum_tokens(x: jax.Array) -> jax.Array:
-    """Sum over every axis but the last, as a ones-vector product: XLA's CPU reduction
-    over the token axis of a (tokens, features) array ran at under 1 GB/s."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return jnp.matmul(jnp.ones((1, x2.shape[0]), x.dtype), x2)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm computed in float32 whatever the compute dtype (as a bf16 run needs).
-
-    The backward pass is written out so that the scale and bias gradients (sums over all
-    tokens) are ones-vector products: XLA's reductions over the token axis ran at under
-    1 GB/s on CPU, about 5 ms per parameter for GPT-2 small.
-    """
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    xhat = (xf - mean) * rstd
-    return (xhat * scale + bias).astype(x.dtype), (xhat, rstd, scale)
-
-
-def _layer_norm_bwd(eps, res, g):
-    xhat, rstd, scale = res
-    gf = g.astype(jnp.float32)
-    dscale, dbias = sum_tokens(gf * xhat), sum_tokens(gf)
-    gs = gf * scale
-    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
-    # the output, so its cotangent g, has the dtype of x
-    return dx.astype(g.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids that make a left-padded row compute exactly like the unpadded row."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -260,336 +212,6 @@ def attention_mask_bias(
     return allowed
 
 
-# ---------------------------------------------------------------- custom-VJP kernels
-# docs/perf-notes.md sections 4-5: hand-written backward passes whose matmuls keep plain
-# layouts. XLA's own backward of the attention einsums materialised transposes of the
-# (B, H, T, T) scores (about 15% of a GPT-2-small step on CPU), and the tied head's
-# weight gradient g^T h took a slow x^T g matmul path.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def attention_core(q, k, v, mask, scale, keep, rate):
-    """softmax(q k^T * scale, masked) @ v with an optional attention-dropout keep mask.
-
-    q, k, v: (B, H, T, K); mask: bool, broadcastable to (B, H, T, T); scale: a scalar
-    (may be traced, e.g. under scan_layers with scale_attn_by_inverse_layer_idx); keep:
-    bool (B, H, T, T) or None; rate: the dropout rate the keep mask was drawn with (a
-    static Python float). Returns (B, H, T, K) in q's dtype. Same maths as the explicit
-    formula, but the backward pass is written by hand (see _attention_bwd).
-    """
-    return _attention_fwd(q, k, v, mask, scale, keep, rate)[0]
-
-
-def _attention_probs(q, k, mask, scale):
-    s = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * scale
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(s, axis=-1)
-
-
-def _attention_fwd(q, k, v, mask, scale, keep, rate):
-    p = _attention_probs(q, k, mask, scale)
-    pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
-    out = jnp.matmul(pd.astype(q.dtype), v)
-    return out, (q, k, v, p, mask, scale, keep, out)
-
-
-def _attention_bwd(rate, res, do):
-    q, k, v, p, mask, scale, keep, out = res
-    pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
-    # Every matmul below takes the (T, T) matrices in their stored layout: products that
-    # contract their first axis are computed transposed, (K, T) = x^T @ (T, T), with the
-    # small operand and result transposed instead (2 transposed copies of a (T, T)
-    # matrix per layer otherwise).
-    dv = _t(jnp.matmul(_t(do), pd.astype(q.dtype)))
-    # sum_s dp * p over the keys equals do . out (out = pd @ v), so the softmax backward
-    # needs no reduction over the (T, T) matrix
-    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-    if keep is None:
-        # dp - delta as one product, [do, delta] @ [v, -1]^T: fused into the elementwise
-        # pass below, the library ran dp = do @ v^T several times slower than alone
-        do_aug = jnp.concatenate([do, delta.astype(do.dtype)], -1)
-        v_aug = jnp.concatenate([v, -jnp.ones((*v.shape[:-1], 1), v.dtype)], -1)
-        dpd = jnp.matmul(do_aug, jnp.swapaxes(v_aug, -1, -2), preferred_element_type=jnp.float32)
-    else:
-        dp = jnp.matmul(do, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
-        dpd = jnp.where(keep, dp / (1.0 - rate), 0.0) - delta
-    ds = p * dpd
-    # masked scores are constants: no gradient, even in a fully masked (padding) row,
-    # where the softmax is uniform and p alone would not zero them
-    ds = jnp.where(mask, ds * scale, 0.0).astype(q.dtype)
-    dq = jnp.matmul(ds, k).astype(q.dtype)
-    dk = _t(jnp.matmul(_t(q), ds)).astype(k.dtype)
-    # no gradient flows to the mask, the scale (a constant of the architecture) or keep
-    return dq, dk, dv.astype(v.dtype), None, jnp.zeros_like(scale), None
-
-
-def _t(x: jax.Array) -> jax.Array:
-    """Swap the last two axes (see _attention_bwd). The barrier keeps XLA's algebraic
-    simplifier from folding the swap back into the product; XLA's CPU pipeline removes
-    it before fusion, so it constrains the dot's form, not what is fused."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-
-
-attention_core.defvjp(_attention_fwd, _attention_bwd)
-
-
-@jax.custom_vjp
-def tied_head(h: jax.Array, w: jax.Array) -> jax.Array:
-    """h (N, D) @ w (V, D)^T -> (N, V), with the weight gradient computed as (h^T g)^T.
-
-    dW = g^T h contracts the token axis of both operands, a layout that runs on a slower
-    matmul path on CPU; transposing the small h first keeps the vocab axis contiguous.
-    """
-    return jnp.matmul(h, w.T)
-
-
-def _head_fwd(h, w):
-    return jnp.matmul(h, w.T), (h, w)
-
-
-def _head_bwd(res, g):
-    h, w = res
-    # the barriers stop XLA from folding the transposes back into the slow form
-    ht = jax.lax.optimization_barrier(h.T)
-    dwt = jax.lax.optimization_barrier(jnp.matmul(ht, g))
-    return jnp.matmul(g, w).astype(h.dtype), dwt.T.astype(w.dtype)
-
-
-tied_head.defvjp(_head_fwd, _head_bwd)
-
-
-@jax.custom_vjp
-def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """x (..., n_in) @ w (n_in, n_out) + b (n_out,), with a hand-written backward pass.
-
-    XLA's own backward computed the weight gradient x^T g from a transposed copy of g,
-    and fused g's whole producer (the residual stream's gradient chain) into that copy
-    (about 30 ms per use for GPT-2 small on CPU). Here the weight gradient contracts the
-    token axes of x and g directly, and the bias gradient is a ones-vector product,
-    which ran faster than XLA's reduction over the token axis (docs/perf-notes.md 14).
-    """
-    return _linear_fwd(x, w, b)[0]
-
-
-def _linear_fwd(x, w, b):
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w) + b
-    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b)
-
-
-def _linear_bwd(res, g):
-    x, w, b = res
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = g.reshape(-1, g.shape[-1])
-    dx = jnp.matmul(g2, w.T)
-    dw = jnp.matmul(x2.T, g2)
-    db = sum_tokens(g2).astype(b.dtype)
-    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), db
-
-
-linear.defvjp(_linear_fwd, _linear_bwd)
-
-
-def _seq_chunks(x: jax.Array, size: int) -> jax.Array:
-    """(B, T, ...) -> (C, B, size, ...): T zero-padded to C * size, chunk axis first.
-
-    Chunking along the sequence keeps the batch axis (the one sharded over the mesh)
-    intact inside every chunk.
-    """
-    b, t = x.shape[:2]
-    c = -(-t // size)
-    pad = [(0, 0), (0, c * size - t)] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, pad).reshape(b, c, size, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
-def _unchunk(x: jax.Array, t: int) -> jax.Array:
-    """The inverse of _seq_chunks: (C, B, size, ...) -> (B, T, ...)."""
-    c, b, size = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(b, c * size, *x.shape[3:])[:, :t]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def chunked_nll(h: jax.Array, w: jax.Array, targets: jax.Array, size: int) -> jax.Array:
-    """-log softmax(h @ w^T)[target] per token, never holding more than one chunk's logits.
-
-    h (B, T, D), w (V, D) in h's dtype, targets (B, T) int; `size` sequence positions per
-    chunk (static). Returns (B, T) float32, equal to the cross-entropy of the full logits.
-    The forward pass keeps only h and the per-token logsumexp; the backward pass
-    recomputes each chunk's logits and accumulates dh and dW = (h^T (softmax - onehot))^T
-    chunk by chunk (the (B * T, V) logits and their gradient are never materialised).
-    """
-    return _chunked_nll_fwd(h, w, targets, size)[0]
-
-
-def _chunk_logits(hi, w):
-    return jnp.matmul(hi, w.T, preferred_element_type=jnp.float32)  # (B, size, V)
-
-
-def _chunked_nll_fwd(h, w, targets, size):
-    def body(_, xs):
-        hi, ti = xs
-        logits = _chunk_logits(hi, w)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, ti[..., None], axis=-1)[..., 0]
-        return None, (lse - tgt, lse)
-
-    t = h.shape[1]
-    _, (nll, lse) = jax.lax.scan(body, None, (_seq_chunks(h, size), _seq_chunks(targets, size)))
-    lse = _unchunk(lse, t)
-    return _unchunk(nll, t), (h, w, targets, lse)
-
-
-def _chunked_nll_bwd(size, res, g):
-    h, w, targets, lse = res
-    v = w.shape[0]
-
-    def body(dwt, xs):
-        hi, ti, li, gi = xs  # gi is 0 on padded positions: they add nothing
-        logits = _chunk_logits(hi, w)
-        p = jnp.exp(logits - li[..., None])
-        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == ti[..., None]
-        d = (jnp.where(hit, p - 1.0, p) * gi[..., None]).astype(h.dtype)  # dnll/dlogits
-        dh = jnp.matmul(d, w)
-        # h^T d keeps the vocab axis contiguous (tied_head's layout argument)
-        dwt = dwt + jnp.einsum("btd,btv->dv", hi, d, preferred_element_type=jnp.float32)
-        return dwt, dh
-
-    xs = (_seq_chunks(h, size), _seq_chunks(targets, size), _seq_chunks(lse, size),
-          _seq_chunks(g.astype(jnp.float32), size))
-    dwt, dh = jax.lax.scan(body, jnp.zeros((h.shape[-1], v), jnp.float32), xs)
-    return _unchunk(dh, h.shape[1]).astype(h.dtype), dwt.T.astype(w.dtype), None
-
-
-chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def fused_nll_sum(h: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array,
-                  size: int) -> jax.Array:
-    """sum(weights * nll) of the tied head, chunked, with the gradients made in the forward.
-
-    Same inputs as chunked_nll plus weights (B, T); returns a float32 scalar. Under
-    differentiation the forward pass computes, chunk by chunk, the logits, the loss and
-    already dh and dW (the upstream gradient of a scalar loss is one number, applied in the
-    backward pass), so every chunk's logits are made once, not twice as in chunked_nll.
-    Residuals: dh (B, T, D) and dW (V, D) in float32, no logits.
-    """
-    return jnp.sum(chunked_nll(h, w, targets, size) * weights)
-
-
-def _fused_fwd(h, w, targets, weights, size):
-    v, d = w.shape
-
-    def body(dwt, xs):
-        hi, ti, wi = xs
-        logits = _chunk_logits(hi, w)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        e = jnp.exp(logits - m)  # one exp per logit serves the loss and its gradient
-        s = jnp.sum(e, axis=-1, keepdims=True)
-        tgt = jnp.take_along_axis(logits, ti[..., None], axis=-1)  # a gather, not a pass
-        nll = (m + jnp.log(s) - tgt)[..., 0]
-        # d nll / d logits times the token weight is e * c - onehot * wi with c = wi / s.
-        # The products take e as it is: c scales a row of dh after its product and a row
-        # of h before dW's (both small), and the onehot part is a gather here and a
-        # scatter after the loop. A pass over the (tokens, V) logits to form the gradient
-        # is gone (3% of config A's step; docs/perf-notes.md 17).
-        c = wi[..., None] / s
-        e = e.astype(h.dtype)
-        dh = jnp.matmul(e, w, preferred_element_type=jnp.float32) * c \
-            - wi[..., None] * jnp.take(w, ti, axis=0).astype(jnp.float32)
-        # h^T e keeps the vocab axis contiguous (tied_head's layout argument)
-        dwt = dwt + jnp.einsum("btd,btv->dv", (hi * c).astype(h.dtype), e,
-                               preferred_element_type=jnp.float32)
-        return dwt, (nll, dh)
-
-    xs = (_seq_chunks(h, size), _seq_chunks(targets, size),
-          _seq_chunks(weights.astype(jnp.float32), size))
-    dwt, (nll, dh) = jax.lax.scan(body, jnp.zeros((d, v), jnp.float32), xs)
-    t = h.shape[1]
-    nll = _unchunk(nll, t)
-    # the onehot part of dW: minus the weighted h of every token, added at its target's row
-    hw = h.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
-    dw = dwt.T.at[targets.reshape(-1)].add(-hw.reshape(-1, d))
-    # residuals in the primal dtypes (an empty array carries the weights' dtype)
-    res = (nll, _unchunk(dh, t).astype(h.dtype), dw.astype(w.dtype),
-           jnp.zeros((0,), weights.dtype))
-    return jnp.sum(nll * weights), res
-
-
-def _fused_bwd(size, res, g):
-    nll, dh, dw, wdt = res
-    return (g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw, None, (g * nll).astype(wdt.dtype))
-
-
-fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)
-
-
-def has_cudnn() -> bool:
-    """Whether JAX sees an NVIDIA GPU (CUDA backend)."""
-    return any(d.platform == "gpu" and "cuda" in str(d.client.platform_version).lower()
-               for d in jax.devices())
-
-
-def require_cudnn() -> None:
-    """UserError unless JAX sees an NVIDIA GPU (CUDA backend), naming the devices seen."""
-    devices = jax.devices()
-    if not has_cudnn():
-        seen = ", ".join(sorted({f"{d.platform} ({d.device_kind})" for d in devices}))
-        raise UserError(
-            f"model.attention=cudnn needs an NVIDIA GPU with the CUDA build of jax, but JAX "
-            f"sees {len(devices)} device(s): {seen}; use model.attention=xla or explicit "
-            "(or install jax[cuda12] on a GPU machine)"
-        )
-
-
-def chunk_positions(tokens: int, shape: tuple[int, ...]) -> int:
-    """Sequence positions per LM-loss chunk so that each device holds about `tokens` rows
-    of logits (0: no chunking). Under a mesh the batch axis is split by sharding.RULES'
-    `batch` rule, so a device holds B / (its data-parallel width) rows of every chunk."""
-    if tokens <= 0:
-        return 0
-    batch, length = shape[0], shape[1]
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        from .sharding import spec_for
-
-        axes = spec_for(("batch",), (batch,), mesh)[0]
-        names = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        batch //= math.prod(mesh.shape[n] for n in names)
-    return min(max(1, tokens // max(batch, 1)), length)
-
-
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """Shard an activation's leading (batch) axis by sharding.RULES' `batch` rule, under a
-    mesh only (jax.sharding.use_abstract_mesh / set_mesh; the train and eval steps enter
-    one when their inputs live on a mesh). Other axes are left replicated.
-
-    Without it the SPMD partitioner picks layouts for some activations (e.g. the position
-    embeddings' gradient) that differ from the batch's and falls back to a full
-    rematerialisation (replicate, then re-partition).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return x
-    from .sharding import spec_for
-
-    spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
-def _unshard_embed(table: jax.Array, row_axis: str) -> jax.Array:
-    """An embedding table gathered along `embed` (FSDP's all-gather before use) under a
-    mesh; its rows keep their rule. A lookup into a table split along `embed` gives
-    activations split along `embed`, which the partitioner cannot turn into the batch
-    layout without replicating them first."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return table
-    from .sharding import spec_for
-
-    return jax.lax.with_sharding_constraint(table, spec_for((row_axis, None), table.shape, mesh))
-
-
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes)
 
@@ -608,7 +230,7 @@ class LayerNorm(nnx.Module):
         self.eps = cfg.layer_norm_epsilon
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+        return K.layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -657,9 +279,9 @@ class Attention(nnx.Module):
         bias = self.c_attn_bias[...].astype(x.dtype)
         heads = w.shape[2:]
         if merged:
-            qkv = linear(x, w.reshape(d, -1), bias.reshape(-1)).reshape(b, t, *w.shape[1:])
+            qkv = K.linear(x, w.reshape(d, -1), bias.reshape(-1)).reshape(b, t, *w.shape[1:])
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        return tuple(linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1)).reshape(b, t, *heads)
+        return tuple(K.linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1)).reshape(b, t, *heads)
                      for i in range(3))
 
     def _attend_no_cache(self, x, mask, scale, key):
@@ -675,14 +297,14 @@ class Attention(nnx.Module):
             b, h, t, _ = q.shape
             # the same draw as dropout() on the (B, H, T, T) probabilities
             keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
-        out = attention_core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
+        out = K.attention_core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
         return self._project_out(jnp.swapaxes(out, 1, 2))
 
     def _project_out(self, out):
         """(B, T, H, K) attention output -> (B, T, d): c_proj as one plain product."""
         b, t, h, k = out.shape
         w = self.c_proj_kernel[...].astype(out.dtype).reshape(h * k, -1)
-        return linear(out.reshape(b, t, h * k), w, self.c_proj_bias[...].astype(out.dtype))
+        return K.linear(out.reshape(b, t, h * k), w, self.c_proj_bias[...].astype(out.dtype))
 
     def _attend_library(self, x, mask, scale, akey):
         """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
@@ -746,9 +368,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x, key=None):
         dt = x.dtype
-        h = linear(x, self.c_fc_kernel[...].astype(dt), self.c_fc_bias[...].astype(dt))
+        h = K.linear(x, self.c_fc_kernel[...].astype(dt), self.c_fc_bias[...].astype(dt))
         h = ACTIVATIONS[self.cfg.activation_function](h)
-        h = linear(h, self.c_proj_kernel[...].astype(dt), self.c_proj_bias[...].astype(dt))
+        h = K.linear(h, self.c_proj_kernel[...].astype(dt), self.c_proj_bias[...].astype(dt))
         return dropout(h, self.cfg.resid_pdrop, key)
 
 
@@ -820,13 +442,6 @@ class AttentionPoolHead(nnx.Module):
         return pooled @ self.out_kernel[...] + self.out_bias[...]
 
 
-def optax_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Integer-label cross-entropy of float32 logits (optax's, the trainer's reference)."""
-    import optax
-
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-
-
 def _checkpointed(fn, remat: str):
     if remat == "full":
         return jax.checkpoint(fn)
@@ -892,11 +507,11 @@ class GPT2(nnx.Module):
             else:
                 start = 0 if cache_index is None else cache_index
                 position_ids = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-        x = jnp.take(_unshard_embed(self.wte[...], "vocab"), input_ids, axis=0)
+        x = jnp.take(unshard_embed(self.wte[...], "vocab"), input_ids, axis=0)
         if arange_positions:  # a slice, not a gather: simpler to shard and to differentiate
             x = x + self.wpe[...][:t][None]
         else:
-            x = x + jnp.take(_unshard_embed(self.wpe[...], "positions"), position_ids, axis=0)
+            x = x + jnp.take(unshard_embed(self.wpe[...], "positions"), position_ids, axis=0)
         x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, 1_000_001))
         x = constrain_batch(x)
         if cache is None:
@@ -941,7 +556,7 @@ class GPT2(nnx.Module):
     def lm_logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: logits in float32."""
         lead, d = h.shape[:-1], h.shape[-1]
-        logits = tied_head(h.reshape(-1, d), self.wte[...].astype(h.dtype))
+        logits = K.tied_head(h.reshape(-1, d), self.wte[...].astype(h.dtype))
         return logits.reshape(*lead, -1).astype(jnp.float32)
 
     def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
@@ -951,8 +566,8 @@ class GPT2(nnx.Module):
         so the (B * T, vocab) logits never exist at once."""
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
-            return optax_nll(self.lm_logits(h), targets)
-        return chunked_nll(h, self.wte[...].astype(h.dtype), targets, size)
+            return K.optax_nll(self.lm_logits(h), targets)
+        return K.chunked_nll(h, self.wte[...].astype(h.dtype), targets, size)
 
     def lm_loss_sum(self, h: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum(weights * token_nll(h, targets)), float32 scalar, for training: with
@@ -961,7 +576,7 @@ class GPT2(nnx.Module):
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
             return jnp.sum(self.token_nll(h, targets) * weights)
-        return fused_nll_sum(h, self.wte[...].astype(h.dtype), targets, weights, size)
+        return K.fused_nll_sum(h, self.wte[...].astype(h.dtype), targets, weights, size)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
         if self.cfg.head == "sequence":
@@ -1003,6 +618,24 @@ def create_model(cfg: GPT2Config, seed: int = 0) -> GPT2:
     """A freshly initialised model on the default device (no mesh needed)."""
     with nnx.use_eager_sharding(False):
         return GPT2(cfg, nnx.Rngs(params=seed))
+
+
+def from_values(cfg: GPT2Config, values: dict) -> GPT2:
+    """A model of `cfg` from {parameter name: array} in either layer layout (params.py),
+    without initialising random weights."""
+    from . import params as P
+
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    values = P.relayout(values, cfg.n_layer, cfg.scan_layers, stack_fn=jnp.stack)
+    want = {k: tuple(v.shape) for k, v in P.flat(abstract).items()}
+    for name, shape in want.items():
+        if name not in values:
+            raise UserError(f"parameter {name} is missing")
+        if tuple(values[name].shape) != shape:
+            raise UserError(f"parameter {name} has shape {tuple(values[name].shape)}, "
+                            f"expected {shape}")
+    return nnx.merge(graphdef, P.unflat(abstract, {
+        k: jnp.asarray(values[k], dtype=jnp.float32) for k in want}))
 
 
 def abstract_model(cfg: GPT2Config) -> GPT2:

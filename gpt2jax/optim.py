@@ -11,24 +11,7 @@ import re
 import optax
 
 from .errors import UserError
-
-
-def name_tree(state):
-    """The same tree as `state` (an nnx.State) with each leaf replaced by its dotted name."""
-    from flax import nnx
-
-    leaves = [
-        (path, var.replace(".".join(map(str, path))))
-        for path, var in nnx.to_flat_state(state)
-    ]
-    return nnx.from_flat_state(leaves)
-
-
-def map_names(fn, state):
-    """Tree of fn(name) over a parameter state (for masks and labels)."""
-    import jax
-
-    return jax.tree.map(fn, name_tree(state))
+from .params import map_names
 
 
 def decays(name: str, decay_embeddings: bool = False) -> bool:

@@ -146,23 +146,82 @@ def shardings_like_params(tree, params, param_shardings, default: NamedSharding)
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def mesh_of(tree):
-    """A context that makes the mesh of `tree`'s arrays the current abstract mesh, inside a
-    jit trace (model.constrain_batch reads it); a null context when the arrays are not on
-    a multi-device mesh or a mesh is already current.
+def under_mesh(fn, mesh: Mesh):
+    """fn traced with `mesh` as the current abstract mesh, so the model's activation
+    constraints (constrain_batch, unshard_embed) and the loss's chunk size see it; a
+    one-device mesh constrains nothing."""
+    import functools
 
-    The trainer jits its step without `jax.set_mesh`; its inputs' avals still carry the
-    mesh they were placed on, which is how the step learns it.
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------- inside the model
+
+
+def has_cudnn() -> bool:
+    """Whether JAX sees an NVIDIA GPU (CUDA backend)."""
+    return any(d.platform == "gpu" and "cuda" in str(d.client.platform_version).lower()
+               for d in jax.devices())
+
+
+def require_cudnn() -> None:
+    """UserError unless JAX sees an NVIDIA GPU (CUDA backend), naming the devices seen."""
+    devices = jax.devices()
+    if not has_cudnn():
+        seen = ", ".join(sorted({f"{d.platform} ({d.device_kind})" for d in devices}))
+        raise UserError(
+            f"model.attention=cudnn needs an NVIDIA GPU with the CUDA build of jax, but JAX "
+            f"sees {len(devices)} device(s): {seen}; use model.attention=xla or explicit "
+            "(or install jax[cuda12] on a GPU machine)"
+        )
+
+
+def chunk_positions(tokens: int, shape: tuple[int, ...]) -> int:
+    """Sequence positions per LM-loss chunk so that each device holds about `tokens` rows
+    of logits (0: no chunking). Under a mesh the batch axis is split by sharding.RULES'
+    `batch` rule, so a device holds B / (its data-parallel width) rows of every chunk."""
+    if tokens <= 0:
+        return 0
+    batch, length = shape[0], shape[1]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        axes = spec_for(("batch",), (batch,), mesh)[0]
+        names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        batch //= math.prod(mesh.shape[n] for n in names)
+    return min(max(1, tokens // max(batch, 1)), length)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Shard an activation's leading (batch) axis by sharding.RULES' `batch` rule, under a
+    mesh only (the train and eval steps trace under their mesh: `under_mesh`). Other axes
+    are left replicated.
+
+    Without it the SPMD partitioner picks layouts for some activations (e.g. the position
+    embeddings' gradient) that differ from the batch's and falls back to a full
+    rematerialisation (replicate, then re-partition).
     """
-    import contextlib
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    from .sharding import spec_for
 
-    if not jax.sharding.get_abstract_mesh().empty:
-        return contextlib.nullcontext()
-    for leaf in jax.tree.leaves(tree):
-        try:
-            mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-        except TypeError:  # not an array (a Python scalar, say): no mesh to learn
-            continue
-        if mesh is not None and not mesh.empty and mesh.size > 1:
-            return jax.sharding.use_abstract_mesh(mesh)
-    return contextlib.nullcontext()
+    spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def unshard_embed(table: jax.Array, row_axis: str) -> jax.Array:
+    """An embedding table gathered along `embed` (FSDP's all-gather before use) under a
+    mesh; its rows keep their rule. A lookup into a table split along `embed` gives
+    activations split along `embed`, which the partitioner cannot turn into the batch
+    layout without replicating them first."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return table
+    from .sharding import spec_for
+
+    return jax.lax.with_sharding_constraint(table, spec_for((row_axis, None), table.shape, mesh))

@@ -1,4 +1,4 @@
-"""Model sources (SRC): one function turns a string into a model and its tokenizer.
+"""Model sources (SRC): what a string names (run.load_model loads it).
 
 Resolution order (the same for `--model` and for `model.init` in training):
 1. `hf:X` forces Hugging Face (a local directory X, else the hub name X); `run:X` forces a
@@ -103,50 +103,14 @@ def hub_download(name: str) -> Path:
         ) from e
 
 
-def load_model(src: str, step: int | str | None = None, **overrides):
-    """(model, tokenizer, Source) for a SRC string.
-
-    overrides are GPT2Config fields that do not change weights (dtype, dropout, remat...).
-    """
-    from . import hf
+def source_tokenizer(src: str):
+    """The tokenizer of a SRC string, without loading its weights."""
     from .tokenizer import load_tokenizer
 
-    source = resolve(src, step)
+    source = resolve(src)
     if source.kind == "hub":
-        directory = hub_download(source.path)
-        return hf.load_hf_dir(directory, **overrides), load_tokenizer(directory), source
+        return load_tokenizer(hub_download(source.path))
     if source.kind == "hf_dir":
-        model = hf.load_hf_dir(source.path, **overrides)
-        return model, load_tokenizer(source.path), source
-    from .checkpoint import load_run_model
-
-    model, tokenizer = load_run_model(source.path, source.step, **overrides)
-    return model, tokenizer, source
-
-
-def tokenizer_for(cfg):
-    """The tokenizer a run of `cfg` (a config.Config) trains with, chosen as train() does:
-    the run's own when it resumes, else model.init's, else GPT-2's; plus
-    data.add_special_tokens."""
-    from .tokenizer import load_tokenizer
-
-    run = Path(cfg.train.run_dir)
-    run_tok = run / "tokenizer"
-    resume = (run / "model.json").is_file() and (run / "checkpoints").is_dir()
-    if resume and run_tok.is_dir():
-        tokenizer = load_tokenizer(run_tok)
-    elif cfg.model.init == "scratch":
-        tokenizer = load_tokenizer(None)
-    else:
-        source = resolve(cfg.model.init)
-        if source.kind == "hub":
-            tokenizer = load_tokenizer(hub_download(source.path))
-        elif source.kind == "hf_dir":
-            tokenizer = load_tokenizer(source.path)
-        else:
-            tokenizer = load_tokenizer(Path(source.path) / "tokenizer")
-    if cfg.data.add_special_tokens:
-        from .tasks import with_special_tokens
-
-        tokenizer = with_special_tokens(tokenizer, cfg.data.add_special_tokens)
-    return tokenizer
+        return load_tokenizer(source.path)
+    run_tok = Path(source.path) / "tokenizer"
+    return load_tokenizer(run_tok if run_tok.is_dir() else None)

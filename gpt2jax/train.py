@@ -1,8 +1,9 @@
-"""The training loop: jitted, sharded step; evaluation; checkpoints; logs; preemption.
+"""The training loop: a pure, jitted, sharded step and the periodic actions around it.
 
 A step is a pure function of (params, opt_state, batch, step): dropout keys are folded
 from the seed and the step, and the batch of a step depends only on the seed and the
 step, so a run resumed from any checkpoint ends bit-identical to an uninterrupted one.
+What a run is made of (directory, model config, tokenizer, first parameters) is run.py's.
 """
 
 from __future__ import annotations
@@ -13,90 +14,36 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import Config, save_config
+from .config import Config
 from .errors import UserError
 from .model import GPT2Config
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved. The CLI exits with status 143."""
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) arrived; a checkpoint was saved. The CLI
+    exits with 128 + the signal's number (143, 130)."""
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"preempted: saved checkpoint at step {step} to {path}")
-        self.step, self.path = step, path
-
-
-ARCH_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
-
-
-def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]) -> GPT2Config:
-    """The model's config from the model section, the init source and the data's labels."""
-    m = cfg.model
-    explicit = {k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None}
-    if source is None:
-        base = GPT2Config.from_preset(m.preset) if m.preset else GPT2Config()
-        base = base.replace(**explicit)
-    else:
-        if m.preset:
-            preset = GPT2Config.from_preset(m.preset)
-            explicit = {**{k: getattr(preset, k) for k in ("n_layer", "n_embd", "n_head")},
-                        **explicit}
-        clash = {k: (v, getattr(source, k)) for k, v in explicit.items()
-                 if getattr(source, k) != v}
-        if clash:
-            desc = ", ".join(f"model.{k}={a} but the source has {b}" for k, (a, b) in clash.items())
-            raise UserError(f"model.init={m.init} fixes the architecture: {desc}; "
-                            "remove these keys or use model.init=scratch")
-        base = source
-    fields = dict(head=m.head, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
-                  classifier_dropout=m.classifier_dropout, attention=m.attention,
-                  loss_chunk=m.loss_chunk)
-    if m.dropout is not None:
-        fields.update(embd_pdrop=m.dropout, attn_pdrop=m.dropout, resid_pdrop=m.dropout)
-    if m.head != "lm":
-        num = m.num_labels or len(labels)
-        if labels and num != len(labels):
-            raise UserError(f"model.num_labels={num} but the data has {len(labels)} labels "
-                            f"{list(labels)}")
-        fields.update(num_labels=num, labels=tuple(labels),
-                      pad_token_id=base.eos_token_id)
-    out = base.replace(**fields)
-    if cfg.data.task != "classification" and cfg.train.seq_len > out.n_positions:
-        raise UserError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context "
-                        f"n_positions={out.n_positions}; lower train.seq_len")
-    return out
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGTERM):
+        what = "interrupted" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{what}: saved checkpoint at step {step} to {path} (run the same "
+                         "command again to continue)")
+        self.step, self.path, self.exit_status = step, path, 128 + signum
 
 
 def _fault(kind: str, step: int) -> None:
-    """Test hook: GPT2JAX_FAULT=kill@step:N or kill@save:N sends this process SIGKILL;
-    term@step:N sends SIGTERM (a preemption at a known step, whatever the scheduling)."""
+    """Fault injection for the resume tests: GPT2JAX_FAULT=kill@step:N or kill@save:N sends
+    this process SIGKILL; term@step:N SIGTERM and int@step:N SIGINT (a preemption or a
+    Ctrl-C at a known step, whatever the scheduling)."""
     spec = os.environ.get("GPT2JAX_FAULT", "")
-    for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM)):
+    for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM),
+                        ("int", signal.SIGINT)):
         if spec == f"{action}@{kind}:{step}":
             os.kill(os.getpid(), sig)
-
-
-def _check_run_dir(run: Path) -> None:
-    import tempfile
-
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        # a probe of its own: every process of a multi-process run checks the same directory
-        with tempfile.NamedTemporaryFile(dir=run, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"train.run_dir={run} is not writable ({e.strerror}); "
-                        "choose another directory") from e
-
-
-def _model_json(mcfg: GPT2Config) -> dict:
-    d = asdict(mcfg)
-    d.pop("extra", None)
-    d["labels"] = list(mcfg.labels)
-    return d
 
 
 def train(cfg: Config) -> dict:
@@ -110,238 +57,256 @@ def train(cfg: Config) -> dict:
         timeout=d.timeout, local_device_count=d.local_device_count)
 
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
+
+    from .run import RunDir
+
+    run = RunDir(cfg.train.run_dir)
+    run.check_writable()
+    if jax.process_index() == 0:
+        run.lock()  # before anything is read or written: one training per run directory
+    try:
+        return _train(cfg, run, dist)
+    finally:
+        run.unlock()
+
+
+def _train(cfg: Config, run, dist) -> dict:
+    import jax
 
     from .batches import Batcher
     from .checkpoint import Checkpoints
-    from .model import abstract_model
-    from .optim import make_optimizer, update_count
-    from .sharding import (
-        data_parallel_size,
-        global_batch,
-        make_mesh,
-        replicated,
-        shardings_like_params,
-        state_shardings,
-    )
-    from .tracking import Tracker, plot_loss
+    from .run import resolve_model_config, tokenizer_for
+    from .sharding import data_parallel_size, make_mesh
 
     t_start = time.time()
     t = cfg.train
-    main_process = jax.process_index() == 0
-    run = Path(t.run_dir)
-    _check_run_dir(run)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    dp = data_parallel_size(mesh)
     micro = t.batch_size // t.grad_accum
-    if micro % dp:
+    if micro % data_parallel_size(mesh):
         raise UserError(f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} "
                         f"sequences per micro-batch is not divisible by the data-parallel size "
-                        f"mesh.data x mesh.fsdp = {dp}")
+                        f"mesh.data x mesh.fsdp = {data_parallel_size(mesh)}")
+    source_model = None
+    if cfg.model.init != "scratch" and not run.resume:
+        from .run import load_model
 
-    # ---- model source, tokenizer, data
-    source_model, tokenizer = None, None
-    resume = (run / "model.json").is_file() and (run / "checkpoints").is_dir()
-    if cfg.model.init != "scratch" and not resume:
-        from .sources import load_model
-
-        source_model, tokenizer, _ = load_model(cfg.model.init)
-    if tokenizer is None:
-        from .tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else None)
-    if cfg.data.add_special_tokens:
-        from .tasks import with_special_tokens
-
-        tokenizer = with_special_tokens(tokenizer, cfg.data.add_special_tokens)
-        if cfg.model.init == "scratch" and cfg.model.vocab_size is None:
-            base_vocab = GPT2Config.from_preset(cfg.model.preset).vocab_size \
-                if cfg.model.preset else GPT2Config().vocab_size
-            cfg.model.vocab_size = max(base_vocab, len(tokenizer))
-    old_labels = ()
-    if resume:
-        old = json.loads((run / "model.json").read_text())
-        old_labels = tuple(old.get("labels") or ())
+        source_model = load_model(cfg.model.init)[0]
+    tokenizer = tokenizer_for(cfg)
+    recorded = run.model_config() if run.resume else None
     eos = tokenizer.eos_token_id
-    prepared = _prepare_data(cfg, tokenizer, eos, old_labels)
-    if source_model is not None:
-        mcfg = model_config(cfg, source_model.cfg, prepared.labels)
-    elif resume:
-        old.pop("labels", None)
-        src = GPT2Config(**{k: v for k, v in old.items() if k in GPT2Config.__dataclass_fields__})
-        mcfg = model_config(cfg, None, prepared.labels)
-        changed = {k: (getattr(src, k), getattr(mcfg, k)) for k in (*ARCH_KEYS, "head")
-                   if getattr(src, k) != getattr(mcfg, k)}
-        if cfg.model.init != "scratch":
-            mcfg = model_config(cfg, src.replace(head="lm"), prepared.labels)
-            changed = {}
-        if changed:
-            desc = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
-            raise UserError(f"{run} holds a run with other model dimensions ({desc}); "
-                            "resume with the same model settings or choose a new train.run_dir")
-    else:
-        mcfg = model_config(cfg, None, prepared.labels)
-    if source_model is not None and cfg.data.add_special_tokens and \
-            mcfg.vocab_size < len(tokenizer):
-        mcfg = mcfg.replace(vocab_size=len(tokenizer))  # new rows: see _initial_params
-    if mcfg.vocab_size < len(tokenizer):
-        raise UserError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
-                        f"{len(tokenizer)} tokens; raise model.vocab_size (GPT-2: 50257)")
-
+    prepared = _prepare_data(cfg, tokenizer, eos, recorded.labels if recorded else ())
+    mcfg = resolve_model_config(cfg, source_model.cfg if source_model else None,
+                                prepared.labels, len(tokenizer))
     batcher = Batcher(prepared.train, t.batch_size, t.seed, jax.process_index(),
                       jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions))
     total = t.steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
-
+    plan = build_step(cfg, mcfg, mesh, total, class_weights=_class_weights(cfg, prepared))
+    ckpts = Checkpoints(run.path, t.keep_checkpoints)
+    state = _start_state(ckpts, plan, mcfg, t.seed, source_model)
+    source_model = None  # its host copy of the weights is no longer needed
+    main_process = jax.process_index() == 0
+    if main_process:  # only now: a failed restore leaves the run's files as they were
+        run.write(cfg, mcfg, tokenizer)
+        if state["start"]:
+            print(f"gpt2jax: resuming {run.path} from step {state['start']}", file=sys.stderr)
+    loop = _Loop(cfg, plan, mesh, ckpts, prepared, tokenizer, total, state)
+    try:
+        loop.run(batcher)
+    finally:
+        loop.close()
     if main_process:
-        save_config(cfg, run / "config.yaml")
-        (run / "model.json").write_text(json.dumps(_model_json(mcfg), indent=2) + "\n")
-        if not (run / "tokenizer").is_dir():
-            tokenizer.save_pretrained(str(run / "tokenizer"))
+        _plots(run.path, loop.last_eval, prepared.labels)
+    return {"run_dir": str(run.path), "start_step": state["start"], "total_steps": total,
+            "processes": dist.num_processes if dist else 1, "mesh": dict(mesh.shape),
+            "final_step": loop.step, "train_loss": loop.last_loss, "validation": loop.last_eval,
+            "best": loop.best, "data": prepared.stats,
+            "wall_seconds": round(time.time() - t_start, 1),
+            "params": int(sum(x.size for x in jax.tree.leaves(loop.params)))}
 
-    # ---- parameters, optimizer, shardings
-    graphdef, abstract = nnx.split(abstract_model(mcfg))
-    param_sh = state_shardings(abstract, mesh)
-    tx, schedule = make_optimizer(cfg.optim, total, abstract)
-    abstract_opt = jax.eval_shape(tx.init, abstract)
-    opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
 
-    classification = cfg.data.task == "classification"
-    best_key = t.best_metric or ("accuracy" if classification else "loss")
-    best_mode = "max" if classification and best_key != "loss" else "min"
-    ckpts = Checkpoints(run, t.keep_checkpoints)
-    start, best = 0, None
-    got = (None, None)
-    if ckpts.steps():
-        # Restore straight into the target shardings: no throwaway random init.
-        got = ckpts.restore_latest_good(abstract, abstract_opt, param_sh, opt_sh)
-    if got[0] is not None:
-        start, (params, opt_state, meta) = got
-        best = meta.get("best")
-        if main_process:
-            print(f"gpt2jax: resuming {run} from step {start}", file=sys.stderr)
-    else:
-        params = _initial_params(mcfg, t.seed, source_model, param_sh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    source_model = None
-    tracker = Tracker(run, main_process, resume_step=start)
-    tracker.log(start, prepared.stats, split="data")  # bytes_per_token, documents, ...
-
-    # ---- compiled functions
-    base_key = jax.random.key(t.seed)
-    class_weights = None
-    if classification and t.class_weights == "balanced":
+def _class_weights(cfg: Config, prepared):
+    if cfg.data.task == "classification" and cfg.train.class_weights == "balanced":
         from .tasks import balanced_class_weights
 
-        class_weights = balanced_class_weights(prepared.train.labels, len(prepared.labels))
-    step_fn = make_train_step(graphdef, tx, classification, t.grad_accum, base_key,
-                              class_weights=class_weights, lm_loss_weight=t.lm_loss_weight)
-    step_fn = jax.jit(step_fn, donate_argnums=(0, 1),
-                      out_shardings=(param_sh, opt_sh, replicated(mesh)))
-    eval_fn = jax.jit(make_eval_step(graphdef, classification))
+        return balanced_class_weights(prepared.train.labels, len(prepared.labels))
+    return None
 
-    def to_global(local: dict) -> dict:
-        shaped = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in local.items()}
-        return global_batch(mesh, shaped, leading=1)  # after the grad-accum axis
 
-    stop_signal = {"term": False}
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop_signal.update(term=True)) \
-        if _main_thread() else None
+def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_model) -> dict:
+    """The newest checkpoint that restores, straight into the target shardings (no
+    throwaway random init), else the initial parameters and a fresh optimizer state."""
+    import jax
 
-    def save(step: int, metrics: dict | None = None) -> None:
-        meta = {"step": step, "data_position": step, "seed": t.seed, "best": best,
-                "rng": f"fold_in(key({t.seed}), step)", "metrics": metrics or {}}
-        ckpts.save(step, params, opt_state, meta)
-        _fault("save", step)
+    from .run import initial_params
 
-    def evaluate_now(step: int) -> dict | None:
-        if prepared.validation is None:
+    if ckpts.steps():
+        start, got = ckpts.restore_latest_good(plan.abstract_params, plan.abstract_opt,
+                                               plan.param_sh, plan.opt_sh)
+        if start is not None:
+            params, opt_state, meta = got
+            return {"start": start, "params": params, "opt_state": opt_state,
+                    "best": meta.get("best")}
+    params = initial_params(mcfg, seed, source_model, plan.param_sh)
+    opt_state = jax.jit(plan.tx.init, out_shardings=plan.opt_sh)(params)
+    return {"start": 0, "params": params, "opt_state": opt_state, "best": None}
+
+
+class _Loop:
+    """A run in progress: the step and the periodic actions around it (log, evaluate,
+    sample, checkpoint, preemption check), each run every N steps; the last step's
+    evaluation and checkpoint are `finish`'s."""
+
+    def __init__(self, cfg: Config, plan: StepPlan, mesh, ckpts, prepared, tokenizer,
+                 total: int, state: dict):
+        import jax
+
+        from .tracking import Tracker
+
+        self.cfg, self.t, self.plan, self.mesh, self.ckpts = cfg, cfg.train, plan, mesh, ckpts
+        self.prepared, self.tokenizer, self.total = prepared, tokenizer, total
+        self.start = self.step = state["start"]
+        self.params, self.opt_state, self.best = state["params"], state["opt_state"], state["best"]
+        self.main = jax.process_index() == 0
+        self.run_dir = ckpts.dir.parent
+        self.classification = cfg.data.task == "classification"
+        self.best_key = self.t.best_metric or ("accuracy" if self.classification else "loss")
+        self.best_mode = "max" if self.classification and self.best_key != "loss" else "min"
+        self.tracker = Tracker(self.run_dir, self.main, resume_step=self.start)
+        self.tracker.log(self.start, prepared.stats, split="data")  # bytes_per_token, ...
+        self.progress = _Progress(self.t.progress, total, self.start, self.main)
+        self.last_loss = self.last_eval = None
+        self.pending = None  # metrics of the step in flight, read one step late (async)
+        self.bad_steps = 0
+        self.window = (time.perf_counter(), 0.0, 0)  # start, data wait, steps
+        self.stop_signal = None  # SIGTERM or SIGINT once one arrived
+        self.old_handlers = {sig: signal.signal(sig, self._on_signal)
+                             for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum  # checkpointed at the next step's preemption check
+        if signum == signal.SIGINT:  # a second Ctrl-C aborts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def actions(self) -> list[tuple[int, Callable[[int], None]]]:
+        t = self.t
+        return [(t.log_every, self.log), (1, lambda done: _fault("step", done)),
+                (t.eval_every, self.evaluate),
+                (t.sample_every if t.sample_prompts else 0, self.sample),
+                (t.checkpoint_every, self.save), (1, self.check_preempted)]
+
+    def run(self, batcher) -> None:
+        import jax.numpy as jnp
+
+        from .sharding import global_batch
+
+        actions, accum = self.actions(), self.t.grad_accum
+        for step, local, waited in batcher.iterate(self.start, self.total):
+            shaped = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in local.items()}
+            batch = global_batch(self.mesh, shaped, leading=1)  # after the grad-accum axis
+            self.params, self.opt_state, metrics = self.plan.train_step(
+                self.params, self.opt_state, batch, jnp.int32(step))
+            self._fetch()  # the previous step's metrics: this one is still running
+            self.pending = (step, metrics)
+            start, wait, steps = self.window
+            self.window = (start, wait + waited, steps + 1)
+            self.step = done = step + 1
+            for every, action in actions if done < self.total else ():
+                if every and done % every == 0:
+                    action(done)
+        self.finish()
+
+    def finish(self) -> None:
+        """The last step's log, samples, evaluation and checkpoint."""
+        self.step = self.total
+        if self.t.log_every:
+            self.log(self.total)
+        self._fetch()
+        if self.t.sample_every and self.t.sample_prompts and \
+                self.total % self.t.sample_every == 0:
+            self.sample(self.total)
+        self.evaluate(self.total)
+        if self.start < self.total:
+            self.save(self.total)
+        self.ckpts.close()
+
+    def _fetch(self) -> dict | None:
+        if self.pending is None:
             return None
-        res = run_eval(eval_fn, params, prepared.validation, t, mesh, classification,
-                       prepared.labels, eos, min(t.seq_len, mcfg.n_positions))
-        tracker.log(step, res, split="validation")
-        return res
+        m, self.bad_steps = _account(self.pending, self.bad_steps, self.t.skip_nonfinite)
+        self.last_loss, self.pending = float(m["loss"]), None
+        return m
 
-    progress = _Progress(t.progress, total, start, main_process)
-    summary: dict = {"run_dir": str(run), "start_step": start, "total_steps": total,
-                     "processes": dist.num_processes if dist else 1,
-                     "mesh": dict(mesh.shape)}
-    last_loss, last_eval = None, None
-    window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    pending = None  # metrics of the step in flight, read one step late to keep dispatch async
-    bad_steps = 0
-    step = start
-    try:
-        for step, local, waited in batcher.iterate(start, total):
-            window_wait += waited
-            batch = to_global(local)
-            params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
-            if pending is not None:
-                m, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
-                last_loss = float(m["loss"])
-            pending = (step, metrics)
-            done = step + 1
-            window_steps += 1
-            if t.log_every and (done % t.log_every == 0 or done == total):
-                m, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
-                last_loss, pending = float(m["loss"]), None
-                dt = time.perf_counter() - window_t0
-                # the rate of the last applied update (skipped steps do not advance it)
-                lr = float(schedule(max(update_count(opt_state) - 1, 0)))
-                row = {"loss": float(m["loss"]), "lr": lr,
-                       "grad_norm": float(m["grad_norm"]),
-                       "tokens_per_sec": (window_steps * t.batch_size * t.seq_len) / dt,
-                       "steps_per_sec": window_steps / dt,
-                       "data_wait_fraction": window_wait / dt}
-                if classification:
-                    row.pop("tokens_per_sec")
-                    row["examples_per_sec"] = window_steps * t.batch_size / dt
-                tracker.log(done, row)
-                progress.update(done, row)
-                window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            _fault("step", done)
-            if t.eval_every and done % t.eval_every == 0 and done != total:
-                last_eval = evaluate_now(done)
-                best = _update_best(best, last_eval, done, best_key, best_mode)
-            if t.sample_every and t.sample_prompts and done % t.sample_every == 0:
-                write_samples(params, graphdef, tokenizer, t, done, tracker, run, main_process)
-            periodic = t.checkpoint_every and done % t.checkpoint_every == 0 and done != total
-            if periodic:
-                save(done, last_eval)
-            if _any_process(stop_signal["term"], done):
-                if not periodic:  # Orbax refuses to save a step twice
-                    save(done, last_eval)
-                ckpts.close()
-                raise Preempted(done, ckpts.dir / str(done))
-        if pending is not None:
-            m, bad_steps = _account(pending, bad_steps, t.skip_nonfinite)
-            last_loss = float(m["loss"])
-        step = total
-        last_eval = evaluate_now(total)  # None without a validation split
-        best = _update_best(best, last_eval, total, best_key, best_mode)
-        if start < total:
-            save(total, last_eval)
-        ckpts.close()
-    finally:
-        progress.close()
-        tracker.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+    def log(self, done: int) -> None:
+        from .optim import update_count
+
+        m = self._fetch()
+        if m is None:
+            return
+        start, wait, steps = self.window
+        dt = time.perf_counter() - start
+        # the rate of the last applied update (skipped steps do not advance it)
+        lr = float(self.plan.schedule(max(update_count(self.opt_state) - 1, 0)))
+        row = {"loss": float(m["loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
+               "steps_per_sec": steps / dt, "data_wait_fraction": wait / dt}
+        if self.classification:
+            row["examples_per_sec"] = steps * self.t.batch_size / dt
+        else:
+            row["tokens_per_sec"] = steps * self.t.batch_size * self.t.seq_len / dt
+        self.tracker.log(done, row)
+        self.progress.update(done, row)
+        self.window = (time.perf_counter(), 0.0, 0)
+
+    def evaluate(self, done: int) -> None:
+        p, t = self.prepared, self.t
+        if p.validation is None:
+            return
+        max_len = min(t.seq_len, self.plan.mcfg.n_positions)
+        res = run_eval(self.plan.eval_step, self.params, p.validation, t, self.mesh,
+                       self.classification, p.labels, self.tokenizer.eos_token_id, max_len)
+        self.tracker.log(done, res, split="validation")
+        self.last_eval = res
+        self.best = _update_best(self.best, res, done, self.best_key, self.best_mode)
+
+    def sample(self, done: int) -> None:
+        write_samples(self.params, self.plan.graphdef, self.tokenizer, self.t, done,
+                      self.tracker, self.run_dir, self.main)
+
+    def save(self, done: int) -> None:
+        meta = {"step": done, "data_position": done, "seed": self.t.seed, "best": self.best,
+                "rng": f"fold_in(key({self.t.seed}), step)", "metrics": self.last_eval or {}}
+        self.ckpts.save(done, self.params, self.opt_state, meta)
+        _fault("save", done)
+
+    def check_preempted(self, done: int) -> None:
+        if not _any_process(self.stop_signal is not None, done):
+            return
+        every = self.t.checkpoint_every
+        if not (every and done % every == 0):  # saved just now: Orbax refuses a step twice
+            self.save(done)
+        self.ckpts.close()
+        raise Preempted(done, self.ckpts.dir / str(done), self.stop_signal or signal.SIGTERM)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.tracker.close()
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
         try:
-            ckpts.close()
+            self.ckpts.close()
         except Exception:
             pass
-    if main_process:
-        plot_loss(run)
-        if classification and last_eval and "confusion_matrix" in last_eval:
-            from .evaluate import plot_confusion_matrix
 
-            plot_confusion_matrix(last_eval["confusion_matrix"], prepared.labels,
-                                  run / "confusion_matrix.png")
-    summary.update(final_step=step, train_loss=last_loss, validation=last_eval, best=best,
-                   data=prepared.stats, wall_seconds=round(time.time() - t_start, 1),
-                   params=int(sum(x.size for x in jax.tree.leaves(params))))
-    return summary
+
+def _plots(run_dir: Path, last_eval: dict | None, labels) -> None:
+    """The loss curve and, for a classifier, the last evaluation's confusion matrix."""
+    from .tracking import plot_loss
+
+    plot_loss(run_dir)
+    if last_eval and "confusion_matrix" in last_eval:
+        from .evaluate import plot_confusion_matrix
+
+        plot_confusion_matrix(last_eval["confusion_matrix"], labels,
+                              run_dir / "confusion_matrix.png")
 
 
 def _main_thread() -> bool:
@@ -397,46 +362,54 @@ def _update_best(best, metrics, step, key, mode):
     return best
 
 
-def _initial_params(mcfg, seed, source_model, param_sh):
+@dataclass
+class StepPlan:
+    """Everything a training step needs, built from the config alone (no data, no memory):
+    the abstract parameters and optimizer state with their shardings, the optimizer, and
+    the jitted train and eval steps. `gpt2jax train` runs it; `gpt2jax compile` lowers it
+    for a device topology, so both see exactly the same step."""
+
+    graphdef: Any
+    abstract_params: Any  # nnx.State of jax.ShapeDtypeStruct
+    abstract_opt: Any
+    param_sh: Any
+    opt_sh: Any
+    tx: Any  # optax.GradientTransformation
+    schedule: Callable[[int], Any]
+    train_step: Callable  # (params, opt_state, batch, step) -> (params, opt_state, metrics)
+    eval_step: Callable  # (params, batch) -> LM (nll sum, count) | class logits
+    mcfg: GPT2Config
+
+
+def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
+               class_weights=None) -> StepPlan:
+    """The sharded train and eval steps of `cfg` for model `mcfg` on `mesh`."""
     import jax
     from flax import nnx
 
-    from .checkpoint import flat_params
-    from .model import create_model
+    from .model import abstract_model
+    from .optim import make_optimizer
+    from .sharding import replicated, shardings_like_params, state_shardings
 
-    fresh = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
-    if source_model is None:
-        return fresh
-    # Start from the source's weights; a new head (e.g. a classifier on a pretrained LM)
-    # keeps its fresh initialisation.
-    from .hf import to_flat_params
-
-    src = to_flat_params(source_model)
-    shard = flat_params(param_sh)
-    leaves = []
-    for path, var in nnx.to_flat_state(fresh):
-        name = ".".join(map(str, path))
-        if mcfg.scan_layers and path[0] == "h":
-            import numpy as np
-
-            rest = ".".join(map(str, path[1:]))
-            host = np.stack([src[f"h.{i}.{rest}"] for i in range(mcfg.n_layer)])
-        elif name in src:
-            host = src[name]
-            if name == "wte" and host.shape[0] < mcfg.vocab_size:  # added special tokens
-                from .tasks import grow_embedding
-
-                host = grow_embedding(host, mcfg.vocab_size)
-        else:
-            leaves.append((path, var))
-            continue
-        arr = jax.make_array_from_callback(host.shape, shard[name], lambda idx, h=host: h[idx])
-        leaves.append((path, var.replace(arr)))
-    return nnx.from_flat_state(leaves)
+    t = cfg.train
+    graphdef, abstract = nnx.split(abstract_model(mcfg))
+    param_sh = state_shardings(abstract, mesh)
+    tx, schedule = make_optimizer(cfg.optim, total_steps, abstract)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
+    classification = cfg.data.task == "classification"
+    step = make_train_step(graphdef, tx, classification, t.grad_accum, jax.random.key(t.seed),
+                           class_weights=class_weights, lm_loss_weight=t.lm_loss_weight,
+                           mesh=mesh)
+    train_step = jax.jit(step, donate_argnums=(0, 1),
+                         out_shardings=(param_sh, opt_sh, replicated(mesh)))
+    eval_step = jax.jit(make_eval_step(graphdef, classification, mesh))
+    return StepPlan(graphdef, abstract, abstract_opt, param_sh, opt_sh, tx, schedule,
+                    train_step, eval_step, mcfg)
 
 
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
-                    *, class_weights=None, lm_loss_weight: float = 0.0):
+                    *, class_weights=None, lm_loss_weight: float = 0.0, mesh=None):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
     Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
@@ -445,15 +418,15 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     Classification: `class_weights` (num_labels,) weight each example's cross-entropy (the
     loss is the weighted mean); lm_loss_weight > 0 adds lambda * the mean LM loss over the
     real tokens (GPT-1's auxiliary objective), sharing one backbone pass. LM losses go
-    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). When the
-    batch lives on a multi-device mesh, the model's activation sharding constraints apply.
+    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). With a
+    `mesh`, the step traces under it, so the model's activation sharding constraints apply.
     """
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from .sharding import mesh_of
+    from .sharding import under_mesh
 
     def loss_sum(params, mb, key):
         model = nnx.merge(graphdef, params)
@@ -478,10 +451,6 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def step(params, opt_state, batch, step):
-        with mesh_of(batch):  # activation sharding constraints when sharded
-            return _step(params, opt_state, batch, step)
-
-    def _step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
         if accum == 1:
             (loss, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), key)
@@ -506,27 +475,27 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
         return keep(new_params, params), keep(new_opt, opt_state), {
             "loss": loss, "grad_norm": grad_norm, "count": count, "finite": ok}
 
-    return step
+    return step if mesh is None else under_mesh(step, mesh)
 
 
-def make_eval_step(graphdef, classification: bool):
-    """Pure eval step: LM -> (nll sum, token count); classification -> logits."""
+def make_eval_step(graphdef, classification: bool, mesh=None):
+    """Pure eval step: LM -> (nll sum, token count); classification -> logits. With a
+    `mesh`, it traces under it (the model's activation sharding constraints)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from .sharding import mesh_of
+    from .sharding import under_mesh
 
     def step(params, batch):
-        with mesh_of(batch):  # activation sharding constraints when sharded
-            model = nnx.merge(graphdef, params)
-            if classification:
-                return model(batch["input_ids"], batch["attention_mask"])
-            tokens, w = batch["tokens"], batch["weights"][:, 1:]
-            h, _ = model.hidden_states(tokens[:, :-1])
-            nll = model.token_nll(h, tokens[:, 1:])
-            return jnp.stack([(nll * w).sum(), w.sum()])
+        model = nnx.merge(graphdef, params)
+        if classification:
+            return model(batch["input_ids"], batch["attention_mask"])
+        tokens, w = batch["tokens"], batch["weights"][:, 1:]
+        h, _ = model.hidden_states(tokens[:, :-1])
+        nll = model.token_nll(h, tokens[:, 1:])
+        return jnp.stack([(nll * w).sum(), w.sum()])
 
-    return step
+    return step if mesh is None else under_mesh(step, mesh)
 
 
 def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):

@@ -24,7 +24,7 @@ from gpt2jax.errors import UserError
 @pytest.fixture(scope="module")
 def models(hf_lm_dir, tmp_path_factory):
     """(path_a, model_a, path_b, model_b, tokenizer): two tiny LMs with different weights."""
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
 
     path_b = tmp_path_factory.mktemp("lm_b")
     save_hf_model(path_b, seed=5)
@@ -127,7 +127,7 @@ def test_diff_with_itself_is_zero(models):
 
 def test_diff_lists_tensors_in_one_model_and_shape_mismatches(models, hf_cls_dir):
     from gpt2jax.hf import to_hf_tensors
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
 
     model_a = models[1]
     cls, _, _ = load_model(str(hf_cls_dir[0]))

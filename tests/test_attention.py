@@ -80,12 +80,20 @@ def test_attention_config_errors(tmp_path, monkeypatch):
         GPT2Config(attention="cudnn")
     with pytest.raises(UserError, match="loss_chunk must be -1 .auto."):
         GPT2Config(loss_chunk=-2)
-    # auto on this CPU backend: 1024 with glibc's huge-page malloc (make test sets it)
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    assert GPT2Config().loss_chunk_tokens == 1024
+    # auto is fixed by the entry points for a platform (a pure function of its arguments);
+    # left open, the model computes full logits
+    from gpt2jax.model import resolve_auto
+    from gpt2jax.run import for_this_process
+
+    assert resolve_auto(GPT2Config(), "cpu", hugepages=True).loss_chunk == 1024
+    assert resolve_auto(GPT2Config(), "cpu").loss_chunk == 256
+    assert resolve_auto(GPT2Config(), "tpu").loss_chunk == 4096
+    assert resolve_auto(GPT2Config(loss_chunk=0), "cpu").loss_chunk == 0
+    assert GPT2Config().loss_chunk_tokens == 0
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # what the process runs with
+    assert for_this_process(GPT2Config()).loss_chunk == 1024
     monkeypatch.delenv("GLIBC_TUNABLES")
-    assert GPT2Config().loss_chunk_tokens == 256
-    assert GPT2Config(loss_chunk=0).loss_chunk_tokens == 0
+    assert for_this_process(GPT2Config()).loss_chunk == 256
     base = ["--data.train=x.txt"]
     with pytest.raises(UserError, match=r"model.attention: xla has no attention dropout.*unset"):
         load_config(None, [*base, "--model.attention=xla"])
@@ -93,7 +101,7 @@ def test_attention_config_errors(tmp_path, monkeypatch):
         load_config(None, [*base, "--model.attention=cudnn", "--model.dropout=0"])
     cfg = load_config(None, [*base, "--model.attention=xla", "--model.dropout=0",
                              "--model.loss_chunk=512"])
-    from gpt2jax.train import model_config
+    from gpt2jax.run import model_config
 
     m = model_config(cfg, None, ())
     assert (m.attention, m.loss_chunk, m.attn_pdrop) == ("xla", 512, 0.0)

@@ -12,13 +12,23 @@ from gpt2jax.errors import UserError
 EOS = 50256
 
 
+def tokenized(token_lists, weights=None, labels=None) -> Tokenized:
+    """In-memory records from lists of token ids (and per-token weights, labels)."""
+    lengths = np.asarray([len(t) for t in token_lists], np.int64)
+    flat = lambda xs, dt: np.asarray([v for x in xs for v in x], dt)  # noqa: E731
+    return Tokenized(ids=flat(token_lists, np.int32), starts=np.cumsum(lengths) - lengths,
+                     lengths=lengths, nbytes=lengths.copy(), rows=np.arange(len(lengths)),
+                     weights=None if weights is None else flat(weights, np.uint8),
+                     labels=None if labels is None else np.asarray(labels, str))
+
+
 def _docs(n: int = 9, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 1000, rng.integers(1, 30)).tolist() for _ in range(n)]
 
 
 def _blocks(docs, block, masks=None) -> dict:
-    return LMBlocks(Tokenized.from_lists(docs, masks), block, EOS).arrays()
+    return LMBlocks(tokenized(docs, masks), block, EOS).arrays()
 
 
 def test_pack_makes_every_token_a_target_exactly_once():
@@ -46,9 +56,9 @@ def test_pack_applies_loss_masks_and_rejects_too_little_data():
     np.testing.assert_array_equal(weights[:, 1:].ravel(), stream_w[1: 1 + weights[:, 1:].size])
     with pytest.raises(UserError, match="fewer than one block"):
         _blocks([[1, 2]], 8)
-    assert len(Tokenized.from_lists([])) == 0
+    assert len(tokenized([])) == 0
     with pytest.raises(UserError, match="holds 0 tokens"):
-        LMBlocks(Tokenized.from_lists([]), 8, EOS)
+        LMBlocks(tokenized([]), 8, EOS)
 
 
 class _Recording:
@@ -69,7 +79,7 @@ def test_blocks_are_read_on_demand_from_a_memory_map_and_a_process_reads_only_it
         tmp_path):
     docs = _docs(n=200, seed=1)
     full = _blocks(docs, 17)
-    tok = Tokenized.from_lists(docs)
+    tok = tokenized(docs)
     np.save(tmp_path / "ids.npy", tok.ids.astype(np.uint16))
     tok.ids = np.load(tmp_path / "ids.npy", mmap_mode="r")
     mapped = LMBlocks(tok, 17, EOS)
@@ -142,7 +152,7 @@ def test_resuming_at_a_step_gives_the_same_batches_as_iterating_from_zero():
 
 def test_classification_batches_pad_to_one_bucket_for_all_processes():
     rows = [[1] * n for n in (3, 20, 5, 7, 2, 40, 9, 1)]
-    arrays = ClassRows(Tokenized.from_lists(rows), np.arange(8) % 3, 64, "right", EOS)
+    arrays = ClassRows(tokenized(rows), np.arange(8) % 3, 64, "right", EOS)
     per_process = [Batcher(arrays, 8, seed=0, process_index=i, process_count=2, pad_id=EOS,
                            max_len=64).batch(0) for i in range(2)]
     # The longest row of the global batch (40) sets the bucket on both processes.

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import yaml
 
-from gpt2jax.checkpoint import Checkpoints, flat_params, load_run_model
+from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.params import flat as flat_params
+from gpt2jax.run import load_run
 from gpt2jax.tracking import read_metrics
 
 STEPS = 16
@@ -173,7 +175,7 @@ def runs(tmp_path_factory):
 
 
 def _params(run: Path, step=None) -> dict:
-    model, _ = load_run_model(run, step)
+    model, _, _ = load_run(run, step)
     from flax import nnx
 
     return {k: np.asarray(v) for k, v in flat_params(nnx.state(model, nnx.Param)).items()}
@@ -237,21 +239,22 @@ def test_resume_refuses_changed_model_dimensions(runs, cli):
 
 
 def test_no_restorable_checkpoint_is_an_error_and_moves_nothing(runs):
-    """Every step failing (here: a mismatched optimizer state, as after changing
-    optim.freeze) means changed settings, not damage: refuse, and keep the checkpoints."""
+    """An optimizer state whose arrays are not the checkpoint's (as after changing
+    optim.freeze) means changed settings, not damage: refuse by name, keep the checkpoints."""
     import jax
     from flax import nnx
 
     from gpt2jax.errors import UserError
     from gpt2jax.model import abstract_model
 
-    model, _ = load_run_model(runs["ref"])
+    model, _, _ = load_run(runs["ref"])
     _, template = nnx.split(abstract_model(model.cfg))
     wrong_opt = [jax.ShapeDtypeStruct((3,), np.float32)] * 4
     ckpts = Checkpoints(runs["ref"])
     before = ckpts.steps()
     try:
-        with pytest.raises(UserError, match="none of the checkpoints .* can be restored"):
+        with pytest.raises(UserError, match=r"opt_state does not match this run \(4 arrays not "
+                           r"in the checkpoint.*optim.freeze"):
             ckpts.restore_latest_good(template, wrong_opt)
     finally:
         ckpts.close()
@@ -285,3 +288,41 @@ def test_corrupt_latest_falls_back_and_more_steps_continue(runs, cli):
     assert (ckpt / f"{latest}.unreadable").is_dir()
     assert {latest, more} <= set(Checkpoints(run, read_only=True).steps())
     assert _params(run, latest)["wte"].shape == (50257, 32)
+
+
+def test_ctrl_c_saves_then_a_rerun_continues(runs):
+    """A real SIGINT (delivered by the process to itself at a known step, as Ctrl-C would)
+    saves a checkpoint at that step, exits 130 saying where, and the same command resumes
+    from it; a second SIGINT is not needed to stop."""
+    tmp = runs["tmp"]
+    cfg = write_config(tmp / "ctrl-c.yaml", tmp / "ctrl-c", runs["data"],
+                       train={"steps": 6, "checkpoint_every": 4, "eval_every": 0})
+    trainer = Trainer(tmp)
+    code, _, err = trainer.run(cfg, fault="int@step:3")
+    assert code == 130, err
+    m = re.search(r"interrupted: saved checkpoint at step 3 to (\S+)", err)
+    assert m and Path(m.group(1)).is_dir(), err
+    assert Checkpoints(tmp / "ctrl-c", read_only=True).steps() == [3]
+    code, out, err = trainer.run(cfg, "--json")
+    assert code == 0, err
+    assert resumed_from(err) == 3 and json.loads(out)["final_step"] == 6
+
+
+def test_a_run_directory_trains_one_process_at_a_time(runs, cli):
+    """A second training of a run directory that another process is training is refused,
+    naming the holder; the lock goes with its holder (here: this test process)."""
+    from gpt2jax.run import RunDir
+
+    holder = RunDir(runs["ref"])
+    holder.lock()
+    try:
+        before = (runs["ref"] / "config.yaml").read_text()
+        res = cli("train", runs["tmp"] / "ref.yaml")
+        assert res.code == 2, res.err
+        assert f"is in use: pid {os.getpid()} on " in res.last_err
+        assert (runs["ref"] / "config.yaml").read_text() == before
+    finally:
+        holder.unlock()
+    other = RunDir(runs["ref"])
+    other.lock()  # free again once the holder let go
+    other.unlock()

@@ -116,3 +116,32 @@ def test_debug_shows_the_traceback(cli, hf_lm_dir, tmp_path):
     assert r.code == 2
     assert "Traceback" in r.err and r.last_err.startswith("gpt2jax: error:")
     shutil.rmtree(d)
+
+
+def test_no_transformers_torch_advice_without_torch(tmp_path):
+    """gpt2jax needs no torch: where it is not installed (simulated by an import blocker),
+    a command that loads the tokenizer prints nothing about PyTorch."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "t.txt").write_text("one two three four five six seven eight nine ten " * 20)
+    (tmp_path / "c.yaml").write_text(f"data: {{train: {tmp_path / 't.txt'}, cache_dir: 'off'}}\n")
+    code = f"""
+import importlib.abc, importlib.util, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoTorch())
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda n, *a, **k: (
+    None if n.split(".")[0] == "torch" else _find(n, *a, **k))
+from gpt2jax.cli import main
+sys.exit(main(["prepare", "{tmp_path / 'c.yaml'}"]))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}  # as users
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "PyTorch" not in p.stderr, p.stderr

@@ -32,7 +32,7 @@ def varied(hf_lm_dir, tmp_path_factory):
 
     import torch
 
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
     from gpt2jax.tokenizer import gpt2_tokenizer
 
     hf = copy.deepcopy(hf_lm_dir[1])
@@ -80,7 +80,7 @@ def test_greedy_batch_equals_transformers_and_cache_logits_equal_full_forward(va
 
 
 def test_greedy_with_repetition_penalty_equals_transformers(hf_lm_dir):
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
 
     path, hf = hf_lm_dir  # unscaled: its greedy text repeats, which the penalty must stop
     model, tok, _ = load_model(str(path))
@@ -94,7 +94,7 @@ def test_greedy_with_repetition_penalty_equals_transformers(hf_lm_dir):
 
 
 def test_scan_layers_model_decodes_the_same(varied):
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
 
     path, _, _, tok, gen = varied
     scanned, _, _ = load_model(str(path), scan_layers=True)  # unstacked once for decoding

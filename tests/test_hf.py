@@ -85,7 +85,9 @@ def test_import_of_export_is_bit_exact(tmp_path, cfg_kw):
                      n_inner=40, **cfg_kw)
     model = random_model(cfg, seed=3)
     back = load_hf_dir(export_hf(model, tmp_path / "out"), scan_layers=cfg.scan_layers)
-    assert back.cfg.architecture() == cfg.architecture()
+    arch = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "head",
+            "num_labels")
+    assert [getattr(back.cfg, k) for k in arch] == [getattr(cfg, k) for k in arch]
     assert back.cfg.labels == cfg.labels
     ours, theirs = to_flat_params(model), to_flat_params(back)
     assert ours.keys() == theirs.keys()
@@ -175,3 +177,37 @@ def test_attention_pool_export_needs_backbone_only(tmp_path):
     ids = np.random.RandomState(5).randint(0, 96, (2, 9))
     ours = nnx.jit(lambda m, x: m.lm_logits(m.hidden_states(x)[0]))(model, ids)
     assert np.abs(_torch_logits(torch_model.eval(), ids) - np.asarray(ours)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("head", ["lm", "sequence", "attention_pool"])
+def test_export_reads_long_text_in_transformers_and_has_the_usual_permissions(tmp_path, head):
+    """transformers' tokenizer with truncation=True cuts at the exported model's context
+    (not GPT-2's 1024), so the model runs on a 1,000-word text; every export path (LM,
+    classifier, backbone-only) gives files and folders the umask's usual modes."""
+    import os
+    import stat
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from gpt2jax.hf import export_hf
+    from gpt2jax.model import GPT2Config
+    from gpt2jax.tokenizer import gpt2_tokenizer
+
+    cfg = GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, head=head, num_labels=2,
+                     pad_token_id=50256 if head == "sequence" else None)
+    old = os.umask(0o022)
+    try:
+        out = export_hf(random_model(cfg, seed=1), tmp_path / head, gpt2_tokenizer(),
+                        backbone_only=head == "attention_pool")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = tok(" ".join(["word"] * 1000), truncation=True, return_tensors="pt")
+    assert enc["input_ids"].shape == (1, 32)
+    auto = AutoModelForSequenceClassification if head == "sequence" else AutoModelForCausalLM
+    with torch.no_grad():
+        logits = auto.from_pretrained(out)(**enc).logits
+    assert torch.isfinite(logits).all()

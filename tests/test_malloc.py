@@ -54,10 +54,12 @@ def test_active_reads_the_tunable():
 
 
 def test_policy_names():
-    assert malloc.policy({}) == "keep"
+    assert malloc.policy({}) == "system"  # the default: glibc as it is
+    assert malloc.describe({}) == "system"
+    assert malloc.describe({"GLIBC_TUNABLES": f"glibc.pthread.rseq=0:{KEEP}"}) == "keep"
+    assert malloc.describe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == "hugepages"
+    assert malloc.describe({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == "custom"
     assert malloc.policy({"GPT2JAX_MALLOC": "hugepages"}) == "hugepages"
-    assert malloc.policy({"GPT2JAX_HUGEPAGES": "0"}) == "system"  # the older opt-out
-    assert malloc.policy({"GPT2JAX_HUGEPAGES": "0", "GPT2JAX_MALLOC": "keep"}) == "keep"
     with pytest.raises(ValueError, match="GPT2JAX_MALLOC='fast' is not a malloc policy: use "
                                          "keep, hugepages, system"):
         malloc.policy({"GPT2JAX_MALLOC": "fast"})
@@ -65,10 +67,12 @@ def test_policy_names():
 
 def test_restart_env_appends_the_policy(thp):
     path = thp("always [madvise] never\n")
-    env = malloc.restart_env({"PATH": "/bin"}, "linux", path)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": KEEP, malloc.BEFORE: ""}
+    assert malloc.restart_env({"PATH": "/bin"}, "linux", path) is None  # default: no restart
+    env = malloc.restart_env({"PATH": "/bin", "GPT2JAX_MALLOC": "keep"}, "linux", path)
+    assert env == {"PATH": "/bin", "GPT2JAX_MALLOC": "keep", "GLIBC_TUNABLES": KEEP,
+                   malloc.BEFORE: ""}
     assert "glibc.malloc.mmap_max=0" in env["GLIBC_TUNABLES"].split(":")
-    assert malloc.user_environ(env) == {"PATH": "/bin"}  # as the user started it
+    assert malloc.user_environ(env) == {"PATH": "/bin", "GPT2JAX_MALLOC": "keep"}  # as started
     user = {"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "GPT2JAX_MALLOC": "hugepages"}
     env = malloc.restart_env(user, "linux", thp("[always] madvise never\n"))
     assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1"
@@ -84,7 +88,6 @@ def test_restart_env_appends_the_policy(thp):
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "linux", "[madvise]"),  # explicit choice
     ({"GLIBC_TUNABLES": KEEP}, "linux", "[madvise]"),                        # restarted already
     ({"GPT2JAX_MALLOC": "system"}, "linux", "[madvise]"),                    # opted out
-    ({"GPT2JAX_HUGEPAGES": "0"}, "linux", "[madvise]"),                      # opted out
     ({}, "darwin", "[madvise]"),                                             # no glibc
     ({}, "linux", "always madvise [never]"),                                 # THP off
 ])
@@ -97,8 +100,20 @@ def test_restart_env_without_thp_file(tmp_path):
 
 
 def _clean_env(**extra) -> dict:
-    drop = ("GLIBC_TUNABLES", "GPT2JAX_HUGEPAGES", "GPT2JAX_MALLOC", malloc.BEFORE)
+    drop = ("GLIBC_TUNABLES", "GPT2JAX_MALLOC", malloc.BEFORE)
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def test_ensure_by_default_runs_as_is(tmp_path):
+    """The default policy (`system`): a real start with no malloc variables does not restart
+    and leaves GLIBC_TUNABLES unset."""
+    code = ("import os, sys; from gpt2jax import malloc; "
+            "open(sys.argv[1], 'a').write(os.environ.get('GLIBC_TUNABLES', '-') + '\\n'); "
+            "malloc.ensure(); print(os.environ.get('GLIBC_TUNABLES', '-'))")
+    log = tmp_path / "starts.log"
+    p = subprocess.run([sys.executable, "-c", code, str(log)], env=_clean_env(),
+                       capture_output=True, text=True, timeout=60, check=True)
+    assert log.read_text().splitlines() == ["-"] and p.stdout.strip() == "-"
 
 
 @needs_thp
@@ -109,7 +124,8 @@ def test_ensure_restarts_once_with_the_same_arguments(tmp_path):
             "open(sys.argv[1], 'a').write(os.environ.get('GLIBC_TUNABLES', '-') + '\\n'); "
             "malloc.ensure(); print(os.getpid(), sys.argv[2])")
     log = tmp_path / "starts.log"
-    p = subprocess.run([sys.executable, "-c", code, str(log), "arg two"], env=_clean_env(),
+    p = subprocess.run([sys.executable, "-c", code, str(log), "arg two"],
+                       env=_clean_env(GPT2JAX_MALLOC="keep"),
                        capture_output=True, text=True, timeout=60, check=True)
     assert log.read_text().splitlines() == ["-", KEEP]
     pid, arg = p.stdout.strip().split(" ", 1)
@@ -122,22 +138,23 @@ def test_unknown_policy_is_a_clean_error():
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == (
         "gpt2jax: error: GPT2JAX_MALLOC='fast' is not a malloc policy: use keep, hugepages, "
-        "system (or unset it for keep)")
+        "system (or unset it for system)")
     assert "Traceback" not in p.stderr
 
 
 @needs_thp
-def test_a_command_runs_under_the_default_policy():
-    """What users get by default, which the in-process tests do not run under (the
-    Makefile's tunable opts them out): a real `gpt2jax bench` restarted into `keep` compiles,
-    trains and reports, with keep's tunables in its environment."""
+def test_a_command_runs_under_keep_when_asked():
+    """The opt-in policy, which the in-process tests do not run under: a real
+    `gpt2jax bench` restarted into `keep` compiles, trains and reports, with keep's
+    tunables in its environment and the policy named in its result."""
     tiny = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-positions", "64",
             "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1",
             "--rounds", "1", "--peak-size", "128"]
     p = subprocess.run([sys.executable, "-m", "gpt2jax", "bench", *tiny, "--json"],
-                       capture_output=True, text=True, timeout=300, env=_clean_env())
+                       capture_output=True, text=True, timeout=300,
+                       env=_clean_env(GPT2JAX_MALLOC="keep"))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout)
-    assert r["env"]["GLIBC_TUNABLES"] == KEEP
+    assert r["env"]["GLIBC_TUNABLES"] == KEEP and r["jax"]["malloc"] == "keep"
     assert r["jax"]["tokens_per_sec"] > 0 and r["jax"]["page_faults_per_step"] >= 0
     assert 1 <= r["config"]["settle_rounds"] <= 8

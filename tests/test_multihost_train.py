@@ -181,7 +181,8 @@ def test_loss_trajectory_matches_single_process(runs):
 def test_two_process_checkpoint_restores_in_one_process(runs):
     from flax import nnx
 
-    from gpt2jax.checkpoint import flat_params, load_run_model
+    from gpt2jax.params import flat as flat_params
+    from gpt2jax.run import load_run
 
     # fsdp crosses the processes, so each one wrote its own shards of the parameters.
     params_dir = runs["multi"] / "checkpoints" / str(STEPS) / "params"
@@ -192,7 +193,7 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     for step in (CHECKPOINT_EVERY, None):  # the step-2 checkpoint and the latest (step 4)
         got = {}
         for name in ("multi", "single"):
-            model, _ = load_run_model(runs[name], step=step)
+            model, _, _ = load_run(runs[name], step=step)
             got[name] = {k: np.asarray(v) for k, v in
                          flat_params(nnx.state(model, nnx.Param)).items()}
         multi, single = got["multi"], got["single"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2jax.checkpoint import flat_params
 from gpt2jax.config import OptimSection
 from gpt2jax.errors import UserError
 from gpt2jax.model import GPT2Config, create_model
 from gpt2jax.optim import decays, make_optimizer, make_schedule
+from gpt2jax.params import flat as flat_params
 from gpt2jax.train import make_train_step
 
 OPTIM = OptimSection(lr=1e-3, warmup_steps=1, weight_decay=0.01, clip_norm=1.0)

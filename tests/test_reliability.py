@@ -41,13 +41,14 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoints(nan_run
     m = re.search(r"non-finite loss .* at step (\d+)", res.last_err)
     assert m, res.last_err
     bad_step = int(m.group(1))
-    from gpt2jax.checkpoint import Checkpoints, load_run_model
+    from gpt2jax.checkpoint import Checkpoints
+    from gpt2jax.run import load_run
 
     ckpts = Checkpoints(nan_run / "run", read_only=True)
     steps = ckpts.steps()
     ckpts.close()
     assert steps and max(steps) < bad_step
-    model, _ = load_run_model(nan_run / "run")
+    model, _, _ = load_run(nan_run / "run")
     from gpt2jax.hf import to_flat_params
 
     assert all(np.isfinite(v).all() for v in to_flat_params(model).values())

@@ -16,9 +16,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from test_optim import OPTIM, reference_run, tiny_setup
 
-from gpt2jax.checkpoint import flat_params
 from gpt2jax.errors import UserError
 from gpt2jax.optim import make_optimizer
+from gpt2jax.params import flat as flat_params
 from gpt2jax.sharding import (
     batch_sharding,
     global_batch,
@@ -80,7 +80,7 @@ def sharded_run(setup, mesh):
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, host_opt, param_sh,
                                    transform_non_params=lambda _: replicated(mesh))
     params, opt_state = jax.device_put(host, param_sh), jax.device_put(host_opt, opt_sh)
-    step = jax.jit(make_train_step(graphdef, tx, False, 1, jax.random.key(0)),
+    step = jax.jit(make_train_step(graphdef, tx, False, 1, jax.random.key(0), mesh=mesh),
                    donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated(mesh)))
     losses = []
     for i, b in enumerate(batches):
@@ -161,7 +161,7 @@ def run(shape, cls):
                                    transform_non_params=lambda _: replicated(mesh))
     p, o = jax.device_put(params, param_sh), jax.device_put(opt, opt_sh)
     step = jax.jit(make_train_step(graphdef, tx, cls, 1, jax.random.key(0),
-                                   lm_loss_weight=0.5 if cls else 0.0),
+                                   lm_loss_weight=0.5 if cls else 0.0, mesh=mesh),
                    out_shardings=(param_sh, opt_sh, replicated(mesh)))
     if cls:
         rng = np.random.default_rng(0)
@@ -191,7 +191,7 @@ def warned(fn):
 
 out = dict(lm=warned(lambda: run((2, 2, 2), False)), cls=warned(lambda: run((4, 2, 1), True)))
 model_mod.constrain_batch = lambda x: x  # control: the model without its constraints
-model_mod._unshard_embed = lambda table, axis: table
+model_mod.unshard_embed = lambda table, axis: table
 out["control"] = warned(lambda: run((4, 2, 1), False))
 print(out)
 """
@@ -234,7 +234,7 @@ def _all_gathers_in_tensor_parallel_step(merged_qkv: bool, monkeypatch) -> list[
     tokens = np.random.default_rng(0).integers(0, 128, (1, 4, 17)).astype(np.int32)
     batch = global_batch(mesh, {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32)},
                          leading=1)
-    step = jax.jit(make_train_step(graphdef, tx, False, 1, jax.random.key(0)))
+    step = jax.jit(make_train_step(graphdef, tx, False, 1, jax.random.key(0), mesh=mesh))
     text = step.lower(params, opt, batch, jnp.int32(0)).compile().as_text()
     return [line for line in text.splitlines() if "all-gather" in line and " = " in line]
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gpt2jax.errors import UserError
-from gpt2jax.sources import HUB_PATTERNS, Source, hub_download, load_model, resolve, tokenizer_for
+from gpt2jax.run import load_model, tokenizer_for
+from gpt2jax.sources import HUB_PATTERNS, Source, hub_download, resolve
 
 
 def _run_dir(root: Path, *steps: int) -> Path:

@@ -239,10 +239,10 @@ def test_classification_options_train_and_export(cls_run, cli):
 
 
 def test_added_token_on_a_pretrained_model_starts_at_the_mean_embedding(cls_run, hf_lm_dir):
-    from gpt2jax.checkpoint import load_run_model
+    from gpt2jax.run import load_run
 
     tmp, _ = cls_run
-    model, tokenizer = load_run_model(tmp / "run")
+    model, tokenizer, _ = load_run(tmp / "run")
     assert len(tokenizer) == 50258 and model.cfg.vocab_size == 50258
     old = hf_lm_dir[1].transformer.wte.weight.detach().numpy()
     wte = np.asarray(model.wte[...])
@@ -259,7 +259,7 @@ def test_eval_dictionary_reverse_reports_exact_match(tmp_path, hf_lm_dir, cli):
     """Against a random model: words set to its own greedy output for half of the
     definitions give exactly 50% exact match."""
     from gpt2jax.generate import generate
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
 
     src, _ = hf_lm_dir
     model, tokenizer, _ = load_model(str(src))

@@ -15,7 +15,9 @@ import pytest
 import yaml
 from test_checkpoint import private_data_cache, write_text  # noqa: F401 (autouse fixture)
 
-from gpt2jax.checkpoint import Checkpoints, flat_params, load_run_model
+from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.params import flat as flat_params
+from gpt2jax.run import load_run
 from gpt2jax.tracking import read_metrics
 
 EVAL_TEXT = "The river stone lay quiet in the morning light beside the old harbor engine."
@@ -106,7 +108,7 @@ def test_export_loads_in_transformers_with_equal_perplexity(finetune, hf_lm_dir,
 
 
 def test_fsdp_run_restores_on_one_device(finetune):
-    """Saved from 8 devices with fsdp=4; load_run_model restores onto one device."""
+    """Saved from 8 devices with fsdp=4; load_run restores onto one device."""
     import jax
     from flax import nnx
 
@@ -114,7 +116,7 @@ def test_fsdp_run_restores_on_one_device(finetune):
     from gpt2jax.sharding import make_mesh, state_shardings
 
     _, _, run, _ = finetune
-    model, _ = load_run_model(run)
+    model, _, _ = load_run(run)
     one = flat_params(nnx.state(model, nnx.Param))
     assert all(v.sharding.device_set == {jax.devices()[0]} for v in one.values())
     # the same checkpoint onto the training mesh: weights split over fsdp
@@ -135,7 +137,7 @@ def test_a_cudnn_run_loads_with_explicit_attention_without_a_gpu(finetune, tmp_p
     import json
     import shutil
 
-    from gpt2jax.checkpoint import load_run_model
+    from gpt2jax.run import load_run
 
     _, _, run, _ = finetune
     copy = tmp_path / "run"
@@ -143,9 +145,9 @@ def test_a_cudnn_run_loads_with_explicit_attention_without_a_gpu(finetune, tmp_p
     meta = json.loads((copy / "model.json").read_text())
     meta.update(attention="cudnn", dtype="bfloat16")
     (copy / "model.json").write_text(json.dumps(meta))
-    model, _ = load_run_model(copy)
+    model, _, _ = load_run(copy)
     assert (model.cfg.attention, model.cfg.dtype) == ("explicit", "bfloat16")
-    ref, _ = load_run_model(run, dtype="bfloat16")
+    ref, _, _ = load_run(run, dtype="bfloat16")
     ids = np.arange(1, 9)[None]
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(ref(ids)))
 
@@ -214,7 +216,7 @@ def test_classification_training_learns_and_eval_recomputes(cls_data, cli, head)
     recomputed = np.mean([ln["predicted"] == ln["label"] for ln in lines])
     assert len(lines) == 16 and res.json["accuracy"] == pytest.approx(recomputed)
     assert val[-1]["accuracy"] == pytest.approx(recomputed)
-    model, tok = load_run_model(run)
+    model, tok, _ = load_run(run)
     assert model.cfg.head == head and model.cfg.labels == ("neg", "neu", "pos")
     if head == "sequence":
         _check_sequence_export(model, tok, run, tmp, cli)
@@ -283,7 +285,7 @@ def test_freeze_trains_only_the_head_on_a_sharded_mesh(cls_data, cli):
     })
     res = cli("train", cfg)
     assert res.code == 0, res.err
-    model, _ = load_run_model(run)
+    model, _, _ = load_run(run)
     trained, init = to_flat_params(model), to_flat_params(create_model(model.cfg, seed=0))
     for name in trained:
         # The run initialises under jit, which rounds the N(0, 0.02) draws ~1e-8 apart from
@@ -298,9 +300,20 @@ def test_run_dir_check_is_safe_when_every_process_runs_it(tmp_path):
     directory)', seen in the two-process test). Eight threads, 50 checks each."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gpt2jax.train import _check_run_dir
+    from gpt2jax.run import RunDir
 
     run = tmp_path / "run"
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: _check_run_dir(run), range(400)))  # raises on any failure
+        list(pool.map(lambda _: RunDir(run).check_writable(), range(400)))  # raises on any failure
     assert run.is_dir() and not list(run.iterdir())  # no probe left behind
+
+
+def test_results_name_the_checkpoint_step_they_used(finetune, cli):
+    """`latest` and `best` are resolved: results say which step was read."""
+    _, _, run, _ = finetune
+    res = cli("score", "--model", run, "--prompt", "The river", "--answer", " stone", "--json")
+    assert res.code == 0, res.err
+    assert res.json["model"] == f"{run} (step 4)" and res.json["logprob"] < 0
+    res = cli("export", "--model", run, "--step", "best", "--out", run / "best-export", "--json")
+    assert res.code == 0, res.err
+    assert res.json["source"] in (f"{run} (step 2)", f"{run} (step 4)")

@@ -1,4 +1,5 @@
-"""The custom-VJP kernels of model.py (docs/perf-notes.md 4-5, 14) against plain JAX.
+"""The custom-VJP kernels (gpt2jax/kernels.py; docs/perf-notes.md sections 3-6) against
+the plain formulas beside them.
 
 `attention_core`, `tied_head`, `linear` and `layer_norm` carry hand-written backward
 passes. Their gradients must equal jax.grad of the plain formulas (float32, 1e-5 relative
@@ -18,42 +19,17 @@ from flax import nnx
 from test_optim import OPTIM, reference_run, tiny_setup
 from test_sharding import sharded_run
 
+from gpt2jax import kernels
 from gpt2jax import model as model_mod
-from gpt2jax.checkpoint import flat_params
-from gpt2jax.model import (
-    GPT2Config,
-    attention_core,
-    create_model,
-    layer_norm,
-    linear,
-    tied_head,
-)
+from gpt2jax.kernels import attention_core, layer_norm, linear, tied_head
+from gpt2jax.kernels import attention_reference as ref_attention
+from gpt2jax.kernels import layer_norm_reference as ref_layer_norm
+from gpt2jax.kernels import linear_reference as ref_linear
+from gpt2jax.kernels import tied_head_reference as ref_head
+from gpt2jax.model import GPT2Config, create_model
 from gpt2jax.optim import make_optimizer
+from gpt2jax.params import flat as flat_params
 from gpt2jax.sharding import make_mesh
-
-
-def ref_attention(q, k, v, mask, scale, keep, rate):
-    """The explicit formula the stock model used (jax.grad differentiates it)."""
-    s = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32) * scale
-    p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min), axis=-1)
-    if keep is not None:
-        p = jnp.where(keep, p / (1.0 - rate), 0.0)
-    return jnp.einsum("bhqs,bhsk->bhqk", p.astype(q.dtype), v)
-
-
-def ref_head(h, w):
-    return jnp.einsum("nd,vd->nv", h, w)
-
-
-def ref_linear(x, w, b):
-    return x @ w + b
-
-
-def ref_layer_norm(x, scale, bias, eps):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
 
 
 def assert_trees_close(got, want, rel=1e-5):
@@ -154,10 +130,8 @@ def test_linear_and_layer_norm_gradients_match_plain_formulas(shape):
 
 
 def _plain_kernels(monkeypatch):
-    monkeypatch.setattr(model_mod, "attention_core", ref_attention)
-    monkeypatch.setattr(model_mod, "tied_head", ref_head)
-    monkeypatch.setattr(model_mod, "linear", ref_linear)
-    monkeypatch.setattr(model_mod, "layer_norm", ref_layer_norm)
+    for name in kernels.KERNELS:
+        monkeypatch.setattr(kernels, name, getattr(kernels, f"{name}_reference"))
 
 
 MODEL_CASES = {
@@ -235,7 +209,7 @@ def _head_inputs(b=3, t=10, d=8, v=37, seed=6):
 
 @pytest.mark.parametrize("size", [3, 10])  # 3 does not divide the 10 positions
 def test_chunked_nll_matches_full_logits(size):
-    from gpt2jax.model import chunked_nll, optax_nll
+    from gpt2jax.kernels import chunked_nll, optax_nll
 
     h, w, targets, weights = _head_inputs()
     assert 0 < float(weights.mean()) < 1  # some tokens masked out
@@ -259,7 +233,7 @@ def test_chunked_nll_matches_full_logits(size):
 @pytest.mark.parametrize("size", [3])  # does not divide the 10 positions
 def test_fused_nll_sum_matches_full_logits(size):
     """The training loss: gradients made in the forward pass, scaled by the upstream one."""
-    from gpt2jax.model import fused_nll_sum, optax_nll
+    from gpt2jax.kernels import fused_nll_sum, optax_nll
 
     h, w, targets, weights = _head_inputs(seed=7)
 
@@ -338,7 +312,7 @@ def test_classification_auxiliary_lm_loss_with_loss_chunk_matches_full_logits():
 def test_chunked_loss_never_holds_the_full_logits():
     """Compiled temp memory of loss + gradients: the full path needs the (N, V) float32
     logits (and their gradient); the chunked one only a chunk's."""
-    from gpt2jax.model import chunked_nll, fused_nll_sum, optax_nll
+    from gpt2jax.kernels import chunked_nll, fused_nll_sum, optax_nll
 
     b, t, d, v = 4, 64, 32, 4096
     h, w, targets, weights = _head_inputs(b, t, d, v)
@@ -366,8 +340,7 @@ def test_chunked_loss_never_holds_the_full_logits():
 
 def test_chunk_positions_count_the_rows_each_device_holds():
     """loss_chunk is tokens per device: under a mesh the batch is split over data x fsdp."""
-    from gpt2jax.model import chunk_positions
-    from gpt2jax.sharding import make_mesh
+    from gpt2jax.sharding import chunk_positions, make_mesh
 
     assert chunk_positions(0, (8, 256)) == 0
     assert chunk_positions(256, (8, 256)) == 32  # one device holds all 8 rows
