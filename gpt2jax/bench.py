@@ -500,13 +500,9 @@ def run_bench(
                                           hf_t, per_round("hf_use")), jax_t, hf_t)
         ratio = round(jax_res["tokens_per_sec"] / hf_res["tokens_per_sec"], 3)
     return {
-        "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
-                   "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions,
-                   "batch_size": batch_size, "seq_len": seq_len, "dtype": cfg.dtype,
-                   "remat": cfg.remat, "scan_layers": cfg.scan_layers,
-                   "attention": cfg.attention, "loss_chunk": cfg.loss_chunk_tokens, "steps": steps,
-                   "warmup": warmup, "settle_rounds": m["settle"], "rounds": rounds, "seed": seed,
-                   "matmul_params": matmul_params(cfg)},
+        "config": {**_config_fields(cfg), "batch_size": batch_size, "seq_len": seq_len,
+                   "steps": steps, "warmup": warmup, "settle_rounds": m["settle"],
+                   "rounds": rounds, "seed": seed},
         "flops_per_token": fpt,
         "peak_flops": round(peak),
         "peak_flops_rounds": [round(p) for p in peaks],
@@ -565,6 +561,14 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
         out["timed"] = _rounds(probe, jax_run, worker, our_decode, steps, rounds,
                                batch_size * seq_len, say)
     return out
+
+
+def _config_fields(cfg: GPT2Config) -> dict:
+    """The model config as the result reports it."""
+    return {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "dtype": cfg.dtype,
+            "remat": cfg.remat, "scan_layers": cfg.scan_layers, "attention": cfg.attention,
+            "loss_chunk": cfg.loss_chunk_tokens, "matmul_params": matmul_params(cfg)}
 
 
 def _hf_result(cfg: GPT2Config, m: dict, side: dict, jax_t: list, hf_t: list) -> dict:

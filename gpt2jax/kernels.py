@@ -129,7 +129,7 @@ def _t(x: jax.Array) -> jax.Array:
 attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention_reference(q, k, v, mask, scale, keep, rate):
+def attention_core_reference(q, k, v, mask, scale, keep, rate):
     """The explicit attention formula (einsums, softmax, dropout keep mask)."""
     s = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32) * scale
     p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min), axis=-1)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_perf_kernels import assert_trees_close
+from test_kernels import assert_trees_close
 
 from gpt2jax.config import load_config
 from gpt2jax.errors import UserError

@@ -22,7 +22,7 @@ from test_sharding import sharded_run
 from gpt2jax import kernels
 from gpt2jax import model as model_mod
 from gpt2jax.kernels import attention_core, layer_norm, linear, tied_head
-from gpt2jax.kernels import attention_reference as ref_attention
+from gpt2jax.kernels import attention_core_reference as ref_attention
 from gpt2jax.kernels import layer_norm_reference as ref_layer_norm
 from gpt2jax.kernels import linear_reference as ref_linear
 from gpt2jax.kernels import tied_head_reference as ref_head
