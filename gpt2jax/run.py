@@ -238,7 +238,8 @@ def load_run(run_dir: str | Path, step: int | str | None = None, **overrides):
     from flax import nnx
 
     from .checkpoint import Checkpoints
-    from .model import abstract_model, has_cudnn
+    from .model import abstract_model
+    from .sharding import has_cudnn
     from .tokenizer import load_tokenizer
 
     run = RunDir(run_dir)

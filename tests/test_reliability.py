@@ -58,7 +58,7 @@ def test_skip_nonfinite_allows_bad_steps_and_leaves_the_weights_bit_identical(na
     """A checkpoint every step: a skipped step's weights are exactly the previous step's;
     an applied step's are not (so the comparison can fail)."""
     from gpt2jax.hf import to_flat_params
-    from gpt2jax.sources import load_model
+    from gpt2jax.run import load_model
 
     res = run_cli("train", _cfg(nan_run, skip_nonfinite=100, keep_checkpoints=6))
     assert res.code == 0, res.err[-2000:]
