@@ -358,14 +358,18 @@ def similarity(
     max_new_tokens: int = 48,
     stop: Sequence[str] = ("\n",),
     batch_size: int = 16,
+    sampling=None,
+    seed: int = 0,
 ) -> dict:
-    """Generate (greedy) a definition per held-out word and compare it with the reference.
+    """Generate a definition per held-out word (greedy unless `sampling`, a
+    generate.Sampling, says otherwise) and compare it with the reference.
 
     The prompt is `prompt_template` up to `{definition}` ("{word}: {definition}" gives
     "{word}:", the format the trainer uses, EOS after each record). Both texts are embedded
     with `embed_model` (see make_embedder; default: mean-pooled hidden states of `model`).
-    Returns mean cosine similarity, mean cosine distance (1 - similarity), and per-example
-    rows {word, reference, generated, cosine}.
+    Returns mean cosine similarity, mean cosine distance (1 - similarity), how many
+    generations are degenerate (a repeated word n-gram: a loop scores as if it meant
+    something), and per-example rows {word, reference, generated, cosine, degenerate}.
     """
     from .generate import Generator, Sampling
 
@@ -390,18 +394,26 @@ def similarity(
     prompts = [prompt_from_template(prompt_template, w) for w in words]
     embed = make_embedder(embed_model, model, tokenizer)  # before generating: fail fast
     samples = Generator(model, tokenizer).generate(
-        prompts, sampling=Sampling(greedy=True), max_new_tokens=max_new_tokens, stop=stop,
-        batch_size=batch_size,
+        prompts, sampling=(sampling or Sampling(greedy=True)).validate(),
+        max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, seed=seed,
     )
     generated = [s.completion.strip() for s in samples]
     cos = text_cosines(embed, generated, refs)
     rows = [
-        {"word": w, "reference": r, "generated": g, "cosine": float(c)}
+        {"word": w, "reference": r, "generated": g, "cosine": float(c),
+         "degenerate": is_degenerate(g)}
         for w, r, g, c in zip(words, refs, generated, cos, strict=True)
     ]
     mean = float(np.mean(cos))
     return {"n": len(rows), "mean_cosine_similarity": mean, "mean_cosine_distance": 1.0 - mean,
-            "examples": rows}
+            "degenerate": sum(r["degenerate"] for r in rows), "examples": rows}
+
+
+def is_degenerate(text: str, n: int = 3) -> bool:
+    """Whether a generation loops: some n words in a row (default 3) occur twice."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
 
 
 def text_cosines(embed, texts_a: Sequence[str], texts_b: Sequence[str]) -> np.ndarray:

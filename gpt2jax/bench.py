@@ -106,7 +106,9 @@ def peak_memory(device) -> tuple[int, str]:
 
 def make_peak_probe(device, dtype: str, size: int) -> Callable[[int], float]:
     """A function reps -> FLOP/s of a jitted (size x size) @ (size x size) matmul in `dtype`
-    (float32 accumulation), median over reps. Compiled and warmed on creation."""
+    (float32 accumulation), the fastest of reps: other load only ever slows a repetition
+    down, so the best is the closest to the machine's rate. Compiled and warmed on
+    creation."""
     import jax
     import jax.numpy as jnp
 
@@ -124,7 +126,7 @@ def make_peak_probe(device, dtype: str, size: int) -> Callable[[int], float]:
             t0 = time.perf_counter()
             mm(a, b).block_until_ready()
             times.append(time.perf_counter() - t0)
-        return flops / statistics.median(times)
+        return flops / min(times)
 
     return probe
 
@@ -486,7 +488,7 @@ def run_bench(
 
     fpt, tokens_per_step = flops_per_token(cfg, seq_len), batch_size * seq_len
     peaks, jax_t, hf_t = per_round("peak"), per_round("jax_s"), per_round("hf_s")
-    peak = statistics.median(peaks)
+    peak = max(peaks)  # the best probe of all rounds (see make_peak_probe)
     jax_res = _side(tokens_per_step, statistics.median(jax_t), fpt, peak, jax_t,
                     per_round("jax_use"))
     jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, jax_t, peaks),
@@ -505,6 +507,8 @@ def run_bench(
                    "rounds": rounds, "seed": seed},
         "flops_per_token": fpt,
         "peak_flops": round(peak),
+        # a step faster than the probe means the probe was slowed down: no MFU then
+        "peak_consistent": jax_res["mfu"] is not None,
         "peak_flops_rounds": [round(p) for p in peaks],
         "peak_matmul": {"size": peak_size, "dtype": cfg.dtype, "accumulate": "float32"},
         "jax": jax_res,
@@ -677,11 +681,14 @@ def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: li
             # memory the step faults in afresh (perf-notes section 7: huge pages cut it 100x)
             "page_faults_per_step": round(statistics.median(u[1] for u in use)),
             "flops_per_token": fpt, "achieved_flops": round(tps * fpt),
-            "mfu": round(tps * fpt / peak, 4)}
+            "mfu": round(tps * fpt / peak, 4) if tps * fpt <= peak else None}
 
 
 def _per_round_mfu(tokens_per_step: int, fpt: int, step_times: list, peaks: list) -> list:
-    return [round(tokens_per_step * fpt / (t * p), 4) for t, p in zip(step_times, peaks)]
+    """Each round's MFU against that round's probe (None where the probe read lower than
+    the step achieved)."""
+    mfu = [tokens_per_step * fpt / (t * p) for t, p in zip(step_times, peaks)]
+    return [round(m, 4) if m <= 1 else None for m in mfu]
 
 
 def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
@@ -714,8 +721,12 @@ def format_table(r: dict) -> str:
     for name, side in (("gpt2jax", r["jax"]), ("transformers", r["hf"])):
         if side is None:
             continue
+        mfu = "-" if side["mfu"] is None else f"{side['mfu']:.1%}"
         lines.append(f"{name:14}{side['tokens_per_sec']:>12,.0f}{side['step_seconds']:>10.4f}"
-                     f"{side['achieved_flops'] / 1e9:>10.1f}{side['mfu']:>8.1%}")
+                     f"{side['achieved_flops'] / 1e9:>10.1f}{mfu:>8}")
+    if not r["peak_consistent"]:
+        lines.append("MFU not reported: the matmul probe read below the rate the step achieved "
+                     "(the machine was busy while it ran); run again on a quieter machine")
     j = r["jax"]
     lines.append(f"compile {j['compile_seconds']:.2f} s; peak memory "
                  f"{j['peak_memory_bytes'] / 2**20:,.0f} MiB ({j['peak_memory_source']})")

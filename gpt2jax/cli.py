@@ -1,4 +1,6 @@
-"""`gpt2jax` command line: parse, call the Python API, print. Nothing else lives here.
+"""gpt2jax: Train, fine-tune, evaluate and export GPT-2 in JAX (`gpt2jax COMMAND --help`).
+
+The command line parses, calls the Python API and prints; nothing else lives here.
 
 Every command takes --json (one JSON object on stdout). Bad input ends with exit status 2
 and a last stderr line `gpt2jax: error: ...`; --debug shows the traceback instead.
@@ -108,6 +110,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--text-unit", choices=("document", "line", "paragraph"), default="document",
                    help=".txt files: a whole file, each line, or each paragraph is a record")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="evaluate the first N records only (default 0: all)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window / truncation length (default: the model's n_positions)")
     p.add_argument("--stride", type=int, default=None,
@@ -141,7 +145,7 @@ def _cmd_eval(args) -> int:
         model, tok, args.data, task=args.task, text_column=args.text_column,
         label_column=args.label_column, split=args.split, text_unit=args.text_unit,
         batch_size=args.batch_size, seq_len=args.seq_len, stride=args.stride,
-        predictions=args.predictions, templates=templates,
+        predictions=args.predictions, templates=templates, limit=args.limit,
     )
     _emit({"model": source.describe(), **result}, args.json, _eval_text)
     return 0
@@ -149,7 +153,9 @@ def _cmd_eval(args) -> int:
 
 def _eval_text(r: dict) -> str:
     if r["task"] == "dictionary_reverse":
-        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']})\n"
+        skipped = f"; {r['skipped']} skipped, prompt too long" if r["skipped"] else ""
+        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']}"
+                f"{skipped})\n"
                 + "\n".join(f"  {s['word']!r} -> {s['generated']!r}" for s in r["samples"]))
     if r["task"] == "lm":
         return (f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
@@ -278,20 +284,16 @@ def _prepare_text(r: dict) -> str:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)")
+    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompts-file", metavar="F",
                      help="one prompt per line (blank lines skipped)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
+    _sampling_args(p, greedy=False)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop at these strings")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (--json)")
     p.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default=None,
@@ -299,10 +301,35 @@ def _add_generate(sub) -> None:
     _runs(p, _cmd_generate)
 
 
+def _sampling_args(p: argparse.ArgumentParser, greedy: bool) -> None:
+    """How tokens are picked (generate.Sampling), the same flags wherever gpt2jax decodes;
+    `greedy` is the command's default."""
+    if greedy:
+        p.add_argument("--sample", dest="greedy", action="store_false",
+                       help="sample with the options below instead of taking the most likely "
+                            "token")
+    else:
+        p.add_argument("--greedy", action="store_true",
+                       help="always take the most likely token")
+    p.set_defaults(greedy=greedy)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling(args):
+    from .generate import Sampling
+
+    return Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
+                    args.repetition_penalty).validate()  # fail before loading a model
+
+
 def _cmd_generate(args) -> int:
     import time
 
-    from .generate import Generator, Sampling
+    from .generate import Generator
     if args.prompts_file is not None:
         try:
             lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
@@ -315,8 +342,7 @@ def _cmd_generate(args) -> int:
         prompts = [args.prompt]
     if not all(prompts):
         raise UserError("--prompt is empty; give some text to continue")
-    sampling = Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
-                        args.repetition_penalty).validate()  # fail before loading a model
+    sampling = _sampling(args)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = _load(args.model, args.step)
@@ -378,7 +404,7 @@ def _add_similarity(sub) -> None:
                        help="generate definitions for words, compare them to the references")
     _model_args(p)
     p.add_argument("--data", required=True, help="records with a word and a definition column "
-                                                 "(file, folder or hub:ORG/NAME)")
+                                                 "(file, folder, hub:ORG/NAME, or gcide)")
     p.add_argument("--split", default=None, help="split of a hub dataset or a folder")
     p.add_argument("--embed-model", default=None, metavar="SRC_OR_NAME",
                    help="embedding model: a gpt2jax/HF source (mean-pooled hidden states), "
@@ -389,18 +415,22 @@ def _add_similarity(sub) -> None:
                    help="record format; the prompt is the part before {definition}")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    _sampling_args(p, greedy=True)
     _runs(p, _cmd_similarity)
 
 
 def _cmd_similarity(args) -> int:
     from .analysis import similarity
-    from .data import load_records
-    records = load_records(args.data, split=args.split)
+    from .data import load_task_dataset
+
+    sampling = _sampling(args)
+    records = load_task_dataset(args.data, split=args.split, limit=args.limit or 0)
     model, tok, source = _load(args.model, args.step)
     result = similarity(
         model, tok, records, embed_model=args.embed_model, word_column=args.word_column,
         definition_column=args.definition_column, prompt_template=args.prompt_template,
-        limit=args.limit, max_new_tokens=args.max_new_tokens,
+        limit=args.limit, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        seed=args.seed,
     )
     _emit({"model": source.describe(), **result}, args.json, _similarity_text)
     return 0
@@ -408,7 +438,8 @@ def _cmd_similarity(args) -> int:
 
 def _similarity_text(r: dict) -> str:
     lines = [f"mean cosine similarity {r['mean_cosine_similarity']:.4f}  "
-             f"distance {r['mean_cosine_distance']:.4f}  ({r['n']} words)"]
+             f"distance {r['mean_cosine_distance']:.4f}  ({r['n']} words; {r['degenerate']} "
+             "degenerate: a repeated 3-word sequence)"]
     for ex in r["examples"][:10]:
         lines.append(f"  {ex['cosine']:.3f}  {ex['word']}: {ex['generated']!r}  "
                      f"(reference: {ex['reference']!r})")
@@ -473,7 +504,11 @@ def _cmd_bench(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train the embedded GCIDE dictionary demo, offline")
+    p = sub.add_parser(
+        "demo", help="train the embedded GCIDE dictionary demo, offline",
+        description="Train a small GPT-2 from scratch on the GCIDE dictionary (word -> "
+                    "definition), print definitions of held-out words and export the model. "
+                    "Any --section.key=value overrides the config, e.g. --train.steps=50.")
     p.add_argument("--config", default=None, help="default: configs/demo.yaml")
     _runs(p, _cmd_demo)
 
@@ -500,7 +535,7 @@ COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_export, _a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpt2jax", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gpt2jax", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:

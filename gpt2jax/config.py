@@ -172,7 +172,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
-            raise UserError(f"{where}: key {key}: {_omega_reason(e)}") from e
+            raise UserError(f"{where}: key {key}: {_omega_reason(e, key)}") from e
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
@@ -182,11 +182,33 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def _omega_reason(e: Exception) -> str:
+# names people bring from other trainers
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs",
+           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps":
+           "grad_accum", "max_grad_norm": "clip_norm", "warmup": "warmup_steps",
+           "output_dir": "run_dir", "model_name_or_path": "init"}
+
+
+def _omega_reason(e: Exception, key: str) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "not in" in msg or "Key" in type(e).__name__:
-        return f"unknown key ({msg}); check the spelling against gpt2jax/config.py"
+        return f"unknown key{_suggestion(key)}; the keys are listed in README's Configs section"
     return msg
+
+
+def _suggestion(key: str) -> str:
+    """ ' (did you mean optim.lr?)' for a mistyped or foreign key, else ''."""
+    import difflib
+
+    section, _, name = key.rpartition(".")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    if section not in sections:
+        close = difflib.get_close_matches(section or name, sections, n=1)
+        return f" (did you mean {close[0]}?)" if close else ""
+    fields = [f.name for f in dataclasses.fields(globals()[sections[section]])]
+    close = [ALIASES[name]] if ALIASES.get(name) in fields else \
+        difflib.get_close_matches(name, fields, n=1)
+    return f" (did you mean {section}.{close[0]}?)" if close else ""
 
 
 def validate(cfg: Config) -> None:

@@ -331,7 +331,7 @@ def _quiet():
 # ---------------------------------------------------------------- task records -> tokens
 
 GCIDE = "gcide"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: GCIDE definitions without source tags
 
 
 def load_task_dataset(spec: str, *, text_unit: str = "document", limit: int = 0,

@@ -6,6 +6,7 @@ Offline and small enough for 2 CPU cores; `make demo` runs it.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -21,7 +22,12 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words:
     from .tasks import Templates, render
     from .train import train
 
+    t0 = time.time()
     cfg = load_config(config, list(overrides))
+    print(f"gpt2jax demo: trains a {cfg.model.n_layer or 12}-layer GPT-2 from scratch on the "
+          f"GCIDE dictionary (word -> definition, {cfg.train.steps or 'one epoch of'} steps; "
+          "a few minutes on 2 CPU cores), then defines held-out words and exports it for "
+          "transformers", file=sys.stderr, flush=True)
     summary = train(cfg)
     run = Path(cfg.train.run_dir)
     model, tokenizer, _ = load_run(run)
@@ -47,6 +53,8 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words:
     print(f"\ntransformers export: {out}")
     print(f"loss plot:           {run / 'loss.png'}")
     print(f"tensorboard:         tensorboard --logdir {run / 'tensorboard'}")
+    print(f"\ndemo done in {time.time() - t0:.0f} s: run directory {run}, transformers "
+          f"export {out}")
     sys.stdout.flush()
     return {**summary, "export": str(out),
             "definitions": [{"word": r["word"], "generated": s.completion,

@@ -274,10 +274,15 @@ def evaluate_reverse_dictionary(
     """Exact-match accuracy of the greedily generated word for each definition.
 
     The prompt is the task's template (default "{definition} =>"); the generation stops
-    at a newline or <|endoftext|>, and the stripped completion must equal the word.
+    at a newline or <|endoftext|>, and the stripped completion must equal the word. A
+    record whose prompt leaves fewer than max_new_tokens positions of the model's context
+    is skipped and counted (`skipped`).
     """
+    import sys
+
     from .generate import generate
     from .tasks import render
+    from .tokenizer import encode
 
     prompts, words = [], []
     for i, r in enumerate(records):
@@ -287,6 +292,17 @@ def evaluate_reverse_dictionary(
             raise UserError(f"row {i} (counting from 0): {e}") from None
         prompts.append(prompt)
         words.append(target.strip())
+    room = model.cfg.n_positions - max_new_tokens
+    fits = [len(ids) <= room for ids in encode(tokenizer, prompts, model.cfg.vocab_size)]
+    skipped = fits.count(False)
+    if skipped:
+        print(f"gpt2jax: warning: skipped {skipped} of {len(prompts)} records whose prompt "
+              f"is longer than {room} tokens (the model's context of {model.cfg.n_positions} "
+              f"less {max_new_tokens} to generate)", file=sys.stderr)
+        prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
+        words = [w for w, ok in zip(words, fits, strict=True) if ok]
+    if not prompts:
+        raise UserError("no record has a prompt short enough for the model's context")
     samples = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens,
                        stop=["\n"], batch_size=batch_size)
     guesses = [s.completion.strip() for s in samples]
@@ -299,7 +315,7 @@ def evaluate_reverse_dictionary(
                 f.write(json.dumps({"prompt": p, "word": w, "generated": g}, ensure_ascii=False)
                         + "\n")
     return {"exact_match": float(np.mean(hits)) if hits else 0.0, "examples": len(hits),
-            "correct": int(sum(hits)),
+            "correct": int(sum(hits)), "skipped": skipped,
             "samples": [{"word": w, "generated": g} for w, g in list(zip(words, guesses))[:5]]}
 
 
@@ -445,22 +461,27 @@ def evaluate_data(
     stride: int | None = None,
     predictions: str | Path | None = None,
     templates=None,
+    limit: int = 0,
 ) -> dict:
     """Evaluate on a data spec (see data.load_records); what `gpt2jax eval` runs.
 
     task defaults to "classification" for a model with a classification head, else "lm".
     templates (tasks.Templates): the dictionary_reverse prompt/target; default the task's.
+    limit > 0: the first `limit` records only.
     """
     from .data import load_records, require_column
 
     task = task or ("lm" if model.cfg.head == "lm" else "classification")
     if task not in TASKS:
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    if limit < 0:
+        raise UserError(f"--limit must be >= 0 (0: every record), got {limit}")
     if task == "dictionary_reverse":
         _check_batch_size(batch_size)
         from .data import load_task_dataset
 
-        records = load_task_dataset(data, text_unit=text_unit, split=split).to_list()
+        ds = load_task_dataset(data, text_unit=text_unit, split=split)
+        records = (ds.select(range(min(limit, len(ds)))) if limit else ds).to_list()
         result = evaluate_reverse_dictionary(model, tokenizer, records, batch_size=batch_size,
                                              predictions=predictions, templates=templates)
         return {"task": task, **result}
@@ -475,6 +496,8 @@ def evaluate_data(
         _require_classifier(model)
         context_length(model, seq_len)
     ds = load_records(data, split=split, text_unit=text_unit)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
     require_column(ds, text_column, data)
     texts = list(ds[text_column])
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)

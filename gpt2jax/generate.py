@@ -116,6 +116,12 @@ class Sampling:
 
     def validate(self) -> Sampling:
         """Raise UserError for settings that make no sense; returns self."""
+        ignored = [name for name, on in (("temperature", self.temperature != 1.0),
+                                          ("top-k", self.top_k != 0), ("top-p", self.top_p != 1.0))
+                   if on]
+        if self.greedy and ignored:
+            raise UserError(f"greedy decoding always takes the most likely token, so "
+                            f"--{ignored[0]} would have no effect: drop it, or sample instead")
         if not self.greedy and not self.temperature > 0:
             raise UserError(
                 f"temperature must be > 0 when sampling, got {self.temperature}; "

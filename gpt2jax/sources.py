@@ -69,13 +69,28 @@ def resolve(src: str, step: int | str | None = None) -> Source:
             f"{src} is neither a transformers directory (config.json + model.safetensors) "
             "nor a gpt2jax run (config.yaml + checkpoints/)"
         )
-    if not _looks_like_hub(src):
-        raise UserError(f"model source {src} does not exist; check the path")
+    if not _looks_like_hub(src) or (forced is None and p.parent.is_dir() and p.parent.name):
+        # "runs/dmeo" where runs/ exists is a mistyped path, not a hub organisation
+        raise UserError(f"model source {src} does not exist{_near(p)}; check the path"
+                        + ("" if forced or not _looks_like_hub(src) else
+                           f", or write hf:{src} for the Hugging Face hub name"))
     return Source("hub", src)
 
 
 def _is_run(p: Path) -> bool:
     return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
+
+
+def _near(p: Path) -> str:
+    """' (did you mean X?)' for a sibling with a close name, else ''."""
+    import difflib
+
+    try:
+        siblings = [c.name for c in p.parent.iterdir()] if p.parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(p.name, siblings, n=1)
+    return f" (did you mean {p.parent / close[0]}?)" if close else ""
 
 
 def _looks_like_hub(src: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,17 @@ def gcide_dir() -> Path:
     return d
 
 
+# GCIDE's source tags ("[1913 Webster]", "[Webster 1913 Suppl.]", "[PJC]", "[WordNet 1.5]",
+# "[wn1]" and their combinations) say where an entry came from, not what a word means;
+# usage labels such as "[Obs.]" stay
+GCIDE_SOURCE_TAG = re.compile(r"\s*\[[^\]]*(?:Webster|WordNet|PJC|\bwn\d)[^\]]*\]")
+
+
 def iter_gcide(letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ") -> Iterator[dict]:
     """One record per (word, definition): word, part_of_speech, definition, example.
 
     In file and definition order, so the record list is the same on every machine.
+    Source tags are removed from the definitions (GCIDE_SOURCE_TAG).
     """
     d = gcide_dir()
     for letter in letters:
@@ -54,7 +62,8 @@ def iter_gcide(letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ") -> Iterator[dict]:
         for word, entry in entries.items():
             for pos in entry.get("pos", []):
                 for definition in pos.get("definitions", []):
-                    text = " ".join((definition.get("text") or "").split())
+                    text = GCIDE_SOURCE_TAG.sub("", definition.get("text") or "")
+                    text = " ".join(text.split())
                     if not text:
                         continue
                     examples = definition.get("examples") or []

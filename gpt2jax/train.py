@@ -100,9 +100,17 @@ def _train(cfg: Config, run, dist) -> dict:
     batcher = Batcher(prepared.train, t.batch_size, t.seed, jax.process_index(),
                       jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions))
     total = t.steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
+    if cfg.optim.warmup_steps >= total and jax.process_index() == 0:
+        print(f"gpt2jax: warning: optim.warmup_steps={cfg.optim.warmup_steps} is not below the "
+              f"run's {total} steps, so the learning rate never reaches optim.lr",
+              file=sys.stderr)
     plan = build_step(cfg, mcfg, mesh, total, class_weights=_class_weights(cfg, prepared))
     ckpts = Checkpoints(run.path, t.keep_checkpoints)
-    state = _start_state(ckpts, plan, mcfg, t.seed, source_model)
+    try:
+        state = _start_state(ckpts, plan, mcfg, t.seed, source_model)
+    except BaseException:
+        ckpts.close()  # its background threads would outlive a refused resume
+        raise
     source_model = None  # its host copy of the weights is no longer needed
     main_process = jax.process_index() == 0
     if main_process:  # only now: a failed restore leaves the run's files as they were

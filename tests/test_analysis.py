@@ -261,3 +261,24 @@ def test_cli_similarity(models, cli, tmp_path):
     assert r.code == 2 and "lemma" in r.last_err and r.last_err.startswith("gpt2jax: error:")
     r = cli("similarity", "--model", path_a, "--data", data, "--embed-model", "st:/nonexistent")
     assert r.code == 2 and r.last_err.startswith("gpt2jax: error:")
+
+
+def test_similarity_reads_gcide_samples_and_counts_degenerate_generations(cli, hf_lm_dir):
+    """`similarity --data gcide` like eval; the sampling options generate has; a count of
+    looping generations, each checked here by hand."""
+    from gpt2jax.analysis import is_degenerate
+
+    assert is_degenerate("of the genus of the genus") and is_degenerate("a b c x a b c")
+    assert not is_degenerate("a small rock found in rivers") and not is_degenerate("a a")
+    args = ("similarity", "--model", hf_lm_dir[0], "--data", "gcide:Q", "--limit", "3",
+            "--max-new-tokens", "12", "--json")
+    greedy = cli(*args)
+    assert greedy.code == 0, greedy.err
+    rows = greedy.json["examples"]
+    assert len(rows) == 3 and greedy.json["degenerate"] == sum(
+        is_degenerate(r["generated"]) for r in rows)
+    sampled = cli(*args, "--sample", "--top-k", "50", "--temperature", "1.5", "--seed", "1")
+    assert sampled.code == 0, sampled.err
+    assert [r["generated"] for r in sampled.json["examples"]] != [r["generated"] for r in rows]
+    res = cli(*args, "--top-k", "5")  # greedy is the default here: top-k would do nothing
+    assert res.code == 2 and "greedy decoding always takes the most likely token" in res.last_err

@@ -61,6 +61,8 @@ def test_bench_json_has_every_field(vs_hf):
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
     assert r["flops_per_token"] == flops_per_token(cfg, 16)
     assert len(r["peak_flops_rounds"]) == 2 and r["peak_flops"] > 0
+    assert r["peak_flops"] == max(r["peak_flops_rounds"]) and r["peak_consistent"]
+    assert r["jax"]["malloc"] in ("system", "hugepages", "keep", "custom")  # the policy run
     j = r["jax"]
     for key in ("tokens_per_sec", "step_seconds", "cpu_seconds_per_step", "compile_seconds",
                 "first_step_seconds", "flops_per_token", "achieved_flops", "mfu",
@@ -132,3 +134,24 @@ def test_bench_worker_failures_are_user_errors():
     finally:
         w.close()
     assert not os.path.exists(w.tmp.name)  # its scratch directory is gone
+
+
+def test_mfu_is_never_over_100_percent():
+    """A probe that read below what the step achieved (a busy machine) gives no MFU and a
+    line saying why, instead of e.g. 'MFU 168.5%'."""
+    from gpt2jax.bench import _per_round_mfu, _side, format_table
+
+    use = [(0.5, 10)]
+    side = _side(100, 1.0, 10, peak=500.0, rounds=[1.0], use=use)  # 1,000 FLOP/s achieved
+    assert side["achieved_flops"] == 1000 and side["mfu"] is None
+    assert _side(100, 1.0, 10, peak=4000.0, rounds=[1.0], use=use)["mfu"] == 0.25
+    assert _per_round_mfu(100, 10, [1.0, 1.0], [500.0, 2000.0]) == [None, 0.5]
+    cfg = {"n_layer": 1, "n_embd": 8, "n_head": 1, "vocab_size": 10, "batch_size": 1,
+           "seq_len": 4, "dtype": "float32", "rounds": 1, "steps": 1}
+    r = {"device": "cpu", "jax_version": "x", "date": "d", "config": cfg,
+         "flops_per_token": 10, "peak_flops": 500, "peak_matmul": {"size": 16,
+         "dtype": "float32"}, "peak_consistent": False, "ratio": None, "decode": None,
+         "hf": None, "jax": {**side, "compile_seconds": 1.0, "peak_memory_bytes": 2**20,
+                             "peak_memory_source": "process_max_rss"}}
+    text = format_table(r)
+    assert "MFU not reported: the matmul probe read below" in text and "%" not in text

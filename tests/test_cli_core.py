@@ -145,3 +145,24 @@ sys.exit(main(["prepare", "{tmp_path / 'c.yaml'}"]))
                        env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "PyTorch" not in p.stderr, p.stderr
+
+
+def test_hints_a_new_user_gets(cli, capsys):
+    """Help says what gpt2jax is, shows defaults and the demo's overrides; contradictory
+    sampling options and keys from other trainers get a clear line, not silence."""
+    from gpt2jax.cli import build_parser
+
+    assert build_parser().description.startswith("Train, fine-tune, evaluate and export")
+    helps = {}
+    for command in ("demo", "generate"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "--section.key=value overrides the config" in helps["demo"]
+    assert "--top-k TOP_K 0: off (default: 0)" in helps["generate"]
+    res = cli("generate", "--model", "x", "--prompt", "hi", "--greedy", "--top-k", "5")
+    assert res.code == 2 and "greedy decoding always takes the most likely token, so --top-k" in \
+        res.last_err
+    res = cli("train", "configs/demo.yaml", "--optim.learning_rate=1e-3")
+    assert res.code == 2 and "unknown key (did you mean optim.lr?)" in res.last_err
+    assert "gpt2jax/config.py" not in res.last_err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 
 def test_demo_trains_defines_and_exports(tmp_path, cli):
@@ -15,6 +16,10 @@ def test_demo_trains_defines_and_exports(tmp_path, cli):
     assert res.code == 0, res.err[-3000:]
     out = res.out[: res.out.rindex("{")]  # the human-readable part before the JSON summary
     assert "held-out words" in out and "validation perplexity after 3 steps" in out
+    # it says first what it will do, and last how long it took and where its outputs are
+    assert res.err.lstrip().startswith("gpt2jax demo: trains a 1-layer GPT-2 from scratch")
+    assert re.search(rf"demo done in \d+ s: run directory {run}, transformers export "
+                     rf"{run / 'hf'}", out)
     summary = json.loads(res.out[res.out.rindex("\n{") + 1:])
     assert summary["final_step"] == 3 and len(summary["definitions"]) == 6
     # Held out: no (word, definition) pair shown to the model is in the training split.

@@ -322,3 +322,20 @@ def test_load_records_missing_hub_offline_and_columns(tmp_path):
     ds = load_records(tmp_path / "d.csv")
     with pytest.raises(UserError, match="no column 'text'; its columns are: review, stars"):
         require_column(ds, "text", "d.csv")
+
+
+def test_reverse_dictionary_skips_prompts_too_long_and_limits(cli, hf_lm_dir, tmp_path):
+    """A definition longer than the context leaves no room to generate: it is skipped and
+    counted (not 'lower --max-new-tokens to at most -576'); --limit takes the first N."""
+    rows = [{"word": "stone", "definition": "a small rock"},
+            {"word": "river", "definition": "water " * 2000},
+            {"word": "light", "definition": "what lets you see"}]
+    data = tmp_path / "dict.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ("eval", "--model", hf_lm_dir[0], "--data", data, "--task", "dictionary_reverse")
+    res = cli(*args, "--json")
+    assert res.code == 0, res.err
+    assert (res.json["examples"], res.json["skipped"]) == (2, 1)
+    assert "skipped 1 of 3 records whose prompt is longer than" in res.err
+    res = cli(*args, "--limit", "1", "--json")
+    assert res.code == 0 and (res.json["examples"], res.json["skipped"]) == (1, 0)

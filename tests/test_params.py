@@ -123,3 +123,12 @@ def test_moved_freeze_is_refused_by_name_and_changes_nothing(tmp_path, cli):
     assert "optim.freeze" in res.last_err and "mu.h.0." in res.last_err
     assert (tmp_path / "run" / "config.yaml").read_text() == before  # nothing overwritten
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+
+
+def test_warmup_longer_than_the_run_is_warned(tmp_path, capsys):
+    cfg = _cfg(tmp_path, tmp_path / "run")
+    cfg["optim"].update(warmup_steps=5, schedule="cosine")
+    out = _train(tmp_path, cfg, "--train.steps=2")
+    assert out["final_step"] == 2
+    assert ("warning: optim.warmup_steps=5 is not below the run's 2 steps, so the learning "
+            "rate never reaches optim.lr") in capsys.readouterr().err

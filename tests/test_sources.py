@@ -352,3 +352,15 @@ def test_tokenizer_for_adds_special_tokens(tmp_path):
     assert (pad, sep) == (50257, 50258)
     assert tok("a<|sep|>b", add_special_tokens=False)["input_ids"] == [64, sep, 65]
     assert len(gpt2_tokenizer()) == 50257  # the shared offline tokenizer is untouched
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """'runs/dmeo' where runs/ exists is a missing directory (with the close sibling
+    named), not a hub organisation; hf: still reaches the hub reading."""
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"model source runs/dmeo does not exist \(did you mean "
+                                        r"runs/demo\?\); check the path, or write hf:runs/dmeo"):
+        resolve("runs/dmeo")
+    assert resolve("hf:runs/dmeo") == Source("hub", "runs/dmeo")
+    assert resolve("openai/gpt2x") == Source("hub", "openai/gpt2x")  # no openai/ here

@@ -328,3 +328,20 @@ def test_resuming_mid_epoch_replays_nothing_and_matches_the_uninterrupted_order(
         np.testing.assert_array_equal(y, y2)
     one = Batcher(p.train, 4, seed=9, pad_id=EOS, max_len=16)
     np.testing.assert_array_equal(full[8][2], p.train.labels[one.global_indices(8)])
+
+
+def test_gcide_definitions_carry_no_source_tags():
+    """'[1913 Webster]' and the like (hundreds in the first letters) say where an entry came
+    from, not what the word means: gone from the records; usage labels ('[Obs.]') stay."""
+    import itertools
+    import json as json_mod
+
+    from gpt2jax.tasks import gcide_dir, iter_gcide
+
+    raw = (gcide_dir() / "words_A.json").read_text(encoding="utf-8")
+    assert raw.count("[1913 Webster]") > 100  # the package really has them
+    defs = [r["definition"] for r in itertools.islice(iter_gcide("A"), 20000)]
+    tags = ("[1913 Webster]", "[Webster 1913 Suppl.]", "[PJC]", "[WordNet 1.5]", "[wn1]")
+    assert not any(tag in d for d in defs for tag in tags)
+    assert any("[Obs.]" in d for d in defs)
+    assert json_mod.loads(raw)  # still the package's own file, read as is
