@@ -256,7 +256,8 @@ def test_cli_similarity(models, cli, tmp_path):
             "--max-new-tokens", "10", "--json")
     assert r.code == 0, r.err
     assert r.json["n"] == 3 and len(r.json["examples"]) == 3
-    assert set(r.json["examples"][0]) == {"word", "reference", "generated", "cosine"}
+    assert set(r.json["examples"][0]) == {"word", "reference", "generated", "cosine",
+                                          "degenerate"}
     r = cli("similarity", "--model", path_a, "--data", data, "--word-column", "lemma")
     assert r.code == 2 and "lemma" in r.last_err and r.last_err.startswith("gpt2jax: error:")
     r = cli("similarity", "--model", path_a, "--data", data, "--embed-model", "st:/nonexistent")
