@@ -25,7 +25,13 @@ def decays(name: str, decay_embeddings: bool = False) -> bool:
 def make_schedule(
     lr: float, schedule: str, warmup_steps: int, total_steps: int, end_lr: float = 0.0
 ) -> optax.Schedule:
-    """Linear warmup from 0 to lr, then constant / linear / cosine to end_lr at total_steps."""
+    """Linear warmup, then constant / linear / cosine to end_lr at total_steps.
+
+    With w = min(warmup_steps, total_steps - 1), step s < w uses lr * (s + 1) / (w + 1)
+    (warmup starts at lr / (w + 1), not 0); steps s >= w follow the main schedule over the
+    remaining total_steps - w steps (cosine: end_lr + (lr - end_lr) * (1 + cos(pi * (s - w)
+    / (total_steps - w))) / 2). tests/test_parity_torch.py checks this formula.
+    """
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup_steps, 1)
     if schedule == "constant":
@@ -38,7 +44,7 @@ def make_schedule(
         raise UserError(f"optim.schedule={schedule!r}: choose constant, linear or cosine")
     if warmup_steps == 0:
         return main
-    # Warmup starts at lr / warmup_steps rather than 0 so that step 0 is not a no-op.
+    # Warmup starts at lr / (warmup_steps + 1) rather than 0 so that step 0 is not a no-op.
     warm = optax.linear_schedule(lr / (warmup_steps + 1), lr, warmup_steps)
     return optax.join_schedules([warm, main], [warmup_steps])
 

@@ -78,6 +78,43 @@ def test_diff_statistics_equal_a_direct_numpy_computation(models):
     assert diff["only_in_a"] == diff["only_in_b"] == [] and diff["shape_mismatch"] == {}
 
 
+def test_cli_diff_equals_numpy_on_the_torch_state_dicts(models, cli):
+    """`gpt2jax diff --json` on two transformers directories against numpy on the two
+    state dicts transformers loads (float64 sums)."""
+    from transformers import GPT2LMHeadModel
+
+    path_a, _, path_b, _, _ = models
+    sd = [{k: v.double().numpy() for k, v in
+           GPT2LMHeadModel.from_pretrained(str(p)).state_dict().items()} for p in (path_a, path_b)]
+    r = cli("diff", "--a", path_a, "--b", path_b, "--json")
+    assert r.code == 0, r.err
+    tensors = r.json["tensors"]
+    assert set(tensors) == set(sd[0]) - {"lm_head.weight"}  # the tied head is wte
+    for name, st in tensors.items():
+        a, b = sd[0][name], sd[1][name]
+        ra, rb = (a[None], b[None]) if a.ndim == 1 else (a, b)
+        d = b - a
+        want = {"mean_abs_diff": np.abs(d).mean(), "max_abs_diff": np.abs(d).max(),
+                "std_diff": d.std(), "mean_row_l2": np.linalg.norm(rb - ra, axis=1).mean(),
+                "n_params": d.size}
+        if np.linalg.norm(a) > 0:
+            want["relative_l2"] = np.linalg.norm(d) / np.linalg.norm(a)
+        else:  # transformers initialises biases to zero: nothing to be relative to
+            assert st["relative_l2"] is None
+        nz = (np.linalg.norm(ra, axis=1) > 0) & (np.linalg.norm(rb, axis=1) > 0)
+        if nz.all():  # rows of zeros (fresh biases) have a convention; see row_cosines
+            want["mean_row_cosine"] = cosines(ra, rb).mean()
+        for k, v in want.items():
+            assert st[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (name, k)
+    assert tensors["transformer.h.0.mlp.c_fc.weight"]["relative_l2"] > 0.5  # really compared
+    h1 = [n for n in sd[0] if n.startswith("transformer.h.1.")]
+    flat = [np.concatenate([s[n].ravel() for n in h1]) for s in sd]
+    layer = r.json["layers"]["h.1"]
+    assert layer["max_abs_diff"] == pytest.approx(np.abs(flat[1] - flat[0]).max(), rel=1e-6)
+    assert layer["relative_l2"] == pytest.approx(
+        np.linalg.norm(flat[1] - flat[0]) / np.linalg.norm(flat[0]), rel=1e-6)
+
+
 def test_diff_with_itself_is_zero(models):
     model_a = models[1]
     diff = weight_diff(model_a, model_a)
@@ -132,28 +169,66 @@ def test_cli_diff_json_table_and_plot(models, cli, tmp_path):
     assert r.code == 2 and r.last_err.startswith("gpt2jax: error:")
 
 
-def test_similarity_of_identical_texts_is_one(models):
-    _, model_a, _, _, tok = models
-    embed = HiddenStateEmbedder(model_a, tok, batch_size=2)
-    texts = ["a small domesticated carnivore", "to move swiftly", ""]
-    np.testing.assert_allclose(text_cosines(embed, texts, texts), 1.0, atol=1e-6)
-    # padding is masked: a text embeds the same alone and next to a longer one
-    alone = embed(["to move swiftly"])[0]
-    np.testing.assert_allclose(embed(texts)[1], alone, atol=1e-5)
-    assert text_cosines(embed, ["a cat"], ["quantum chromodynamics"])[0] < 1.0 - 1e-4
+def hf_embed(torch_model, tok, texts) -> np.ndarray:
+    """The reference embedding, one text at a time (no padding to mask): the mean over
+    the text's tokens of transformers' GPT2Model last hidden state (after ln_f); the zero
+    vector for an empty text."""
+    import torch
+
+    out = np.zeros((len(texts), torch_model.config.n_embd))
+    for i, text in enumerate(texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if ids:
+            with torch.no_grad():
+                h = torch_model.transformer(torch.tensor([ids])).last_hidden_state[0]
+            out[i] = h.double().mean(0).numpy()
+    return out
 
 
-def test_similarity_generates_and_compares(models):
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return np.where(na * nb > 0, (a * b).sum(1) / np.maximum(na * nb, 1e-300), 0.0)
+
+
+def test_hidden_state_embeddings_equal_transformers_masked_mean(models, hf_lm_dir):
+    """Batched, padded, bucketed embeddings against transformers one text at a time."""
     _, model_a, _, _, tok = models
+    texts = ["a small domesticated carnivore", "to move swiftly", "",
+             "the colour of the clear sky on a summer afternoon, far from the city"]
+    got = HiddenStateEmbedder(model_a, tok, batch_size=3)(texts)
+    want = hf_embed(hf_lm_dir[1], tok, texts)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)  # float32 vs torch float32
+    assert np.abs(want[[0, 1, 3]]).min(axis=1).max() > 0 and not want[2].any()
+    cos = text_cosines(HiddenStateEmbedder(model_a, tok), texts[:2], texts[2:])
+    np.testing.assert_allclose(cos, cosines(want[:2], want[2:]), atol=1e-5)
+
+
+def test_similarity_equals_transformers_generation_and_embeddings(models, hf_lm_dir):
+    """similarity() against an independent pipeline: transformers' greedy generate from
+    "word:", cut at the first newline, embedded with GPT2Model's masked mean."""
+    import torch
+
+    _, model_a, _, _, tok = models
+    torch_model = hf_lm_dir[1]
     records = [{"word": "cat", "definition": "a small feline"},
                {"word": "run", "definition": "to move fast on foot"},
                {"word": "blue", "definition": "the colour of the sky"}]
     r = similarity(model_a, tok, records, max_new_tokens=10)
-    assert r["n"] == 3 and len(r["examples"]) == 3
-    assert r["mean_cosine_similarity"] == pytest.approx(
-        np.mean([e["cosine"] for e in r["examples"]]))
-    assert r["mean_cosine_distance"] == pytest.approx(1.0 - r["mean_cosine_similarity"])
-    assert all(-1.0 <= e["cosine"] <= 1.0 for e in r["examples"])
+    generated = []
+    for rec in records:
+        ids = torch.tensor([tok(f"{rec['word']}:", add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = torch_model.generate(ids, max_new_tokens=10, do_sample=False,
+                                       eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.eos_token_id)
+        new = [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eos_token_id]
+        generated.append(tok.decode(new).split("\n")[0].strip())
+    assert [e["generated"] for e in r["examples"]] == generated and all(generated)
+    refs = [rec["definition"] for rec in records]
+    want = cosines(hf_embed(torch_model, tok, generated), hf_embed(torch_model, tok, refs))
+    np.testing.assert_allclose([e["cosine"] for e in r["examples"]], want, atol=1e-5)
+    assert r["mean_cosine_similarity"] == pytest.approx(want.mean(), abs=1e-5)
+    assert r["mean_cosine_distance"] == pytest.approx(1.0 - want.mean(), abs=1e-5)
     assert [e["word"] for e in r["examples"]] == ["cat", "run", "blue"]
     with pytest.raises(UserError, match="no column 'definition'"):
         similarity(model_a, tok, [{"word": "x", "gloss": "y"}])
@@ -181,7 +256,8 @@ def test_cli_similarity(models, cli, tmp_path):
             "--max-new-tokens", "10", "--json")
     assert r.code == 0, r.err
     assert r.json["n"] == 3 and len(r.json["examples"]) == 3
-    assert set(r.json["examples"][0]) == {"word", "reference", "generated", "cosine"}
+    assert set(r.json["examples"][0]) == {"word", "reference", "generated", "cosine",
+                                          "degenerate"}
     r = cli("similarity", "--model", path_a, "--data", data, "--word-column", "lemma")
     assert r.code == 2 and "lemma" in r.last_err and r.last_err.startswith("gpt2jax: error:")
     r = cli("similarity", "--model", path_a, "--data", data, "--embed-model", "st:/nonexistent")

@@ -20,7 +20,7 @@ from gpt2jax.tracking import read_metrics
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 TINY = ["--model.init=scratch", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2",
         "--model.n_positions=64", "--train.steps=2", "--train.batch_size=8",
-        "--train.seq_len=32", "--train.progress=none"]
+        "--train.seq_len=32", "--train.progress=none", "--train.log_every=1"]
 ZH = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。",
       "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
       "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
@@ -98,16 +98,22 @@ def test_config_trains_two_steps_offline(path, fixtures, tmp_path, cli, monkeypa
     summary = res.json
     assert summary["final_step"] == 2 and summary["train_loss"] is not None
     assert np.isfinite(summary["train_loss"])
+    model = json.loads((run / "model.json").read_text())
+    # Hand calculation: from scratch, N(0, 0.02) weights give nearly uniform predictions,
+    # so the first step's loss is ln(number of classes) (logits of std ~0.1 add ~0.01).
+    classes = len(model["labels"]) if model["head"] != "lm" else model["vocab_size"]
+    first = [r for r in read_metrics(run / "metrics.jsonl") if "split" not in r][0]
+    assert first["step"] == 1 and abs(first["loss"] - np.log(classes)) < 0.05, first
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     original = yaml.safe_load(path.read_text())
     # every key the config sets survives, except the ones this test overrides
     overridden = {"init", "n_layer", "n_embd", "n_head", "n_positions", "steps", "batch_size",
-                  "seq_len", "progress", "run_dir", "train", "validation", "label_column"}
+                  "seq_len", "progress", "log_every", "run_dir", "train", "validation",
+                  "label_column"}
     for section, keys in original.items():
         for key, value in keys.items():
             if key not in overridden:
                 assert resolved[section][key] == value, f"{section}.{key}"
-    model = json.loads((run / "model.json").read_text())
     assert model["n_embd"] == 32 and model["head"] == original["model"].get("head", "lm")
     data_rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "data"]
     assert data_rows and data_rows[0]["bytes_per_token"] > 0
@@ -115,7 +121,9 @@ def test_config_trains_two_steps_offline(path, fixtures, tmp_path, cli, monkeypa
     if original["data"]["task"] == "classification":
         n_classes = 20 if model["head"] == "attention_pool" else 2
         assert len(model["labels"]) == n_classes
-        assert 0 <= summary["validation"]["accuracy"] <= 1
+        cm = np.asarray(summary["validation"]["confusion_matrix"])
+        assert cm.shape == (n_classes, n_classes)
+        assert summary["validation"]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
         assert (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     else:
         assert summary["validation"]["perplexity"] > 1

@@ -54,10 +54,27 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoints(nan_run
     assert all(np.isfinite(v).all() for v in to_flat_params(model).values())
 
 
-def test_skip_nonfinite_allows_bad_steps(nan_run):
-    res = run_cli("train", _cfg(nan_run, skip_nonfinite=100))
+def test_skip_nonfinite_allows_bad_steps_and_leaves_the_weights_bit_identical(nan_run):
+    """A checkpoint every step: a skipped step's weights are exactly the previous step's;
+    an applied step's are not (so the comparison can fail)."""
+    from gpt2jax.hf import to_flat_params
+    from gpt2jax.run import load_model
+
+    res = run_cli("train", _cfg(nan_run, skip_nonfinite=100, keep_checkpoints=6))
     assert res.code == 0, res.err[-2000:]
-    assert "skipped step" in res.err
+    skipped = {int(x) for x in re.findall(r"skipped step (\d+)", res.err)}
+    assert skipped and min(skipped) > 1  # some applied steps, then skipped ones
+
+    def weights(step: int) -> dict:
+        model, _, _ = load_model(str(nan_run / "run" / "checkpoints" / str(step)))
+        return to_flat_params(model)
+
+    before = weights(1)
+    for step in range(2, 7):
+        now = weights(step)
+        same = all(np.array_equal(now[k], before[k], equal_nan=True) for k in now)
+        assert same == (step in skipped), step
+        before = now
 
 
 def test_logged_lr_is_the_rate_of_the_last_applied_update(nan_run):
