@@ -216,3 +216,31 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     # The two checkpoints differ: the latest really is step 4, not a second copy of step 2.
     early, final = restored[CHECKPOINT_EVERY], restored[None]
     assert max(float(np.max(np.abs(early[k] - final[k]))) for k in early) > 1e-4
+
+
+@pytest.mark.slow
+def test_two_process_run_resumed_in_one_process_continues_the_trajectory(runs, tmp_path):
+    """Process count is not part of a run: the 2-process run's checkpoint (each process
+    wrote its shards, moments included) resumes in one process and its next steps equal
+    the 1-process run continued the same way, within the module's tolerance."""
+    import shutil
+
+    more = STEPS + 2
+    continued = {}
+    procs = []
+    for name in ("multi", "single"):
+        run = tmp_path / name
+        shutil.copytree(runs[name], run)
+        cmd = ["gpt2jax", "train", runs["single"] / "config.yaml", f"--train.run_dir={run}",
+               f"--train.steps={more}", *MESH]
+        procs.append((name, run, _start(cmd, tmp_path / name, tmp_path,
+                                        XLA_FLAGS="--xla_force_host_platform_device_count=4")))
+    deadline = time.monotonic() + TIMEOUT
+    for name, run, proc in procs:
+        err = tmp_path / f"{name}.err"
+        _finish(f"resuming the {name} run in 1 process", proc, tmp_path / name, deadline)
+        assert f"resuming {run} from step {STEPS}" in err.read_text()
+        continued[name] = [r for r in _train_rows(run) if r["step"] > STEPS]
+    assert [r["step"] for r in continued["multi"]] == [STEPS + 1, more]
+    np.testing.assert_allclose([r["loss"] for r in continued["multi"]],
+                               [r["loss"] for r in continued["single"]], rtol=LOSS_RTOL, atol=0)
