@@ -434,17 +434,22 @@ def _step_report(exe, seconds: float, oom: str | None, chip: Chip, chips: int,
     hlo = exe.as_text()
     coll = collectives(hlo)
     hw, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    out.update(flops=hw, model_flops=model_flops / chips, bytes_accessed=accessed,
-               # XLA's cost analysis counts a loop body once (scan over layers, grad
-               # accumulation, the chunked loss): then `flops` undercounts the step
-               loops=" while(" in hlo, collectives=coll,
-               roofline=roofline(chip, model_flops / chips, hw, accessed, coll))
+    mine, loops = model_flops / chips, " while(" in hlo
+    # XLA's cost analysis counts a loop body once (scanned layers, grad accumulation, the
+    # chunked loss), so with loops its FLOPs and bytes undercount the step: the roofline
+    # then scales the bytes by the FLOPs' shortfall against the model count
+    scale = mine / hw if loops and 0 < hw < mine else 1.0
+    out.update(flops=hw, model_flops=mine, bytes_accessed=accessed, loops=loops,
+               loop_scale=scale, collectives=coll,
+               roofline=roofline(chip, mine, hw, accessed * scale, coll))
     return out
 
 
-def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None) -> dict:
-    """Compile `gpt2jax train`'s train and eval steps of `cfg` for a TPU topology and
-    report memory, FLOPs, collectives and a roofline estimate per chip (see module doc)."""
+def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None, *,
+                   evaluate: bool = True) -> dict:
+    """Compile `gpt2jax train`'s train step (and eval step, unless `evaluate` is False)
+    of `cfg` for a TPU topology; report memory, FLOPs, collectives and a roofline estimate
+    per chip (see the module doc)."""
     from .model import param_count
     from .sharding import make_mesh
 
@@ -457,7 +462,7 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None)
     chip, n = topo.chip, len(devices)
     train_exe, seconds, oom = _compile(train_low)
     train = _step_report(train_exe, seconds, oom, chip, n, analytic_flops(cfg, mcfg))
-    evaluate = _step_report(*_compile(eval_low), chip, n, None)
+    ev = _step_report(*_compile(eval_low), chip, n, None) if evaluate else None
     result = {
         "topology": topo.name, "libtpu_topology": topo.libtpu_name, "slices": topo.slices,
         "chips": n, "chip": chip.family, "hbm_per_chip": chip.hbm_bytes,
@@ -468,7 +473,7 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None)
         "batch": {k: getattr(cfg.train, k) for k in ("batch_size", "grad_accum", "seq_len")},
         "per_chip": {"params": _nbytes_per_chip(params), "opt_state": _nbytes_per_chip(opt),
                      "batch": _nbytes_per_chip(batch)},
-        "train": train, "eval": evaluate, "fits": train["fits"] and evaluate["fits"],
+        "train": train, "eval": ev, "fits": train["fits"] and (ev is None or ev["fits"]),
     }
     if not result["fits"]:
         result["advice"] = _advice(cfg, mcfg)
@@ -510,6 +515,8 @@ def format_report(r: dict) -> str:
              f"per chip: parameters {g(pc['params'])}, optimizer state {g(pc['opt_state'])}, "
              f"batch {g(pc['batch'])}"]
     for name, s in (("train step", t), ("eval step", r["eval"])):
+        if s is None:
+            continue
         if "memory" not in s:
             lines.append(f"{name}: DOES NOT FIT (compiled in {s['compile_seconds']} s): "
                          f"{s['compiler']}")
@@ -528,10 +535,10 @@ def format_report(r: dict) -> str:
             f"{k} {v['count']} ({v['bytes'] / 2**20:,.1f} MiB)"
             for k, v in t["collectives"].items() if v["count"]) or "none")
         rf = t["roofline"]
-        lines.append(f"roofline estimate (not a measurement): {rf['step_seconds'] * 1e3:,.1f} ms "
-                     f"per step, {rf['bound']}-bound (compute {rf['compute_seconds'] * 1e3:,.1f}"
-                     f" ms, HBM {rf['hbm_seconds'] * 1e3:,.1f} ms, ICI "
-                     f"{rf['ici_seconds'] * 1e3:,.1f} ms), MFU {rf['mfu']:.0%}")
+        ms = {k: f"{rf[k + '_seconds'] * 1e3:.3g} ms" for k in ("step", "compute", "hbm", "ici")}
+        lines.append(f"roofline estimate (not a measurement): {ms['step']} per step, "
+                     f"{rf['bound']}-bound (compute {ms['compute']}, HBM {ms['hbm']}, ICI "
+                     f"{ms['ici']}), MFU {rf['mfu']:.0%}")
     if r.get("advice"):
         lines.append(f"to fit, try: {r['advice']}")
     if r.get("saved"):
