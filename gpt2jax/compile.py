@@ -456,7 +456,12 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None,
     topo = parse_topology(topology, slices)
     mcfg = model_for_compile(cfg)
     devices = topology_devices(topo)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    except ValueError as e:  # jax.make_mesh: "does not support multi-slice topologies"
+        raise UserError(f"--slices {slices}: the mesh `gpt2jax train` builds "
+                        f"(jax.make_mesh) spans one slice only ({e}); compile one slice, "
+                        "--slices 1") from e
     train_low, eval_low, params, opt = lowered_steps(cfg, mcfg, mesh)
     batch = abstract_batch(cfg, mcfg, mesh)
     chip, n = topo.chip, len(devices)

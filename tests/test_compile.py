@@ -141,6 +141,12 @@ def test_mesh_that_does_not_divide_the_chips_exit_2(toy, cli):
     assert "8 devices" in r.last_err and "data=3" in r.last_err
 
 
+def test_multi_slice_exit_2(toy, cli):
+    # libtpu builds 2 slices, but train's mesh (jax.make_mesh) spans one slice only
+    r = cli("compile", toy, "--topology", "v5e-4", "--slices", "2")
+    assert r.code == 2 and "one slice" in r.last_err
+
+
 def test_without_libtpu_exit_2_names_the_extra(toy, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
     r = cli("compile", toy, "--topology", "v5e-4")
