@@ -515,8 +515,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
     p.add_argument("--save", metavar="FILE", default=None,
                    help="serialize the compiled train step (with the versions it needs)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_compile)
+    _runs(p, _cmd_compile)
 
 
 def _cmd_compile(args) -> int:

@@ -175,8 +175,8 @@ def model_for_compile(cfg):
     """The model config `gpt2jax train` would build, from the config alone: shapes from
     model.preset / the explicit dimensions (never from model.init: nothing is loaded),
     labels from data.labels or model.num_labels, model.loss_chunk=-1 resolved for TPU."""
-    from .model import AUTO_LOSS_CHUNK, PRESETS
-    from .train import model_config
+    from .model import PRESETS, resolve_auto
+    from .run import model_config
 
     m = cfg.model
     if m.init != "scratch" and not m.preset:
@@ -197,10 +197,8 @@ def model_for_compile(cfg):
         base = PRESETS.get(m.preset, {}).get("vocab_size", 50257)
         m.vocab_size = max(base, len(with_special_tokens(load_tokenizer(None),
                                                          cfg.data.add_special_tokens)))
-    mcfg = model_config(cfg, None, labels)
-    if mcfg.loss_chunk == -1:  # auto means the TPU choice here, not this machine's
-        mcfg = mcfg.replace(loss_chunk=AUTO_LOSS_CHUNK["tpu"])
-    return mcfg
+    # automatic choices (model.loss_chunk=-1) as on a TPU host, not this machine
+    return resolve_auto(model_config(cfg, None, labels), "tpu")
 
 
 def abstract_batch(cfg, mcfg, mesh, *, train: bool = True) -> dict:
