@@ -15,8 +15,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# tpu: libtpu, for the tests of `gpt2jax compile` (TPU executables, compiled on this CPU)
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,tpu]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -500,6 +500,34 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compile
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile the train step for a TPU topology, on any "
+                                       "machine: memory per chip, FLOPs, collectives",
+                       description="gpt2jax compile CONFIG --topology NAME "
+                                   "[--section.key=value ...]")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--topology", required=True,
+                   help="Cloud TPU accelerator type (v5litepod-16, v5e-8, v4-32, v5p-8, "
+                        "v6e-256) or libtpu's form (v5e:4x4, v4:2x2x2)")
+    p.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
+    p.add_argument("--save", metavar="FILE", default=None,
+                   help="serialize the compiled train step (with the versions it needs)")
+    _runs(p, _cmd_compile)
+
+
+def _cmd_compile(args) -> int:
+    from .compile import compile_config, format_report
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = compile_config(cfg, args.topology, args.slices, args.save)
+    _emit(result, args.json, format_report)
+    return 0 if result["fits"] else 1  # "does not fit" is a result, not an error
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -529,7 +557,8 @@ def _cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_export, _add_eval,
+COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_compile, _add_export,
+                            _add_eval,
                             _add_score,
                             _add_generate, _add_diff, _add_similarity, _add_bench]
 
@@ -552,8 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("GPT2JAX_DEBUG") == "1"
     try:
         args, rest = build_parser().parse_known_args(argv)
-        # Only `train`, `prepare` and `demo` take free-form --section.key=value overrides.
-        if rest and getattr(args, "command", None) not in ("train", "prepare", "demo"):
+        # Only these take free-form --section.key=value overrides.
+        if rest and getattr(args, "command", None) not in ("train", "prepare", "demo",
+                                                           "compile"):
             build_parser().parse_args(argv)  # reports the unknown arguments
         args.overrides = rest
         if not getattr(args, "func", None):
@@ -577,6 +607,9 @@ def entry() -> None:
     """Console-script entry point (also `python -m gpt2jax`): restarts once with a glibc
     malloc policy (gpt2jax/malloc.py: huge pages, memory kept for reuse), then runs the
     command."""
+    from .compile import cpu_unless_tpu
+
+    cpu_unless_tpu()  # before JAX starts: libtpu installed, no TPU here
     malloc.ensure()
     sys.exit(main())
 

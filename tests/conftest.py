@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# libtpu is installed for the compile tests: keep every test's JAX on the CPU backend (as
+# the gpt2jax command does, compile.cpu_unless_tpu); compiles load libtpu by themselves
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"

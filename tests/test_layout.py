@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gpt2jax"
 # docs/architecture.md's table, as numbers: a module may import only its layer or below
 LAYERS = {
     "__main__": 5, "cli": 5, "demo": 5,
-    "train": 4, "evaluate": 4, "generate": 4, "analysis": 4, "bench": 4,
+    "train": 4, "evaluate": 4, "generate": 4, "analysis": 4, "bench": 4, "compile": 4,
     "run": 3, "sources": 3,
     "data": 2, "tasks": 2, "batches": 2,
 }

@@ -1,0 +1,549 @@
+"""`gpt2jax compile`: compile the train and eval steps for a TPU topology, on any machine.
+
+libtpu's compiler (the `tpu` extra) gives compile-only devices for a named topology
+(`jax.experimental.topologies.get_topology_desc`); the step `gpt2jax train` would run is
+lowered with ShapeDtypeStruct arguments carrying train's shardings (no memory, no data,
+nothing downloaded) and compiled into the real TPU executable. Its memory analysis says
+whether the step fits in HBM; its optimized HLO shows the collectives a mesh choice costs.
+
+Chip figures (CHIPS) are from the Cloud TPU documentation:
+  v4   https://cloud.google.com/tpu/docs/v4
+  v5e  https://cloud.google.com/tpu/docs/v5e
+  v5p  https://cloud.google.com/tpu/docs/v5p
+  v6e  https://cloud.google.com/tpu/docs/v6e
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+GiB = 1024**3
+INSTALL_HINT = "pip install 'gpt2jax[tpu]' (libtpu==0.0.42.*, the version jax[tpu]==0.10.2 pins)"
+
+
+def cpu_unless_tpu(environ=os.environ) -> None:
+    """With libtpu installed (the `tpu` extra) but no TPU attached, JAX would still start
+    its TPU plugin on first use: about 0.3-0.8 s more per process here and five lines of
+    libtpu warnings on stderr. Set JAX_PLATFORMS=cpu then, unless the user chose platforms
+    or a GPU plugin is installed. `gpt2jax compile` is unaffected: get_topology_desc loads
+    libtpu's compiler itself. No TPU: no PCI device of Google's vendor id (the check JAX's
+    own Cloud TPU detection makes, without its device-id table, so a Google NIC counts)."""
+    import glob
+    import importlib.util
+    from importlib.metadata import entry_points
+
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if importlib.util.find_spec("jax_plugins") or entry_points(group="jax_plugins"):
+        return  # CUDA / ROCm plugins: leave the choice to JAX
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if Path(vendor).read_text().strip() == "0x1ae0":
+                return
+        except OSError:
+            continue
+    environ["JAX_PLATFORMS"] = "cpu"
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One TPU generation: naming and the per-chip figures of its Cloud TPU page."""
+
+    family: str  # v4 | v5e | v5p | v6e
+    topology_prefix: str  # libtpu's topology name prefix ("v5" is v5p)
+    megacore: bool  # two TensorCores per chip; accelerator names count TensorCores
+    hbm_bytes: int
+    peak_bf16: float  # FLOP/s
+    hbm_bw: float  # bytes/s
+    ici_bw: float  # bidirectional bytes/s per chip
+    dims: int  # torus dimensions
+
+
+CHIPS: dict[str, Chip] = {
+    # 275 TFLOPs, 32 GiB, 1200 GBps; the page gives no per-chip ICI figure: 537 GB/s is its
+    # "all-reduce bandwidth per Pod" 1.1 PB/s x 2 / 4096 chips, the relation the v5e and
+    # v6e pages show between their all-reduce and per-chip bidirectional ICI figures.
+    "v4": Chip("v4", "v4", True, 32 * GiB, 275e12, 1200e9, 2 * 1.1e15 / 4096, 3),
+    # 197 TFLOPs, 16 GiB, 819 GBps, bidirectional ICI 400 GBps
+    "v5e": Chip("v5e", "v5e", False, 16 * GiB, 197e12, 819e9, 400e9, 2),
+    # 459 TFLOPs, 95 GiB, 2765 GBps, bidirectional ICI 1200 GBps
+    "v5p": Chip("v5p", "v5", True, 95 * GiB, 459e12, 2765e9, 1200e9, 3),
+    # 918 TFLOPs, 32 GB, 1638 GBps, bidirectional ICI 800 GBps
+    "v6e": Chip("v6e", "v6e", False, 32 * 10**9, 918e12, 1638e9, 800e9, 2),
+}
+# accelerator-type spellings (Cloud TPU's and common short forms) -> family
+ALIASES = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5lite": "v5e", "v5p": "v5p",
+           "v5": "v5p", "v6e": "v6e"}
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str  # as the user wrote it
+    chip: Chip
+    libtpu_name: str  # e.g. "v5e:4x4"
+    chips: int
+    chips_per_host_bounds: tuple[int, int, int]
+    slices: int = 1
+
+
+def _grid(chips: int, dims: int) -> list[int]:
+    """The slice shape of a power-of-two chip count, as Cloud TPU lays them out:
+    2D 4=2x2, 8=2x4, 16=4x4 ...; 3D 4=2x2x1, 8=2x2x2, 16=2x2x4, 32=2x4x4 ..."""
+    shape = [1] * dims
+    shape[0], shape[1] = (1, 1) if chips == 1 else (2, 2)
+    n = math.prod(shape)
+    while n < chips:
+        small = min(shape)
+        i = max(j for j, s in enumerate(shape) if s == small)
+        shape[i] *= 2
+        n *= 2
+    return shape
+
+
+def parse_topology(name: str, slices: int = 1) -> Topology:
+    """A Cloud TPU accelerator type (v5litepod-16, v5e-16, v4-32, v5p-8, v6e-256) or a
+    raw libtpu name (v5e:4x4, v4:2x2x2, v5p:2x2x1) -> Topology. Unknown: UserError."""
+    known = ", ".join(f"{a}-N" for a in ALIASES) + "; or FAMILY:AxB[xC] (e.g. v5e:4x4)"
+    if slices < 1:
+        raise UserError(f"--slices must be >= 1, got {slices}")
+    raw = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", name)
+    typed = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
+    family = ALIASES.get((raw or typed).group(1)) if (raw or typed) else None
+    if family is None:
+        raise UserError(f"--topology {name!r} is not a known TPU topology; known: {known}")
+    chip = CHIPS[family]
+    if raw:
+        shape = [int(x) for x in raw.group(2).split("x")]
+        if len(shape) != chip.dims:
+            raise UserError(f"--topology {name!r}: {family} slices have {chip.dims} "
+                            f"dimensions, e.g. {family}:{'x'.join(['2'] * chip.dims)}")
+        chips = math.prod(shape)
+    else:
+        count = int(typed.group(2))
+        chips = count // 2 if chip.megacore else count
+        shape = _grid(chips, chip.dims) if chips and chips & (chips - 1) == 0 else None
+        smallest = 4 if chip.megacore else 1
+        if shape is None or chips < smallest or (not chip.megacore and chips == 2):
+            unit = "TensorCores (2 per chip)" if chip.megacore else "chips"
+            first = smallest * (2 if chip.megacore else 1)
+            raise UserError(f"--topology {name!r}: N counts {unit}; this command knows the "
+                            f"power-of-two slices from {family}-{first}; for other shapes "
+                            f"give the raw form, e.g. "
+                            f"{family}:{'x'.join(['2'] * chip.dims)}")
+    # Chips per host: v5e/v6e single hosts hold up to 8 chips (2x4), multi-host slices 4.
+    if chips <= 8 and not chip.megacore:
+        bounds = (shape[0], shape[1], 1)
+    else:
+        bounds = (min(shape[0], 2), min(shape[1], 2), 1)
+    libtpu = f"{chip.topology_prefix}:{'x'.join(map(str, shape))}"
+    return Topology(name, chip, libtpu, chips, bounds, slices)
+
+
+def topology_devices(topo: Topology) -> list:
+    """Compile-only devices of the topology (libtpu's compiler; no TPU needed)."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise UserError(f"`gpt2jax compile` needs libtpu's compiler: {INSTALL_HINT}") from None
+    from jax.experimental.topologies import get_topology_desc
+
+    # libtpu takes /tmp/libtpu_lockfile to guard the chips; a compile-only client uses
+    # none, and two compiles (or pytest workers) at once would otherwise refuse each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kw = dict(chip_config_name="megacore" if topo.chip.megacore else "default",
+              chips_per_host_bounds=topo.chips_per_host_bounds)
+    if topo.slices > 1:
+        kw["num_slices"] = topo.slices
+    try:
+        return list(get_topology_desc(platform="tpu", topology_name=topo.libtpu_name,
+                                      **kw).devices)
+    except Exception as e:  # libtpu refuses the shape
+        raise UserError(f"--topology {topo.name}: libtpu cannot build {topo.libtpu_name} "
+                        f"({str(e).splitlines()[0]}); try another size or the raw form") from e
+
+
+# ---------------------------------------------------------------- the step, abstractly
+
+
+def model_for_compile(cfg):
+    """The model config `gpt2jax train` would build, from the config alone: shapes from
+    model.preset / the explicit dimensions (never from model.init: nothing is loaded),
+    labels from data.labels or model.num_labels, model.loss_chunk=-1 resolved for TPU."""
+    from .model import PRESETS, resolve_auto
+    from .run import model_config
+
+    m = cfg.model
+    if m.init != "scratch" and not m.preset:
+        name = m.init.removeprefix("hf:")
+        if name not in PRESETS:
+            raise UserError(f"model.init={m.init}: `gpt2jax compile` loads no model, so it "
+                            f"takes the shapes from model.preset; set --model.preset= one of "
+                            f"{', '.join(PRESETS)} (or the model.n_* keys)")
+        m.preset = name
+    labels: tuple[str, ...] = tuple(cfg.data.labels)
+    if cfg.data.task == "classification" and not labels and not m.num_labels:
+        raise UserError("a classification config needs model.num_labels (or data.labels) "
+                        "for `gpt2jax compile`, which reads no data")
+    if cfg.data.add_special_tokens and m.vocab_size is None:
+        from .tasks import with_special_tokens
+        from .tokenizer import load_tokenizer
+
+        base = PRESETS.get(m.preset, {}).get("vocab_size", 50257)
+        m.vocab_size = max(base, len(with_special_tokens(load_tokenizer(None),
+                                                         cfg.data.add_special_tokens)))
+    # automatic choices (model.loss_chunk=-1) as on a TPU host, not this machine
+    return resolve_auto(model_config(cfg, None, labels), "tpu")
+
+
+def abstract_batch(cfg, mcfg, mesh, *, train: bool = True) -> dict:
+    """ShapeDtypeStructs of a global batch with the shardings `gpt2jax train` gives it:
+    train batches carry the leading grad-accum axis, split over data x fsdp after it
+    (sharding.global_batch(..., leading=1)); eval batches are one micro-batch. Classification
+    rows take the longest bucket (min(seq_len, n_positions))."""
+    import jax
+    import jax.numpy as jnp
+
+    from .sharding import batch_sharding, data_parallel_size
+
+    t = cfg.train
+    if t.batch_size % t.grad_accum:
+        raise UserError(f"train.batch_size={t.batch_size} is not divisible by "
+                        f"train.grad_accum={t.grad_accum}")
+    micro, dp = t.batch_size // t.grad_accum, data_parallel_size(mesh)
+    if micro % dp:
+        raise UserError(f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} "
+                        f"sequences per micro-batch is not divisible by the data-parallel size "
+                        f"mesh.data x mesh.fsdp = {dp}")
+    if cfg.data.task == "classification":
+        length = min(t.seq_len, mcfg.n_positions)
+        fields = {"input_ids": ((micro, length), jnp.int32),
+                  "attention_mask": ((micro, length), jnp.int32),
+                  "labels": ((micro,), jnp.int32)}
+    else:
+        fields = {"tokens": ((micro, t.seq_len + 1), jnp.int32),
+                  "weights": ((micro, t.seq_len + 1), jnp.float32)}
+    lead = (t.grad_accum,) if train else ()
+    return {k: jax.ShapeDtypeStruct(lead + shape, dtype,
+                                    sharding=batch_sharding(mesh, len(lead + shape), len(lead)))
+            for k, (shape, dtype) in fields.items()}
+
+
+def _with_shardings(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def lowered_steps(cfg, mcfg, mesh) -> tuple:
+    """(train step, eval step) of `gpt2jax train`, lowered for `mesh`'s devices."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from .sharding import replicated
+    from .train import build_step
+
+    class_weights = None
+    if cfg.data.task == "classification" and cfg.train.class_weights == "balanced":
+        class_weights = np.ones(mcfg.num_labels, np.float32)  # values do not change the step
+    plan = build_step(cfg, mcfg, mesh, max(cfg.train.steps, 1), class_weights=class_weights)
+    params = _with_shardings(plan.abstract_params, plan.param_sh)
+    opt = _with_shardings(plan.abstract_opt, plan.opt_sh)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    train = plan.train_step.lower(params, opt, abstract_batch(cfg, mcfg, mesh), step)
+    evaluate = plan.eval_step.lower(params, abstract_batch(cfg, mcfg, mesh, train=False))
+    return train, evaluate, params, opt
+
+
+# ---------------------------------------------------------------- reading the executable
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+          "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
+_OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.+?) (" + "|".join(COLLECTIVES)
+                 + r")(-start)?\(")
+_CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|"
+                     r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_CONST = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _array_bytes(text: str) -> list[int]:
+    return [_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+            for t, dims in _ARRAY.findall(text)]
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """Collectives of an optimized HLO module per step: {kind: {"count", "bytes"}}.
+
+    An op inside a loop counts once per iteration: a while loop's trip count is its known
+    trip count, else the one s32 constant its condition compares against (scans and
+    fori loops count from 0), multiplied through nested loops and the computations that
+    call it. Bytes are each op's result size per device (for an async start, its largest
+    buffer: the gathered or permuted array)."""
+    ops: dict[str, list[tuple[str, int]]] = {}
+    edges: dict[str, list[tuple[str, str | int]]] = {}  # caller -> (callee, trips or cond)
+    consts: dict[str, list[int]] = {}
+    entry, comp = None, None
+    for line in hlo.splitlines():
+        head = _COMP.match(line)
+        if head:
+            comp = head.group(1)
+            entry = comp if line.startswith("ENTRY") else entry
+            continue
+        if comp is None:
+            continue
+        op = _OP.match(line)
+        if op:
+            sizes = _array_bytes(op.group(1)) or [0]
+            nbytes = sum(sizes) if not op.group(3) or op.group(2) == "all-reduce" else max(sizes)
+            ops.setdefault(comp, []).append((op.group(2), nbytes))
+        consts.setdefault(comp, []).extend(int(v) for v in _CONST.findall(line))
+        called = dict(_CALLEE.findall(line))
+        trips = _TRIPS.search(line)
+        for role, names in called.items():
+            n = (int(trips.group(1)) if trips else called.get("condition", 1)) \
+                if role == "body" else 1
+            for callee in names.strip("{}").replace("%", "").split(","):
+                edges.setdefault(comp, []).append((callee.strip(), n))
+    times: dict[str, int] = {}
+
+    def visit(c: str, k: int) -> None:
+        times[c] = times.get(c, 0) + k
+        for callee, n in edges.get(c, ()):
+            if isinstance(n, str):  # the loop's condition computation
+                limits = consts.get(n.strip("{}").lstrip("%"), [])
+                n = limits[0] if len(limits) == 1 else 1
+            visit(callee, k * n)
+
+    if entry is not None:
+        visit(entry, 1)
+    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    for c, k in times.items():
+        for kind, nbytes in ops.get(c, ()):
+            out[kind]["count"] += k
+            out[kind]["bytes"] += k * nbytes
+    return out
+
+
+# ---------------------------------------------------------------- compile and report
+
+
+def _nbytes_per_chip(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (no TPU padding)."""
+    import jax
+
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+               for a in jax.tree.leaves(tree))
+
+
+def analytic_flops(cfg, mcfg) -> float:
+    """Model FLOPs of one optimizer step (bench.flops_per_token times the step's tokens);
+    a classification head replaces the LM head's vocab x n_embd matmul by its own."""
+    from .bench import flops_per_token
+
+    t = cfg.train
+    if cfg.data.task == "classification":
+        length = min(t.seq_len, mcfg.n_positions)
+        per_token = flops_per_token(mcfg, length) - 6 * mcfg.vocab_size * mcfg.n_embd
+        return float(t.batch_size * (length * per_token + 6 * mcfg.n_embd * mcfg.num_labels))
+    return float(t.batch_size * t.seq_len * flops_per_token(mcfg, t.seq_len))
+
+
+def _is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
+def _compile(lowered):
+    """(executable or None, seconds, the compiler's memory message when it does not fit)."""
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        exe = lowered.compile()
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), str(e))
+        return None, time.perf_counter() - t0, msg
+    return exe, time.perf_counter() - t0, None
+
+
+def _memory(exe, hbm: int) -> dict:
+    m = exe.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+            "code": m.generated_code_size_in_bytes, "total": total,
+            "headroom": hbm - total}
+
+
+def roofline(chip: Chip, model_flops: float, hw_flops: float, hbm_bytes: float,
+             coll: dict) -> dict:
+    """A rough step-time estimate per chip: compute (the larger of the compiler's and the
+    model's FLOPs, at the bf16 peak), HBM traffic (XLA's "bytes accessed", which counts
+    every fusion's operands and results, so it tends to overstate HBM traffic) and
+    collective traffic on ICI (an all-reduce moves its bytes twice, the others once), each
+    at the chip's rated speed, assumed to overlap perfectly: the longest is the estimate.
+    MFU = model FLOPs / (estimate x peak). A model of the step, not a measurement."""
+    ici = sum(v["bytes"] * (2 if k == "all-reduce" else 1) for k, v in coll.items())
+    times = {"compute": max(model_flops, hw_flops) / chip.peak_bf16,
+             "hbm": hbm_bytes / chip.hbm_bw, "ici": ici / chip.ici_bw}
+    step = max(times.values())
+    return {"step_seconds": step, "bound": max(times, key=times.get),
+            **{f"{k}_seconds": v for k, v in times.items()},
+            "mfu": model_flops / (step * chip.peak_bf16) if step else 0.0}
+
+
+def _advice(cfg, mcfg) -> str:
+    m, t, mesh = cfg.model, cfg.train, cfg.mesh
+    tips = []
+    if mesh.fsdp != -1:
+        tips.append(f"more fsdp (mesh.fsdp={mesh.fsdp} -> {max(mesh.fsdp, 1) * 2}, "
+                    "mesh.data=-1)")
+    if m.remat != "full":
+        tips.append(f"model.remat={'dots' if m.remat == 'none' else 'full'}")
+    if t.batch_size // t.grad_accum > 1:
+        tips.append(f"a smaller micro-batch (train.grad_accum={t.grad_accum * 2})")
+    if mcfg.loss_chunk == 0 and cfg.data.task != "classification":
+        tips.append("model.loss_chunk=4096")
+    return "; ".join(tips)
+
+
+def _step_report(exe, seconds: float, oom: str | None, chip: Chip, chips: int,
+                 model_flops: float | None) -> dict:
+    if exe is None:
+        return {"fits": False, "compile_seconds": round(seconds, 1), "compiler": oom}
+    mem = _memory(exe, chip.hbm_bytes)
+    out = {"fits": mem["headroom"] >= 0, "compile_seconds": round(seconds, 1), "memory": mem}
+    if model_flops is None:
+        return out
+    cost = exe.cost_analysis() or {}
+    hlo = exe.as_text()
+    coll = collectives(hlo)
+    hw, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    mine, loops = model_flops / chips, " while(" in hlo
+    # XLA's cost analysis counts a loop body once (scanned layers, grad accumulation, the
+    # chunked loss), so with loops its FLOPs and bytes undercount the step: the roofline
+    # then scales the bytes by the FLOPs' shortfall against the model count
+    scale = mine / hw if loops and 0 < hw < mine else 1.0
+    out.update(flops=hw, model_flops=mine, bytes_accessed=accessed, loops=loops,
+               loop_scale=scale, collectives=coll,
+               roofline=roofline(chip, mine, hw, accessed * scale, coll))
+    return out
+
+
+def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None, *,
+                   evaluate: bool = True) -> dict:
+    """Compile `gpt2jax train`'s train step (and eval step, unless `evaluate` is False)
+    of `cfg` for a TPU topology; report memory, FLOPs, collectives and a roofline estimate
+    per chip (see the module doc)."""
+    from .model import param_count
+    from .sharding import make_mesh
+
+    topo = parse_topology(topology, slices)
+    mcfg = model_for_compile(cfg)
+    devices = topology_devices(topo)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    except ValueError as e:  # jax.make_mesh: "does not support multi-slice topologies"
+        raise UserError(f"--slices {slices}: the mesh `gpt2jax train` builds "
+                        f"(jax.make_mesh) spans one slice only ({e}); compile one slice, "
+                        "--slices 1") from e
+    train_low, eval_low, params, opt = lowered_steps(cfg, mcfg, mesh)
+    batch = abstract_batch(cfg, mcfg, mesh)
+    chip, n = topo.chip, len(devices)
+    train_exe, seconds, oom = _compile(train_low)
+    train = _step_report(train_exe, seconds, oom, chip, n, analytic_flops(cfg, mcfg))
+    ev = _step_report(*_compile(eval_low), chip, n, None) if evaluate else None
+    result = {
+        "topology": topo.name, "libtpu_topology": topo.libtpu_name, "slices": topo.slices,
+        "chips": n, "chip": chip.family, "hbm_per_chip": chip.hbm_bytes,
+        "mesh": dict(mesh.shape), "params": param_count(mcfg),
+        "model": {k: getattr(mcfg, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size",
+                                                "dtype", "remat", "scan_layers",
+                                                "loss_chunk", "head")},
+        "batch": {k: getattr(cfg.train, k) for k in ("batch_size", "grad_accum", "seq_len")},
+        "per_chip": {"params": _nbytes_per_chip(params), "opt_state": _nbytes_per_chip(opt),
+                     "batch": _nbytes_per_chip(batch)},
+        "train": train, "eval": ev, "fits": train["fits"] and (ev is None or ev["fits"]),
+    }
+    if not result["fits"]:
+        result["advice"] = _advice(cfg, mcfg)
+    if save and result["fits"]:
+        result["saved"] = str(save_executable(train_exe, topo, save))
+    return result
+
+
+def save_executable(exe, topo: Topology, path: str) -> Path:
+    """Serialize the compiled train step with the versions that can load it (as MaxText's
+    train_compile does): a pickle of {"executable", "in_tree", "out_tree", "versions"}."""
+    import pickle
+    from importlib.metadata import version
+
+    import jax
+    import jaxlib
+    from jax.experimental.serialize_executable import serialize
+
+    payload, in_tree, out_tree = serialize(exe)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree,
+                     "topology": topo.libtpu_name, "slices": topo.slices,
+                     "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                                  "libtpu": version("libtpu")}}, f)
+    return out
+
+
+def format_report(r: dict) -> str:
+    """The human-readable report of compile_config's result."""
+    g = lambda b: f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    t, pc = r["train"], r["per_chip"]
+    mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+    lines = [f"{r['topology']} ({r['libtpu_topology']}, {r['chips']} chips, {r['chip']} "
+             f"{g(r['hbm_per_chip'])} HBM each)  mesh {mesh}",
+             f"model {r['params'] / 1e6:,.1f} M parameters  batch {r['batch']['batch_size']} x "
+             f"{r['batch']['seq_len']} (grad_accum {r['batch']['grad_accum']})",
+             f"per chip: parameters {g(pc['params'])}, optimizer state {g(pc['opt_state'])}, "
+             f"batch {g(pc['batch'])}"]
+    for name, s in (("train step", t), ("eval step", r["eval"])):
+        if s is None:
+            continue
+        if "memory" not in s:
+            lines.append(f"{name}: DOES NOT FIT (compiled in {s['compile_seconds']} s): "
+                         f"{s['compiler']}")
+            continue
+        m = s["memory"]
+        verdict = (f"fits, {g(m['headroom'])} headroom" if s["fits"]
+                   else f"DOES NOT FIT by {g(-m['headroom'])}")
+        lines.append(f"{name}: {g(m['total'])} per chip (arguments {g(m['arguments'])}, "
+                     f"temporaries {g(m['temporaries'])}, code {g(m['code'])}): {verdict}; "
+                     f"compiled in {s['compile_seconds']} s")
+    if "flops" in t:
+        loops = " (loop bodies counted once)" if t["loops"] else ""
+        lines.append(f"FLOPs per chip per step: {t['flops']:.3g} (XLA){loops}, "
+                     f"{t['model_flops']:.3g} (model: 6N + attention)")
+        lines.append("collectives per step: " + ", ".join(
+            f"{k} {v['count']} ({v['bytes'] / 2**20:,.1f} MiB)"
+            for k, v in t["collectives"].items() if v["count"]) or "none")
+        rf = t["roofline"]
+        ms = {k: f"{rf[k + '_seconds'] * 1e3:.3g} ms" for k in ("step", "compute", "hbm", "ici")}
+        lines.append(f"roofline estimate (not a measurement): {ms['step']} per step, "
+                     f"{rf['bound']}-bound (compute {ms['compute']}, HBM {ms['hbm']}, ICI "
+                     f"{ms['ici']}), MFU {rf['mfu']:.0%}")
+    if r.get("advice"):
+        lines.append(f"to fit, try: {r['advice']}")
+    if r.get("saved"):
+        lines.append(f"saved the compiled train step to {r['saved']}")
+    return "\n".join(lines)
