@@ -121,8 +121,11 @@ def relayout_abstract(target: dict[str, jax.ShapeDtypeStruct], n_layer: int
     from jax.sharding import NamedSharding, PartitionSpec
 
     def one(x: jax.ShapeDtypeStruct, add: bool) -> jax.ShapeDtypeStruct:
+        shape = (n_layer, *x.shape) if add else x.shape[1:]
+        if not isinstance(x.sharding, NamedSharding):  # one device: nothing to move
+            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
         spec = tuple(x.sharding.spec) + (None,) * (len(x.shape) - len(x.sharding.spec))
-        spec, shape = ((None, *spec), (n_layer, *x.shape)) if add else (spec[1:], x.shape[1:])
+        spec = (None, *spec) if add else spec[1:]
         return jax.ShapeDtypeStruct(
             shape, x.dtype, sharding=NamedSharding(x.sharding.mesh, PartitionSpec(*spec)))
 

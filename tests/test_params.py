@@ -80,8 +80,9 @@ def _train(tmp: Path, cfg: dict, *overrides: str) -> dict:
 
 
 def test_resume_with_scan_layers_switched_continues_the_run(tmp_path):
-    """scan_layers is a compute choice: a run checkpointed per layer resumes stacked (and
-    back) on an 8-device mesh, and ends where the uninterrupted run ends."""
+    """scan_layers is a compute choice: a run checkpointed per layer resumes stacked on an
+    8-device mesh (data x fsdp x tensor, optimizer moments included), and ends where the
+    uninterrupted run ends; the stacked checkpoint then loads per layer."""
     from flax import nnx
 
     from gpt2jax.run import load_run
@@ -102,17 +103,21 @@ def test_resume_with_scan_layers_switched_continues_the_run(tmp_path):
     assert fa.keys() == fb.keys()
     for k in fa:
         np.testing.assert_allclose(fa[k], fb[k], rtol=1e-4, atol=1e-5, err_msg=k)
-    # and back: the stacked checkpoint restores per layer
-    out = _train(tmp_path, _cfg(tmp_path, run, scan_layers=False), "--train.steps=6")
-    assert out["start_step"] == 4 and out["final_step"] == 6
+    c, _, _ = load_run(run, scan_layers=False)  # the stacked checkpoint, per layer
+    fc = {k: np.asarray(v) for k, v in P.flat(nnx.state(c, nnx.Param)).items()}
+    assert not c.cfg.scan_layers and fc.keys() == fa.keys()
+    assert all(np.array_equal(fc[k], fa[k]) for k in fa)
 
 
-def test_moved_freeze_is_refused_by_name_and_changes_nothing(tmp_path, cli):
+def test_moved_freeze_is_refused_by_name_and_changes_nothing(tmp_path, cli, capsys):
     """Freezing layer 1 instead of layer 0 gives an optimizer state of the same leaf shapes;
-    restored by position, layer 0's moments would land on layer 1. It is refused."""
+    restored by position, layer 0's moments would land on layer 1. It is refused. (The
+    first run's warmup is longer than the run, which is warned.)"""
     cfg = _cfg(tmp_path, tmp_path / "run")
-    cfg["optim"]["freeze"] = [r"^h\.0\."]
+    cfg["optim"].update(freeze=[r"^h\.0\."], warmup_steps=5, schedule="cosine")
     _train(tmp_path, cfg, "--train.steps=2")
+    assert ("warning: optim.warmup_steps=5 is not below the run's 2 steps, so the learning "
+            "rate never reaches optim.lr") in capsys.readouterr().err
     before = (tmp_path / "run" / "config.yaml").read_text()
     cfg["optim"]["freeze"] = [r"^h\.1\."]
     path = tmp_path / "moved.yaml"
@@ -124,11 +129,3 @@ def test_moved_freeze_is_refused_by_name_and_changes_nothing(tmp_path, cli):
     assert (tmp_path / "run" / "config.yaml").read_text() == before  # nothing overwritten
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
 
-
-def test_warmup_longer_than_the_run_is_warned(tmp_path, capsys):
-    cfg = _cfg(tmp_path, tmp_path / "run")
-    cfg["optim"].update(warmup_steps=5, schedule="cosine")
-    out = _train(tmp_path, cfg, "--train.steps=2")
-    assert out["final_step"] == 2
-    assert ("warning: optim.warmup_steps=5 is not below the run's 2 steps, so the learning "
-            "rate never reaches optim.lr") in capsys.readouterr().err
