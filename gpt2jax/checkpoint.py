@@ -52,11 +52,11 @@ def _restore_target(item: str, target: dict, saved: set[str]) -> dict:
     return target
 
 
-def _from_saved(template, restored: dict, shardings):
-    """Fill `template` from restored arrays, converting the layer layout if needed."""
+def _from_saved(template, restored: dict, want: dict):
+    """Fill `template` from restored arrays, converting the layer layout to `want`'s (the
+    template's abstract arrays with their target shardings) if needed."""
     import jax.numpy as jnp
 
-    want = _target(template, shardings)
     values = P.relayout(restored, P.layer_count(want), P.is_stacked(want), stack_fn=jnp.stack)
     if values is not restored:  # converted on device: put each array where the run wants it
         values = {k: jax.device_put(v, want[k].sharding) for k, v in values.items()}
@@ -134,27 +134,30 @@ class Checkpoints:
         self.mngr.close()
 
     # -- reading
-    def saved_names(self, step: int, item: str) -> set[str]:
-        """The array names a step holds for `item` (params or opt_state)."""
-        md = self.mngr.item_metadata(step)[item]
-        return set(getattr(md, "tree", md) or {})
+    def saved_names(self, step: int) -> dict[str, set[str]]:
+        """The array names a step holds, per item (params, opt_state)."""
+        md = self.mngr.item_metadata(step)
+        return {item: set(getattr(md[item], "tree", md[item]) or {})
+                for item in ("params", "opt_state")}
 
     def restore(self, step: int, params_template, opt_template=None, shardings=None,
                 opt_shardings=None):
         """(params, opt_state or None, meta) restored onto the templates' shardings."""
         import orbax.checkpoint as ocp
 
-        targets = {"params": (params_template, shardings)}
+        templates = {"params": params_template}
+        wants = {"params": _target(params_template, shardings)}
         if opt_template is not None:
-            targets["opt_state"] = (opt_template, opt_shardings)
-        items = {name: ocp.args.StandardRestore(
-                     _restore_target(name, _target(t, s), self.saved_names(step, name)))
-                 for name, (t, s) in targets.items()}
+            templates["opt_state"] = opt_template
+            wants["opt_state"] = _target(opt_template, opt_shardings)
+        saved = self.saved_names(step)
+        items = {name: ocp.args.StandardRestore(_restore_target(name, want, saved[name]))
+                 for name, want in wants.items()}
         out = self.mngr.restore(step, args=ocp.args.Composite(
             **items, meta=ocp.args.JsonRestore()))
-        params = _from_saved(params_template, out["params"], shardings)
-        opt = None if opt_template is None else \
-            _from_saved(opt_template, out["opt_state"], opt_shardings)
+        got = {name: _from_saved(templates[name], out[name], want)
+               for name, want in wants.items()}
+        params, opt = got["params"], got.get("opt_state")
         return params, opt, dict(out["meta"])
 
     def restore_latest_good(self, params_template, opt_template=None, shardings=None,

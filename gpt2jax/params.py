@@ -105,12 +105,11 @@ def stack(values: dict[str, Any], n_layer: int,
 
 
 def relayout(values: dict[str, Any], n_layer: int, stacked: bool, *,
-             stack_fn: Callable[[list], Any] | None = None,
-             take: Callable[[Any, int], Any] = lambda v, i: v[i]) -> dict[str, Any]:
+             stack_fn: Callable[[list], Any] | None = None) -> dict[str, Any]:
     """`values` in the layout asked for (stacked or per layer), whichever it is in."""
     if is_stacked(values) == stacked:
         return values
-    return stack(values, n_layer, stack_fn) if stacked else unstack(values, n_layer, take)
+    return stack(values, n_layer, stack_fn) if stacked else unstack(values, n_layer)
 
 
 def relayout_abstract(target: dict[str, jax.ShapeDtypeStruct], n_layer: int

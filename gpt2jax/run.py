@@ -159,13 +159,12 @@ def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]
 
 
 def resolve_model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...],
-                         vocab_needed: int) -> GPT2Config:
+                         vocab_needed: int, recorded: GPT2Config | None = None) -> GPT2Config:
     """The model config a run trains: from the config and the init source (`source`), or
-    from the run's own model.json when it resumes; the vocabulary grown to the tokenizer's
-    `vocab_needed` tokens where data.add_special_tokens added some; automatic choices
-    fixed for this process."""
+    from the run's own model.json (`recorded`) when it resumes; the vocabulary grown to
+    the tokenizer's `vocab_needed` tokens where data.add_special_tokens added some;
+    automatic choices fixed for this process."""
     run = RunDir(cfg.train.run_dir)
-    recorded = run.model_config() if run.resume else None
     if source is None and recorded is not None and cfg.model.init != "scratch":
         source = recorded.replace(head="lm")  # the run's weights, re-headed as configured
     if source is None and cfg.model.init == "scratch" and cfg.model.vocab_size is None and \

@@ -96,7 +96,7 @@ def _train(cfg: Config, run, dist) -> dict:
     eos = tokenizer.eos_token_id
     prepared = _prepare_data(cfg, tokenizer, eos, recorded.labels if recorded else ())
     mcfg = resolve_model_config(cfg, source_model.cfg if source_model else None,
-                                prepared.labels, len(tokenizer))
+                                prepared.labels, len(tokenizer), recorded)
     batcher = Batcher(prepared.train, t.batch_size, t.seed, jax.process_index(),
                       jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions),
                       accum=t.grad_accum)

@@ -388,7 +388,6 @@ def test_gcide_definitions_carry_no_source_tags():
     """'[1913 Webster]' and the like (hundreds in the first letters) say where an entry came
     from, not what the word means: gone from the records; usage labels ('[Obs.]') stay."""
     import itertools
-    import json as json_mod
 
     from gpt2jax.tasks import gcide_dir, iter_gcide
 
@@ -398,4 +397,3 @@ def test_gcide_definitions_carry_no_source_tags():
     tags = ("[1913 Webster]", "[Webster 1913 Suppl.]", "[PJC]", "[WordNet 1.5]", "[wn1]")
     assert not any(tag in d for d in defs for tag in tags)
     assert any("[Obs.]" in d for d in defs)
-    assert json_mod.loads(raw)  # still the package's own file, read as is
