@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _emit(result: dict, as_json: bool, text: Callable[[dict], str] | None = None) -> None:
     if as_json:
-        from .distributed import print_line
+        from .tracking import print_line
         print_line(json.dumps(result, ensure_ascii=False))
     elif text is not None:
         print(text(result))
@@ -316,14 +316,18 @@ def _sampling_args(p: argparse.ArgumentParser, greedy: bool) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="never repeat an N-gram of the prompt or the output (HF's "
+                        "no_repeat_ngram_size); 0: off")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _sampling(args):
     from .generate import Sampling
 
+    # validated here, to fail before loading a model
     return Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
-                    args.repetition_penalty).validate()  # fail before loading a model
+                    args.repetition_penalty, args.no_repeat_ngram).validate()
 
 
 def _cmd_generate(args) -> int:
@@ -572,8 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 2 bad input)."""
+def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> int:
+    """Run one command; returns the exit status (0 ok, 2 bad input). `compile_cache`: keep
+    compiled programs on disk for later processes (compile_cache.py; the command line's
+    default)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # gpt2jax uses transformers for tokenizers only: its advice, printed on import where
     # torch is not installed, that models will not be available is noise here
@@ -589,7 +595,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             build_parser().print_help(sys.stderr)
             raise UserError("choose a command, e.g. `gpt2jax train configs/demo.yaml`")
-        return int(args.func(args) or 0)
+        # compile targets another platform; prepare only tokenizes
+        cached = compile_cache and args.command not in ("compile", "prepare")
+        if cached:
+            from . import compile_cache as cache
+
+            cache.enable()
+        code = int(args.func(args) or 0)
+        if cached and code == 0 and cache.summary():
+            print(cache.summary(), file=sys.stderr)
+        return code
     except UserError as e:
         if debug:
             traceback.print_exc()
@@ -611,7 +626,7 @@ def entry() -> None:
 
     cpu_unless_tpu()  # before JAX starts: libtpu installed, no TPU here
     malloc.ensure()
-    sys.exit(main())
+    sys.exit(main(compile_cache=True))
 
 
 if __name__ == "__main__":
