@@ -355,7 +355,9 @@ def _cmd_generate(args) -> int:
                 seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size)
     if args.json:
         samples = gen.generate(prompts, **opts)
-        _emit({"samples": [s.to_json() for s in samples]}, True)
+        t = gen.timing
+        _emit({"samples": [s.to_json() for s in samples], "first_token_s": t.first_token_s,
+               "decode_tokens_per_s": t.decode_tokens_per_s}, True)
         return 0
     many = len(prompts) * args.num_samples > 1
 
@@ -373,8 +375,10 @@ def _cmd_generate(args) -> int:
     seconds = time.perf_counter() - t0
     print(flush=True)
     n = sum(len(s.token_ids) for s in samples)
-    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s; finish: "
-          f"{', '.join(s.finish_reason for s in samples)}]", file=sys.stderr)
+    t = gen.timing
+    rate = "" if t.decode_tokens_per_s is None else f", then {t.decode_tokens_per_s:.1f} tokens/s"
+    print(f"[{n} tokens in {seconds:.2f} s: first token after {t.first_token_s:.2f} s{rate}; "
+          f"finish: {', '.join(s.finish_reason for s in samples)}]", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,7 @@ are pure functions on logits with the Hugging Face definitions.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -372,6 +373,26 @@ def _left_padded(rows: list[_Row], length: int, pad: int) -> tuple[np.ndarray, n
     return ids, mask
 
 
+@dataclass
+class Timing:
+    """Where a generate call's time went: the first token (prefill, compiles included) of
+    its first batch of rows, and the decoding of every token after each row's first."""
+
+    first_token_s: float | None = None
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    def add(self, first_token_s: float, decode_tokens: int, decode_s: float) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = first_token_s
+        self.decode_tokens += decode_tokens
+        self.decode_s += decode_s
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decode_tokens / self.decode_s if self.decode_tokens else None
+
+
 class Generator:
     """A model prepared for decoding (unrolled layers, optional cast weights).
 
@@ -399,6 +420,7 @@ class Generator:
             state = jax.tree.map(lambda a: a.astype(dt), state)
         self.graphdef, self.state = graphdef, state
         self.eos_id = eos_id(tokenizer, cfg.eos_token_id)
+        self.timing = Timing()
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids per prompt; empty prompts are refused."""
@@ -453,6 +475,7 @@ class Generator:
         ]
         # Streaming shows one row at a time, so decode one row at a time.
         size = 1 if on_text is not None else batch_size
+        self.timing = Timing()
         for start in range(0, len(rows), size):
             self._run(rows[start:start + size], sampling, max_new_tokens, stop, seed, chunk,
                       on_text, on_start, return_logits)
@@ -477,12 +500,14 @@ class Generator:
         if on_start is not None:
             for r in rows:
                 on_start(r.prompt_index, r.sample_index, r.prompt)
+        t0 = time.perf_counter()
         tok, cache, cache_mask, memory, logits = prefill(
             self.state, ids, mask, row_keys, total, sampling, with_logits
         )
         absorb = functools.partial(self._absorb, rows, max_new=max_new, stop=stop,
                                    on_text=on_text)
         absorb(np.asarray(tok)[:, None], logits)
+        t1 = time.perf_counter()
         pos0 = jnp.asarray(mask.sum(1), jnp.int32)  # position of the first new token
         done = jnp.asarray([r.reason is not None for r in rows])
         step = 1
@@ -495,6 +520,7 @@ class Generator:
             out = np.asarray(out)[:, :n]
             absorb(out, None if scores is None else scores[:, :n])
             step += n
+        self.timing.add(t1 - t0, sum(len(r.new) - 1 for r in rows), time.perf_counter() - t1)
 
     def _absorb(self, rows, new_tokens, logits, *, max_new, stop, on_text) -> None:
         logits = None if logits is None else np.asarray(logits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -274,6 +276,7 @@ def test_cli_generate_json(varied, cli, tmp_path):
                           "finish_reason"}
         assert 1 <= len(s["token_ids"]) <= 8 and s["finish_reason"] in ("eos", "stop", "length")
     assert samples[2]["prompt"] == "The quick brown fox"
+    assert r.json["first_token_s"] > 0 and r.json["decode_tokens_per_s"] > 0
 
 
 def test_cli_generate_streams_text(varied, cli):
@@ -284,7 +287,11 @@ def test_cli_generate_streams_text(varied, cli):
             "--max-new-tokens", "12")
     assert r.code == 0, r.err
     assert r.out == "The quick brown fox" + want.completion + "\n"
-    assert "tokens/s" in r.err
+    n = len(want.token_ids)
+    summary = re.fullmatch(rf"\[{n} tokens in [\d.]+ s: first token after ([\d.]+) s, then "
+                           r"([\d.]+) tokens/s; finish: (\w+)\]", r.err.strip().splitlines()[-1])
+    assert summary and summary[3] == want.finish_reason, r.err
+    assert float(summary[2]) > 0  # the first token may take under 5 ms, compiled already
 
 
 @pytest.mark.parametrize(
