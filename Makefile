@@ -15,9 +15,15 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	touch $@
 
-# tpu: libtpu, for the tests of `gpt2jax compile` (TPU executables, compiled on this CPU)
+# tpu: libtpu, for the tests of `gpt2jax compile` (TPU executables, compiled on this CPU).
+# KerasHub, the second peer of `gpt2jax bench --vs keras`, without its declared
+# tensorflow-text dependency (which pulls all of TensorFlow and is not needed to build
+# and train GPT2CausalLM on the JAX backend): hence --no-deps and its small dependencies
+# named here (an extra cannot leave a dependency out).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,tpu]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps keras keras-hub
+	$(BIN)/python -m pip install -q -c constraints.txt namex optree h5py
 	touch $@
 
 demo: $(VENV)/.installed

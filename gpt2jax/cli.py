@@ -458,8 +458,8 @@ def _similarity_text(r: dict) -> str:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="train-step tokens/s, FLOPs and MFU; --vs hf compares "
-                                     "with transformers' PyTorch")
+    p = sub.add_parser("bench", help="train-step tokens/s, FLOPs and MFU; --vs hf,keras "
+                                     "compares with transformers' PyTorch and KerasHub")
     p.add_argument("--preset", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
                    default=None, help="model shape (default: 4 layers, n_embd 256, 4 heads)")
     for dim in ("n-layer", "n-embd", "n-head", "vocab-size", "n-positions"):
@@ -480,8 +480,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
-    p.add_argument("--vs", choices=("hf",), default=None,
-                   help="hf: also time transformers' PyTorch GPT2LMHeadModel + AdamW")
+    p.add_argument("--vs", default="", metavar="PEERS",
+                   help="comma-separated peers timed in the same rounds: hf (transformers' "
+                        "PyTorch GPT2LMHeadModel + AdamW), keras (KerasHub GPT2CausalLM on "
+                        "Keras' JAX backend)")
     p.add_argument("--decode", action="store_true", help="also time greedy batch-1 decoding")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--peak-size", type=int, default=4096,
@@ -492,6 +494,7 @@ def _add_bench(sub) -> None:
 
 def _cmd_bench(args) -> int:
     from .bench import bench_config, format_table, run_bench
+    from .peers import parse
 
     cfg = bench_config(args.preset, n_layer=args.n_layer, n_embd=args.n_embd,
                        n_head=args.n_head, vocab_size=args.vocab_size,
@@ -500,7 +503,7 @@ def _cmd_bench(args) -> int:
                        loss_chunk=args.loss_chunk)
     result = run_bench(
         cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-        warmup=args.warmup, rounds=args.rounds, vs_hf=args.vs == "hf", decode=args.decode,
+        warmup=args.warmup, rounds=args.rounds, vs=parse(args.vs), decode=args.decode,
         decode_tokens=args.decode_tokens, peak_size=args.peak_size, seed=args.seed,
         log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True),
     )
