@@ -259,8 +259,7 @@ def run_bench(
 
     Rounds alternate: peak matmul, one untimed then `steps` timed steps of ours, the same
     for each peer in `vs` (peers.PEERS: "hf", "keras"), decoding (with decode; transformers'
-    too with "hf"). Every rate is the median over
-    rounds. Returns the documented JSON dict.
+    too with "hf"). Every rate is the median over rounds. Returns the documented JSON dict.
     """
     _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
     if decode and cfg.vocab_size <= EOS_ID:
@@ -297,12 +296,7 @@ def run_bench(
                    first_step_seconds=round(m["first_step_seconds"], 4),
                    peak_memory_bytes=m["memory"][0], peak_memory_source=m["memory"][1],
                    malloc=malloc.describe())
-    sides = {}
-    for peer in vs:
-        times = [r["peers"][peer][0] for r in timed]
-        side = _side(tokens_per_step, statistics.median(times), fpt, peak, times,
-                     [r["peers"][peer][1] for r in timed])
-        sides[peer] = _peer_result(cfg, peer, m, side, jax_t, times)
+    sides = {peer: _peer_result(cfg, peer, m, tokens_per_step, fpt, peak, jax_t) for peer in vs}
     ratios = {p: round(jax_res["tokens_per_sec"] / s["tokens_per_sec"], 3)
               for p, s in sides.items()}
     return {
@@ -380,9 +374,12 @@ def _config_fields(cfg: GPT2Config) -> dict:
             "loss_chunk": cfg.loss_chunk_tokens, "matmul_params": matmul_params(cfg)}
 
 
-def _peer_result(cfg: GPT2Config, peer: str, m: dict, side: dict, jax_t: list,
-                 times: list) -> dict:
-    """A peer's side of the result: its rates (`side`) plus what it ran with."""
+def _peer_result(cfg: GPT2Config, peer: str, m: dict, tokens_per_step: int, fpt: int,
+                 peak: float, jax_t: list) -> dict:
+    """A peer's side of the result: its rates over the timed rounds, what it ran with."""
+    times = [r["peers"][peer][0] for r in m["timed"]]
+    side = _side(tokens_per_step, statistics.median(times), fpt, peak, times,
+                 [r["peers"][peer][1] for r in m["timed"]])
     info = dict(m["info"][peer])
     tunables = info.pop("glibc_tunables")
     if peer == "hf":
