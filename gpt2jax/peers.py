@@ -10,9 +10,10 @@ Both are built from the same shape with random weights, dropout off, clipping at
 global norm of 1.0, and train on the same tokens. A worker answers JSON requests on its
 stdin, one per line: {"op": "init", ...} -> versions; {"op": "train", "n": n} ->
 [seconds, CPU seconds, minor page faults]; {"op": "decode"} -> [seconds, tokens]; EOF
-ends it. Arrays travel in an .npz file loaded without pickle. Each worker starts in the
-environment the user launched gpt2jax with (without what gpt2jax's malloc policy added
-for itself), so every side runs under the allocator its users get.
+ends it. Arrays travel in an .npz file loaded without pickle. Each worker inherits
+gpt2jax's own environment, GLIBC_TUNABLES included, so every side of a comparison runs
+under the same allocator (`GPT2JAX_MALLOC=keep gpt2jax bench --vs hf` gives both sides
+`keep`'s tunables; the default, `system`, gives both glibc as it is).
 """
 
 from __future__ import annotations
@@ -238,17 +239,18 @@ def worker_main(peer: str) -> None:
         out.flush()
 
 
+def worker_env(environ=os.environ) -> dict[str, str]:
+    """A worker's environment: ours (the same allocator tunables), Keras on JAX."""
+    return {**environ, "KERAS_BACKEND": "jax"}
+
+
 class Worker:
-    """The parent's handle on a peer's worker process, started in the environment the user
-    launched gpt2jax with (without the huge-page tunable gpt2jax adds for itself, which
-    slowed torch's step down by 4-14% here: docs/perf-notes.md section 8)."""
+    """The parent's handle on a peer's worker process (environment: `worker_env`)."""
 
     def __init__(self, peer: str):
-        from . import malloc
-
         self.peer, self.name = peer, PEERS[peer]
         self.tmp = tempfile.TemporaryDirectory(prefix="gpt2jax-bench-")
-        env = {**malloc.user_environ(), "KERAS_BACKEND": "jax"}
+        env = worker_env()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"from gpt2jax.peers import worker_main; worker_main({peer!r})"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

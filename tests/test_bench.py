@@ -196,3 +196,17 @@ def test_bf16_decode_reports_the_bf16_weights_it_decodes_with(vs_hf):
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
     gen = Generator(create_model(cfg, 0), gpt2_tokenizer(), weights_dtype="bfloat16")
     assert {a.dtype for a in jax.tree.leaves(gen.state)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_peers_run_under_the_same_allocator_tunables_as_gpt2jax():
+    """A fair comparison: a worker inherits gpt2jax's GLIBC_TUNABLES (after the malloc
+    restart), so `GPT2JAX_MALLOC=keep gpt2jax bench --vs hf` gives both sides keep's."""
+    from gpt2jax import malloc
+    from gpt2jax.peers import worker_env
+
+    keep = malloc.restart_env({"GPT2JAX_MALLOC": "keep"}, "linux",
+                              thp_path="/sys/kernel/mm/transparent_hugepage/enabled")
+    ours = keep or {"GLIBC_TUNABLES": ":".join(malloc.POLICIES["keep"])}
+    env = worker_env(ours)
+    assert env["GLIBC_TUNABLES"] == ours["GLIBC_TUNABLES"] and env["KERAS_BACKEND"] == "jax"
+    assert malloc.describe(env) == "keep"
