@@ -18,6 +18,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import malloc, peers
@@ -226,6 +227,59 @@ def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
     return ours, len(ids), new_tokens, hf_args
 
 
+# ---------------------------------------------------------------- evaluation
+
+
+EVAL_LABELS = 4  # the classification path's head: GPT2ForSequenceClassification, 4 labels
+
+
+def _evaluators(cfg: GPT2Config, tokens, seed: int, reps: int) -> dict[str, Callable]:
+    """The forward passes `gpt2jax eval` runs, on the bench's batch: "lm" scores every
+    token (evaluate.token_logprobs: the perplexity path), "classification" takes a
+    sequence-classification head's probabilities (evaluate.class_probabilities). Each
+    run() -> (seconds, tokens or examples) for `reps` batches."""
+    import jax
+    import numpy as np
+
+    from .evaluate import class_probabilities, token_logprobs
+    from .model import create_model
+
+    ids = tokens[:, :-1]
+    mask = np.ones_like(ids)
+    lm = create_model(cfg, seed)
+    cls = create_model(cfg.replace(head="sequence", num_labels=EVAL_LABELS,
+                                   pad_token_id=EOS_ID), seed)
+
+    def timer(fn, model, units: int):
+        def run() -> tuple[float, int]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                out = fn(model, ids, mask)
+            jax.block_until_ready(out)
+            return time.perf_counter() - t0, units * reps
+
+        return run
+
+    return {"lm": timer(token_logprobs, lm, ids.size),
+            "classification": timer(class_probabilities, cls, ids.shape[0])}
+
+
+def _eval_result(timed: list) -> dict | None:
+    """Per path: ours and transformers' rates (medians over rounds) and their ratio."""
+    if not timed[0]["eval"]:
+        return None
+    out = {}
+    for kind, unit in (("lm", "tokens"), ("classification", "examples")):
+        ours = statistics.median(r["eval"][kind][0] for r in timed)
+        hf = [r["eval"][kind][1] for r in timed if r["eval"][kind][1] is not None]
+        res = {f"jax_{unit}_per_sec": round(ours, 2), f"hf_{unit}_per_sec": None, "ratio": None}
+        if hf:
+            res[f"hf_{unit}_per_sec"] = round(statistics.median(hf), 2)
+            res["ratio"] = round(ours / statistics.median(hf), 3)
+        out[kind] = res
+    return out
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -251,6 +305,7 @@ def run_bench(
     vs: Sequence[str] = (),
     decode: bool = False,
     decode_tokens: int = 128,
+    evaluate: bool = False,
     peak_size: int = 4096,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
@@ -259,14 +314,11 @@ def run_bench(
 
     Rounds alternate: peak matmul, one untimed then `steps` timed steps of ours, the same
     for each peer in `vs` (peers.PEERS: "hf", "keras"), decoding (with decode; transformers'
-    too with "hf"). Every rate is the median over rounds. Returns the documented JSON dict.
+    too with "hf"), evaluation forwards (with evaluate; transformers' too with "hf"). Every
+    rate is the median over rounds. Returns the documented JSON dict.
     """
     _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
-    if decode and cfg.vocab_size <= EOS_ID:
-        raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
-                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
-    for peer in vs:
-        peers.require(peer)
+    _check_peers(cfg, vs, decode)
     if vs:
         # on a GPU, JAX would take 75% of its memory up front and leave the transformers
         # worker the rest; read when JAX creates its GPU client (no effect on CPU)
@@ -279,8 +331,8 @@ def run_bench(
     device = jax.local_devices()[0]
     tokens = _random_tokens(batch_size, seq_len, cfg.vocab_size, seed)
     m = _measure(cfg, tokens, device, steps=steps, warmup=warmup, rounds=rounds, vs=tuple(vs),
-                 decode_tokens=decode_tokens if decode else 0, peak_size=peak_size, seed=seed,
-                 say=log or (lambda _msg: None))
+                 decode_tokens=decode_tokens if decode else 0, evaluate=evaluate,
+                 peak_size=peak_size, seed=seed, say=log or (lambda _msg: None))
     timed = m["timed"]
 
     def per_round(key: str) -> list:  # a field of every round, where that side ran
@@ -314,6 +366,7 @@ def run_bench(
         "ratio": ratios.get("hf"),
         "ratios": ratios,
         "decode": _decode_result(cfg, m, per_round("jax_dec"), per_round("hf_dec")),
+        "eval": _eval_result(timed),
         "device": describe_device(device),
         "jax_version": jax.__version__,
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
@@ -322,8 +375,8 @@ def run_bench(
 
 
 def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds: int,
-             vs: tuple[str, ...], decode_tokens: int, peak_size: int, seed: int,
-             say: Callable[[str], None]) -> dict:
+             vs: tuple[str, ...], decode_tokens: int, evaluate: bool, peak_size: int,
+             seed: int, say: Callable[[str], None]) -> dict:
     """Compile and warm each side up, settle, then run the timed rounds (`_rounds`).
     decode_tokens 0: no decoding. Returns the rounds and what was learnt on the way."""
     out = {"threads": _cores(), "info": {}, "first": {}, "prompt_tokens": 0}
@@ -346,6 +399,12 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
             our_decode, out["prompt_tokens"], out["new_tokens"], hf_decode_args = _decoder(
                 cfg, seed, decode_tokens, "hf" in workers)
             our_decode()  # warm-up (compiles)
+        evals = {}
+        if evaluate:
+            say("compiling the evaluation forwards")
+            evals = _evaluators(cfg, tokens, seed, steps)
+            for run in evals.values():
+                run()  # warm-up (compiles)
         for peer, worker in workers.items():
             say(f"building the {worker.name} model (in its own process)")
             decode_args = hf_decode_args if peer == "hf" else None
@@ -353,16 +412,20 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
             out["info"][peer] = worker.init(
                 tokens, decode_args.pop("weights") if decode_args else None,
                 dims=peers.hf_dims(cfg), dtype=cfg.dtype, seed=seed, threads=out["threads"],
-                jax_platform=device.platform, decode=decode_args)
+                jax_platform=device.platform, decode=decode_args,
+                evaluate={"reps": steps, "num_labels": EVAL_LABELS} if evals else None)
             out["first"][peer] = worker.call("train", n=1)[0]
             if warmup > 1:
                 worker.call("train", n=warmup - 1)
             if decode_args is not None:
                 worker.call("decode")  # warm-up
-        probe = make_peak_probe(device, cfg.dtype, peak_size)
-        out["settle"] = _settle(probe, jax_run, workers, our_decode, steps)
-        out["timed"] = _rounds(probe, jax_run, workers, our_decode, steps, rounds,
-                               batch_size * seq_len, say)
+            if evals and peer == "hf":
+                for kind in evals:
+                    worker.call("eval", kind=kind)  # warm-up
+        sides = _Sides(make_peak_probe(device, cfg.dtype, peak_size), jax_run, workers,
+                       our_decode, evals)
+        out["settle"] = _settle(sides, steps)
+        out["timed"] = _rounds(sides, steps, rounds, batch_size * seq_len, say)
     return out
 
 
@@ -410,40 +473,58 @@ def _decode_result(cfg: GPT2Config, m: dict, jax_rates: list, hf_rates: list) ->
     return res
 
 
-def _round(probe, jax_run, workers: dict, our_decode, steps: int) -> dict:
+@dataclass
+class _Sides:
+    """What a round runs: the peak probe, our step, the peers' workers, and (None / empty
+    when not asked for) our decoder and evaluation forwards."""
+
+    probe: Callable
+    jax_run: Callable
+    workers: dict
+    decode: Callable | None
+    evals: dict
+
+
+def _round(sides: _Sides, steps: int) -> dict:
     """One alternating round: the peak probe, then per side one untimed and `steps` timed
-    steps, then a greedy decode (with `our_decode`; transformers' too when it runs).
-    Returns the peak FLOP/s, our seconds a step and [CPU seconds, minor page faults] a
-    step, each peer's (seconds a step, [CPU seconds, faults] a step), and decode tokens/s
-    (None where a side did not run)."""
-    r = {"peak": probe(3), "peers": {}, "jax_dec": None, "hf_dec": None}
+    steps, then a greedy decode and the evaluation forwards (ours, and transformers' when
+    it runs). Returns the peak FLOP/s, our seconds a step and [CPU seconds, minor page
+    faults] a step, each peer's (seconds a step, [CPU seconds, faults] a step), decode
+    tokens/s and per evaluation path (ours, transformers') rates; None where a side did
+    not run."""
+    r = {"peak": sides.probe(3), "peers": {}, "jax_dec": None, "hf_dec": None, "eval": {}}
     # One untimed step per side: the first step after other work (the probe, the other
     # framework's step) pays page faults for memory the allocator returned in between
     # (measured: GPT-2 small's first JAX step after a torch step took 1.6x as long, the
     # next one the usual time). Steady-state training never pays it.
-    jax_run(1)
+    sides.jax_run(1)
     u0 = peers.usage()
-    r["jax_s"] = jax_run(steps) / steps
+    r["jax_s"] = sides.jax_run(steps) / steps
     r["jax_use"] = [(b - a) / steps for a, b in zip(u0, peers.usage())]
-    for peer, worker in workers.items():
+    for peer, worker in sides.workers.items():
         worker.call("train", n=1)
         secs, *use = worker.call("train", n=steps)
         r["peers"][peer] = (secs / steps, [u / steps for u in use])
-    if our_decode is not None:
-        secs, n = our_decode()
+    hf = sides.workers.get("hf")
+    if sides.decode is not None:
+        secs, n = sides.decode()
         r["jax_dec"] = n / secs
-        if "hf" in workers:  # transformers was given a decoder whenever we have one
-            secs, n = workers["hf"].call("decode")
+        if hf is not None:  # transformers was given a decoder whenever we have one
+            secs, n = hf.call("decode")
             r["hf_dec"] = n / secs
+    for kind, run in sides.evals.items():
+        secs, n = run()
+        theirs = hf.call("eval", kind=kind) if hf is not None else None
+        r["eval"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
     return r
 
 
-def _rounds(probe, jax_run, workers: dict, our_decode, steps: int, rounds: int,
+def _rounds(sides: _Sides, steps: int, rounds: int,
             tokens_per_step: int, say) -> list[dict]:
     """The timed rounds (_round each), with a progress line per round."""
     out = []
     for i in range(rounds):
-        r = _round(probe, jax_run, workers, our_decode, steps)
+        r = _round(sides, steps)
         line = f"round {i + 1}/{rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " \
                f"jax {tokens_per_step / r['jax_s']:,.0f} tokens/s"
         for peer, (secs, _) in r["peers"].items():
@@ -453,7 +534,7 @@ def _rounds(probe, jax_run, workers: dict, our_decode, steps: int, rounds: int,
     return out
 
 
-def _settle(probe, jax_run, workers: dict, our_decode, steps: int, most: int = 8) -> int:
+def _settle(sides: _Sides, steps: int, most: int = 8) -> int:
     """Untimed rounds, the same as the timed ones (_round), until our steps stop faulting
     memory in. With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it
     holds every buffer of a round, and a step that grows it pays the kernel's page
@@ -464,7 +545,7 @@ def _settle(probe, jax_run, workers: dict, our_decode, steps: int, most: int = 8
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
-        faults = _round(probe, jax_run, workers, our_decode, steps)["jax_use"][1]
+        faults = _round(sides, steps)["jax_use"][1]
         if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults
@@ -489,6 +570,14 @@ def _per_round_mfu(tokens_per_step: int, fpt: int, step_times: list, peaks: list
     the step achieved)."""
     mfu = [tokens_per_step * fpt / (t * p) for t, p in zip(step_times, peaks)]
     return [round(m, 4) if m <= 1 else None for m in mfu]
+
+
+def _check_peers(cfg: GPT2Config, vs: Sequence[str], decode: bool) -> None:
+    if decode and cfg.vocab_size <= EOS_ID:
+        raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
+                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
+    for peer in vs:
+        peers.require(peer)
 
 
 def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
@@ -538,5 +627,11 @@ def format_table(r: dict) -> str:
             f"{d['jax_tokens_per_sec']:.1f} tokens/s"
         if d["hf_tokens_per_sec"] is not None:
             s += f", transformers {d['hf_tokens_per_sec']:.1f} tokens/s ({d['ratio']:.2f}x)"
+        lines.append(s)
+    for kind, e in (r.get("eval") or {}).items():
+        unit = "tokens" if kind == "lm" else "examples"
+        s = f"eval {kind} (forward, no grad): gpt2jax {e[f'jax_{unit}_per_sec']:,.1f} {unit}/s"
+        if e["ratio"] is not None:
+            s += f", transformers {e[f'hf_{unit}_per_sec']:,.1f} ({e['ratio']:.2f}x)"
         lines.append(s)
     return "\n".join(lines)

@@ -486,6 +486,10 @@ def _add_bench(sub) -> None:
                         "Keras' JAX backend)")
     p.add_argument("--decode", action="store_true", help="also time greedy batch-1 decoding")
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--eval", action="store_true",
+                   help="also time the forwards of `gpt2jax eval` (LM perplexity and a "
+                        "classification head) on the same batch; with --vs hf transformers' "
+                        "under no_grad")
     p.add_argument("--peak-size", type=int, default=4096,
                    help="side of the square matmul that measures the peak FLOP/s")
     p.add_argument("--seed", type=int, default=0)
@@ -504,7 +508,8 @@ def _cmd_bench(args) -> int:
     result = run_bench(
         cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
         warmup=args.warmup, rounds=args.rounds, vs=parse(args.vs), decode=args.decode,
-        decode_tokens=args.decode_tokens, peak_size=args.peak_size, seed=args.seed,
+        evaluate=args.eval, decode_tokens=args.decode_tokens, peak_size=args.peak_size,
+        seed=args.seed,
         log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True),
     )
     _emit(result, args.json, format_table)

@@ -9,7 +9,8 @@
 Both are built from the same shape with random weights, dropout off, clipping at a
 global norm of 1.0, and train on the same tokens. A worker answers JSON requests on its
 stdin, one per line: {"op": "init", ...} -> versions; {"op": "train", "n": n} ->
-[seconds, CPU seconds, minor page faults]; {"op": "decode"} -> [seconds, tokens]; EOF
+[seconds, CPU seconds, minor page faults]; {"op": "decode"} -> [seconds, tokens];
+{"op": "eval", "kind": "lm" | "classification"} -> [seconds, tokens or examples]; EOF
 ends it. Arrays travel in an .npz file loaded without pickle. Each worker inherits
 gpt2jax's own environment, GLIBC_TUNABLES included, so every side of a comparison runs
 under the same allocator (`GPT2JAX_MALLOC=keep gpt2jax bench --vs hf` gives both sides
@@ -147,6 +148,44 @@ def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int,
 # ---------------------------------------------------------------- transformers' process
 
 
+def _hf_evaluators(dims: dict, tokens, reps: int, num_labels: int, threads: int, where: str):
+    """transformers' counterparts of `gpt2jax eval`'s forwards under torch.inference_mode:
+    "lm" -> per-token log-probabilities of GPT2LMHeadModel (log_softmax, gather), the
+    perplexity computation; "classification" -> softmax of GPT2ForSequenceClassification.
+    Each run() -> (seconds, tokens or examples) for `reps` batches."""
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    conf = HFConfig(**dims, num_labels=num_labels, pad_token_id=50256)
+    lm = GPT2LMHeadModel(conf).to(where).eval()
+    cls = GPT2ForSequenceClassification(conf).to(where).eval()
+    ids = torch.from_numpy(tokens[:, :-1].astype("int64")).to(where)
+    mask = torch.ones_like(ids)
+
+    def lm_forward():
+        logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        return logp[:, :-1].gather(-1, ids[:, 1:, None])
+
+    def cls_forward():
+        return torch.softmax(cls(input_ids=ids, attention_mask=mask).logits.float(), -1)
+
+    def timer(fn, units: int):
+        def run() -> tuple[float, int]:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for _ in range(reps):
+                    out = fn()
+                float(out.sum())  # synchronises a CUDA device too
+            return time.perf_counter() - t0, units * reps
+
+        return run
+
+    return {"lm": timer(lm_forward, ids.numel()),
+            "classification": timer(cls_forward, ids.shape[0])}
+
+
 # ---------------------------------------------------------------- KerasHub
 
 
@@ -192,10 +231,11 @@ def _keras_trainer(dims: dict, tokens, dtype: str, seed: int):
 
 
 def _build(peer: str, msg: dict, tokens, weights: dict):
-    """The peer's train(n) and decode() (None without decode arguments) and its versions."""
+    """The peer's train(n), decode() (None without decode arguments), its evaluation
+    forwards ({} without) and its versions."""
     if peer == "keras":
         train, info = _keras_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"])
-        return train, None, info
+        return train, None, {}, info
     import torch
     import transformers
 
@@ -205,7 +245,11 @@ def _build(peer: str, msg: dict, tokens, weights: dict):
     if msg["decode"] is not None:
         decode = _hf_decoder(msg["dims"], weights, **msg["decode"], threads=msg["threads"],
                              where=where)
-    return train, decode, {"torch_version": torch.__version__, "torch_device": where,
+    evals = {}
+    if msg.get("evaluate"):
+        evals = _hf_evaluators(msg["dims"], tokens, **msg["evaluate"], threads=msg["threads"],
+                               where=where)
+    return train, decode, evals, {"torch_version": torch.__version__, "torch_device": where,
                            "transformers_version": transformers.__version__}
 
 
@@ -217,6 +261,7 @@ def worker_main(peer: str) -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints must not corrupt the answers
     train = decode = None
+    evals: dict = {}
     for line in sys.stdin:
         msg = json.loads(line)
         try:
@@ -224,12 +269,14 @@ def worker_main(peer: str) -> None:
                 with np.load(msg["arrays"], allow_pickle=False) as z:
                     tokens = z["tokens"]
                     weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
-                train, decode, info = _build(peer, msg, tokens, weights)
+                train, decode, evals, info = _build(peer, msg, tokens, weights)
                 reply = {**info, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
             elif msg["op"] == "train":
                 u0 = usage()
                 secs = train(msg["n"])
                 reply = [secs, *(b - a for a, b in zip(u0, usage()))]
+            elif msg["op"] == "eval":
+                reply = list(evals[msg["kind"]]())
             else:
                 reply = list(decode())
             answer = {"ok": reply}

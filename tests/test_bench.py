@@ -43,7 +43,7 @@ def vs_hf(cli):
     # makes two chunks of the 32 tokens (a bf16 train step whose fused LM loss is a single
     # chunk fails on CPU: "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")
     res = cli("bench", *TINY, "--dtype", "bfloat16", "--loss-chunk", "16", "--rounds", "2",
-              "--vs", "hf,keras", "--decode", "--decode-tokens", "8", "--json")
+              "--vs", "hf,keras", "--decode", "--decode-tokens", "8", "--eval", "--json")
     assert res.code == 0, res.err
     return res.json
 
@@ -97,6 +97,23 @@ def test_bench_vs_hf_reports_both_sides_and_ratio(vs_hf):
     assert d["new_tokens"] == 8 and d["jax_tokens_per_sec"] > 0 and d["hf_tokens_per_sec"] > 0
     assert d["ratio"] == pytest.approx(d["jax_tokens_per_sec"] / d["hf_tokens_per_sec"],
                                        rel=1e-2)
+
+
+def test_bench_eval_times_both_eval_paths_against_transformers(vs_hf):
+    """--eval: the LM perplexity forward (tokens/s) and the classification forward
+    (examples/s) of ours and of transformers under no_grad, in the same rounds."""
+    e = vs_hf["eval"]
+    assert set(e) == {"lm", "classification"}
+    for kind, unit in (("lm", "tokens"), ("classification", "examples")):
+        ours, theirs = e[kind][f"jax_{unit}_per_sec"], e[kind][f"hf_{unit}_per_sec"]
+        assert ours > 0 and theirs > 0
+        assert e[kind]["ratio"] == pytest.approx(ours / theirs, rel=1e-2)
+    # a forward over the batch (2 x 16 tokens) gives 16x as many tokens as examples
+    lm, cls = e["lm"]["jax_tokens_per_sec"], e["classification"]["jax_examples_per_sec"]
+    assert lm > cls
+    from gpt2jax.bench import format_table
+
+    assert "eval lm (forward, no grad)" in format_table(vs_hf)
 
 
 def test_bench_vs_keras_runs_kerashub_in_the_same_rounds(vs_hf):
