@@ -140,7 +140,7 @@ def test_bench_table_with_and_without_peer(vs_hf):
     assert "transformers" in both and f"{vs_hf['ratio']:.2f}x" in both and "decode" in both
     assert "KerasHub" in both
     alone = format_table({**vs_hf, "hf": None, "keras": None, "ratio": None, "ratios": {},
-                          "decode": None})
+                          "decode": None, "eval": None})
     assert "gpt2jax" in alone and "MFU" in alone and "transformers" not in alone
 
 
