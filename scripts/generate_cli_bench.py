@@ -98,7 +98,7 @@ def main() -> None:
                                  "decode_tokens_per_s": round(rate, 1),
                                  "fixed_s": round(short - args.short / rate, 2)}
     hf = result["sides"]["transformers"]["decode_tokens_per_s"]
-    for name, side in result["sides"].items():
+    for side in result["sides"].values():
         side["decode_ratio"] = round(side["decode_tokens_per_s"] / hf, 2)
     print(json.dumps(result, indent=1))
 
