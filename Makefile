@@ -34,11 +34,11 @@ demo: $(VENV)/.installed
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check gpt2jax tests
+	$(BIN)/ruff check gpt2jax tests scripts
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check gpt2jax tests
+	$(BIN)/ruff check gpt2jax tests scripts
 
 clean:
 	rm -rf $(VENV) runs
