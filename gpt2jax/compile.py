@@ -558,11 +558,11 @@ def _step_report(exe, seconds: float, oom: str | None, chip: Chip, chips: int,
     # chunked loss), so with loops its FLOPs and bytes undercount the step: the roofline
     # then scales the bytes by the FLOPs' shortfall against the model count
     scale = mine / hw if loops and 0 < hw < mine else 1.0
-    # the CUDA compiler gives no cost analysis (None): compute from the model's FLOPs
-    # and collectives only, no HBM term
+    # the CUDA compiler gives no cost analysis (None): without its bytes a roofline
+    # would be compute-bound by construction, so there is none
     out.update(flops=hw, model_flops=mine, bytes_accessed=accessed, loops=loops,
                loop_scale=scale, collectives=coll, cost_analysis=bool(cost),
-               roofline=roofline(chip, mine, hw, accessed * scale, coll))
+               roofline=roofline(chip, mine, hw, accessed * scale, coll) if cost else None)
     return out
 
 
@@ -662,17 +662,21 @@ def format_report(r: dict) -> str:
     if "flops" in t:
         loops = " (loop bodies counted once)" if t["loops"] else ""
         xla = f"{t['flops']:.3g} (XLA){loops}" if t.get("cost_analysis", True) else \
-            "none from XLA (its GPU compiler gives no cost analysis: no HBM term below)"
+            "none from XLA (its GPU compiler gives no cost analysis)"
         lines.append(f"FLOPs per chip per step: {xla}, "
                      f"{t['model_flops']:.3g} (model: 6N + attention)")
         lines.append("collectives per step: " + ", ".join(
             f"{k} {v['count']} ({v['bytes'] / 2**20:,.1f} MiB)"
             for k, v in t["collectives"].items() if v["count"]) or "none")
         rf = t["roofline"]
-        ms = {k: f"{rf[k + '_seconds'] * 1e3:.3g} ms" for k in ("step", "compute", "hbm", "ici")}
-        lines.append(f"roofline estimate (not a measurement): {ms['step']} per step, "
-                     f"{rf['bound']}-bound (compute {ms['compute']}, HBM {ms['hbm']}, ICI "
-                     f"{ms['ici']}), MFU {rf['mfu']:.0%}")
+        if rf is None:
+            lines.append("roofline: none (the compiler reports no bytes accessed)")
+        else:
+            ms = {k: f"{rf[k + '_seconds'] * 1e3:.3g} ms"
+                  for k in ("step", "compute", "hbm", "ici")}
+            lines.append(f"roofline estimate (not a measurement): {ms['step']} per step, "
+                         f"{rf['bound']}-bound (compute {ms['compute']}, HBM {ms['hbm']}, "
+                         f"ICI {ms['ici']}), MFU {rf['mfu']:.0%}")
     if r.get("advice"):
         lines.append(f"to fit, try: {r['advice']}")
     if r.get("saved"):

@@ -52,7 +52,7 @@ AUTO_LOSS_CHUNK = {"cpu": 256, "cpu+hugepages": 1024, "gpu": 4096, "tpu": 4096}
 # docs/benchmarks.md ("Kernels per platform"): CPU measured (docs/perf-notes.md); TPU from
 # libtpu's compiled v5e executables; GPU (no deviceless compiler here) by the TPU evidence.
 AUTO_KERNELS = {"cpu": "custom", "gpu": "plain", "tpu": "plain"}
-AUTO_ATTENTION = {"cpu": "explicit", "gpu": "explicit", "tpu": "explicit"}
+AUTO_ATTENTION = {"cpu": "explicit", "gpu": "explicit", "tpu": "xla"}
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -26,7 +26,8 @@ from gpt2jax.model import GPT2Config, create_model, resolve_auto
 CHOICES = {
     ("cpu", "float32", 0.1): ("custom", "explicit", 256),
     ("cpu", "bfloat16", 0.0): ("custom", "explicit", 256),
-    ("tpu", "bfloat16", 0.0): ("plain", "explicit", 4096),
+    ("tpu", "bfloat16", 0.0): ("plain", "xla", 4096),
+    ("tpu", "float32", 0.0): ("plain", "xla", 4096),
     ("tpu", "float32", 0.1): ("plain", "explicit", 4096),
     ("cuda", "bfloat16", 0.0): ("plain", "cudnn", 4096),
     ("cuda", "bfloat16", 0.1): ("plain", "explicit", 4096),  # cuDNN has no attention dropout
@@ -55,7 +56,7 @@ def test_explicit_choices_are_kept_and_bad_ones_refused():
 def losses_and_grads():
     """{kernels: (loss, grads)} of one tiny LM (padding, dropout on, chunked loss) through
     the training loss `lm_loss_sum`, plus optax's loss of the full logits."""
-    base = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+    base = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2,
                       attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1, loss_chunk=5)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 64, (2, 12)), jnp.int32)
