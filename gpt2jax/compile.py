@@ -622,7 +622,12 @@ def save_executable(exe, topo: Topology, path: str) -> Path:
     import jaxlib
     from jax.experimental.serialize_executable import serialize
 
-    payload, in_tree, out_tree = serialize(exe)
+    try:
+        payload, in_tree, out_tree = serialize(exe)
+    except (AttributeError, TypeError, pickle.PicklingError) as e:
+        # e.g. cuDNN attention's custom partitioning holds a local function
+        raise UserError(f"--save: JAX cannot serialize this executable ({e}); compile "
+                        "without --save, or with model.attention=explicit") from e
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as f:

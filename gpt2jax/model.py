@@ -302,7 +302,7 @@ class Attention(nnx.Module):
         """
         b, t, d = x.shape
         w = self.c_attn_kernel[...].astype(x.dtype)
-        linear = K.pick("linear", self.cfg.kernels)
+        linear = _k(self, "linear")
         bias = self.c_attn_bias[...].astype(x.dtype)
         heads = w.shape[2:]
         if merged:
@@ -324,7 +324,7 @@ class Attention(nnx.Module):
             b, h, t, _ = q.shape
             # the same draw as dropout() on the (B, H, T, T) probabilities
             keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
-        core = K.pick("attention_core", cfg.kernels)
+        core = _k(self, "attention_core")
         out = core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
         return self._project_out(jnp.swapaxes(out, 1, 2))
 
@@ -332,7 +332,7 @@ class Attention(nnx.Module):
         """(B, T, H, K) attention output -> (B, T, d): c_proj as one plain product."""
         b, t, h, k = out.shape
         w = self.c_proj_kernel[...].astype(out.dtype).reshape(h * k, -1)
-        linear = K.pick("linear", self.cfg.kernels)
+        linear = _k(self, "linear")
         return linear(out.reshape(b, t, h * k), w, self.c_proj_bias[...].astype(out.dtype))
 
     def _attend_library(self, x, mask, scale, akey):
@@ -396,7 +396,7 @@ class MLP(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, key=None):
-        dt, linear = x.dtype, K.pick("linear", self.cfg.kernels)
+        dt, linear = x.dtype, _k(self, "linear")
         h = linear(x, self.c_fc_kernel[...].astype(dt), self.c_fc_bias[...].astype(dt))
         h = ACTIVATIONS[self.cfg.activation_function](h)
         h = linear(h, self.c_proj_kernel[...].astype(dt), self.c_proj_bias[...].astype(dt))
@@ -469,6 +469,11 @@ class AttentionPoolHead(nnx.Module):
         pooled = jnp.einsum("bht,bthk->bhk", probs, vals).reshape(h.shape[0], -1)
         pooled = dropout(pooled, self.cfg.classifier_dropout, key)
         return pooled @ self.out_kernel[...] + self.out_bias[...]
+
+
+def _k(module, name: str):
+    """The kernel `name` for the module's model.kernels (kernels.pick)."""
+    return K.pick(name, module.cfg.kernels)
 
 
 def _checkpointed(fn, remat: str):
@@ -585,8 +590,7 @@ class GPT2(nnx.Module):
     def lm_logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: logits in float32."""
         lead, d = h.shape[:-1], h.shape[-1]
-        head = K.pick("tied_head", self.cfg.kernels)
-        logits = head(h.reshape(-1, d), self.wte[...].astype(h.dtype))
+        logits = _k(self, "tied_head")(h.reshape(-1, d), self.wte[...].astype(h.dtype))
         return logits.reshape(*lead, -1).astype(jnp.float32)
 
     def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
@@ -597,8 +601,7 @@ class GPT2(nnx.Module):
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
             return K.optax_nll(self.lm_logits(h), targets)
-        nll = K.pick("chunked_nll", self.cfg.kernels)
-        return nll(h, self.wte[...].astype(h.dtype), targets, size)
+        return _k(self, "chunked_nll")(h, self.wte[...].astype(h.dtype), targets, size)
 
     def lm_loss_sum(self, h: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum(weights * token_nll(h, targets)), float32 scalar, for training: with
@@ -607,8 +610,7 @@ class GPT2(nnx.Module):
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
             return jnp.sum(self.token_nll(h, targets) * weights)
-        loss = K.pick("fused_nll_sum", self.cfg.kernels)
-        return loss(h, self.wte[...].astype(h.dtype), targets, weights, size)
+        return _k(self, "fused_nll_sum")(h, self.wte[...].astype(h.dtype), targets, weights, size)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
         if self.cfg.head == "sequence":
