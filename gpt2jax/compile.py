@@ -244,13 +244,19 @@ def local_topology(devices: list) -> str | None:
     return None
 
 
+def cuda_plugin() -> str | None:
+    """The installed JAX CUDA plugin's distribution name (jax-cuda12-plugin, or 13), or None."""
+    import importlib.util
+
+    return next((f"jax-cuda{v}-plugin" for v in (12, 13)
+                 if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)
+
+
 def gpu_devices(topo: Topology) -> list:
     """Compile-only devices of a GPU topology: XLA's CUDA compiler from the CUDA plugin
     (`jax_cuda12_plugin`), given the GPU's description instead of a GPU (the deviceless
     compilation of JAX's tests/deviceless_aot_test.py)."""
-    import importlib.util
-
-    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    if cuda_plugin() is None:
         raise UserError(f"--topology {topo.name} needs XLA's CUDA compiler: {CUDA_HINT}")
     from jax.experimental.topologies import get_topology_desc
 
@@ -634,7 +640,7 @@ def save_executable(exe, topo: Topology, path: str) -> Path:
         pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree,
                      "topology": topo.libtpu_name, "slices": topo.slices,
                      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                                  **({"jax_cuda12_plugin": version("jax-cuda12-plugin")}
+                                  **({cuda_plugin(): version(cuda_plugin())}
                                      if topo.gpu else {"libtpu": version("libtpu")})}}, f)
     return out
 

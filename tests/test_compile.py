@@ -226,12 +226,12 @@ def test_gpu_topology_names(name, xla, count):
 
 
 def test_gpu_topology_refusals_and_missing_plugin_exit_2(toy, cli):
-    import importlib.util
+    from gpt2jax.compile import cuda_plugin
 
     for name, msg in (("h100-12", "a multiple of 8"), ("b300-8", "not a known topology")):
         r = cli("compile", toy, "--topology", name)
         assert r.code == 2 and msg in r.last_err, r.last_err
-    if importlib.util.find_spec("jax_cuda12_plugin") is None:  # as in `make test`
+    if cuda_plugin() is None:  # as in `make test`
         r = cli("compile", toy, "--topology", "h100-8")
         assert r.code == 2 and "pip install 'jax[cuda12]==0.10.2'" in r.last_err
 
