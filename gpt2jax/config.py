@@ -21,8 +21,13 @@ HEADS = ("lm", "sequence", "attention_pool")
 DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32
 REMAT = ("none", "full", "dots")
 # no-cache attention: gpt2jax's custom-VJP kernel, or jax.nn.dot_product_attention with
-# implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16)
-ATTENTION = ("explicit", "xla", "cudnn")
+# implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16); auto:
+# fixed per platform by model.resolve_auto
+ATTENTION = ("auto", "explicit", "xla", "cudnn")
+# the train step's kernels (linear, LayerNorm, attention core, tied head, chunked loss):
+# gpt2jax's custom-VJP ones, the plain JAX formulas beside them (XLA differentiates and
+# fuses them), or auto: fixed per platform by model.resolve_auto (docs/benchmarks.md)
+KERNELS = ("auto", "custom", "plain")
 PROGRESS = ("auto", "bar", "lines", "none")
 
 
@@ -42,8 +47,9 @@ class ModelSection:
     classifier_dropout: float = 0.1
     remat: str = "none"  # none | full | dots
     scan_layers: bool = False
-    attention: str = "explicit"  # explicit | xla | cudnn (jax.nn.dot_product_attention)
+    attention: str = "auto"  # auto | explicit | xla | cudnn (jax.nn.dot_product_attention)
     loss_chunk: int = -1  # LM loss in chunks of ~N tokens; 0: full logits; -1: auto by backend
+    kernels: str = "auto"  # auto | custom | plain (KERNELS)
 
 
 @dataclass
@@ -255,14 +261,14 @@ def validate(cfg: Config) -> None:
          "choose none or balanced")
     need(t.lm_loss_weight >= 0, "train.lm_loss_weight", "must be >= 0")
     for key, allowed in (("head", HEADS), ("dtype", DTYPES), ("remat", REMAT),
-                         ("attention", ATTENTION)):
+                         ("attention", ATTENTION), ("kernels", KERNELS)):
         need(getattr(m, key) in allowed, f"model.{key}", f"choose one of {', '.join(allowed)}")
     if m.dropout is not None:
         need(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
     need(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
          "cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel)")
     # checked here, before any data work; None would mean the model's own 0.1
-    need(m.attention == "explicit" or m.dropout == 0, "model.attention",
+    need(m.attention in ("auto", "explicit") or m.dropout == 0, "model.attention",
          f"{m.attention} has no attention dropout (jax.nn.dot_product_attention takes none) "
          f"but model.dropout is {m.dropout if m.dropout is not None else 'unset (0.1)'}; "
          "set model.dropout=0 or use model.attention=explicit")

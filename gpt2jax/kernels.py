@@ -234,14 +234,34 @@ def chunked_nll(h: jax.Array, w: jax.Array, targets: jax.Array, size: int) -> ja
     return _chunked_nll_fwd(h, w, targets, size)[0]
 
 
-def _chunk_logits(hi, w):
-    return jnp.matmul(hi, w.T, preferred_element_type=jnp.float32)  # (B, size, V)
+def _f32_dot(fn, *xs, single: bool = False):
+    """fn(*xs, preferred_element_type=float32): a product of 16-bit operands accumulated
+    in float32. With `single` (a loss that fits one chunk, so XLA removes the loop) the
+    CPU takes float32 operands instead: its dot thunk has no bf16 x bf16 = f32 kernel
+    ("UNIMPLEMENTED: Unsupported element type for DotThunk::Execute"). Other platforms,
+    and compiles for them from a CPU host, keep the 16-bit operands."""
+    def f32(*a):
+        return fn(*(x.astype(jnp.float32) for x in a))
+
+    if not single or all(x.dtype == jnp.float32 for x in xs):
+        return fn(*xs, preferred_element_type=jnp.float32)
+    return jax.lax.platform_dependent(
+        *xs, cpu=f32, default=lambda *a: fn(*a, preferred_element_type=jnp.float32))
+
+
+def _chunk_logits(hi, w, single: bool = False):
+    return _f32_dot(lambda a, b, **kw: jnp.matmul(a, b.T, **kw), hi, w, single=single)
+
+
+def _single(h, size: int) -> bool:
+    """Whether the sequence fits one chunk (see _f32_dot)."""
+    return h.shape[1] <= size
 
 
 def _chunked_nll_fwd(h, w, targets, size):
     def body(_, xs):
         hi, ti = xs
-        logits = _chunk_logits(hi, w)
+        logits = _chunk_logits(hi, w, _single(h, size))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, ti[..., None], axis=-1)[..., 0]
         return None, (lse - tgt, lse)
@@ -254,17 +274,18 @@ def _chunked_nll_fwd(h, w, targets, size):
 
 def _chunked_nll_bwd(size, res, g):
     h, w, targets, lse = res
-    v = w.shape[0]
+    v, single = w.shape[0], _single(h, size)
 
     def body(dwt, xs):
         hi, ti, li, gi = xs  # gi is 0 on padded positions: they add nothing
-        logits = _chunk_logits(hi, w)
+        logits = _chunk_logits(hi, w, single)
         p = jnp.exp(logits - li[..., None])
         hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == ti[..., None]
         d = (jnp.where(hit, p - 1.0, p) * gi[..., None]).astype(h.dtype)  # dnll/dlogits
         dh = jnp.matmul(d, w)
         # h^T d keeps the vocab axis contiguous (tied_head's layout argument)
-        dwt = dwt + jnp.einsum("btd,btv->dv", hi, d, preferred_element_type=jnp.float32)
+        dwt = dwt + _f32_dot(functools.partial(jnp.einsum, "btd,btv->dv"), hi, d,
+                             single=single)
         return dwt, dh
 
     xs = (_seq_chunks(h, size), _seq_chunks(targets, size), _seq_chunks(lse, size),
@@ -291,11 +312,11 @@ def fused_nll_sum(h: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.A
 
 
 def _fused_fwd(h, w, targets, weights, size):
-    v, d = w.shape
+    (v, d), single = w.shape, _single(h, size)
 
     def body(dwt, xs):
         hi, ti, wi = xs
-        logits = _chunk_logits(hi, w)
+        logits = _chunk_logits(hi, w, single)
         m = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - m)  # one exp per logit serves the loss and its gradient
         s = jnp.sum(e, axis=-1, keepdims=True)
@@ -308,11 +329,11 @@ def _fused_fwd(h, w, targets, weights, size):
         # is gone (3% of config A's step; docs/perf-notes.md section 6).
         c = wi[..., None] / s
         e = e.astype(h.dtype)
-        dh = jnp.matmul(e, w, preferred_element_type=jnp.float32) * c \
+        dh = _f32_dot(jnp.matmul, e, w, single=single) * c \
             - wi[..., None] * jnp.take(w, ti, axis=0).astype(jnp.float32)
         # h^T e keeps the vocab axis contiguous (tied_head's layout argument)
-        dwt = dwt + jnp.einsum("btd,btv->dv", (hi * c).astype(h.dtype), e,
-                               preferred_element_type=jnp.float32)
+        dwt = dwt + _f32_dot(functools.partial(jnp.einsum, "btd,btv->dv"),
+                             (hi * c).astype(h.dtype), e, single=single)
         return dwt, (nll, dh)
 
     xs = (_seq_chunks(h, size), _seq_chunks(targets, size),
@@ -344,7 +365,35 @@ def optax_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
+def chunked_nll_reference(h: jax.Array, w: jax.Array, targets: jax.Array,
+                          size: int) -> jax.Array:
+    """chunked_nll in plain JAX: a scan over the chunks, each chunk rematerialised
+    (jax.checkpoint) so that jax.grad keeps no logits either; XLA differentiates it."""
+
+    @jax.checkpoint
+    def chunk(hi, ti, w):
+        logits = _chunk_logits(hi, w, _single(h, size))
+        tgt = jnp.take_along_axis(logits, ti[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - tgt
+
+    xs = (_seq_chunks(h, size), _seq_chunks(targets, size))
+    _, nll = jax.lax.scan(lambda c, x: (c, chunk(*x, w)), None, xs)
+    return _unchunk(nll, h.shape[1])
+
+
+def fused_nll_sum_reference(h, w, targets, weights, size: int) -> jax.Array:
+    """fused_nll_sum in plain JAX: the weighted sum of chunked_nll_reference."""
+    return jnp.sum(chunked_nll_reference(h, w, targets, size) * weights)
+
+
 # the kernels the model calls through this module (kernels.NAME at trace time), each with
 # a NAME_reference beside it: tests swap one for the other
 KERNELS = ("attention_core", "tied_head", "linear", "layer_norm")
+
+
+def pick(name: str, choice: str):
+    """The kernel `name` for model.kernels=`choice`: kernels.NAME for "custom" (and for a
+    still unresolved "auto"), the plain formula kernels.NAME_reference for "plain".
+    Looked up at trace time, so a test that swaps kernels.NAME sees its swap."""
+    return globals()[f"{name}_reference" if choice == "plain" else name]
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kernels as K
-from .config import ATTENTION, DTYPES, HEADS, REMAT
+from .config import ATTENTION, DTYPES, HEADS, KERNELS, REMAT
 from .errors import UserError
 from .sharding import chunk_positions, constrain_batch, require_cudnn, unshard_embed
 
@@ -48,6 +48,11 @@ ACTIVATIONS = {
 # little to fault in; +5-7%, perf-notes sections 6-7); GPU/TPU: not measured here, sized so a
 # chunk's float32 logits stay under 1 GB at vocab 50257.
 AUTO_LOSS_CHUNK = {"cpu": 256, "cpu+hugepages": 1024, "gpu": 4096, "tpu": 4096}
+# model.kernels=auto and model.attention=auto per platform, from the compiled comparison in
+# docs/benchmarks.md ("Kernels per platform"): CPU measured (docs/perf-notes.md); TPU from
+# libtpu's compiled v5e executables; GPU (no deviceless compiler here) by the TPU evidence.
+AUTO_KERNELS = {"cpu": "custom", "gpu": "plain", "tpu": "plain"}
+AUTO_ATTENTION = {"cpu": "explicit", "gpu": "explicit", "tpu": "xla"}
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -80,11 +85,14 @@ class GPT2Config:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
-    attention: str = "explicit"  # explicit | xla | cudnn (ATTENTION)
+    attention: str = "explicit"  # auto | explicit | xla | cudnn (ATTENTION; open auto: explicit)
     # LM loss: -1 = auto (fixed by resolve_auto at the entry points; left open it means
     # full logits), 0 = full logits, N = about N tokens per chunk (fused; the (tokens,
     # vocab) logits never exist at once)
     loss_chunk: int = -1
+    # the train step's kernels: custom (kernels.py's custom VJPs) | plain (the formulas
+    # beside them, differentiated by XLA) | auto (resolve_auto; left open: custom)
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -114,6 +122,10 @@ class GPT2Config:
             raise UserError(
                 "model.attention=cudnn needs a 16-bit compute dtype (cuDNN flash attention "
                 "has no float32 kernel): set model.dtype=bfloat16, or use model.attention=xla"
+            )
+        if self.kernels not in KERNELS:
+            raise UserError(
+                f"model.kernels={self.kernels!r}: choose one of {', '.join(KERNELS)}"
             )
         if self.loss_chunk < -1:
             raise UserError(
@@ -151,12 +163,25 @@ class GPT2Config:
 
 
 def resolve_auto(cfg: GPT2Config, platform: str, hugepages: bool = False) -> GPT2Config:
-    """cfg with its automatic choices fixed for `platform` ("cpu", "gpu", "tpu"); on CPU
-    `hugepages` says whether glibc's huge-page malloc backs the buffers (AUTO_LOSS_CHUNK)."""
-    if cfg.loss_chunk >= 0:
-        return cfg
-    key = "cpu+hugepages" if platform == "cpu" and hugepages else platform
-    return cfg.replace(loss_chunk=AUTO_LOSS_CHUNK.get(key, AUTO_LOSS_CHUNK["gpu"]))
+    """cfg with its automatic choices fixed for `platform` ("cpu", "tpu", "cuda" for an
+    NVIDIA GPU, "gpu" for another GPU); on CPU `hugepages` says whether glibc's huge-page
+    malloc backs the buffers (AUTO_LOSS_CHUNK). Kernels: AUTO_KERNELS. Attention: cuDNN
+    flash attention on NVIDIA GPUs when it applies (a 16-bit dtype, no attention dropout),
+    else AUTO_ATTENTION's choice where it applies (no attention dropout), else explicit."""
+    gpu = "gpu" if platform == "cuda" else platform
+    if cfg.loss_chunk < 0:
+        key = "cpu+hugepages" if platform == "cpu" and hugepages else gpu
+        cfg = cfg.replace(loss_chunk=AUTO_LOSS_CHUNK.get(key, AUTO_LOSS_CHUNK["gpu"]))
+    if cfg.kernels == "auto":
+        cfg = cfg.replace(kernels=AUTO_KERNELS.get(gpu, AUTO_KERNELS["gpu"]))
+    if cfg.attention == "auto":
+        no_dropout = cfg.attn_pdrop == 0.0
+        if platform == "cuda" and cfg.dtype != "float32" and no_dropout:
+            cfg = cfg.replace(attention="cudnn")
+        else:
+            pick = AUTO_ATTENTION.get(gpu, "explicit")
+            cfg = cfg.replace(attention=pick if no_dropout else "explicit")
+    return cfg
 
 
 def param_count(cfg: GPT2Config) -> int:
@@ -228,9 +253,10 @@ class LayerNorm(nnx.Module):
         self.scale = _param(rngs, _ones, (cfg.n_embd,), ("norm",))
         self.bias = _param(rngs, _zeros, (cfg.n_embd,), ("norm",))
         self.eps = cfg.layer_norm_epsilon
+        self.kernels = cfg.kernels
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return K.layer_norm(x, self.scale[...], self.bias[...], self.eps)
+        return K.pick("layer_norm", self.kernels)(x, self.scale[...], self.bias[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -276,18 +302,19 @@ class Attention(nnx.Module):
         """
         b, t, d = x.shape
         w = self.c_attn_kernel[...].astype(x.dtype)
+        linear = _k(self, "linear")
         bias = self.c_attn_bias[...].astype(x.dtype)
         heads = w.shape[2:]
         if merged:
-            qkv = K.linear(x, w.reshape(d, -1), bias.reshape(-1)).reshape(b, t, *w.shape[1:])
+            qkv = linear(x, w.reshape(d, -1), bias.reshape(-1)).reshape(b, t, *w.shape[1:])
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        return tuple(K.linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1)).reshape(b, t, *heads)
+        return tuple(linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1)).reshape(b, t, *heads)
                      for i in range(3))
 
     def _attend_no_cache(self, x, mask, scale, key):
         """Training / evaluation: heads-major (B, H, T, K) layout and attention_core."""
         cfg = self.cfg
-        if cfg.attention != "explicit":
+        if cfg.attention not in ("explicit", "auto"):
             return self._attend_library(x, mask, scale, _fold(key, 0))
         q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._project_qkv(x))  # (B, H, T, K)
         keep, rate = None, 0.0
@@ -297,14 +324,16 @@ class Attention(nnx.Module):
             b, h, t, _ = q.shape
             # the same draw as dropout() on the (B, H, T, T) probabilities
             keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
-        out = K.attention_core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
+        core = _k(self, "attention_core")
+        out = core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
         return self._project_out(jnp.swapaxes(out, 1, 2))
 
     def _project_out(self, out):
         """(B, T, H, K) attention output -> (B, T, d): c_proj as one plain product."""
         b, t, h, k = out.shape
         w = self.c_proj_kernel[...].astype(out.dtype).reshape(h * k, -1)
-        return K.linear(out.reshape(b, t, h * k), w, self.c_proj_bias[...].astype(out.dtype))
+        linear = _k(self, "linear")
+        return linear(out.reshape(b, t, h * k), w, self.c_proj_bias[...].astype(out.dtype))
 
     def _attend_library(self, x, mask, scale, akey):
         """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
@@ -367,10 +396,10 @@ class MLP(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, key=None):
-        dt = x.dtype
-        h = K.linear(x, self.c_fc_kernel[...].astype(dt), self.c_fc_bias[...].astype(dt))
+        dt, linear = x.dtype, _k(self, "linear")
+        h = linear(x, self.c_fc_kernel[...].astype(dt), self.c_fc_bias[...].astype(dt))
         h = ACTIVATIONS[self.cfg.activation_function](h)
-        h = K.linear(h, self.c_proj_kernel[...].astype(dt), self.c_proj_bias[...].astype(dt))
+        h = linear(h, self.c_proj_kernel[...].astype(dt), self.c_proj_bias[...].astype(dt))
         return dropout(h, self.cfg.resid_pdrop, key)
 
 
@@ -440,6 +469,11 @@ class AttentionPoolHead(nnx.Module):
         pooled = jnp.einsum("bht,bthk->bhk", probs, vals).reshape(h.shape[0], -1)
         pooled = dropout(pooled, self.cfg.classifier_dropout, key)
         return pooled @ self.out_kernel[...] + self.out_bias[...]
+
+
+def _k(module, name: str):
+    """The kernel `name` for the module's model.kernels (kernels.pick)."""
+    return K.pick(name, module.cfg.kernels)
 
 
 def _checkpointed(fn, remat: str):
@@ -556,7 +590,7 @@ class GPT2(nnx.Module):
     def lm_logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: logits in float32."""
         lead, d = h.shape[:-1], h.shape[-1]
-        logits = K.tied_head(h.reshape(-1, d), self.wte[...].astype(h.dtype))
+        logits = _k(self, "tied_head")(h.reshape(-1, d), self.wte[...].astype(h.dtype))
         return logits.reshape(*lead, -1).astype(jnp.float32)
 
     def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
@@ -567,7 +601,7 @@ class GPT2(nnx.Module):
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
             return K.optax_nll(self.lm_logits(h), targets)
-        return K.chunked_nll(h, self.wte[...].astype(h.dtype), targets, size)
+        return _k(self, "chunked_nll")(h, self.wte[...].astype(h.dtype), targets, size)
 
     def lm_loss_sum(self, h: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum(weights * token_nll(h, targets)), float32 scalar, for training: with
@@ -576,7 +610,7 @@ class GPT2(nnx.Module):
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
             return jnp.sum(self.token_nll(h, targets) * weights)
-        return K.fused_nll_sum(h, self.wte[...].astype(h.dtype), targets, weights, size)
+        return _k(self, "fused_nll_sum")(h, self.wte[...].astype(h.dtype), targets, weights, size)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
         if self.cfg.head == "sequence":

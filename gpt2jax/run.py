@@ -95,8 +95,10 @@ def for_this_process(mcfg: GPT2Config) -> GPT2Config:
     import jax
 
     from . import malloc
+    from .sharding import has_cudnn
 
-    return resolve_auto(mcfg, jax.default_backend(), hugepages=malloc.active())
+    platform = "cuda" if has_cudnn() else jax.default_backend()
+    return resolve_auto(mcfg, platform, hugepages=malloc.active())
 
 
 def tokenizer_for(cfg: Config):
@@ -141,7 +143,7 @@ def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]
         base = source
     fields = dict(head=m.head, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
                   classifier_dropout=m.classifier_dropout, attention=m.attention,
-                  loss_chunk=m.loss_chunk)
+                  loss_chunk=m.loss_chunk, kernels=m.kernels)
     if m.dropout is not None:
         fields.update(embd_pdrop=m.dropout, attn_pdrop=m.dropout, resid_pdrop=m.dropout)
     if m.head != "lm":

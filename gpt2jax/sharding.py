@@ -8,6 +8,8 @@ its mesh axis is replicated instead (e.g. GPT-2's 50257-token vocabulary).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -169,10 +171,24 @@ def has_cudnn() -> bool:
                for d in jax.devices())
 
 
+# True while `gpt2jax compile` traces for a GPU topology that this process does not see
+_CUDA_TARGET = contextvars.ContextVar("gpt2jax_cuda_target", default=False)
+
+
+@contextlib.contextmanager
+def cuda_target():
+    """Trace for NVIDIA GPUs that JAX here does not see (deviceless compilation)."""
+    token = _CUDA_TARGET.set(True)
+    try:
+        yield
+    finally:
+        _CUDA_TARGET.reset(token)
+
+
 def require_cudnn() -> None:
     """UserError unless JAX sees an NVIDIA GPU (CUDA backend), naming the devices seen."""
     devices = jax.devices()
-    if not has_cudnn():
+    if not has_cudnn() and not _CUDA_TARGET.get():
         seen = ", ".join(sorted({f"{d.platform} ({d.device_kind})" for d in devices}))
         raise UserError(
             f"model.attention=cudnn needs an NVIDIA GPU with the CUDA build of jax, but JAX "

@@ -210,3 +210,40 @@ def test_cpu_commands_stay_off_the_tpu_plugin():
     env = {"JAX_PLATFORMS": "tpu,cpu"}
     cpu_unless_tpu(env)  # the user's choice stands
     assert env == {"JAX_PLATFORMS": "tpu,cpu"}
+
+
+# ---------------------------------------------------------------- NVIDIA GPU topologies
+
+
+@pytest.mark.parametrize("name, xla, count", [
+    # N GPUs, up to 8 on one HGX host, more in whole hosts: XLA's "slices x hosts x GPUs"
+    ("h100-8", "1x1x8", 8), ("h200-1", "1x1x1", 1), ("a100-16", "1x2x8", 16),
+    ("h100-4", "1x1x4", 4),
+])
+def test_gpu_topology_names(name, xla, count):
+    t = parse_topology(name)
+    assert (t.libtpu_name, t.chips, t.gpu is not None) == (xla, count, True)
+
+
+def test_gpu_topology_refusals_and_missing_plugin_exit_2(toy, cli):
+    from gpt2jax.compile import cuda_plugin
+
+    for name, msg in (("h100-12", "a multiple of 8"), ("b300-8", "not a known topology")):
+        r = cli("compile", toy, "--topology", name)
+        assert r.code == 2 and msg in r.last_err, r.last_err
+    if cuda_plugin() is None:  # as in `make test`
+        r = cli("compile", toy, "--topology", "h100-8")
+        assert r.code == 2 and "pip install 'jax[cuda12]==0.10.2'" in r.last_err
+
+
+def test_local_topology_names_the_machine():
+    from types import SimpleNamespace as D
+
+    from gpt2jax.compile import local_topology
+
+    # device_kind strings as JAX reports them on each machine
+    gpus = [D(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")] * 8
+    assert local_topology(gpus) == "h100-8"
+    assert local_topology([D(platform="tpu", device_kind="TPU v5 lite")] * 4) == "v5e-4"
+    assert local_topology([D(platform="tpu", device_kind="TPU v4")] * 4) == "v4-8"  # megacore
+    assert local_topology([D(platform="cpu", device_kind="cpu")]) is None
