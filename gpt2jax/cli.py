@@ -69,18 +69,36 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--backbone-only", action="store_true",
                    help="attention_pool head: export the backbone as GPT2LMHeadModel")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write a PEFT adapter directory instead of merging the "
+                        "adapters into the weights")
     _runs(p, _cmd_export)
 
 
 def _cmd_export(args) -> int:
-    from .hf import export_hf
+    from .hf import export_adapter, export_hf
 
     model, tok, source = _load(args.model, args.step)
-    out = export_hf(model, args.out, tok, overwrite=args.overwrite,
-                    backbone_only=args.backbone_only)
+    if args.adapter:
+        groups, base = _lora_origin(source)
+        out = export_adapter(model, args.out, groups, base, tok, overwrite=args.overwrite)
+    else:
+        out = export_hf(model, args.out, tok, overwrite=args.overwrite,
+                        backbone_only=args.backbone_only)
     _emit({"out": str(out), "source": source.describe(), "head": model.cfg.head}, args.json,
           lambda r: f"exported {r['source']} to {r['out']}")
     return 0
+
+
+def _lora_origin(source) -> tuple[list[str], str]:
+    """(model.lora.train groups, base model) of the run a LoRA model came from."""
+    from .config import read_run_config
+
+    if source.kind not in ("run", "checkpoint"):
+        raise UserError(f"--adapter exports a gpt2jax LoRA run; {source.describe()} is not one")
+    m = read_run_config(source.path).model
+    base = m.init.removeprefix("hf:") if m.init != "scratch" else ""
+    return (list(m.lora.train) if m.lora else []), base
 
 
 def _load(src: str, step):
