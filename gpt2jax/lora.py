@@ -277,7 +277,10 @@ def _saved_modules(cfg, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from_hf = {"weight": "scale", "bias": "bias"}
     out = {}
     for k, v in extra.items():
-        name = k.removeprefix(PREFIX).removeprefix("transformer.").replace(".base_layer", "")
+        if ".original_module." in k:  # PEFT's copy of the base module: the base has it
+            continue
+        name = k.removeprefix(PREFIX).removeprefix("transformer.")
+        name = name.replace(".base_layer", "").replace(".modules_to_save", "")
         m = re.fullmatch(r"((?:h\.\d+\.)?ln_(?:1|2|f))\.(weight|bias)", name)
         if m:
             out[f"{m[1]}.{from_hf[m[2]]}"] = np.asarray(v, np.float32)
@@ -301,6 +304,9 @@ def saved_tensors(cfg, flat: dict[str, np.ndarray], groups) -> dict[str, np.ndar
         if ln and ("layer_norm" in groups or ("bias" in groups and ln[2] == "bias")):
             out[f"{PREFIX}transformer.{ln[1]}.{to_hf[ln[2]]}"] = v
         elif not ln and "bias" in groups and name.startswith("h.") and name.endswith("_bias"):
-            module = name.removesuffix("_bias")
-            out[f"{PREFIX}transformer.{module}.bias"] = np.reshape(v, -1)
+            module = name.removesuffix("_bias")  # h.3.attn.c_attn
+            # an adapted module's own weights sit under PEFT's base_layer
+            wrapped = module.split(".", 2)[2] in cfg.lora_targets
+            key = f"{PREFIX}transformer.{module}{'.base_layer' if wrapped else ''}.bias"
+            out[key] = np.reshape(v, -1)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
