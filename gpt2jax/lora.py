@@ -240,9 +240,11 @@ def adapter_targets(hf: dict, where: str) -> tuple[str, ...]:
 
 
 def check_fits(cfg, hf: dict, where: str) -> None:
-    """UserError unless the adapter's r, lora_alpha and targets equal model.lora's."""
+    """UserError unless the adapter's r, lora_alpha and targets equal those of cfg (a
+    GPT2Config, or run.lora_fields' dict of its LoRA fields)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
     theirs = (hf.get("r"), float(hf.get("lora_alpha", 0)), adapter_targets(hf, where))
-    ours = (cfg.lora_rank, float(cfg.lora_alpha), tuple(cfg.lora_targets))
+    ours = (get("lora_rank"), float(get("lora_alpha")), tuple(get("lora_targets")))
     for what, a, b, key in zip(("r", "lora_alpha", "targets"), theirs, ours,
                                ("rank", "alpha", "targets"), strict=True):
         if a != b:

@@ -92,10 +92,11 @@ def _train(cfg: Config, run, dist) -> dict:
 
         source_model = load_model(cfg.model.init)[0]
     adapter = cfg.model.lora.adapter if cfg.model.lora else ""
-    if adapter and not run.resume:
-        from .lora import read_config
+    if adapter and not run.resume:  # a missing or unfitting adapter fails before data work
+        from .lora import CONFIG_FILE, check_fits, read_config
+        from .run import lora_fields
 
-        read_config(adapter)  # a missing or foreign directory fails before the data work
+        check_fits(lora_fields(cfg.model.lora), read_config(adapter), f"{adapter}/{CONFIG_FILE}")
     tokenizer = tokenizer_for(cfg)
     recorded = run.model_config() if run.resume else None
     eos = tokenizer.eos_token_id
@@ -470,7 +471,7 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     def loss_part(params, mb, key, denom):
         """This micro-batch's share of the step's loss: sums divided by the whole step's
         counts `denom`, so the shares of the micro-batches add up to the big-batch loss."""
-        model = nnx.merge(graphdef, fix(params))
+        model = nnx.merge(graphdef, _fix_frozen(params, frozen))
         w, real = weights(mb)
         if classification:
             ids, mask = mb["input_ids"], mb["attention_mask"]
@@ -485,20 +486,6 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
         tokens = mb["tokens"]
         h, _ = model.hidden_states(tokens[:, :-1], dropout_key=key)
         return model.lm_loss_sum(h, tokens[:, 1:], w) / denom[0]  # model.loss_chunk: fused
-
-    def fix(new, old=None):
-        """new with its frozen parameters stopped (old None: no gradient flows into them)
-        or taken from `old` (their exact bits, whatever the update held)."""
-        if not frozen:
-            return new
-        from .params import path_name
-
-        def one(path, a, *b):
-            if path_name(path) not in frozen:
-                return a
-            return b[0] if b else jax.lax.stop_gradient(a)
-
-        return jax.tree_util.tree_map_with_path(one, new, *(() if old is None else (old,)))
 
     grad_fn = jax.value_and_grad(loss_part)
 
@@ -521,13 +508,30 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                 micro, (zeros, jnp.float32(0)), (batch, jnp.arange(accum)))
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = fix(optax.apply_updates(params, updates), params)
+        new_params = _fix_frozen(optax.apply_updates(params, updates), frozen, params)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         return keep(new_params, params), keep(new_opt, opt_state), {
             "loss": loss, "grad_norm": grad_norm, "count": count, "finite": ok}
 
     return step if mesh is None else under_mesh(step, mesh)
+
+
+def _fix_frozen(new, frozen, old=None):
+    """`new` with its `frozen` parameters (names) stopped (old None: no gradient flows into
+    them) or taken from `old` (their exact bits, whatever an update held)."""
+    if not frozen:
+        return new
+    import jax
+
+    from .params import path_name
+
+    def one(path, a, *b):
+        if path_name(path) not in frozen:
+            return a
+        return b[0] if b else jax.lax.stop_gradient(a)
+
+    return jax.tree_util.tree_map_with_path(one, new, *(() if old is None else (old,)))
 
 
 def make_eval_step(graphdef, classification: bool, mesh=None):
