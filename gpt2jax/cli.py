@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from . import malloc
+from .config import LORA_TARGETS
 from .errors import UserError
 
 
@@ -497,6 +498,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--peak-size", type=int, default=4096,
                    help="side of the square matmul that measures the peak FLOP/s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="time LoRA of rank R against full fine-tuning of the same shape "
+                        "(trainable parameters, optimizer-state bytes, step memory)")
+    p.add_argument("--lora-targets", nargs="+", default=["c_attn"], choices=LORA_TARGETS,
+                   help="with --lora: the adapted projections (model.lora.targets)")
     _runs(p, _cmd_bench)
 
 
@@ -508,6 +514,8 @@ def _cmd_bench(args) -> int:
                        n_positions=args.n_positions, dtype=args.dtype, remat=args.remat,
                        scan_layers=args.scan_layers or None, attention=args.attention,
                        loss_chunk=args.loss_chunk)
+    if args.lora:
+        return _lora_bench(cfg, args)
     result = run_bench(
         cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
         warmup=args.warmup, rounds=args.rounds, vs_hf=args.vs == "hf", decode=args.decode,
@@ -515,6 +523,20 @@ def _cmd_bench(args) -> int:
         log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True),
     )
     _emit(result, args.json, format_table)
+    return 0
+
+
+def _lora_bench(cfg, args) -> int:
+    from .bench import format_lora_table, run_lora_bench
+
+    if args.vs or args.decode:
+        raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs hf "
+                        "and --decode without it")
+    result = run_lora_bench(
+        cfg, args.lora, tuple(args.lora_targets), batch_size=args.batch_size,
+        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+        seed=args.seed, log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True))
+    _emit(result, args.json, format_lora_table)
     return 0
 
 

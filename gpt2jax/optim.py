@@ -68,6 +68,15 @@ def frozen_fn(optim, lora=None) -> Callable[[str], bool] | None:
         groups is not None and not trainable(n, groups))
 
 
+def frozen_names(optim, lora, params) -> frozenset[str] | None:
+    """The names of params (an nnx.State) that stay fixed (frozen_fn), None if none do:
+    what the train step stops gradients for and keeps bit-identical."""
+    from .params import flat
+
+    frozen = frozen_fn(optim, lora)
+    return None if frozen is None else frozenset(n for n in flat(params) if frozen(n))
+
+
 def make_optimizer(optim, total_steps: int, params, lora=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(tx, schedule) from an OptimSection (and the model.lora section, if any) for these

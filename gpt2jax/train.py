@@ -404,22 +404,19 @@ def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
     from flax import nnx
 
     from .model import abstract_model
-    from .optim import frozen_fn, make_optimizer
-    from .params import flat
+    from .optim import frozen_names, make_optimizer
     from .sharding import replicated, shardings_like_params, state_shardings
 
     t = cfg.train
     graphdef, abstract = nnx.split(abstract_model(mcfg))
     param_sh = state_shardings(abstract, mesh)
     tx, schedule = make_optimizer(cfg.optim, total_steps, abstract, cfg.model.lora)
-    frozen = frozen_fn(cfg.optim, cfg.model.lora)
     abstract_opt = jax.eval_shape(tx.init, abstract)
     opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
     classification = cfg.data.task == "classification"
     step = make_train_step(graphdef, tx, classification, t.grad_accum, jax.random.key(t.seed),
                            class_weights=class_weights, lm_loss_weight=t.lm_loss_weight,
-                           mesh=mesh, frozen=frozenset(n for n in flat(abstract) if frozen(n))
-                           if frozen else None)
+                           mesh=mesh, frozen=frozen_names(cfg.optim, cfg.model.lora, abstract))
     train_step = jax.jit(step, donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, replicated(mesh)))
     eval_step = jax.jit(make_eval_step(graphdef, classification, mesh))
