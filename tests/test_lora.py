@@ -325,6 +325,7 @@ def test_lora_on_a_2x2x2_mesh_matches_one_device():
     ("--model.lora.adapter=/nonexistent/adapter", "expected a PEFT adapter directory"),
     ("--model.lora.rank=8", "has r=4 but model.lora.rank gives 8"),
     ("--model.lora.wrong=1", "model.lora.wrong: unknown key"),
+    ("--data.add_special_tokens=[<|x|>]", "add embeddings (--model.lora.train=[embeddings])"),
 ])
 def test_bad_lora_settings_exit_2_with_one_line(override, message, peft_adapter, hf_lm_dir,
                                                 tmp_path, cli):
@@ -360,3 +361,40 @@ def test_adapter_of_another_shape_is_refused(peft_adapter, base_model, tmp_path)
     with pytest.raises(UserError, match=r"mlp.c_proj.lora_A.weight has shape \(4, 64\) but "
                                         r"the base model \(model.init\) implies \(4, 128\)"):
         read_adapter(bad, mcfg, read_safetensors)
+
+
+def test_bench_lora_counts_trainable_parameters_and_optimizer_state(cli):
+    """`gpt2jax bench --lora 2` on a 1-layer, 32-wide model: the counts by hand."""
+    res = cli("bench", "--lora", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+              "--vocab-size", "256", "--n-positions", "16", "--seq-len", "8",
+              "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1", "--json")
+    assert res.code == 0, res.err
+    r = res.json
+    d, v, p = 32, 256, 16
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    full = v * d + p * d + block + 2 * d
+    lora = 2 * (d + 3 * d)  # rank 2 on c_attn: A (32, 2) and B (2, 96)
+    assert r["full"]["trainable_params"] == full and r["lora_side"]["trainable_params"] == lora
+    # Adam's mu and nu in float32, plus a few step counters
+    for side, n in ((r["full"], full), (r["lora_side"], lora)):
+        assert 8 * n <= side["optimizer_state_bytes"] < 8 * n + 64, side
+    assert r["full"]["step_seconds"] > 0 and r["lora_side"]["step_seconds"] > 0
+
+
+@pytest.mark.parametrize("head,groups,message", [
+    ("attention_pool", [], "attention_pool head has no transformers class"),
+    ("lm", ["embeddings"], "trained the token embeddings"),
+])
+def test_adapter_export_refuses_what_peft_cannot_load(head, groups, message, tmp_path):
+    from test_optim import TINY
+
+    from gpt2jax.config import LoraSection
+    from gpt2jax.errors import UserError
+    from gpt2jax.hf import export_adapter
+    from gpt2jax.model import create_model
+    from gpt2jax.run import lora_fields
+
+    mcfg = TINY.replace(head=head, num_labels=2, **lora_fields(LoraSection(rank=2)))
+    with pytest.raises(UserError, match=message):
+        export_adapter(create_model(mcfg), tmp_path / "out", groups, "base")
+    assert not (tmp_path / "out").exists()
