@@ -15,9 +15,15 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	touch $@
 
-# tpu: libtpu, for the tests of `gpt2jax compile` (TPU executables, compiled on this CPU)
+# tpu: libtpu, for the tests of `gpt2jax compile` (TPU executables, compiled on this CPU).
+# KerasHub, the second peer of `gpt2jax bench --vs keras`, without its declared
+# tensorflow-text dependency (which pulls all of TensorFlow and is not needed to build
+# and train GPT2CausalLM on the JAX backend): hence --no-deps and its small dependencies
+# named here (an extra cannot leave a dependency out).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,tpu]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps keras keras-hub
+	$(BIN)/python -m pip install -q -c constraints.txt namex optree h5py
 	touch $@
 
 demo: $(VENV)/.installed
@@ -28,11 +34,11 @@ demo: $(VENV)/.installed
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check gpt2jax tests
+	$(BIN)/ruff check gpt2jax tests scripts
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check gpt2jax tests
+	$(BIN)/ruff check gpt2jax tests scripts
 
 clean:
 	rm -rf $(VENV) runs

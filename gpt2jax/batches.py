@@ -29,22 +29,6 @@ if TYPE_CHECKING:
     from .data import Tokenized
 
 
-class Arrays:
-    """A source over equally indexed in-memory arrays, e.g. {"tokens", "weights"} (N, block)."""
-
-    def __init__(self, arrays: dict):
-        self.arrays = arrays
-
-    def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v[idx]) for k, v in self.arrays.items()}
-
-    def subset(self, idx: np.ndarray) -> Arrays:
-        return Arrays({k: v[idx] for k, v in self.arrays.items()})
-
-
 class LMBlocks:
     """Documents joined with EOS and cut into blocks of `block` tokens, computed on demand.
 
@@ -153,14 +137,14 @@ def bucket(n: int, cap: int, minimum: int = 16) -> int:
 
 @dataclass
 class Batcher:
-    """Deterministic, resumable batches over a source: LMBlocks, ClassRows (padded per
-    batch to a length bucket) or a dict of equally indexed arrays.
+    """Deterministic, resumable batches over a source: LMBlocks or ClassRows (padded per
+    batch to a length bucket); any source with `len`, `take(idx) -> dict` and `subset`.
 
     `accum` is the number of micro-batches a step accumulates over: a process's rows,
     reshaped to (accum, rows, ...), are its slices of the step's global micro-batches.
     """
 
-    source: LMBlocks | ClassRows | Arrays | dict
+    source: LMBlocks | ClassRows
     batch_size: int
     seed: int
     process_index: int = 0
@@ -171,8 +155,6 @@ class Batcher:
     _perm_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.source, dict):
-            self.source = Arrays(self.source)
         if self.batch_size % (self.accum * self.process_count):
             raise UserError(f"train.batch_size={self.batch_size} is not divisible by "
                             f"train.grad_accum={self.accum} x {self.process_count} processes")
@@ -340,9 +322,7 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
 
 def split_blocks(source, fraction: float, seed: int) -> tuple:
     """Split packed blocks by seed when there are too few documents to split by document:
-    (train, validation or None), views of `source` (LMBlocks or Arrays)."""
-    if isinstance(source, dict):
-        source = Arrays(source)
+    (train, validation or None), views of `source` (LMBlocks)."""
     n = len(source)
     n_val = int(round(n * fraction))
     if n_val < 1 or n - n_val < 1:

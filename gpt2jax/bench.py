@@ -17,10 +17,11 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import malloc
+from . import malloc, peers
 from .config import DTYPES, OptimSection
 from .errors import UserError
 from .model import GPT2Config
@@ -217,207 +218,6 @@ def _step_sizes(params, opt_state, compiled, lora) -> dict:
     return sizes
 
 
-def _require_torch():
-    """UserError unless torch and transformers are installed (checked without importing
-    them here: they run in the worker process)."""
-    import importlib.util
-
-    for name in ("torch", "transformers"):
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # a module set to None in sys.modules
-            found = False
-        if not found:
-            raise UserError(
-                f"--vs hf needs PyTorch and transformers (no module named {name!r}); install "
-                "the optional extra: pip install 'gpt2jax[bench]' (torch==2.13.0, the CPU wheel)"
-            )
-
-
-def hf_dims(cfg: GPT2Config) -> dict:
-    """The transformers GPT2Config arguments of the same shape, dropout off."""
-    return dict(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
-                activation_function=cfg.activation_function,
-                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
-def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, threads: int, where: str):
-    """transformers GPT2LMHeadModel + torch.optim.AdamW in a plain loop (clipping at 1.0
-    like the Trainer's default). bfloat16 runs under torch.autocast with float32 weights,
-    like our model.dtype. Returns run(n) -> seconds."""
-    import torch
-    from transformers import GPT2Config as HFConfig
-    from transformers import GPT2LMHeadModel
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(HFConfig(**dims)).to(where).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=0.01)
-    t = torch.from_numpy(tokens.astype("int64")).to(where)
-    inputs, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
-    autocast = dtype == "bfloat16"
-
-    def one_step() -> float:
-        with torch.autocast(where, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
-                                                 targets.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())  # synchronises a CUDA device too
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            loss = one_step()
-        if loss != loss:
-            raise RuntimeError("the transformers step produced a NaN loss")
-        return time.perf_counter() - t0
-
-    return run
-
-
-def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int, threads: int,
-                where: str):
-    """transformers' greedy `generate` on our weights (HF names, numpy). Returns
-    run() -> (seconds, new tokens)."""
-    import torch
-    from transformers import GPT2Config as HFConfig
-    from transformers import GPT2LMHeadModel
-
-    torch.set_num_threads(threads)
-    model = GPT2LMHeadModel(HFConfig(**dims)).eval()
-    state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
-    # lm_head.weight is tied to wte, so it is the only key the export leaves out.
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
-                           f"unexpected {unexpected}")
-    model.to(where)
-    x = torch.tensor([ids], device=where)
-
-    def run() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
-                                 do_sample=False, min_new_tokens=new_tokens,
-                                 max_new_tokens=new_tokens)
-        return time.perf_counter() - t0, out.shape[1] - len(ids)
-
-    return run
-
-
-# ---------------------------------------------------------------- transformers' process
-
-
-def torch_worker() -> None:
-    """The transformers side of `--vs hf`, in its own process. One JSON request per line on
-    stdin, one JSON answer per line on the original stdout (anything the libraries print
-    goes to stderr); arrays travel in an .npz file loaded without pickle.
-    {"op": "init", ...} -> versions; {"op": "train", "n": n} -> [seconds, cpu seconds,
-    minor page faults];
-    {"op": "decode"} -> [seconds, tokens]; EOF ends it. Failures answer {"error": ...}."""
-    import json
-    import sys
-
-    import numpy as np
-
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # stray prints must not corrupt the answers
-    train = decode = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            if msg["op"] == "init":
-                import torch
-                import transformers
-
-                where = "cuda" if msg["jax_platform"] == "gpu" and torch.cuda.is_available() \
-                    else "cpu"
-                with np.load(msg["arrays"], allow_pickle=False) as z:
-                    tokens = z["tokens"]
-                    weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
-                train = _hf_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"],
-                                    msg["threads"], where)
-                if msg["decode"] is not None:
-                    decode = _hf_decoder(msg["dims"], weights, **msg["decode"],
-                                         threads=msg["threads"], where=where)
-                reply = {"torch_version": torch.__version__, "torch_device": where,
-                         "transformers_version": transformers.__version__,
-                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
-            elif msg["op"] == "train":
-                u0 = _usage()
-                secs = train(msg["n"])
-                reply = [secs, *(b - a for a, b in zip(u0, _usage()))]
-            else:
-                reply = list(decode())
-            answer = {"ok": reply}
-        except Exception as e:  # the parent turns it into a UserError
-            answer = {"error": f"{type(e).__name__}: {e}"}
-        out.write(json.dumps(answer) + "\n")
-        out.flush()
-
-
-class TorchWorker:
-    """The parent's handle on torch_worker: a process started in the environment the user
-    launched gpt2jax with (without the huge-page tunable gpt2jax adds for itself, which
-    slowed torch's step down by 4-14% here: docs/perf-notes.md section 8)."""
-
-    def __init__(self):
-        import subprocess
-        import sys
-        import tempfile
-
-        self.tmp = tempfile.TemporaryDirectory(prefix="gpt2jax-bench-")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from gpt2jax.bench import torch_worker; torch_worker()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=malloc.user_environ())
-
-    def init(self, tokens, weights: dict | None, **kw) -> dict:
-        """Build transformers' model (and decoder, with weights) in the worker."""
-        import numpy as np
-
-        path = os.path.join(self.tmp.name, "arrays.npz")
-        np.savez(path, tokens=tokens, **{f"w/{k}": v for k, v in (weights or {}).items()})
-        return self.call("init", arrays=path, **kw)
-
-    def call(self, op: str, **kw):
-        """Send one request and return its answer."""
-        import json
-
-        try:
-            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-        except BrokenPipeError:
-            line = ""
-        if not line:  # it died (out of memory, a crash): its own stderr says why
-            raise UserError(f"--vs hf: the transformers worker process exited with status "
-                            f"{self.proc.wait()} (its output above says why)")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise UserError(f"--vs hf: the transformers side failed: {answer['error']}")
-        return answer["ok"]
-
-    def close(self) -> None:
-        """End the worker: EOF on its stdin, then a kill if it does not exit."""
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.tmp.cleanup()
-
-
 # ---------------------------------------------------------------- decoding
 
 
@@ -453,6 +253,59 @@ def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
     return ours, len(ids), new_tokens, hf_args
 
 
+# ---------------------------------------------------------------- evaluation
+
+
+EVAL_LABELS = 4  # the classification path's head: GPT2ForSequenceClassification, 4 labels
+
+
+def _evaluators(cfg: GPT2Config, tokens, seed: int, reps: int) -> dict[str, Callable]:
+    """The forward passes `gpt2jax eval` runs, on the bench's batch: "lm" scores every
+    token (evaluate.token_logprobs: the perplexity path), "classification" takes a
+    sequence-classification head's probabilities (evaluate.class_probabilities). Each
+    run() -> (seconds, tokens or examples) for `reps` batches."""
+    import jax
+    import numpy as np
+
+    from .evaluate import class_probabilities, token_logprobs
+    from .model import create_model
+
+    ids = tokens[:, :-1]
+    mask = np.ones_like(ids)
+    lm = create_model(cfg, seed)
+    cls = create_model(cfg.replace(head="sequence", num_labels=EVAL_LABELS,
+                                   pad_token_id=EOS_ID), seed)
+
+    def timer(fn, model, units: int):
+        def run() -> tuple[float, int]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                out = fn(model, ids, mask)
+            jax.block_until_ready(out)
+            return time.perf_counter() - t0, units * reps
+
+        return run
+
+    return {"lm": timer(token_logprobs, lm, ids.size),
+            "classification": timer(class_probabilities, cls, ids.shape[0])}
+
+
+def _eval_result(timed: list) -> dict | None:
+    """Per path: ours and transformers' rates (medians over rounds) and their ratio."""
+    if not timed[0]["eval"]:
+        return None
+    out = {}
+    for kind, unit in (("lm", "tokens"), ("classification", "examples")):
+        ours = statistics.median(r["eval"][kind][0] for r in timed)
+        hf = [r["eval"][kind][1] for r in timed if r["eval"][kind][1] is not None]
+        res = {f"jax_{unit}_per_sec": round(ours, 2), f"hf_{unit}_per_sec": None, "ratio": None}
+        if hf:
+            res[f"hf_{unit}_per_sec"] = round(statistics.median(hf), 2)
+            res["ratio"] = round(ours / statistics.median(hf), 3)
+        out[kind] = res
+    return out
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -475,9 +328,10 @@ def run_bench(
     steps: int = 10,
     warmup: int = 2,
     rounds: int = 3,
-    vs_hf: bool = False,
+    vs: Sequence[str] = (),
     decode: bool = False,
     decode_tokens: int = 128,
+    evaluate: bool = False,
     peak_size: int = 4096,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
@@ -485,15 +339,13 @@ def run_bench(
     """Benchmark a training step of `cfg` (and optionally transformers and decoding).
 
     Rounds alternate: peak matmul, one untimed then `steps` timed steps of ours, the same
-    for transformers (with vs_hf), decoding (with decode). Every rate is the median over
-    rounds. Returns the documented JSON dict.
+    for each peer in `vs` (peers.PEERS: "hf", "keras"), decoding (with decode; transformers'
+    too with "hf"), evaluation forwards (with evaluate; transformers' too with "hf"). Every
+    rate is the median over rounds. Returns the documented JSON dict.
     """
     _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
-    if decode and cfg.vocab_size <= EOS_ID:
-        raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
-                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
-    if vs_hf:
-        _require_torch()
+    _check_peers(cfg, vs, decode)
+    if vs:
         # on a GPU, JAX would take 75% of its memory up front and leave the transformers
         # worker the rest; read when JAX creates its GPU client (no effect on CPU)
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -504,16 +356,16 @@ def run_bench(
     cfg = for_this_process(cfg)
     device = jax.local_devices()[0]
     tokens = _random_tokens(batch_size, seq_len, cfg.vocab_size, seed)
-    m = _measure(cfg, tokens, device, steps=steps, warmup=warmup, rounds=rounds, vs_hf=vs_hf,
-                 decode_tokens=decode_tokens if decode else 0, peak_size=peak_size, seed=seed,
-                 say=log or (lambda _msg: None))
+    m = _measure(cfg, tokens, device, steps=steps, warmup=warmup, rounds=rounds, vs=tuple(vs),
+                 decode_tokens=decode_tokens if decode else 0, evaluate=evaluate,
+                 peak_size=peak_size, seed=seed, say=log or (lambda _msg: None))
     timed = m["timed"]
 
     def per_round(key: str) -> list:  # a field of every round, where that side ran
         return [r[key] for r in timed if r[key] is not None]
 
     fpt, tokens_per_step = flops_per_token(cfg, seq_len), batch_size * seq_len
-    peaks, jax_t, hf_t = per_round("peak"), per_round("jax_s"), per_round("hf_s")
+    peaks, jax_t = per_round("peak"), per_round("jax_s")
     peak = max(peaks)  # the best probe of all rounds (see make_peak_probe)
     jax_res = _side(tokens_per_step, statistics.median(jax_t), fpt, peak, jax_t,
                     per_round("jax_use"))
@@ -522,11 +374,9 @@ def run_bench(
                    first_step_seconds=round(m["first_step_seconds"], 4),
                    peak_memory_bytes=m["memory"][0], peak_memory_source=m["memory"][1],
                    malloc=malloc.describe())
-    hf_res, ratio = None, None
-    if vs_hf:
-        hf_res = _hf_result(cfg, m, _side(tokens_per_step, statistics.median(hf_t), fpt, peak,
-                                          hf_t, per_round("hf_use")), jax_t, hf_t)
-        ratio = round(jax_res["tokens_per_sec"] / hf_res["tokens_per_sec"], 3)
+    sides = {peer: _peer_result(cfg, peer, m, tokens_per_step, fpt, peak, jax_t) for peer in vs}
+    ratios = {p: round(jax_res["tokens_per_sec"] / s["tokens_per_sec"], 3)
+              for p, s in sides.items()}
     return {
         "config": {**_config_fields(cfg), "batch_size": batch_size, "seq_len": seq_len,
                    "steps": steps, "warmup": warmup, "settle_rounds": m["settle"],
@@ -538,9 +388,11 @@ def run_bench(
         "peak_flops_rounds": [round(p) for p in peaks],
         "peak_matmul": {"size": peak_size, "dtype": cfg.dtype, "accumulate": "float32"},
         "jax": jax_res,
-        "hf": hf_res,
-        "ratio": ratio,
+        **{p: sides.get(p) for p in peers.PEERS},
+        "ratio": ratios.get("hf"),
+        "ratios": ratios,
         "decode": _decode_result(cfg, m, per_round("jax_dec"), per_round("hf_dec")),
+        "eval": _eval_result(timed),
         "device": describe_device(device),
         "jax_version": jax.__version__,
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
@@ -549,17 +401,16 @@ def run_bench(
 
 
 def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds: int,
-             vs_hf: bool, decode_tokens: int, peak_size: int, seed: int,
-             say: Callable[[str], None]) -> dict:
+             vs: tuple[str, ...], decode_tokens: int, evaluate: bool, peak_size: int,
+             seed: int, say: Callable[[str], None]) -> dict:
     """Compile and warm each side up, settle, then run the timed rounds (`_rounds`).
     decode_tokens 0: no decoding. Returns the rounds and what was learnt on the way."""
-    out = {"threads": _cores(), "hf_info": None, "hf_first": 0.0, "prompt_tokens": 0}
-    worker = None
+    out = {"threads": _cores(), "info": {}, "first": {}, "prompt_tokens": 0}
+    workers: dict[str, peers.Worker] = {}
     with contextlib.ExitStack() as cleanup:
-        if vs_hf:
-            # started before our side allocates (forking a small process is cheap)
-            worker = TorchWorker()
-            cleanup.callback(worker.close)
+        for peer in vs:  # started before our side allocates (forking a small process is cheap)
+            workers[peer] = peers.Worker(peer)
+            cleanup.callback(workers[peer].close)
         batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
         say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
             f"batch {batch_size} x {seq_len}, {cfg.dtype})")
@@ -572,24 +423,35 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
         if decode_tokens:
             say("compiling the decoder")
             our_decode, out["prompt_tokens"], out["new_tokens"], hf_decode_args = _decoder(
-                cfg, seed, decode_tokens, vs_hf)
+                cfg, seed, decode_tokens, "hf" in workers)
             our_decode()  # warm-up (compiles)
-        if worker is not None:
-            say("building the transformers model (in its own process)")
+        evals = {}
+        if evaluate:
+            say("compiling the evaluation forwards")
+            evals = _evaluators(cfg, tokens, seed, steps)
+            for run in evals.values():
+                run()  # warm-up (compiles)
+        for peer, worker in workers.items():
+            say(f"building the {worker.name} model (in its own process)")
+            decode_args = hf_decode_args if peer == "hf" else None
             # pop: the parent does not keep transformers' copy of the weights while timing
-            out["hf_info"] = worker.init(
-                tokens, hf_decode_args.pop("weights") if hf_decode_args else None,
-                dims=hf_dims(cfg), dtype=cfg.dtype, seed=seed, threads=out["threads"],
-                jax_platform=device.platform, decode=hf_decode_args)
-            out["hf_first"] = worker.call("train", n=1)[0]
+            out["info"][peer] = worker.init(
+                tokens, decode_args.pop("weights") if decode_args else None,
+                dims=peers.hf_dims(cfg), dtype=cfg.dtype, seed=seed, threads=out["threads"],
+                jax_platform=device.platform, decode=decode_args,
+                evaluate={"reps": steps, "num_labels": EVAL_LABELS} if evals else None)
+            out["first"][peer] = worker.call("train", n=1)[0]
             if warmup > 1:
                 worker.call("train", n=warmup - 1)
-            if hf_decode_args is not None:
+            if decode_args is not None:
                 worker.call("decode")  # warm-up
-        probe = make_peak_probe(device, cfg.dtype, peak_size)
-        out["settle"] = _settle(probe, jax_run, worker, our_decode, steps)
-        out["timed"] = _rounds(probe, jax_run, worker, our_decode, steps, rounds,
-                               batch_size * seq_len, say)
+            if evals and peer == "hf":
+                for kind in evals:
+                    worker.call("eval", kind=kind)  # warm-up
+        sides = _Sides(make_peak_probe(device, cfg.dtype, peak_size), jax_run, workers,
+                       our_decode, evals)
+        out["settle"] = _settle(sides, steps)
+        out["timed"] = _rounds(sides, steps, rounds, batch_size * seq_len, say)
     return out
 
 
@@ -601,18 +463,24 @@ def _config_fields(cfg: GPT2Config) -> dict:
             "loss_chunk": cfg.loss_chunk_tokens, "matmul_params": matmul_params(cfg)}
 
 
-def _hf_result(cfg: GPT2Config, m: dict, side: dict, jax_t: list, hf_t: list) -> dict:
-    """transformers' side of the result: its rates (`side`) plus what it ran with."""
-    info = m["hf_info"]
-    side.update(first_step_seconds=round(m["hf_first"], 4),
-                torch_device=info["torch_device"], torch_threads=m["threads"],
-                torch_version=info["torch_version"],
-                transformers_version=info["transformers_version"],
-                compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32",
-                env={"GLIBC_TUNABLES": info["glibc_tunables"]},
-                malloc=malloc.describe({"GLIBC_TUNABLES": info["glibc_tunables"] or ""}),
+def _peer_result(cfg: GPT2Config, peer: str, m: dict, tokens_per_step: int, fpt: int,
+                 peak: float, jax_t: list) -> dict:
+    """A peer's side of the result: its rates over the timed rounds, what it ran with."""
+    times = [r["peers"][peer][0] for r in m["timed"]]
+    side = _side(tokens_per_step, statistics.median(times), fpt, peak, times,
+                 [r["peers"][peer][1] for r in m["timed"]])
+    info = dict(m["info"][peer])
+    tunables = info.pop("glibc_tunables")
+    if peer == "hf":
+        side.update(torch_threads=m["threads"],
+                    compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32")
+    else:
+        side.update(compute="mixed_bfloat16" if cfg.dtype == "bfloat16" else "float32")
+    side.update(first_step_seconds=round(m["first"][peer], 4), **info,
+                env={"GLIBC_TUNABLES": tunables},
+                malloc=malloc.describe({"GLIBC_TUNABLES": tunables or ""}),
                 # per-round ratios show how much the background load moved the comparison
-                ratio_rounds=[round(h / j, 3) for j, h in zip(jax_t, hf_t)])
+                ratio_rounds=[round(h / j, 3) for j, h in zip(jax_t, times)])
     return side
 
 
@@ -631,49 +499,68 @@ def _decode_result(cfg: GPT2Config, m: dict, jax_rates: list, hf_rates: list) ->
     return res
 
 
-def _round(probe, jax_run, worker, our_decode, steps: int) -> dict:
+@dataclass
+class _Sides:
+    """What a round runs: the peak probe, our step, the peers' workers, and (None / empty
+    when not asked for) our decoder and evaluation forwards."""
+
+    probe: Callable
+    jax_run: Callable
+    workers: dict
+    decode: Callable | None
+    evals: dict
+
+
+def _round(sides: _Sides, steps: int) -> dict:
     """One alternating round: the peak probe, then per side one untimed and `steps` timed
-    steps, then a greedy decode per side (with `our_decode`; transformers' with `worker`).
-    Returns the peak FLOP/s, each side's seconds a step and [CPU seconds, minor page
-    faults] a step, and decode tokens/s (None where a side did not run)."""
-    r = {"peak": probe(3), "hf_s": None, "hf_use": None, "jax_dec": None, "hf_dec": None}
+    steps, then a greedy decode and the evaluation forwards (ours, and transformers' when
+    it runs). Returns the peak FLOP/s, our seconds a step and [CPU seconds, minor page
+    faults] a step, each peer's (seconds a step, [CPU seconds, faults] a step), decode
+    tokens/s and per evaluation path (ours, transformers') rates; None where a side did
+    not run."""
+    r = {"peak": sides.probe(3), "peers": {}, "jax_dec": None, "hf_dec": None, "eval": {}}
     # One untimed step per side: the first step after other work (the probe, the other
     # framework's step) pays page faults for memory the allocator returned in between
     # (measured: GPT-2 small's first JAX step after a torch step took 1.6x as long, the
     # next one the usual time). Steady-state training never pays it.
-    jax_run(1)
-    u0 = _usage()
-    r["jax_s"] = jax_run(steps) / steps
-    r["jax_use"] = [(b - a) / steps for a, b in zip(u0, _usage())]
-    if worker is not None:
+    sides.jax_run(1)
+    u0 = peers.usage()
+    r["jax_s"] = sides.jax_run(steps) / steps
+    r["jax_use"] = [(b - a) / steps for a, b in zip(u0, peers.usage())]
+    for peer, worker in sides.workers.items():
         worker.call("train", n=1)
         secs, *use = worker.call("train", n=steps)
-        r["hf_s"], r["hf_use"] = secs / steps, [u / steps for u in use]
-    if our_decode is not None:
-        secs, n = our_decode()
+        r["peers"][peer] = (secs / steps, [u / steps for u in use])
+    hf = sides.workers.get("hf")
+    if sides.decode is not None:
+        secs, n = sides.decode()
         r["jax_dec"] = n / secs
-        if worker is not None:  # the worker was given a decoder whenever we have one
-            secs, n = worker.call("decode")
+        if hf is not None:  # transformers was given a decoder whenever we have one
+            secs, n = hf.call("decode")
             r["hf_dec"] = n / secs
+    for kind, run in sides.evals.items():
+        secs, n = run()
+        theirs = hf.call("eval", kind=kind) if hf is not None else None
+        r["eval"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
     return r
 
 
-def _rounds(probe, jax_run, worker, our_decode, steps: int, rounds: int,
+def _rounds(sides: _Sides, steps: int, rounds: int,
             tokens_per_step: int, say) -> list[dict]:
     """The timed rounds (_round each), with a progress line per round."""
     out = []
     for i in range(rounds):
-        r = _round(probe, jax_run, worker, our_decode, steps)
+        r = _round(sides, steps)
         line = f"round {i + 1}/{rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " \
                f"jax {tokens_per_step / r['jax_s']:,.0f} tokens/s"
-        if r["hf_s"] is not None:
-            line += f", hf {tokens_per_step / r['hf_s']:,.0f} tokens/s"
+        for peer, (secs, _) in r["peers"].items():
+            line += f", {peer} {tokens_per_step / secs:,.0f} tokens/s"
         say(line)
         out.append(r)
     return out
 
 
-def _settle(probe, jax_run, worker, our_decode, steps: int, most: int = 8) -> int:
+def _settle(sides: _Sides, steps: int, most: int = 8) -> int:
     """Untimed rounds, the same as the timed ones (_round), until our steps stop faulting
     memory in. With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it
     holds every buffer of a round, and a step that grows it pays the kernel's page
@@ -684,17 +571,11 @@ def _settle(probe, jax_run, worker, our_decode, steps: int, most: int = 8) -> in
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
-        faults = _round(probe, jax_run, worker, our_decode, steps)["jax_use"][1]
+        faults = _round(sides, steps)["jax_use"][1]
         if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults
     return most
-
-
-def _usage() -> tuple[float, int]:
-    """(user + system CPU seconds of every thread, minor page faults) of this process."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime, r.ru_minflt
 
 
 def _side(tokens_per_step: int, step_s: float, fpt: int, peak: float, rounds: list,
@@ -715,6 +596,14 @@ def _per_round_mfu(tokens_per_step: int, fpt: int, step_times: list, peaks: list
     the step achieved)."""
     mfu = [tokens_per_step * fpt / (t * p) for t, p in zip(step_times, peaks)]
     return [round(m, 4) if m <= 1 else None for m in mfu]
+
+
+def _check_peers(cfg: GPT2Config, vs: Sequence[str], decode: bool) -> None:
+    if decode and cfg.vocab_size <= EOS_ID:
+        raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
+                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
+    for peer in vs:
+        peers.require(peer)
 
 
 def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
@@ -744,7 +633,7 @@ def format_table(r: dict) -> str:
              f"{r['peak_matmul']['dtype']})", ""]
     head = f"{'':14}{'tokens/s':>12}{'s/step':>10}{'GFLOP/s':>10}{'MFU':>8}"
     lines.append(head)
-    for name, side in (("gpt2jax", r["jax"]), ("transformers", r["hf"])):
+    for name, side in (("gpt2jax", r["jax"]), *((n, r.get(p)) for p, n in peers.PEERS.items())):
         if side is None:
             continue
         mfu = "-" if side["mfu"] is None else f"{side['mfu']:.1%}"
@@ -756,14 +645,20 @@ def format_table(r: dict) -> str:
     j = r["jax"]
     lines.append(f"compile {j['compile_seconds']:.2f} s; peak memory "
                  f"{j['peak_memory_bytes'] / 2**20:,.0f} MiB ({j['peak_memory_source']})")
-    if r["ratio"] is not None:
-        lines.append(f"speed ratio gpt2jax / transformers: {r['ratio']:.2f}x")
+    for peer, ratio in r.get("ratios", {}).items():
+        lines.append(f"speed ratio gpt2jax / {peers.PEERS[peer]}: {ratio:.2f}x")
     d = r["decode"]
     if d is not None:
         s = f"decode (greedy, batch 1, {d['new_tokens']} tokens): gpt2jax " \
             f"{d['jax_tokens_per_sec']:.1f} tokens/s"
         if d["hf_tokens_per_sec"] is not None:
             s += f", transformers {d['hf_tokens_per_sec']:.1f} tokens/s ({d['ratio']:.2f}x)"
+        lines.append(s)
+    for kind, e in (r.get("eval") or {}).items():
+        unit = "tokens" if kind == "lm" else "examples"
+        s = f"eval {kind} (forward, no grad): gpt2jax {e[f'jax_{unit}_per_sec']:,.1f} {unit}/s"
+        if e["ratio"] is not None:
+            s += f", transformers {e[f'hf_{unit}_per_sec']:,.1f} ({e['ratio']:.2f}x)"
         lines.append(s)
     return "\n".join(lines)
 

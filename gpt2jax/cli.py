@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _emit(result: dict, as_json: bool, text: Callable[[dict], str] | None = None) -> None:
     if as_json:
-        from .distributed import print_line
+        from .tracking import print_line
         print_line(json.dumps(result, ensure_ascii=False))
     elif text is not None:
         print(text(result))
@@ -335,14 +335,18 @@ def _sampling_args(p: argparse.ArgumentParser, greedy: bool) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="never repeat an N-gram of the prompt or the output (HF's "
+                        "no_repeat_ngram_size); 0: off")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _sampling(args):
     from .generate import Sampling
 
+    # validated here, to fail before loading a model
     return Sampling(args.greedy, args.temperature, args.top_k, args.top_p,
-                    args.repetition_penalty).validate()  # fail before loading a model
+                    args.repetition_penalty, args.no_repeat_ngram).validate()
 
 
 def _cmd_generate(args) -> int:
@@ -370,7 +374,9 @@ def _cmd_generate(args) -> int:
                 seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size)
     if args.json:
         samples = gen.generate(prompts, **opts)
-        _emit({"samples": [s.to_json() for s in samples]}, True)
+        t = gen.timing
+        _emit({"samples": [s.to_json() for s in samples], "first_token_s": t.first_token_s,
+               "decode_tokens_per_s": t.decode_tokens_per_s}, True)
         return 0
     many = len(prompts) * args.num_samples > 1
 
@@ -388,8 +394,10 @@ def _cmd_generate(args) -> int:
     seconds = time.perf_counter() - t0
     print(flush=True)
     n = sum(len(s.token_ids) for s in samples)
-    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s; finish: "
-          f"{', '.join(s.finish_reason for s in samples)}]", file=sys.stderr)
+    t = gen.timing
+    rate = "" if t.decode_tokens_per_s is None else f", then {t.decode_tokens_per_s:.1f} tokens/s"
+    print(f"[{n} tokens in {seconds:.2f} s: first token after {t.first_token_s:.2f} s{rate}; "
+          f"finish: {', '.join(s.finish_reason for s in samples)}]", file=sys.stderr)
     return 0
 
 
@@ -469,8 +477,8 @@ def _similarity_text(r: dict) -> str:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="train-step tokens/s, FLOPs and MFU; --vs hf compares "
-                                     "with transformers' PyTorch")
+    p = sub.add_parser("bench", help="train-step tokens/s, FLOPs and MFU; --vs hf,keras "
+                                     "compares with transformers' PyTorch and KerasHub")
     p.add_argument("--preset", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
                    default=None, help="model shape (default: 4 layers, n_embd 256, 4 heads)")
     for dim in ("n-layer", "n-embd", "n-head", "vocab-size", "n-positions"):
@@ -491,10 +499,16 @@ def _add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
-    p.add_argument("--vs", choices=("hf",), default=None,
-                   help="hf: also time transformers' PyTorch GPT2LMHeadModel + AdamW")
+    p.add_argument("--vs", default="", metavar="PEERS",
+                   help="comma-separated peers timed in the same rounds: hf (transformers' "
+                        "PyTorch GPT2LMHeadModel + AdamW), keras (KerasHub GPT2CausalLM on "
+                        "Keras' JAX backend)")
     p.add_argument("--decode", action="store_true", help="also time greedy batch-1 decoding")
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--eval", action="store_true",
+                   help="also time the forwards of `gpt2jax eval` (LM perplexity and a "
+                        "classification head) on the same batch; with --vs hf transformers' "
+                        "under no_grad")
     p.add_argument("--peak-size", type=int, default=4096,
                    help="side of the square matmul that measures the peak FLOP/s")
     p.add_argument("--seed", type=int, default=0)
@@ -508,6 +522,7 @@ def _add_bench(sub) -> None:
 
 def _cmd_bench(args) -> int:
     from .bench import bench_config, format_table, run_bench
+    from .peers import parse
 
     cfg = bench_config(args.preset, n_layer=args.n_layer, n_embd=args.n_embd,
                        n_head=args.n_head, vocab_size=args.vocab_size,
@@ -518,8 +533,9 @@ def _cmd_bench(args) -> int:
         return _lora_bench(cfg, args)
     result = run_bench(
         cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-        warmup=args.warmup, rounds=args.rounds, vs_hf=args.vs == "hf", decode=args.decode,
-        decode_tokens=args.decode_tokens, peak_size=args.peak_size, seed=args.seed,
+        warmup=args.warmup, rounds=args.rounds, vs=parse(args.vs), decode=args.decode,
+        evaluate=args.eval, decode_tokens=args.decode_tokens, peak_size=args.peak_size,
+        seed=args.seed,
         log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True),
     )
     _emit(result, args.json, format_table)
@@ -529,9 +545,9 @@ def _cmd_bench(args) -> int:
 def _lora_bench(cfg, args) -> int:
     from .bench import format_lora_table, run_lora_bench
 
-    if args.vs or args.decode:
-        raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs hf "
-                        "and --decode without it")
+    if args.vs or args.decode or args.eval:
+        raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs, "
+                        "--decode and --eval without it")
     result = run_lora_bench(
         cfg, args.lora, tuple(args.lora_targets), batch_size=args.batch_size,
         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
@@ -612,8 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 2 bad input)."""
+def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> int:
+    """Run one command; returns the exit status (0 ok, 2 bad input). `compile_cache`: keep
+    compiled programs on disk for later processes (compile_cache.py; the command line's
+    default)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # gpt2jax uses transformers for tokenizers only: its advice, printed on import where
     # torch is not installed, that models will not be available is noise here
@@ -629,7 +647,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             build_parser().print_help(sys.stderr)
             raise UserError("choose a command, e.g. `gpt2jax train configs/demo.yaml`")
-        return int(args.func(args) or 0)
+        # compile targets another platform; prepare only tokenizes
+        cached = compile_cache and args.command not in ("compile", "prepare")
+        if cached:
+            from . import compile_cache as cache
+
+            cache.enable()
+        code = int(args.func(args) or 0)
+        if cached and code == 0 and cache.summary():
+            print(cache.summary(), file=sys.stderr)
+        return code
     except UserError as e:
         if debug:
             traceback.print_exc()
@@ -651,7 +678,7 @@ def entry() -> None:
 
     cpu_unless_tpu()  # before JAX starts: libtpu installed, no TPU here
     malloc.ensure()
-    sys.exit(main())
+    sys.exit(main(compile_cache=True))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .compile_cache import cache_root
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -470,7 +471,7 @@ def _remove_stale(root: Path, age: float = 86400.0) -> None:
 def cache_dir(data=None) -> Path:
     """Where tokenized data is cached: data.cache_dir, $GPT2JAX_CACHE or ~/.cache/gpt2jax."""
     explicit = getattr(data, "cache_dir", "") if data is not None else ""
-    return Path(explicit or os.environ.get("GPT2JAX_CACHE") or "~/.cache/gpt2jax").expanduser()
+    return Path(explicit).expanduser() if explicit else cache_root()
 
 
 def cache_path(spec: str, data, tokenizer, fingerprint: list | None = None) -> Path:

@@ -34,9 +34,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
 
 from .errors import UserError
+from .tracking import print_line
 
 ENV_COORDINATOR = "GPT2JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "GPT2JAX_NUM_PROCESSES"
@@ -549,18 +549,6 @@ def selftest(info: DistInfo) -> dict:
         "psum": float(np.asarray(psum.addressable_data(0))),
         "expected": expected,
     }
-
-
-def print_line(text: str, file: TextIO | None = None) -> None:
-    """Print `text` and its newline in one write, then flush.
-
-    Under PYTHONUNBUFFERED (local.sh, the k8s jobs) `print` writes the text and the newline
-    separately, and gloo's threads write their "[Gloo] Rank ..." messages to the same stdout
-    piece by piece; one write of under PIPE_BUF bytes keeps a machine-read line contiguous.
-    """
-    out = sys.stdout if file is None else file
-    out.write(text + "\n")
-    out.flush()
 
 
 def jnp_sum(a):

@@ -9,13 +9,14 @@ Design, for batch-1 speed on CPU (decoding reads every weight once per token):
   `fori_loop`; the cache is donated so it is updated in place, and Python sees the tokens
   after each chunk (to stream text, check stop strings and stop early).
 
-The sampling filters (repetition penalty, temperature, top-k, top-p) are pure functions
-on logits with the Hugging Face definitions.
+The sampling filters (repetition penalty, no-repeat n-grams, temperature, top-k, top-p)
+are pure functions on logits with the Hugging Face definitions.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,28 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
     logit by `penalty` and multiply a negative one. `seen` is a (B, V) boolean mask."""
     penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
     return jnp.where(seen, penalised, logits)
+
+
+def ban_repeated_ngrams(logits: jax.Array, history: jax.Array, length: jax.Array,
+                        n: int) -> jax.Array:
+    """HF's NoRepeatNGramLogitsProcessor: a token that would repeat an n-gram already in the
+    row gets -inf. `history` (B, T) holds each row's tokens in slots [0, length), -1 where
+    there is none (left padding): an n-gram that touches padding never matches."""
+    b, t = history.shape
+    if n < 1 or t < n:
+        return logits
+    start = jnp.maximum(length - (n - 1), 0)
+    prefix = jax.lax.dynamic_slice_in_dim(history, start, n - 1, axis=1)  # (B, n-1)
+    starts = jnp.arange(t - n + 1)
+    # windows[k][:, j] = history[:, j + k]: the first n-1 tokens of every n-gram
+    match = (starts + n - 1 < length)[None, :] & jnp.all(prefix >= 0, axis=1, keepdims=True)
+    for k in range(n - 1):
+        match &= history[:, k:t - n + 1 + k] == prefix[:, k:k + 1]
+    match &= length >= n - 1
+    match &= history[:, n - 1:] >= 0
+    follow = jnp.clip(history[:, n - 1:], 0, logits.shape[-1] - 1)  # the n-th token
+    banned = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], follow].max(match)
+    return jnp.where(banned, -jnp.inf, logits)
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -113,6 +136,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0  # n > 0: never repeat an n-gram (HF's no_repeat_ngram_size)
 
     def validate(self) -> Sampling:
         """Raise UserError for settings that make no sense; returns self."""
@@ -135,13 +159,23 @@ class Sampling:
             raise UserError(
                 f"repetition penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
             )
+        if self.no_repeat_ngram < 0:
+            raise UserError(f"no-repeat-ngram must be >= 0 (0 turns it off), got "
+                            f"{self.no_repeat_ngram}")
         return self
 
 
-def next_token(logits: jax.Array, seen: jax.Array | None, keys: jax.Array, s: Sampling):
-    """Pick one token per row from float32 logits (B, V); keys are per-row PRNG keys."""
+def next_token(logits: jax.Array, seen: jax.Array | None, keys: jax.Array, s: Sampling,
+               history: jax.Array | None = None, length: jax.Array | None = None):
+    """Pick one token per row from float32 logits (B, V); keys are per-row PRNG keys.
+
+    `seen` (B, V) feeds the repetition penalty; `history` (B, T) with its filled `length`
+    the no-repeat n-gram rule (HF's processor order: penalty, then n-grams, then warpers).
+    """
     if s.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.no_repeat_ngram and history is not None:
+        logits = ban_repeated_ngrams(logits, history, length, s.no_repeat_ngram)
     if s.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / s.temperature
@@ -188,39 +222,50 @@ def _compiled(graphdef) -> tuple[Callable, Callable]:
                 prompt_mask.astype(jnp.int32)
             )
             seen = counts > 0  # padding is not "seen" (HF would count the pad id)
+        history = None
+        if sampling.no_repeat_ngram:  # the prompt, then each new token; -1: no token
+            history = jnp.full((b, total), -1, jnp.int32).at[:, :p].set(
+                jnp.where(prompt_mask > 0, ids, -1))
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, 0)
-        tok = next_token(logits, seen, keys, sampling)
+        tok = next_token(logits, seen, keys, sampling, history, p)
         if seen is not None:
             seen = seen.at[jnp.arange(b), tok].set(True)
-        return tok, cache, cache_mask, seen, (logits if with_logits else None)
+        if history is not None:
+            history = history.at[:, p].set(tok)
+        return tok, cache, cache_mask, (seen, history), (logits if with_logits else None)
 
-    def decode(state, cache, tok, cache_mask, pos0, slot0, step0, n_steps, done, seen,
+    def decode(state, cache, tok, cache_mask, pos0, slot0, step0, n_steps, done, memory,
                row_keys, eos, chunk, sampling, with_logits):
         model = nnx.merge(graphdef, state)
         b = tok.shape[0]
         out = jnp.zeros((b, chunk), jnp.int32)
         scores = jnp.zeros((b, chunk, model.cfg.vocab_size), jnp.float32) if with_logits else None
 
+        seen, history = memory  # what the repetition filters remember, or None
+
         def body(i, carry):
-            cache, tok, done, seen, out, scores = carry
+            cache, tok, done, seen, history, out, scores = carry
             h, cache = model.hidden_states(
                 tok[:, None], cache_mask, (pos0 + i)[:, None], cache=cache, cache_index=slot0 + i
             )
             logits = model.lm_logits(h)[:, 0]
             keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step0 + i)
-            nxt = next_token(logits, seen, keys, sampling)
+            # history holds the fed token at slot0 + i, so slot0 + i + 1 slots are filled
+            nxt = next_token(logits, seen, keys, sampling, history, slot0 + i + 1)
             nxt = jnp.where(done, eos, nxt)  # finished rows keep emitting EOS
             done = done | (nxt == eos)
             if seen is not None:
                 seen = seen.at[jnp.arange(b), nxt].set(True)
+            if history is not None:
+                history = history.at[:, slot0 + i + 1].set(nxt)
             out = out.at[:, i].set(nxt)
             if scores is not None:
                 scores = scores.at[:, i].set(logits)
-            return cache, nxt, done, seen, out, scores
+            return cache, nxt, done, seen, history, out, scores
 
-        carry = jax.lax.fori_loop(0, n_steps, body, (cache, tok, done, seen, out, scores))
-        cache, tok, done, seen, out, scores = carry
-        return out, cache, tok, done, seen, scores
+        carry = (cache, tok, done, seen, history, out, scores)
+        cache, tok, done, seen, history, out, scores = jax.lax.fori_loop(0, n_steps, body, carry)
+        return out, cache, tok, done, (seen, history), scores
 
     static = ("total", "sampling", "with_logits")
     prefill_jit = jax.jit(prefill, static_argnames=static)
@@ -328,6 +373,26 @@ def _left_padded(rows: list[_Row], length: int, pad: int) -> tuple[np.ndarray, n
     return ids, mask
 
 
+@dataclass
+class Timing:
+    """Where a generate call's time went: the first token (prefill, compiles included) of
+    its first batch of rows, and the decoding of every token after each row's first."""
+
+    first_token_s: float | None = None
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    def add(self, first_token_s: float, decode_tokens: int, decode_s: float) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = first_token_s
+        self.decode_tokens += decode_tokens
+        self.decode_s += decode_s
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decode_tokens / self.decode_s if self.decode_tokens else None
+
+
 class Generator:
     """A model prepared for decoding (unrolled layers, optional cast weights).
 
@@ -355,6 +420,7 @@ class Generator:
             state = jax.tree.map(lambda a: a.astype(dt), state)
         self.graphdef, self.state = graphdef, state
         self.eos_id = eos_id(tokenizer, cfg.eos_token_id)
+        self.timing = Timing()
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids per prompt; empty prompts are refused."""
@@ -409,6 +475,7 @@ class Generator:
         ]
         # Streaming shows one row at a time, so decode one row at a time.
         size = 1 if on_text is not None else batch_size
+        self.timing = Timing()
         for start in range(0, len(rows), size):
             self._run(rows[start:start + size], sampling, max_new_tokens, stop, seed, chunk,
                       on_text, on_start, return_logits)
@@ -433,24 +500,27 @@ class Generator:
         if on_start is not None:
             for r in rows:
                 on_start(r.prompt_index, r.sample_index, r.prompt)
-        tok, cache, cache_mask, seen, logits = prefill(
+        t0 = time.perf_counter()
+        tok, cache, cache_mask, memory, logits = prefill(
             self.state, ids, mask, row_keys, total, sampling, with_logits
         )
         absorb = functools.partial(self._absorb, rows, max_new=max_new, stop=stop,
                                    on_text=on_text)
         absorb(np.asarray(tok)[:, None], logits)
+        t1 = time.perf_counter()
         pos0 = jnp.asarray(mask.sum(1), jnp.int32)  # position of the first new token
         done = jnp.asarray([r.reason is not None for r in rows])
         step = 1
         while step < max_new and any(r.reason is None for r in rows):
             n = min(chunk, max_new - step)
-            out, cache, tok, done, seen, scores = decode(
+            out, cache, tok, done, memory, scores = decode(
                 self.state, cache, tok, cache_mask, pos0 + (step - 1), p + step - 1, step, n,
-                done, seen, row_keys, self.eos_id, chunk, sampling, with_logits,
+                done, memory, row_keys, self.eos_id, chunk, sampling, with_logits,
             )
             out = np.asarray(out)[:, :n]
             absorb(out, None if scores is None else scores[:, :n])
             step += n
+        self.timing.add(t1 - t0, sum(len(r.new) - 1 for r in rows), time.perf_counter() - t1)
 
     def _absorb(self, rows, new_tokens, logits, *, max_new, stop, on_text) -> None:
         logits = None if logits is None else np.asarray(logits)
@@ -470,6 +540,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
+    no_repeat_ngram: int = 0,
     max_new_tokens: int = 64,
     stop: Sequence[str] = (),
     seed: int = 0,
@@ -487,7 +558,7 @@ def generate(
     raw logits on the samples (to inspect the distribution, or to check the decoder
     against another implementation). For repeated calls build a `Generator` once.
     """
-    sampling = Sampling(greedy, temperature, top_k, top_p, repetition_penalty)
+    sampling = Sampling(greedy, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram)
     return Generator(model, tokenizer).generate(
         prompts, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop, seed=seed,
         num_samples=num_samples, batch_size=batch_size, on_text=on_text,

@@ -39,8 +39,6 @@ POLICIES: dict[str, tuple[str, ...]] = {
 DEFAULT = "system"
 CHOICE = "GPT2JAX_MALLOC"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-# set by ensure(): the GLIBC_TUNABLES the user started with ("" for none)
-BEFORE = "GPT2JAX_GLIBC_TUNABLES_BEFORE"
 
 
 def _tunables(environ: Mapping[str, str]) -> dict[str, str]:
@@ -108,20 +106,6 @@ def restart_env(environ: Mapping[str, str] = os.environ, platform: str = sys.pla
     tunables = environ.get("GLIBC_TUNABLES", "")
     env = dict(environ)
     env["GLIBC_TUNABLES"] = ":".join([tunables, *add] if tunables else add)
-    env[BEFORE] = tunables
-    return env
-
-
-def user_environ(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The environment as the user launched gpt2jax: what ensure() added taken out (for
-    child processes that should run as they would on their own, like the bench's torch)."""
-    env = dict(environ)
-    if BEFORE in env:
-        before = env.pop(BEFORE)
-        if before:
-            env["GLIBC_TUNABLES"] = before
-        else:
-            env.pop("GLIBC_TUNABLES", None)
     return env
 
 

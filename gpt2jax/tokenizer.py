@@ -70,13 +70,28 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 def load_tokenizer(directory: str | Path | None = None):
     """The tokenizer saved in `directory` when it has one, else offline GPT-2."""
     if directory is not None and has_tokenizer_files(directory):
-        from transformers import AutoTokenizer
-
         try:
-            return AutoTokenizer.from_pretrained(str(directory))
+            if _tokenizer_class(directory) in ("", "GPT2Tokenizer", "GPT2TokenizerFast"):
+                # what AutoTokenizer would build, without its import of torch (seconds of
+                # every command's start-up wherever torch is installed)
+                from transformers import GPT2TokenizerFast as cls
+            else:
+                from transformers import AutoTokenizer as cls
+            return cls.from_pretrained(str(directory))
         except Exception as e:  # a broken tokenizer file is bad input, not a bug
             raise UserError(f"cannot load the tokenizer in {directory}: {e}") from e
     return gpt2_tokenizer()
+
+
+def _tokenizer_class(directory: str | Path) -> str:
+    """tokenizer_config.json's tokenizer_class ("" when there is none to read)."""
+    import json
+
+    try:
+        config = json.loads((Path(directory) / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return str(config.get("tokenizer_class") or "") if isinstance(config, dict) else ""
 
 
 def encode(tokenizer, texts: Sequence[str], vocab_size: int | None = None) -> list[list[int]]:

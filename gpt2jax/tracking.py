@@ -1,4 +1,5 @@
-"""Run logs: metrics.jsonl (one JSON object per log step), tensorboardX, loss.png.
+"""Run logs: metrics.jsonl (one JSON object per log step), tensorboardX, loss.png; and
+`print_line`, for the lines other programs read from stdout.
 
 Only process 0 writes. On resume, rows past the restored step are dropped first so that
 metrics.jsonl reads as one run (TensorBoard gets a purge event for the same steps).
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
+from typing import TextIO
 
 
 class Tracker:
@@ -118,3 +121,15 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def print_line(text: str, file: TextIO | None = None) -> None:
+    """Print `text` and its newline in one write, then flush.
+
+    Under PYTHONUNBUFFERED (local.sh, the k8s jobs) `print` writes the text and the newline
+    separately, and gloo's threads write their "[Gloo] Rank ..." messages to the same stdout
+    piece by piece; one write of under PIPE_BUF bytes keeps a machine-read line contiguous.
+    """
+    out = sys.stdout if file is None else file
+    out.write(text + "\n")
+    out.flush()

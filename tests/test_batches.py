@@ -109,9 +109,23 @@ def test_blocks_are_read_on_demand_from_a_memory_map_and_a_process_reads_only_it
     np.testing.assert_array_equal(val.arrays()["tokens"][0], full["tokens"][val.index[0]])
 
 
-def _lm_arrays(n: int = 37, width: int = 5) -> dict:
+class Arrays(dict):
+    """A batch source over equally indexed in-memory arrays (name -> (N, ...)): rows are
+    easy to predict, so the order tests check indices against them."""
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values())))
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v[idx]) for k, v in self.items()}
+
+    def subset(self, idx: np.ndarray) -> Arrays:
+        return Arrays({k: v[idx] for k, v in self.items()})
+
+
+def _lm_arrays(n: int = 37, width: int = 5) -> Arrays:
     tokens = np.arange(n * width, dtype=np.int32).reshape(n, width)
-    return {"tokens": tokens, "weights": np.ones_like(tokens, np.float32)}
+    return Arrays({"tokens": tokens, "weights": np.ones_like(tokens, np.float32)})
 
 
 @pytest.mark.parametrize("step", [0, 3, 11])
@@ -181,5 +195,5 @@ def test_batch_size_must_divide_by_processes_and_block_split_is_disjoint():
     arrays = _lm_arrays(n=20)
     train, val = split_blocks(arrays, 0.25, seed=0)
     assert len(val) == 5 and len(train) == 15
-    rows = {tuple(r) for r in np.concatenate([train.arrays["tokens"], val.arrays["tokens"]])}
+    rows = {tuple(r) for r in np.concatenate([train["tokens"], val["tokens"]])}
     assert len(rows) == 20

@@ -43,7 +43,7 @@ def vs_hf(cli):
     # makes two chunks of the 32 tokens (a bf16 train step whose fused LM loss is a single
     # chunk fails on CPU: "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")
     res = cli("bench", *TINY, "--dtype", "bfloat16", "--loss-chunk", "16", "--rounds", "2",
-              "--vs", "hf", "--decode", "--decode-tokens", "8", "--json")
+              "--vs", "hf,keras", "--decode", "--decode-tokens", "8", "--eval", "--json")
     assert res.code == 0, res.err
     return res.json
 
@@ -99,12 +99,48 @@ def test_bench_vs_hf_reports_both_sides_and_ratio(vs_hf):
                                        rel=1e-2)
 
 
+def test_bench_eval_times_both_eval_paths_against_transformers(vs_hf):
+    """--eval: the LM perplexity forward (tokens/s) and the classification forward
+    (examples/s) of ours and of transformers under no_grad, in the same rounds."""
+    e = vs_hf["eval"]
+    assert set(e) == {"lm", "classification"}
+    for kind, unit in (("lm", "tokens"), ("classification", "examples")):
+        ours, theirs = e[kind][f"jax_{unit}_per_sec"], e[kind][f"hf_{unit}_per_sec"]
+        assert ours > 0 and theirs > 0
+        assert e[kind]["ratio"] == pytest.approx(ours / theirs, rel=1e-2)
+    # a forward over the batch (2 x 16 tokens) gives 16x as many tokens as examples
+    lm, cls = e["lm"]["jax_tokens_per_sec"], e["classification"]["jax_examples_per_sec"]
+    assert lm > cls
+    from gpt2jax.bench import format_table
+
+    assert "eval lm (forward, no grad)" in format_table(vs_hf)
+
+
+def test_bench_vs_keras_runs_kerashub_in_the_same_rounds(vs_hf):
+    """KerasHub's GPT2CausalLM (Keras 3, JAX backend) is the second peer of one invocation."""
+    r = vs_hf
+    k = r["keras"]
+    for key in ("tokens_per_sec", "step_seconds", "cpu_seconds_per_step", "first_step_seconds"):
+        assert k[key] > 0, key
+    assert (k["keras_version"], k["keras_hub_version"], k["keras_backend"]) == (
+        "3.15.1", "0.32.0", "jax")
+    assert k["compute"] == "mixed_bfloat16" and len(k["ratio_rounds"]) == 2
+    assert k["env"] == {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")}
+    assert r["ratios"]["keras"] == pytest.approx(
+        r["jax"]["tokens_per_sec"] / k["tokens_per_sec"], rel=1e-2)
+    assert r["ratios"]["hf"] == r["ratio"]
+    # the same FLOPs per token on every side: one shape
+    assert k["flops_per_token"] == r["jax"]["flops_per_token"] == r["hf"]["flops_per_token"]
+
+
 def test_bench_table_with_and_without_peer(vs_hf):
     from gpt2jax.bench import format_table
 
     both = format_table(vs_hf)
     assert "transformers" in both and f"{vs_hf['ratio']:.2f}x" in both and "decode" in both
-    alone = format_table({**vs_hf, "hf": None, "ratio": None, "decode": None})
+    assert "KerasHub" in both
+    alone = format_table({**vs_hf, "hf": None, "keras": None, "ratio": None, "ratios": {},
+                          "decode": None, "eval": None})
     assert "gpt2jax" in alone and "MFU" in alone and "transformers" not in alone
 
 
@@ -118,15 +154,17 @@ def test_bench_bad_input_is_a_user_error(cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     res = cli("bench", *TINY, "--vs", "hf")
     assert res.code == 2 and "pip install 'gpt2jax[bench]'" in res.last_err
+    res = cli("bench", *TINY, "--vs", "hf,tf")
+    assert res.code == 2 and "unknown peer 'tf'; choose from hf, keras" in res.last_err
 
 
 def test_bench_worker_failures_are_user_errors():
     """The transformers worker: a failing request answers with the error (the worker
     lives on); a dead worker is reported with its exit status, not a pipe traceback."""
-    from gpt2jax.bench import TorchWorker
     from gpt2jax.errors import UserError
+    from gpt2jax.peers import Worker
 
-    w = TorchWorker()
+    w = Worker("hf")
     try:
         with pytest.raises(UserError, match="the transformers side failed: TypeError"):
             w.call("train", n=1)  # before "init": nothing to train
@@ -175,3 +213,17 @@ def test_bf16_decode_reports_the_bf16_weights_it_decodes_with(vs_hf):
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)
     gen = Generator(create_model(cfg, 0), gpt2_tokenizer(), weights_dtype="bfloat16")
     assert {a.dtype for a in jax.tree.leaves(gen.state)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_peers_run_under_the_same_allocator_tunables_as_gpt2jax():
+    """A fair comparison: a worker inherits gpt2jax's GLIBC_TUNABLES (after the malloc
+    restart), so `GPT2JAX_MALLOC=keep gpt2jax bench --vs hf` gives both sides keep's."""
+    from gpt2jax import malloc
+    from gpt2jax.peers import worker_env
+
+    keep = malloc.restart_env({"GPT2JAX_MALLOC": "keep"}, "linux",
+                              thp_path="/sys/kernel/mm/transparent_hugepage/enabled")
+    ours = keep or {"GLIBC_TUNABLES": ":".join(malloc.POLICIES["keep"])}
+    env = worker_env(ours)
+    assert env["GLIBC_TUNABLES"] == ours["GLIBC_TUNABLES"] and env["KERAS_BACKEND"] == "jax"
+    assert malloc.describe(env) == "keep"

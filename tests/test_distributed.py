@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from gpt2jax import distributed as dist
 from gpt2jax.errors import UserError
+from gpt2jax.tracking import print_line
 
 SLURM_GPU = {  # what srun sets for task 5 of 2 nodes x 4 tasks, every task seeing 4 GPUs
     "SLURM_JOB_ID": "4321",
@@ -249,6 +251,37 @@ def test_bad_settings_end_cleanly_within_timeout():
             assert elapsed < 50, (name, elapsed)
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
+def test_slurm_run_connects_only_to_loopback(tmp_path):
+    """Two processes started as srun starts them (faked SLURM_* variables, nothing else)
+    connect through SLURM resolution, and every connect() of theirs, traced by strace,
+    goes to 127.0.0.1 or a local socket: no cloud metadata server, no other host."""
+    port = _free_port()
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+             "SLURM_STEP_TASKS_PER_NODE": "2", dist.ENV_COORDINATOR_PORT: str(port)}
+    procs = []
+    for i in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+        env.update(JAX_PLATFORMS="cpu", SLURM_PROCID=str(i), SLURM_LOCALID=str(i), **slurm)
+        trace = tmp_path / f"connect-{i}.txt"
+        cmd = ["strace", "-f", "-qq", "-e", "trace=connect", "-o", str(trace), sys.executable,
+               "-m", "gpt2jax.distributed", "--selftest", "--timeout", "30"]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True), trace))
+    for proc, _ in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        # gloo prints "[Gloo] Rank ..." lines to stdout too
+        result = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
+        assert result["num_processes"] == 2 and result["source"] == "slurm"
+        assert result["sum"] == result["expected"] == result["psum"]
+    for _, trace in procs:
+        calls = [ln for ln in trace.read_text().splitlines() if "connect(" in ln]
+        assert any(f"htons({port})" in c for c in calls)  # the trace saw the real connects
+        remote = [c for c in calls if "AF_UNIX" not in c and '"127.0.0.1"' not in c
+                  and '"::ffff:127.0.0.1"' not in c and '"::1"' not in c]
+        assert not remote, remote
+
+
 def test_resolve_command_prints_the_plan(clean_env, monkeypatch, capsys):
     monkeypatch.setenv(dist.ENV_COORDINATOR, "10.1.1.1:7000")
     monkeypatch.setenv(dist.ENV_NUM_PROCESSES, "3")
@@ -262,7 +295,7 @@ def test_resolve_command_prints_the_plan(clean_env, monkeypatch, capsys):
 
 _INTERLEAVE_SCRIPT = """
 import os, threading
-from gpt2jax.distributed import print_line
+from gpt2jax.tracking import print_line
 stop = threading.Event()
 def gloo():  # what gloo does under PYTHONUNBUFFERED: a line as several small writes
     while True:  # at least one whole message, however the threads are scheduled
@@ -296,7 +329,7 @@ def test_print_line_keeps_a_line_whole_among_other_threads_writes():
     print("{}", file=writes)
     assert writes == ["{}", "\n"]  # why: print's newline is a write of its own
     writes.clear()
-    dist.print_line("{}", file=writes)
+    print_line("{}", file=writes)
     assert writes == ["{}\n"]
     # A real process under PYTHONUNBUFFERED, with a thread writing gloo-like fragments.
     r = subprocess.run([sys.executable, "-c", _INTERLEAVE_SCRIPT],

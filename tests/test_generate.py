@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,48 @@ def test_greedy_with_repetition_penalty_equals_transformers(hf_lm_dir):
     plain = _hf_greedy(hf, tok.encode(PROMPTS[0]), 10)
     assert len(set(plain)) < len(plain)  # without the penalty it repeats ...
     assert samples[0].token_ids != plain  # ... and the penalty changed that
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_greedy_with_no_repeat_ngram_equals_transformers(hf_lm_dir, n):
+    """Batched (left-padded prompts) and over several decode chunks: the n-gram history
+    spans the prompt, the prefill token and every chunk."""
+    from gpt2jax.run import load_model
+
+    path, hf = hf_lm_dir  # its plain greedy text loops, so the rule must change it
+    model, tok, _ = load_model(str(path))
+    samples = generate(model, tok, PROMPTS, greedy=True, no_repeat_ngram=n, max_new_tokens=20)
+    for s, prompt in zip(samples, PROMPTS, strict=True):
+        ids = tok.encode(prompt)
+        assert s.token_ids == _hf_greedy(hf, ids, 20, no_repeat_ngram_size=n)
+        seq = ids + s.token_ids
+        grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        assert len(grams) == len(set(grams))  # hand check: no n-gram twice
+    plain = _hf_greedy(hf, tok.encode(PROMPTS[0]), 20)
+    assert samples[0].token_ids != plain
+
+
+def test_no_repeat_ngram_filter_equals_transformers_processor():
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from gpt2jax.generate import ban_repeated_ngrams
+
+    rng = np.random.default_rng(3)
+    hist = rng.integers(0, 6, size=(4, 30))  # a 6-token vocabulary repeats often
+    logits = rng.normal(size=(4, 40)).astype(np.float32)
+    for n in (1, 2, 3, 4):
+        for length in (n - 1, 9, 30):
+            want = NoRepeatNGramLogitsProcessor(n)(torch.tensor(hist[:, :length]),
+                                                   torch.tensor(logits)).numpy()
+            padded = np.full((4, 34), -1)
+            padded[:, :length] = hist[:, :length]
+            got = np.asarray(ban_repeated_ngrams(logits, padded, length, n))
+            np.testing.assert_array_equal(got, want)
+    # left padding (-1) is no token: nothing is banned by an n-gram that touches it
+    padded = np.array([[-1, -1, 5, 5, 5]])
+    got = np.asarray(ban_repeated_ngrams(np.zeros((1, 8), np.float32), padded, 5, 2))
+    assert np.isinf(got[0, 5]) and np.isfinite(np.delete(got[0], 5)).all()
 
 
 def test_scan_layers_model_decodes_the_same(varied):
@@ -232,6 +276,7 @@ def test_cli_generate_json(varied, cli, tmp_path):
                           "finish_reason"}
         assert 1 <= len(s["token_ids"]) <= 8 and s["finish_reason"] in ("eos", "stop", "length")
     assert samples[2]["prompt"] == "The quick brown fox"
+    assert r.json["first_token_s"] > 0 and r.json["decode_tokens_per_s"] > 0
 
 
 def test_cli_generate_streams_text(varied, cli):
@@ -242,7 +287,11 @@ def test_cli_generate_streams_text(varied, cli):
             "--max-new-tokens", "12")
     assert r.code == 0, r.err
     assert r.out == "The quick brown fox" + want.completion + "\n"
-    assert "tokens/s" in r.err
+    n = len(want.token_ids)
+    summary = re.fullmatch(rf"\[{n} tokens in [\d.]+ s: first token after ([\d.]+) s, then "
+                           r"([\d.]+) tokens/s; finish: (\w+)\]", r.err.strip().splitlines()[-1])
+    assert summary and summary[3] == want.finish_reason, r.err
+    assert float(summary[2]) > 0  # the first token may take under 5 ms, compiled already
 
 
 @pytest.mark.parametrize(
@@ -260,3 +309,33 @@ def test_cli_generate_bad_input_exits_2(varied, cli, extra):
     r = cli("generate", "--model", varied[0], *extra)
     assert r.code == 2
     assert r.last_err.startswith("gpt2jax: error:")
+
+
+def test_second_generate_command_loads_its_programs_from_the_compile_cache(hf_lm_dir, tmp_path):
+    """Two `gpt2jax generate` processes with the same shapes: the first compiles and writes
+    the cache, the second loads every program it would compile and writes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from gpt2jax import compile_cache
+
+    cache = tmp_path / "xla"
+    env = {**os.environ, compile_cache.ENV: str(cache)}
+    cmd = [sys.executable, "-m", "gpt2jax", "generate", "--model", str(hf_lm_dir[0]),
+           "--prompt", "Hello there", "--max-new-tokens", "12", "--greedy"]
+    runs = []
+    for _ in range(2):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append((r.stdout, r.stderr.strip().splitlines()[-1],
+                     sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache"))))
+    (out1, line1, files1), (out2, line2, files2) = runs
+    assert out1 == out2  # the same text from loaded programs
+    compiled = int(line1.split(" loaded, ")[1].split()[0])
+    assert line1.startswith("compile cache: 0 programs loaded") and compiled >= 2  # prefill, decode
+    assert len(files1) == compiled
+    assert line2.startswith(f"compile cache: {compiled} programs loaded, 0 compiled")
+    assert files2 == files1
+    assert compile_cache.location({compile_cache.ENV: "off"}) is None
+    assert compile_cache.location({"GPT2JAX_CACHE": "/c"}) == compile_cache.Path("/c/xla")

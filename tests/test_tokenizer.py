@@ -65,6 +65,30 @@ def test_saved_tokenizer_reloads_identically(tok, tmp_path):
     assert load_tokenizer(tmp_path / "nothing_here") is tok
 
 
+def test_a_saved_gpt2_tokenizer_loads_without_importing_torch(tok, tmp_path):
+    """transformers' AutoTokenizer imports torch when it is installed (seconds of every
+    command's start-up); a saved GPT-2 tokenizer loads as the same class without it, and
+    encodes as AutoTokenizer's does."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from gpt2jax.tokenizer import load_tokenizer
+
+    tok.save_pretrained(str(tmp_path))
+    code = ("import sys; from gpt2jax.tokenizer import load_tokenizer; "
+            f"t = load_tokenizer({str(tmp_path)!r}); "
+            "print(type(t).__name__, t.eos_token_id, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert out == [type(auto).__name__, "50256", "False"]
+    ours = load_tokenizer(tmp_path)
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == auto(text)["input_ids"], text
+
+
 def test_changed_bpe_file_is_refused(monkeypatch):
     from gpt2jax import tokenizer
 

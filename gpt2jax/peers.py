@@ -1,0 +1,338 @@
+"""The stacks `gpt2jax bench --vs` runs beside gpt2jax, each in a process of its own.
+
+- `hf`: transformers' PyTorch GPT2LMHeadModel + torch.optim.AdamW in a plain loop (the
+  step the Trainer runs), and transformers' `generate` for decoding;
+- `keras`: KerasHub's GPT2CausalLM on Keras 3's JAX backend, compiled with Keras' AdamW
+  and `jit_compile=True`, stepped with `train_on_batch` (the JAX stack a user could pick
+  instead of gpt2jax).
+
+Both are built from the same shape with random weights, dropout off, clipping at a
+global norm of 1.0, and train on the same tokens. A worker answers JSON requests on its
+stdin, one per line: {"op": "init", ...} -> versions; {"op": "train", "n": n} ->
+[seconds, CPU seconds, minor page faults]; {"op": "decode"} -> [seconds, tokens];
+{"op": "eval", "kind": "lm" | "classification"} -> [seconds, tokens or examples]; EOF
+ends it. Arrays travel in an .npz file loaded without pickle. Each worker inherits
+gpt2jax's own environment, GLIBC_TUNABLES included, so every side of a comparison runs
+under the same allocator (`GPT2JAX_MALLOC=keep gpt2jax bench --vs hf` gives both sides
+`keep`'s tunables; the default, `system`, gives both glibc as it is).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from .errors import UserError
+
+PEERS = {"hf": "transformers", "keras": "KerasHub"}
+_MODULES = {"hf": ("torch", "transformers"), "keras": ("keras", "keras_hub")}
+_INSTALL = {"hf": "pip install 'gpt2jax[bench]' (torch==2.13.0, the CPU wheel)",
+            "keras": "pip install --no-deps keras==3.15.1 keras-hub==0.32.0 and "
+                     "pip install namex optree h5py (the Makefile's test setup does this)"}
+
+
+def parse(text: str | None) -> tuple[str, ...]:
+    """`--vs hf,keras` -> ("hf", "keras"); UserError for an unknown name."""
+    names = tuple(dict.fromkeys(n.strip() for n in (text or "").split(",") if n.strip()))
+    for n in names:
+        if n not in PEERS:
+            raise UserError(f"--vs {text}: unknown peer {n!r}; choose from {', '.join(PEERS)}")
+    return names
+
+
+def require(peer: str) -> None:
+    """UserError unless the peer's packages are installed (checked without importing them
+    here: they run in the worker process)."""
+    for name in _MODULES[peer]:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules
+            found = False
+        if not found:
+            raise UserError(f"--vs {peer} needs {', '.join(_MODULES[peer])} (no module named "
+                            f"{name!r}); install them: {_INSTALL[peer]}")
+
+
+def usage() -> tuple[float, int]:
+    """(user + system CPU seconds of every thread, minor page faults) of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+
+
+# ---------------------------------------------------------------- transformers
+
+
+def hf_dims(cfg) -> dict:
+    """The transformers GPT2Config arguments of the same shape, dropout off."""
+    return dict(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
+                activation_function=cfg.activation_function,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, threads: int, where: str):
+    """transformers GPT2LMHeadModel + torch.optim.AdamW in a plain loop (clipping at 1.0
+    like the Trainer's default). bfloat16 runs under torch.autocast with float32 weights,
+    like our model.dtype. Returns run(n) -> seconds."""
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(HFConfig(**dims)).to(where).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.01)
+    t = torch.from_numpy(tokens.astype("int64")).to(where)
+    inputs, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    autocast = dtype == "bfloat16"
+
+    def one_step() -> float:
+        with torch.autocast(where, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
+                                                 targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # synchronises a CUDA device too
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = one_step()
+        if loss != loss:
+            raise RuntimeError("the transformers step produced a NaN loss")
+        return time.perf_counter() - t0
+
+    return run
+
+
+def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int, threads: int,
+                where: str):
+    """transformers' greedy `generate` on our weights (HF names, numpy). Returns
+    run() -> (seconds, new tokens)."""
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    model = GPT2LMHeadModel(HFConfig(**dims)).eval()
+    state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+    # lm_head.weight is tied to wte, so it is the only key the export leaves out.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
+                           f"unexpected {unexpected}")
+    model.to(where)
+    x = torch.tensor([ids], device=where)
+
+    def run() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
+                                 do_sample=False, min_new_tokens=new_tokens,
+                                 max_new_tokens=new_tokens)
+        return time.perf_counter() - t0, out.shape[1] - len(ids)
+
+    return run
+
+
+# ---------------------------------------------------------------- transformers' process
+
+
+def _hf_evaluators(dims: dict, tokens, reps: int, num_labels: int, threads: int, where: str):
+    """transformers' counterparts of `gpt2jax eval`'s forwards under torch.inference_mode:
+    "lm" -> per-token log-probabilities of GPT2LMHeadModel (log_softmax, gather), the
+    perplexity computation; "classification" -> softmax of GPT2ForSequenceClassification.
+    Each run() -> (seconds, tokens or examples) for `reps` batches."""
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    conf = HFConfig(**dims, num_labels=num_labels, pad_token_id=50256)
+    lm = GPT2LMHeadModel(conf).to(where).eval()
+    cls = GPT2ForSequenceClassification(conf).to(where).eval()
+    ids = torch.from_numpy(tokens[:, :-1].astype("int64")).to(where)
+    mask = torch.ones_like(ids)
+
+    def lm_forward():
+        logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        return logp[:, :-1].gather(-1, ids[:, 1:, None])
+
+    def cls_forward():
+        return torch.softmax(cls(input_ids=ids, attention_mask=mask).logits.float(), -1)
+
+    def timer(fn, units: int):
+        def run() -> tuple[float, int]:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for _ in range(reps):
+                    out = fn()
+                float(out.sum())  # synchronises a CUDA device too
+            return time.perf_counter() - t0, units * reps
+
+        return run
+
+    return {"lm": timer(lm_forward, ids.numel()),
+            "classification": timer(cls_forward, ids.shape[0])}
+
+
+# ---------------------------------------------------------------- KerasHub
+
+
+def _keras_trainer(dims: dict, tokens, dtype: str, seed: int):
+    """KerasHub's GPT2CausalLM of the same shape, compiled as its docs show (AdamW with the
+    same hyperparameters as the other sides, sparse cross-entropy on logits, XLA). bfloat16
+    uses Keras' mixed_bfloat16 policy (float32 variables). Returns run(n) -> seconds."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    if dtype == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=dims["vocab_size"], num_layers=dims["n_layer"],
+        num_heads=dims["n_head"], hidden_dim=dims["n_embd"],
+        intermediate_dim=dims["n_inner"] or 4 * dims["n_embd"], dropout=0.0,
+        max_sequence_length=dims["n_positions"])
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=3e-4, beta_1=0.9,
+                                                   beta_2=0.999, epsilon=1e-8,
+                                                   weight_decay=0.01, global_clipnorm=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    x = {"token_ids": tokens[:, :-1], "padding_mask": (tokens[:, :-1] >= 0).astype("int32")}
+    y = tokens[:, 1:]
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = model.train_on_batch(x, y)  # returns host floats: each step is finished
+        loss = loss[0] if isinstance(loss, list) else loss
+        if loss != loss:
+            raise RuntimeError("the KerasHub step produced a NaN loss")
+        return time.perf_counter() - t0
+
+    return run, {"keras_version": keras.__version__,
+                 "keras_hub_version": keras_hub.__version__,
+                 "keras_backend": keras.backend.backend()}
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+def _build(peer: str, msg: dict, tokens, weights: dict):
+    """The peer's train(n), decode() (None without decode arguments), its evaluation
+    forwards ({} without) and its versions."""
+    if peer == "keras":
+        train, info = _keras_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"])
+        return train, None, {}, info
+    import torch
+    import transformers
+
+    where = "cuda" if msg["jax_platform"] == "gpu" and torch.cuda.is_available() else "cpu"
+    train = _hf_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"], msg["threads"], where)
+    decode = None
+    if msg["decode"] is not None:
+        decode = _hf_decoder(msg["dims"], weights, **msg["decode"], threads=msg["threads"],
+                             where=where)
+    evals = {}
+    if msg.get("evaluate"):
+        evals = _hf_evaluators(msg["dims"], tokens, **msg["evaluate"], threads=msg["threads"],
+                               where=where)
+    return train, decode, evals, {"torch_version": torch.__version__, "torch_device": where,
+                           "transformers_version": transformers.__version__}
+
+
+def worker_main(peer: str) -> None:
+    """The peer's side of the bench: answer requests until EOF (see the module docstring).
+    Anything the libraries print goes to stderr; failures answer {"error": ...}."""
+    import numpy as np
+
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints must not corrupt the answers
+    train = decode = None
+    evals: dict = {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["op"] == "init":
+                with np.load(msg["arrays"], allow_pickle=False) as z:
+                    tokens = z["tokens"]
+                    weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
+                train, decode, evals, info = _build(peer, msg, tokens, weights)
+                reply = {**info, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            elif msg["op"] == "train":
+                u0 = usage()
+                secs = train(msg["n"])
+                reply = [secs, *(b - a for a, b in zip(u0, usage()))]
+            elif msg["op"] == "eval":
+                reply = list(evals[msg["kind"]]())
+            else:
+                reply = list(decode())
+            answer = {"ok": reply}
+        except Exception as e:  # the parent turns it into a UserError
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+
+def worker_env(environ=os.environ) -> dict[str, str]:
+    """A worker's environment: ours (the same allocator tunables), Keras on JAX."""
+    return {**environ, "KERAS_BACKEND": "jax"}
+
+
+class Worker:
+    """The parent's handle on a peer's worker process (environment: `worker_env`)."""
+
+    def __init__(self, peer: str):
+        self.peer, self.name = peer, PEERS[peer]
+        self.tmp = tempfile.TemporaryDirectory(prefix="gpt2jax-bench-")
+        env = worker_env()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", f"from gpt2jax.peers import worker_main; worker_main({peer!r})"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def init(self, tokens, weights: dict | None, **kw) -> dict:
+        """Build the peer's model (and decoder, with weights) in the worker."""
+        import numpy as np
+
+        path = os.path.join(self.tmp.name, "arrays.npz")
+        np.savez(path, tokens=tokens, **{f"w/{k}": v for k, v in (weights or {}).items()})
+        return self.call("init", arrays=path, **kw)
+
+    def call(self, op: str, **kw):
+        """Send one request and return its answer."""
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:  # it died (out of memory, a crash): its own stderr says why
+            raise UserError(f"--vs {self.peer}: the {self.name} worker process exited with "
+                            f"status {self.proc.wait()} (its output above says why)")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise UserError(f"--vs {self.peer}: the {self.name} side failed: {answer['error']}")
+        return answer["ok"]
+
+    def close(self) -> None:
+        """End the worker: EOF on its stdin, then a kill if it does not exit."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.tmp.cleanup()
