@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import malloc, peers
-from .config import DTYPES
+from .config import DTYPES, OptimSection
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
@@ -142,23 +142,29 @@ def _random_tokens(batch: int, seq_len: int, vocab: int, seed: int):
     return rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
 
 
-def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int):
-    """The trainer's step on one device. Returns (compile_seconds, run(n) -> seconds)."""
+def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None,
+                 info: dict | None = None):
+    """The trainer's step on one device. Returns (compile_seconds, run(n) -> seconds).
+    `lora`: a model.lora section (cfg then has its adapters): only they train. `info`, if
+    given, receives the trainable parameter count, the optimizer state's bytes and the
+    compiler's memory analysis of the step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from .model import create_model
+    from .optim import frozen_names
     from .train import make_train_step
 
     with jax.default_device(device):
         graphdef, params = nnx.split(create_model(cfg, seed))
     params = jax.device_put(params, device)
     # The trainer's default optimizer: AdamW, weight-decay mask, clipping, cosine schedule.
-    tx, _ = make_optimizer_for(params)
+    tx, _ = make_optimizer_for(params, lora=lora)
     opt_state = jax.jit(tx.init)(params)
-    step_fn = make_train_step(graphdef, tx, False, 1, jax.random.key(seed))
+    step_fn = make_train_step(graphdef, tx, False, 1, jax.random.key(seed),
+                              frozen=frozen_names(OptimSection(), lora, params))
     jitted = jax.jit(step_fn, donate_argnums=(0, 1))
     batch = jax.device_put({"tokens": tokens[None],
                             "weights": np.ones((1, *tokens.shape), np.float32)}, device)
@@ -166,6 +172,8 @@ def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int):
     t0 = time.perf_counter()
     compiled = jitted.lower(params, opt_state, batch, step0).compile()
     compile_seconds = time.perf_counter() - t0
+    if info is not None:
+        info.update(_step_sizes(params, opt_state, compiled, lora))
     state = {"params": params, "opt": opt_state, "step": 0}
 
     def run(n: int) -> float:
@@ -184,12 +192,30 @@ def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int):
     return compile_seconds, run
 
 
-def make_optimizer_for(params, total_steps: int = 1_000_000):
+def make_optimizer_for(params, total_steps: int = 1_000_000, lora=None):
     """The trainer's default optimizer (OptimSection defaults) for these params."""
-    from .config import OptimSection
     from .optim import make_optimizer
 
-    return make_optimizer(OptimSection(), total_steps, params)
+    return make_optimizer(OptimSection(), total_steps, params, lora)
+
+
+def _step_sizes(params, opt_state, compiled, lora) -> dict:
+    """Trainable parameters, optimizer-state bytes and the compiled step's memory (XLA's
+    memory analysis: arguments, outputs, temporaries) of one side of `--lora`."""
+    import jax
+
+    from .optim import frozen_names
+    from .params import flat
+
+    frozen = frozen_names(OptimSection(), lora, params) or frozenset()
+    sizes = {"trainable_params": sum(int(v.size) for k, v in flat(params).items()
+                                     if k not in frozen),
+             "optimizer_state_bytes": sum(int(x.nbytes) for x in jax.tree.leaves(opt_state))}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        sizes["step_memory_bytes"] = {
+            k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp")}
+    return sizes
 
 
 # ---------------------------------------------------------------- decoding
@@ -636,4 +662,74 @@ def format_table(r: dict) -> str:
         if e["ratio"] is not None:
             s += f", transformers {e[f'hf_{unit}_per_sec']:,.1f} ({e['ratio']:.2f}x)"
         lines.append(s)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- --lora
+
+
+def run_lora_bench(cfg: GPT2Config, rank: int, targets: tuple[str, ...] = ("c_attn",), *,
+                   batch_size: int = 8, seq_len: int = 256, steps: int = 10, warmup: int = 2,
+                   rounds: int = 3, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """Full fine-tuning against LoRA of `rank` on `targets` for the same model shape and
+    batch: median step seconds over alternating rounds, trainable parameters, optimizer
+    state bytes and the compiled step's memory of each side."""
+    from .config import LoraSection
+    from .run import for_this_process, lora_fields
+
+    _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, 1, 16)
+    if rank < 1:
+        raise UserError(f"--lora {rank}: the adapters' rank must be >= 1")
+    import jax
+
+    say = log or (lambda _msg: None)
+    device = jax.local_devices()[0]
+    tokens = _random_tokens(batch_size, seq_len, cfg.vocab_size, seed)
+    lora = LoraSection(rank=rank, alpha=2.0 * rank, targets=list(targets))
+    sides, runs = {}, {}
+    for name, section in (("full", None), ("lora", lora)):
+        mcfg = for_this_process(cfg.replace(**lora_fields(section)))
+        say(f"compiling the {name} fine-tuning step")
+        info: dict = {}
+        info["compile_seconds"], runs[name] = _jax_trainer(mcfg, tokens, device, seed,
+                                                           section, info)
+        runs[name](warmup)
+        sides[name] = info
+    times = {name: [] for name in runs}
+    for i in range(rounds):
+        for name, run in runs.items():
+            times[name].append(run(steps) / steps)
+        say(f"round {i + 1}/{rounds}: full {times['full'][-1]:.4f} s/step, lora "
+            f"{times['lora'][-1]:.4f} s/step")
+    for name, side in sides.items():
+        side["step_seconds"] = round(statistics.median(times[name]), 5)
+        side["tokens_per_sec"] = round(batch_size * seq_len / side["step_seconds"], 1)
+        side["step_seconds_rounds"] = [round(t, 5) for t in times[name]]
+    return {"config": {**_config_fields(for_this_process(cfg)), "batch_size": batch_size,
+                       "seq_len": seq_len, "steps": steps, "rounds": rounds, "seed": seed},
+            "lora": {"rank": rank, "alpha": lora.alpha, "targets": list(targets)},
+            "full": sides["full"], "lora_side": sides["lora"],
+            "speedup": round(sides["full"]["step_seconds"] / sides["lora"]["step_seconds"], 3),
+            "device": describe_device(device), "jax_version": jax.__version__,
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def format_lora_table(r: dict) -> str:
+    """The terminal summary of a run_lora_bench result."""
+    c, lo = r["config"], r["lora"]
+    lines = [f"{r['device']}  jax {r['jax_version']}  {r['date']}",
+             f"model: {c['n_layer']} layers, n_embd {c['n_embd']}, {c['n_head']} heads, vocab "
+             f"{c['vocab_size']}; batch {c['batch_size']} x seq {c['seq_len']}, {c['dtype']}; "
+             f"{c['rounds']} rounds x {c['steps']} steps (medians)",
+             f"LoRA rank {lo['rank']}, alpha {lo['alpha']:g}, targets {', '.join(lo['targets'])}",
+             "", f"{'':8}{'trainable':>14}{'optimizer state':>18}{'step temp':>12}"
+                 f"{'s/step':>10}{'tokens/s':>11}"]
+    for name, side in (("full", r["full"]), ("lora", r["lora_side"])):
+        temp = side.get("step_memory_bytes", {}).get("temp")
+        lines.append(f"{name:8}{side['trainable_params']:>14,}"
+                     f"{side['optimizer_state_bytes'] / 2**20:>15,.2f} MiB"
+                     f"{'-' if temp is None else f'{temp / 2**20:,.0f} MiB':>12}"
+                     f"{side['step_seconds']:>10.4f}{side['tokens_per_sec']:>11,.0f}")
+    lines.append(f"LoRA step speed-up over full fine-tuning: {r['speedup']:.2f}x")
     return "\n".join(lines)

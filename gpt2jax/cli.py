@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from . import malloc
-from .config import ATTENTION, KERNELS
+from .config import ATTENTION, KERNELS, LORA_TARGETS
 from .errors import UserError
 
 
@@ -70,18 +70,36 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--backbone-only", action="store_true",
                    help="attention_pool head: export the backbone as GPT2LMHeadModel")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write a PEFT adapter directory instead of merging the "
+                        "adapters into the weights")
     _runs(p, _cmd_export)
 
 
 def _cmd_export(args) -> int:
-    from .hf import export_hf
+    from .hf import export_adapter, export_hf
 
     model, tok, source = _load(args.model, args.step)
-    out = export_hf(model, args.out, tok, overwrite=args.overwrite,
-                    backbone_only=args.backbone_only)
+    if args.adapter:
+        groups, base = _lora_origin(source)
+        out = export_adapter(model, args.out, groups, base, tok, overwrite=args.overwrite)
+    else:
+        out = export_hf(model, args.out, tok, overwrite=args.overwrite,
+                        backbone_only=args.backbone_only)
     _emit({"out": str(out), "source": source.describe(), "head": model.cfg.head}, args.json,
           lambda r: f"exported {r['source']} to {r['out']}")
     return 0
+
+
+def _lora_origin(source) -> tuple[list[str], str]:
+    """(model.lora.train groups, base model) of the run a LoRA model came from."""
+    from .config import read_run_config
+
+    if source.kind not in ("run", "checkpoint"):
+        raise UserError(f"--adapter exports a gpt2jax LoRA run; {source.describe()} is not one")
+    m = read_run_config(source.path).model
+    base = m.init.removeprefix("hf:") if m.init != "scratch" else ""
+    return (list(m.lora.train) if m.lora else []), base
 
 
 def _load(src: str, step):
@@ -498,6 +516,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--peak-size", type=int, default=4096,
                    help="side of the square matmul that measures the peak FLOP/s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="time LoRA of rank R against full fine-tuning of the same shape "
+                        "(trainable parameters, optimizer-state bytes, step memory)")
+    p.add_argument("--lora-targets", nargs="+", default=["c_attn"], choices=LORA_TARGETS,
+                   help="with --lora: the adapted projections (model.lora.targets)")
     _runs(p, _cmd_bench)
 
 
@@ -510,6 +533,8 @@ def _cmd_bench(args) -> int:
                        n_positions=args.n_positions, dtype=args.dtype, remat=args.remat,
                        scan_layers=args.scan_layers or None, attention=args.attention,
                        loss_chunk=args.loss_chunk, kernels=args.kernels)
+    if args.lora:
+        return _lora_bench(cfg, args)
     result = run_bench(
         cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
         warmup=args.warmup, rounds=args.rounds, vs=parse(args.vs), decode=args.decode,
@@ -518,6 +543,20 @@ def _cmd_bench(args) -> int:
         log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True),
     )
     _emit(result, args.json, format_table)
+    return 0
+
+
+def _lora_bench(cfg, args) -> int:
+    from .bench import format_lora_table, run_lora_bench
+
+    if args.vs or args.decode or args.eval:
+        raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs, "
+                        "--decode and --eval without it")
+    result = run_lora_bench(
+        cfg, args.lora, tuple(args.lora_targets), batch_size=args.batch_size,
+        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+        seed=args.seed, log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True))
+    _emit(result, args.json, format_lora_table)
     return 0
 
 

@@ -29,6 +29,23 @@ ATTENTION = ("auto", "explicit", "xla", "cudnn")
 # fuses them), or auto: fixed per platform by model.resolve_auto (docs/benchmarks.md)
 KERNELS = ("auto", "custom", "plain")
 PROGRESS = ("auto", "bar", "lines", "none")
+# model.lora.targets, named as PEFT matches GPT-2's modules (a name matches a module
+# whose path equals it or ends with "." + it: "c_proj" adapts both projections)
+LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "c_proj")
+# model.lora.train: parameters that train beside the adapters (the classifier head always)
+LORA_TRAIN = ("layer_norm", "bias", "embeddings")
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters on the named GPT-2 projections; the base weights stay frozen."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input only
+    targets: list[str] = field(default_factory=lambda: ["c_attn"])
+    adapter: str = ""  # a PEFT adapter directory to start from (onto model.init)
+    train: list[str] = field(default_factory=list)  # layer_norm | bias | embeddings
 
 
 @dataclass
@@ -50,6 +67,7 @@ class ModelSection:
     attention: str = "auto"  # auto | explicit | xla | cudnn (jax.nn.dot_product_attention)
     loss_chunk: int = -1  # LM loss in chunks of ~N tokens; 0: full logits; -1: auto by backend
     kernels: str = "auto"  # auto | custom | plain (KERNELS)
+    lora: LoraSection | None = None  # LoRA fine-tuning (None: every parameter trains)
 
 
 @dataclass
@@ -207,7 +225,7 @@ def _suggestion(key: str) -> str:
     import difflib
 
     section, _, name = key.rpartition(".")
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    sections = {f.name: f.type for f in dataclasses.fields(Config)} | {"model.lora": "LoraSection"}
     if section not in sections:
         close = difflib.get_close_matches(section or name, sections, n=1)
         return f" (did you mean {close[0]}?)" if close else ""
@@ -286,8 +304,28 @@ def validate(cfg: Config) -> None:
         need(v == -1 or v >= 1, f"mesh.{key}", f"must be >= 1 or -1 (fill), got {v}")
     need([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1, "mesh",
          "at most one of mesh.data/fsdp/tensor may be -1")
+    if m.lora is not None:
+        _validate_lora(m, d, need)
     need(cfg.dist.timeout > 0, "dist.timeout", "must be > 0 seconds")
     need(cfg.dist.data_timeout > 0, "dist.data_timeout", "must be > 0 seconds")
+
+
+def _validate_lora(m: ModelSection, d: DataSection, need) -> None:
+    lo = m.lora
+    need(lo.rank >= 1, "model.lora.rank", f"must be >= 1, got {lo.rank}")
+    need(lo.alpha > 0, "model.lora.alpha", f"must be > 0, got {lo.alpha}")
+    need(0 <= lo.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    need(bool(lo.targets), "model.lora.targets", f"name at least one of {', '.join(LORA_TARGETS)}")
+    for t in lo.targets:
+        need(t in LORA_TARGETS, "model.lora.targets",
+             f"{t!r} is not a GPT-2 projection; choose from {', '.join(LORA_TARGETS)}")
+    for g in lo.train:
+        need(g in LORA_TRAIN, "model.lora.train", f"{g!r}: choose from {', '.join(LORA_TRAIN)}")
+    need(not lo.adapter or m.init != "scratch", "model.lora.adapter",
+         "an adapter is trained on a base model: set model.init to that base")
+    need(not d.add_special_tokens or "embeddings" in lo.train, "model.lora.train",
+         "data.add_special_tokens adds rows to wte that would stay random while only the "
+         "adapters train: add embeddings (--model.lora.train=[embeddings])")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .lora import merge
 from .model import ACTIVATIONS, GPT2, GPT2Config
 
 # (HF name inside a block, our path inside a block)
@@ -85,7 +86,7 @@ def from_flat_params(cfg: GPT2Config, flat: dict[str, np.ndarray]) -> GPT2:
 def to_hf_tensors(model: GPT2) -> dict[str, np.ndarray]:
     """The model's weights under transformers' GPT-2 names and layouts (float32)."""
     cfg = model.cfg
-    ours = to_flat_params(model)
+    ours = merge(cfg, to_flat_params(model))  # LoRA adapters folded into their kernels
     out = {}
     for hf_name, path in name_pairs(cfg):
         arr = ours[path]
@@ -301,7 +302,7 @@ def read_weights(d: Path) -> dict[str, np.ndarray]:
     """Tensors from model.safetensors, a sharded index, or (with torch) pytorch_model.bin."""
     single, index, bin_ = (d / n for n in WEIGHT_FILES)
     if single.is_file():
-        return _read_safetensors(single)
+        return read_safetensors(single)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -309,7 +310,7 @@ def read_weights(d: Path) -> dict[str, np.ndarray]:
             raise UserError(f"{index} is not a valid safetensors index ({e})") from e
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(_read_safetensors(d / shard))
+            tensors.update(read_safetensors(d / shard))
         return tensors
     if bin_.is_file():
         try:
@@ -330,7 +331,8 @@ def read_weights(d: Path) -> dict[str, np.ndarray]:
     )
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """{name: numpy array} of a safetensors file; UserError for a missing or corrupt one."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -387,13 +389,9 @@ def export_hf(
             "export the GPT-2 backbone as GPT2LMHeadModel (the head weights are saved beside "
             "it in attention_pool_head.safetensors)"
         )
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     export_cfg = cfg.replace(head="lm") if cfg.head == "attention_pool" else cfg
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         tensors = to_hf_tensors(_as_head(model, export_cfg))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if cfg.head == "attention_pool":
@@ -404,6 +402,46 @@ def export_hf(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             _for_export(tokenizer, cfg).save_pretrained(str(tmp))
+
+    return _write_dir(Path(out), overwrite, fill)
+
+
+def export_adapter(model: GPT2, out: str | Path, groups=(), base: str = "", tokenizer=None,
+                   *, overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors
+    under PEFT's names, the tokenizer) for a model with adapters; `groups` are the
+    model.lora.train groups it trained (saved beside the adapters), `base` the model it
+    adapts (adapter_config's base_model_name_or_path)."""
+    from safetensors.numpy import save_file
+
+    from . import lora
+
+    cfg = model.cfg
+    if not cfg.lora_rank:
+        raise UserError("this model has no LoRA adapters (it was not trained with "
+                        "model.lora); export it without --adapter")
+    conf = lora.adapter_config(cfg, groups, base)
+    flat = to_flat_params(model)
+
+    def fill(tmp: Path) -> None:
+        tensors = {**lora.to_peft(cfg, flat), **lora.saved_tensors(cfg, flat, groups)}
+        save_file(tensors, str(tmp / lora.WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / lora.CONFIG_FILE).write_text(json.dumps(conf, indent=2) + "\n")
+        if tokenizer is not None:
+            _for_export(tokenizer, cfg).save_pretrained(str(tmp))
+
+    return _write_dir(Path(out), overwrite, fill)
+
+
+def _write_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Fill a temporary directory beside `out`, then rename it to `out`, so a failure never
+    leaves a partial export behind; refuses a non-empty `out` unless overwrite."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fill(tmp)
         _usual_permissions(tmp)
         if out.is_dir():
             shutil.rmtree(out)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kernels as K
+from . import lora as L
 from .config import ATTENTION, DTYPES, HEADS, KERNELS, REMAT
 from .errors import UserError
 from .sharding import chunk_positions, constrain_batch, require_cudnn, unshard_embed
@@ -93,8 +94,19 @@ class GPT2Config:
     # the train step's kernels: custom (kernels.py's custom VJPs) | plain (the formulas
     # beside them, differentiated by XLA) | auto (resolve_auto; left open: custom)
     kernels: str = "auto"
+    # LoRA (lora.py): rank 0 = none; targets are lora.MODULES entries ("attn.c_attn")
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # from JSON lists
+        unknown = set(self.lora_targets) - set(L.MODULES)
+        if self.lora_rank < 0 or unknown or bool(self.lora_rank) != bool(self.lora_targets):
+            raise UserError(f"LoRA: rank {self.lora_rank} with targets "
+                            f"{list(self.lora_targets)}: need rank >= 1 and targets from "
+                            f"{', '.join(L.MODULES)}, or rank 0 and none")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -139,6 +151,11 @@ class GPT2Config:
     def loss_chunk_tokens(self) -> int:
         """Tokens per LM-loss chunk; 0 (full logits) while loss_chunk is still auto."""
         return max(self.loss_chunk, 0)
+
+    @property
+    def lora_scale(self) -> float:
+        """LoRA's output scale alpha / r."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def head_dim(self) -> int:
@@ -245,6 +262,22 @@ _zeros = nnx.initializers.zeros
 _ones = nnx.initializers.ones
 
 
+def _adapter(module: nnx.Module, leaf: str, x: jax.Array, key: jax.Array | None):
+    """LoRA's term for projection `leaf` of `module` given its input x (lora.term), or
+    None where the projection has no adapter. LoRA's dropout acts on the adapter's input
+    only."""
+    a = getattr(module, f"{leaf}_lora_a", None)
+    if a is None:
+        return None
+    cfg = module.cfg
+    x = dropout(x, cfg.lora_dropout, key)
+    return L.term(x, a[...], getattr(module, f"{leaf}_lora_b")[...], cfg.lora_scale)
+
+
+def _plus(y: jax.Array, extra: jax.Array | None) -> jax.Array:
+    return y if extra is None else y + extra
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -274,6 +307,9 @@ class Attention(nnx.Module):
             rngs, nnx.initializers.normal(proj_std), (h, k, d), ("heads", "head_dim", "embed")
         )
         self.c_proj_bias = _param(rngs, _zeros, (d,), ("norm",))
+        for module in ("attn.c_attn", "attn.c_proj"):
+            for name, p in L.make_params(cfg, module, rngs).items():
+                setattr(self, name, p)
         self.cfg = cfg
 
     def __call__(self, x, mask, layer_idx, key=None, cache=None, cache_index=None):
@@ -289,7 +325,7 @@ class Attention(nnx.Module):
             out, cache = self._attend_cached(x, mask, scale, key, cache, cache_index)
         return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
 
-    def _project_qkv(self, x, merged: bool = False):
+    def _project_qkv(self, x, merged: bool = False, key=None):
         """q, k, v as (B, T, H, K), each a plain (tokens, d) @ (d, H * K) product.
 
         Written as one einsum into (3, B, H, T, K), XLA computed a transposed product and
@@ -305,18 +341,21 @@ class Attention(nnx.Module):
         linear = _k(self, "linear")
         bias = self.c_attn_bias[...].astype(x.dtype)
         heads = w.shape[2:]
+        extra = _adapter(self, "c_attn", x, _fold(key, 2))  # (B, T, 3, H, K) or None
         if merged:
             qkv = linear(x, w.reshape(d, -1), bias.reshape(-1)).reshape(b, t, *w.shape[1:])
+            qkv = _plus(qkv, extra)
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        return tuple(linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1)).reshape(b, t, *heads)
+        return tuple(_plus(linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1))
+                           .reshape(b, t, *heads), None if extra is None else extra[:, :, i])
                      for i in range(3))
 
     def _attend_no_cache(self, x, mask, scale, key):
         """Training / evaluation: heads-major (B, H, T, K) layout and attention_core."""
         cfg = self.cfg
         if cfg.attention not in ("explicit", "auto"):
-            return self._attend_library(x, mask, scale, _fold(key, 0))
-        q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._project_qkv(x))  # (B, H, T, K)
+            return self._attend_library(x, mask, scale, key)
+        q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._project_qkv(x, key=key))  # (B, H, T, K)
         keep, rate = None, 0.0
         akey = _fold(key, 0)
         if akey is not None and cfg.attn_pdrop > 0.0:
@@ -326,16 +365,17 @@ class Attention(nnx.Module):
             keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
         core = _k(self, "attention_core")
         out = core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
-        return self._project_out(jnp.swapaxes(out, 1, 2))
+        return self._project_out(jnp.swapaxes(out, 1, 2), key)
 
-    def _project_out(self, out):
+    def _project_out(self, out, key=None):
         """(B, T, H, K) attention output -> (B, T, d): c_proj as one plain product."""
         b, t, h, k = out.shape
+        out = out.reshape(b, t, h * k)
         w = self.c_proj_kernel[...].astype(out.dtype).reshape(h * k, -1)
-        linear = _k(self, "linear")
-        return linear(out.reshape(b, t, h * k), w, self.c_proj_bias[...].astype(out.dtype))
+        y = _k(self, "linear")(out, w, self.c_proj_bias[...].astype(out.dtype))
+        return _plus(y, _adapter(self, "c_proj", out, _fold(key, 3)))
 
-    def _attend_library(self, x, mask, scale, akey):
+    def _attend_library(self, x, mask, scale, key):
         """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
 
         `mask` is the same boolean (B or 1, 1, T, T) mask as the explicit path's (causal and
@@ -343,6 +383,7 @@ class Attention(nnx.Module):
         masked (left-padding) query row is a uniform average in both.
         """
         cfg, dt = self.cfg, x.dtype
+        akey = _fold(key, 0)
         if akey is not None and cfg.attn_pdrop > 0.0:
             # the library call has no dropout on the probabilities: refuse, not skip
             raise UserError(
@@ -354,7 +395,7 @@ class Attention(nnx.Module):
         impl = None if cfg.attention == "xla" else "cudnn"
         if impl == "cudnn":
             require_cudnn()
-        q, k, v = self._project_qkv(x)  # (B, T, N, H), the library's layout
+        q, k, v = self._project_qkv(x, key=key)  # (B, T, N, H), the library's layout
         if impl == "cudnn" and not isinstance(scale, float):
             # cuDNN wants a static scale; a traced one (scan_layers with
             # scale_attn_by_inverse_layer_idx) is folded into q instead
@@ -366,12 +407,12 @@ class Attention(nnx.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                                implementation=impl)
-        return self._project_out(out)
+        return self._project_out(out, key)
 
     def _attend_cached(self, x, mask, scale, key, cache, cache_index):
         """Decoding: the new tokens' k/v go into the (B, S, H, K) cache at cache_index."""
         cfg, dt = self.cfg, x.dtype
-        q, k, v = self._project_qkv(x, merged=True)
+        q, k, v = self._project_qkv(x, merged=True, key=key)
         ck, cv = cache
         k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
@@ -380,7 +421,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         probs = dropout(probs, cfg.attn_pdrop, _fold(key, 0)).astype(dt)
         out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
-        return self._project_out(out), (k, v)
+        return self._project_out(out, key), (k, v)
 
 
 class MLP(nnx.Module):
@@ -393,14 +434,19 @@ class MLP(nnx.Module):
             rngs, nnx.initializers.normal(proj_std), (f, d), ("mlp", "embed")
         )
         self.c_proj_bias = _param(rngs, _zeros, (d,), ("norm",))
+        for module in ("mlp.c_fc", "mlp.c_proj"):
+            for name, p in L.make_params(cfg, module, rngs).items():
+                setattr(self, name, p)
         self.cfg = cfg
 
     def __call__(self, x, key=None):
         dt, linear = x.dtype, _k(self, "linear")
         h = linear(x, self.c_fc_kernel[...].astype(dt), self.c_fc_bias[...].astype(dt))
+        h = _plus(h, _adapter(self, "c_fc", x, _fold(key, 2)))
         h = ACTIVATIONS[self.cfg.activation_function](h)
-        h = linear(h, self.c_proj_kernel[...].astype(dt), self.c_proj_bias[...].astype(dt))
-        return dropout(h, self.cfg.resid_pdrop, key)
+        y = linear(h, self.c_proj_kernel[...].astype(dt), self.c_proj_bias[...].astype(dt))
+        y = _plus(y, _adapter(self, "c_proj", h, _fold(key, 3)))
+        return dropout(y, self.cfg.resid_pdrop, key)
 
 
 class Block(nnx.Module):

@@ -1,12 +1,16 @@
 """The Optax chain: AdamW with a weight-decay mask, schedules, clipping, freezing.
 
 Parameter names are our flat paths ("wte", "h.3.attn.c_attn_kernel", "ln_f.scale",
-"score.kernel", "pool.query"); `optim.freeze` regexes match them.
+"score.kernel", "pool.query"); `optim.freeze` regexes match them. Freezing is one
+mechanism for `optim.freeze` and `model.lora` (`frozen_fn`): a frozen parameter gets no
+optimizer state (optax.multi_transform keeps none for it), no gradient (the train step
+stops it) and keeps its exact bits.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import optax
 
@@ -49,9 +53,34 @@ def make_schedule(
     return optax.join_schedules([warm, main], [warmup_steps])
 
 
-def make_optimizer(optim, total_steps: int, params) -> tuple[optax.GradientTransformation,
-                                                              optax.Schedule]:
-    """(tx, schedule) from an OptimSection for these params (an nnx.State)."""
+def frozen_fn(optim, lora=None) -> Callable[[str], bool] | None:
+    """Which parameters stay fixed (None: none do): those optim.freeze's regexes match,
+    and with a model.lora section everything but the adapters, the classifier head and
+    model.lora.train's groups (lora.trainable). The two combine: a parameter trains only
+    if LoRA lets it and no optim.freeze pattern matches it."""
+    patterns = [re.compile(p) for p in optim.freeze]
+    if not patterns and lora is None:
+        return None
+    from .lora import trainable
+
+    groups = None if lora is None else tuple(lora.train)
+    return lambda n: any(p.search(n) for p in patterns) or (
+        groups is not None and not trainable(n, groups))
+
+
+def frozen_names(optim, lora, params) -> frozenset[str] | None:
+    """The names of params (an nnx.State) that stay fixed (frozen_fn), None if none do:
+    what the train step stops gradients for and keeps bit-identical."""
+    from .params import flat
+
+    frozen = frozen_fn(optim, lora)
+    return None if frozen is None else frozenset(n for n in flat(params) if frozen(n))
+
+
+def make_optimizer(optim, total_steps: int, params, lora=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(tx, schedule) from an OptimSection (and the model.lora section, if any) for these
+    params (an nnx.State)."""
     schedule = make_schedule(optim.lr, optim.schedule, optim.warmup_steps, total_steps,
                              optim.end_lr)
     mask = map_names(lambda n: decays(n, optim.decay_embeddings), params)
@@ -61,10 +90,9 @@ def make_optimizer(optim, total_steps: int, params) -> tuple[optax.GradientTrans
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay, mask=mask))
     tx = optax.chain(*parts)
-    if optim.freeze:
-        patterns = [re.compile(p) for p in optim.freeze]
-        labels = map_names(lambda n: "frozen" if any(p.search(n) for p in patterns)
-                           else "train", params)
+    frozen = frozen_fn(optim, lora)
+    if frozen is not None:
+        labels = map_names(lambda n: "frozen" if frozen(n) else "train", params)
         import jax
 
         if all(v == "frozen" for v in jax.tree.leaves(labels)):

@@ -146,6 +146,7 @@ def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]
                   loss_chunk=m.loss_chunk, kernels=m.kernels)
     if m.dropout is not None:
         fields.update(embd_pdrop=m.dropout, attn_pdrop=m.dropout, resid_pdrop=m.dropout)
+    fields.update(lora_fields(m.lora))
     if m.head != "lm":
         num = m.num_labels or len(labels)
         if labels and num != len(labels):
@@ -158,6 +159,16 @@ def model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...]
         raise UserError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context "
                         f"n_positions={out.n_positions}; lower train.seq_len")
     return out
+
+
+def lora_fields(lora) -> dict:
+    """GPT2Config's LoRA fields from a model.lora section (None: no adapters)."""
+    from .lora import resolve_targets
+
+    if lora is None:
+        return dict(lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, lora_targets=())
+    return dict(lora_rank=lora.rank, lora_alpha=float(lora.alpha), lora_dropout=lora.dropout,
+                lora_targets=resolve_targets(lora.targets))
 
 
 def resolve_model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...],
@@ -188,10 +199,12 @@ def resolve_model_config(cfg: Config, source: GPT2Config | None, labels: tuple[s
     return for_this_process(mcfg)
 
 
-def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh):
+def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh, adapter: str = ""):
     """Fresh parameters (seeded) placed on `param_sh`, overwritten by the source model's
-    weights where it has them; a new head (a classifier on a pretrained LM) keeps its fresh
-    initialisation and new token rows (data.add_special_tokens) are grown."""
+    weights where it has them (a LoRA source merged first); a new head (a classifier on a
+    pretrained LM) keeps its fresh initialisation and new token rows
+    (data.add_special_tokens) are grown. `adapter`: a PEFT LoRA directory whose adapters
+    (and saved modules) replace the fresh ones."""
     import jax
     from flax import nnx
 
@@ -201,9 +214,13 @@ def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh):
     fresh = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
     if source_model is None:
         return fresh
-    from .hf import to_flat_params
+    from .hf import read_safetensors, to_flat_params
+    from .lora import merge, read_adapter
 
-    src = to_flat_params(source_model)
+    src = merge(source_model.cfg, to_flat_params(source_model))
+    if adapter:
+        src.update(_fitting(read_adapter(adapter, mcfg, read_safetensors), P.flat(fresh),
+                            mcfg.n_layer, adapter))
     if "wte" in src and src["wte"].shape[0] < mcfg.vocab_size:  # added special tokens
         from .tasks import grow_embedding
 
@@ -214,6 +231,21 @@ def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh):
                                                  lambda idx, h=src[name]: h[idx])
               if name in src else arr for name, arr in P.flat(fresh).items()}
     return P.unflat(fresh, values)
+
+
+def _fitting(values: dict, fresh: dict, n_layer: int, where: str) -> dict:
+    """values (per-layer names) checked against the model's parameters by name and shape."""
+    from . import params as P
+
+    want = {k: tuple(v.shape) for k, v in fresh.items()}
+    if P.is_stacked(want):
+        want = P.unstack(want, n_layer, take=lambda s, _: s[1:])
+    for name, v in values.items():
+        if want.get(name) != tuple(v.shape):
+            shape = want.get(name, "no such parameter")
+            raise UserError(f"{where}: {name} has shape {tuple(v.shape)} but the model has "
+                            f"{shape}; use the adapter with the base it was trained on")
+    return values
 
 
 def load_model(src: str, step: int | str | None = None, **overrides):

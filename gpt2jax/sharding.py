@@ -34,6 +34,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("labels", None),
     ("layers", None),
+    ("lora", None),  # LoRA's rank axis (small): adapters shard along their other axis
 )
 
 

@@ -91,6 +91,12 @@ def _train(cfg: Config, run, dist) -> dict:
         from .run import load_model
 
         source_model = load_model(cfg.model.init)[0]
+    adapter = cfg.model.lora.adapter if cfg.model.lora else ""
+    if adapter and not run.resume:  # a missing or unfitting adapter fails before data work
+        from .lora import CONFIG_FILE, check_fits, read_config
+        from .run import lora_fields
+
+        check_fits(lora_fields(cfg.model.lora), read_config(adapter), f"{adapter}/{CONFIG_FILE}")
     tokenizer = tokenizer_for(cfg)
     recorded = run.model_config() if run.resume else None
     eos = tokenizer.eos_token_id
@@ -108,7 +114,7 @@ def _train(cfg: Config, run, dist) -> dict:
     plan = build_step(cfg, mcfg, mesh, total, class_weights=_class_weights(cfg, prepared))
     ckpts = Checkpoints(run.path, t.keep_checkpoints)
     try:
-        state = _start_state(ckpts, plan, mcfg, t.seed, source_model)
+        state = _start_state(ckpts, plan, mcfg, t.seed, source_model, adapter)
     except BaseException:
         ckpts.close()  # its background threads would outlive a refused resume
         raise
@@ -141,7 +147,8 @@ def _class_weights(cfg: Config, prepared):
     return None
 
 
-def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_model) -> dict:
+def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_model,
+                 adapter: str = "") -> dict:
     """The newest checkpoint that restores, straight into the target shardings (no
     throwaway random init), else the initial parameters and a fresh optimizer state."""
     import jax
@@ -155,7 +162,7 @@ def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_mode
             params, opt_state, meta = got
             return {"start": start, "params": params, "opt_state": opt_state,
                     "best": meta.get("best")}
-    params = initial_params(mcfg, seed, source_model, plan.param_sh)
+    params = initial_params(mcfg, seed, source_model, plan.param_sh, adapter)
     opt_state = jax.jit(plan.tx.init, out_shardings=plan.opt_sh)(params)
     return {"start": 0, "params": params, "opt_state": opt_state, "best": None}
 
@@ -397,19 +404,19 @@ def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
     from flax import nnx
 
     from .model import abstract_model
-    from .optim import make_optimizer
+    from .optim import frozen_names, make_optimizer
     from .sharding import replicated, shardings_like_params, state_shardings
 
     t = cfg.train
     graphdef, abstract = nnx.split(abstract_model(mcfg))
     param_sh = state_shardings(abstract, mesh)
-    tx, schedule = make_optimizer(cfg.optim, total_steps, abstract)
+    tx, schedule = make_optimizer(cfg.optim, total_steps, abstract, cfg.model.lora)
     abstract_opt = jax.eval_shape(tx.init, abstract)
     opt_sh = shardings_like_params(abstract_opt, abstract, param_sh, replicated(mesh))
     classification = cfg.data.task == "classification"
     step = make_train_step(graphdef, tx, classification, t.grad_accum, jax.random.key(t.seed),
                            class_weights=class_weights, lm_loss_weight=t.lm_loss_weight,
-                           mesh=mesh)
+                           mesh=mesh, frozen=frozen_names(cfg.optim, cfg.model.lora, abstract))
     train_step = jax.jit(step, donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, replicated(mesh)))
     eval_step = jax.jit(make_eval_step(graphdef, classification, mesh))
@@ -432,7 +439,8 @@ def _loss_weights(mb: dict, classification: bool, class_weights=None):
 
 
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
-                    *, class_weights=None, lm_loss_weight: float = 0.0, mesh=None):
+                    *, class_weights=None, lm_loss_weight: float = 0.0, mesh=None,
+                    frozen=None):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
     Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
@@ -444,6 +452,8 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     real tokens (GPT-1's auxiliary objective), sharing one backbone pass. LM losses go
     through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). With a
     `mesh`, the step traces under it, so the model's activation sharding constraints apply.
+    `frozen` (parameter names; optim.freeze, model.lora) get no gradient (so no
+    weight-gradient products are computed for them) and keep their exact values.
     """
     import jax
     import jax.numpy as jnp
@@ -458,7 +468,7 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
     def loss_part(params, mb, key, denom):
         """This micro-batch's share of the step's loss: sums divided by the whole step's
         counts `denom`, so the shares of the micro-batches add up to the big-batch loss."""
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, _fix_frozen(params, frozen))
         w, real = weights(mb)
         if classification:
             ids, mask = mb["input_ids"], mb["attention_mask"]
@@ -495,13 +505,30 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                 micro, (zeros, jnp.float32(0)), (batch, jnp.arange(accum)))
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        new_params = _fix_frozen(optax.apply_updates(params, updates), frozen, params)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         return keep(new_params, params), keep(new_opt, opt_state), {
             "loss": loss, "grad_norm": grad_norm, "count": count, "finite": ok}
 
     return step if mesh is None else under_mesh(step, mesh)
+
+
+def _fix_frozen(new, frozen, old=None):
+    """`new` with its `frozen` parameters (names) stopped (old None: no gradient flows into
+    them) or taken from `old` (their exact bits, whatever an update held)."""
+    if not frozen:
+        return new
+    import jax
+
+    from .params import path_name
+
+    def one(path, a, *b):
+        if path_name(path) not in frozen:
+            return a
+        return b[0] if b else jax.lax.stop_gradient(a)
+
+    return jax.tree_util.tree_map_with_path(one, new, *(() if old is None else (old,)))
 
 
 def make_eval_step(graphdef, classification: bool, mesh=None):
