@@ -340,8 +340,8 @@ class Attention(nnx.Module):
     def _attend_library(self, x, mask, scale, akey):
         """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
 
-        `mask` is the same boolean (B or 1, 1, T, T) mask as the explicit path's (causal and
-        key padding); masked logits get a large negative value there too, so a fully
+        `mask` is the same boolean (B or 1, 1, T, T) mask as the explicit path's (causal,
+        key padding, segments); masked logits get a large negative value there too, so a fully
         masked (left-padding) query row is a uniform average in both.
         """
         cfg, dt = self.cfg, x.dtype

@@ -147,16 +147,23 @@ def test_attention_kernel_gradient_with_segment_ids_matches_plain_formula(dropou
     assert all(float(jnp.abs(g).max()) > 1e-3 for g in got)
 
 
-def test_prepare_gives_train_and_validation_the_run_packing(tmp_path):
+def test_train_validation_and_compiled_batches_follow_the_run_packing(tmp_path):
+    """prepare's train and validation sources, and `gpt2jax compile`'s abstract batch."""
+    from gpt2jax.compile import abstract_batch
+    from gpt2jax.model import GPT2Config
+    from gpt2jax.sharding import make_mesh
     from gpt2jax.tokenizer import gpt2_tokenizer
 
     text = write_text(tmp_path / "t.txt", n_docs=20, words=12)
     for packing, has in (("documents", True), ("concat", False)):
         cfg = load_config(None, [f"--data.train={text}", f"--data.packing={packing}",
-                                 "--data.validation_fraction=0.2"])
+                                 "--data.validation_fraction=0.2", "--train.seq_len=16"])
         p = prepare(cfg.data, gpt2_tokenizer(), seq_len=16, seed=0, eos=50256)
         for source in (p.train, p.validation):
             assert ("segments" in source.take(np.array([0]))) == has
+        batch = abstract_batch(cfg, GPT2Config(n_layer=1, n_embd=16, n_head=2), make_mesh())
+        assert ("segments" in batch) == has
+        assert batch.get("segments", batch["tokens"]).shape == batch["tokens"].shape
 
 
 @pytest.mark.parametrize("overrides,message", [
