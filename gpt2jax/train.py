@@ -235,7 +235,7 @@ class _Loop:
 
     def finish(self) -> None:
         """The last step's log, samples, evaluation and checkpoint (a run stopped early
-        ran them at its last step already), and why the run ended."""
+        ran them at its last step already, and logs why it stopped)."""
         last = self.step = self.step if self.watch.exhausted() else self.total
         if self.t.log_every:
             self.log(last)
@@ -246,8 +246,8 @@ class _Loop:
             self.evaluate(last)
             if self.start < last:
                 self.save(last)
-        if self.start < last:  # a resumed run that had ended adds no second row
-            self.tracker.log(last, self.watch.stop_record(last < self.total), split="stop")
+        if self.start < last < self.total:  # a resumed stopped run adds no second row
+            self.tracker.log(last, self.watch.stop_record(True), split="stop")
         self.ckpts.close()
 
     def _fetch(self) -> dict | None:
