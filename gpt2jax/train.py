@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import BEST_METRICS, Config
 from .errors import UserError
 from .model import GPT2Config
 
@@ -166,8 +166,8 @@ def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_mode
 
 class _Loop:
     """A run in progress: the step and the periodic actions around it (log, evaluate,
-    sample, checkpoint, preemption check), each run every N steps; the last step's
-    evaluation and checkpoint are `finish`'s."""
+    sample, checkpoint, preemption check, keep the best for early stopping), each run every
+    N steps; the last step's evaluation and checkpoint are `finish`'s."""
 
     def __init__(self, cfg: Config, plan: StepPlan, mesh, ckpts, prepared, tokenizer,
                  total: int, state: dict):
@@ -397,10 +397,12 @@ class Watch:
 
     def __init__(self, t, classification: bool, meta: dict):
         self.key = t.best_metric or ("accuracy" if classification else "loss")
-        self.sign = -1.0 if self.key in ("accuracy", "macro_f1") else 1.0  # lower is better
+        self.sign = -1.0 if self.key in BEST_METRICS["classification"] else 1.0  # higher: better
         self.patience, self.min_delta = t.early_stop.patience, t.early_stop.min_delta
-        self.best = meta.get("best")
-        es = meta.get("early_stop") or {}
+        same = (meta.get("best") or {}).get("metric") == self.key  # else best_metric changed
+        self.best = meta.get("best") if same else None
+        es = meta.get("early_stop") if same else None
+        es = es or {}
         self.reference, self.waited = es.get("reference"), es.get("waited", 0)
 
     def _beats(self, value: float, other: float | None, margin: float) -> bool:
