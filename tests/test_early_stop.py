@@ -151,3 +151,27 @@ def _validation_batch(run: Path) -> dict:
     t = cfg.train
     val = prepare(cfg.data, _tokenizer(), seq_len=t.seq_len, seed=t.seed, eos=50256).validation
     return Batcher(val, t.batch_size, seed=t.seed + 1, pad_id=50256, max_len=t.seq_len).batch(0)
+
+
+def test_accuracy_counts_up_and_small_gains_move_the_best_only():
+    """A classification run's accuracy (higher is better), by hand: min_delta 0.06 and
+    patience 2 over 0.50, 0.60, 0.65, 0.67, 0.64, 0.66, 0.70 at steps 10, 20, ...: 0.65
+    is a new best but within min_delta of the reference 0.60 (count 1); 0.67 beats it by
+    more (count 0); 0.64 and 0.66 do not (count 2 at step 60: stop, best step 40)."""
+    from gpt2jax.config import load_config
+    from gpt2jax.train import Watch
+
+    cfg = load_config(None, ["--data.train=x.csv", "--data.task=classification",
+                             "--model.head=sequence", "--train.early_stop.patience=2",
+                             "--train.early_stop.min_delta=0.06"])
+    watch = Watch(cfg.train, True, {})
+    stopped = None
+    for step, acc in zip(range(10, 80, 10), [0.50, 0.60, 0.65, 0.67, 0.64, 0.66, 0.70]):
+        watch.update({"accuracy": acc, "macro_f1": 0.0}, step)
+        if watch.exhausted():
+            stopped = step
+            break
+    assert (stopped, watch.best_step(), watch.best["value"]) == (60, 40, 0.67)
+    # a resumed run reads the count back from a checkpoint's meta
+    again = Watch(cfg.train, True, watch.state())
+    assert again.exhausted() and again.best == watch.best
