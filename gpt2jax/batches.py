@@ -37,10 +37,16 @@ class LMBlocks:
     exactly once; a ragged tail is dropped. Nothing is packed up front: `take` maps the
     requested blocks' stream positions to (document, offset) and reads only those tokens,
     so with memory-mapped token files a process reads just the blocks of its batches.
+
+    With `segments` (data.packing=documents) a block also carries "segments": int32 ids,
+    equal within one document's piece of the block (its leading EOS included), so the
+    model can keep attention inside a document and start its positions at 0.
     """
 
-    def __init__(self, tok: Tokenized, block: int, eos: int, index: np.ndarray | None = None):
+    def __init__(self, tok: Tokenized, block: int, eos: int, index: np.ndarray | None = None,
+                 segments: bool = False):
         self.tok, self.block, self.eos, self.index = tok, block, eos, index
+        self.segments = segments
         span = np.asarray(tok.lengths, np.int64) + 1  # the document and its leading EOS
         self.ends = np.cumsum(span)  # stream position just past document i
         total = int(self.ends[-1]) if len(span) else 0
@@ -53,7 +59,8 @@ class LMBlocks:
         return self.n_blocks if self.index is None else len(self.index)
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Blocks `idx` (positions in this source): tokens int32 and weights float32."""
+        """Blocks `idx` (positions in this source): tokens int32 and weights float32 (and
+        segments int32, numbered from 0 in each block)."""
         blocks = np.asarray(idx, np.int64)
         if self.index is not None:
             blocks = self.index[blocks]
@@ -67,7 +74,10 @@ class LMBlocks:
         weights = np.ones(pos.shape, np.float32)
         if self.tok.weights is not None:
             weights[keep] = self.tok.weights[src]
-        return {"tokens": tokens, "weights": weights}
+        out = {"tokens": tokens, "weights": weights}
+        if self.segments:
+            out["segments"] = (doc - doc[:, :1]).astype(np.int32)
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every block (reads all the tokens: small data, notebooks and tests)."""
@@ -75,7 +85,7 @@ class LMBlocks:
 
     def subset(self, idx: np.ndarray) -> LMBlocks:
         index = np.asarray(idx, np.int64) if self.index is None else self.index[idx]
-        return LMBlocks(self.tok, self.block, self.eos, index)
+        return LMBlocks(self.tok, self.block, self.eos, index, self.segments)
 
 
 class ClassRows:
@@ -302,17 +312,18 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
                   "dropped; see data.truncation)", file=sys.stderr)
         return Prepared(train, val, labels, stats)
 
-    train, val, split = LMBlocks(train_tok, seq_len + 1, eos), None, "none"
+    segments = data.packing == "documents"
+    train, val, split = LMBlocks(train_tok, seq_len + 1, eos, segments=segments), None, "none"
     if len(val_tok):
         try:
-            val, split = LMBlocks(val_tok, seq_len + 1, eos), \
+            val, split = LMBlocks(val_tok, seq_len + 1, eos, segments=segments), \
                 "file" if data.validation else "documents"
         except UserError:
             val = None  # too little validation text for one block
     if val is None and not data.validation and data.validation_fraction > 0:
         if len(val_tok):  # the held-out documents were too short: split all by blocks
             train_tok = all_tok
-            train = LMBlocks(train_tok, seq_len + 1, eos)
+            train = LMBlocks(train_tok, seq_len + 1, eos, segments=segments)
         train, val = split_blocks(train, data.validation_fraction, seed)
         split = "blocks" if val is not None else "none"
     stats.update(train_tokens=train_tok.n_tokens, train_blocks=len(train),

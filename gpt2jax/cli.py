@@ -243,6 +243,11 @@ def _train_text(s: dict) -> str:
                                                  else f"{k} {v}"
                                                  for k, v in s["validation"].items()
                                                  if k != "confusion_matrix"))
+    stop = s.get("stopped") or {}
+    if stop.get("reason") == "early_stop":
+        lines.append(f"stopped early: validation {stop['metric']} did not improve by more than "
+                     f"{stop['min_delta']:g} in {stop['patience']} evaluations; best "
+                     f"{stop['best_value']:.4g} at step {stop['best_step']} (--step best)")
     d = s.get("data") or {}
     if "bytes_per_token" in d:
         lines.append(f"data: {d.get('documents')} training records, "

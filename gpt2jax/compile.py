@@ -355,6 +355,8 @@ def abstract_batch(cfg, mcfg, mesh, *, train: bool = True) -> dict:
     else:
         fields = {"tokens": ((micro, t.seq_len + 1), jnp.int32),
                   "weights": ((micro, t.seq_len + 1), jnp.float32)}
+        if cfg.data.packing == "documents":
+            fields["segments"] = ((micro, t.seq_len + 1), jnp.int32)
     lead = (t.grad_accum,) if train else ()
     return {k: jax.ShapeDtypeStruct(lead + shape, dtype,
                                     sharding=batch_sharding(mesh, len(lead + shape), len(lead)))

@@ -29,6 +29,12 @@ ATTENTION = ("auto", "explicit", "xla", "cudnn")
 # fuses them), or auto: fixed per platform by model.resolve_auto (docs/benchmarks.md)
 KERNELS = ("auto", "custom", "plain")
 PROGRESS = ("auto", "bar", "lines", "none")
+# LM blocks: documents joined and attending across their boundaries (concat), or each
+# document its own segment: attention within it, positions from 0 (documents)
+PACKING = ("concat", "documents")
+# train.best_metric: the validation metrics of each task kind that can pick a best step
+BEST_METRICS = {"lm": ("loss", "perplexity"), "classification": ("accuracy", "macro_f1")}
+
 # model.lora.targets, named as PEFT matches GPT-2's modules (a name matches a module
 # whose path equals it or ends with "." + it: "c_proj" adapts both projections)
 LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "c_proj")
@@ -88,6 +94,7 @@ class DataSection:
     truncation: str = "right"  # classification rows longer than seq_len: right | left
     add_special_tokens: list[str] = field(default_factory=list)  # e.g. ["<|pad|>"]
     cache_dir: str = ""  # tokenized-data cache; empty: $GPT2JAX_CACHE or ~/.cache/gpt2jax; off
+    packing: str = "concat"  # LM blocks: concat | documents (PACKING)
 
 
 @dataclass
@@ -124,6 +131,12 @@ class DistSection:
 
 
 @dataclass
+class EarlyStopSection:
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    min_delta: float = 0.0  # an improvement must beat the reference by more than this
+
+
+@dataclass
 class TrainSection:
     steps: int = 0  # 0: use epochs
     epochs: float = 1.0
@@ -138,6 +151,7 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     best_metric: str = ""  # default: loss (lm) or accuracy (classification)
+    early_stop: EarlyStopSection = field(default_factory=EarlyStopSection)
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)
     sample_max_new_tokens: int = 32
@@ -235,14 +249,15 @@ def _suggestion(key: str) -> str:
     return f" (did you mean {section}.{close[0]}?)" if close else ""
 
 
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise UserError(f"{key}: {msg}")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express. Raises UserError naming the key."""
     m, d, o, t, mesh = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.mesh
-
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise UserError(f"{key}: {msg}")
-
+    need = _need
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     need(o.end_lr >= 0, "optim.end_lr", f"must be >= 0, got {o.end_lr}")
     need(o.schedule in SCHEDULES, "optim.schedule", f"choose one of {', '.join(SCHEDULES)}")
@@ -308,6 +323,24 @@ def validate(cfg: Config) -> None:
         _validate_lora(m, d, need)
     need(cfg.dist.timeout > 0, "dist.timeout", "must be > 0 seconds")
     need(cfg.dist.data_timeout > 0, "dist.data_timeout", "must be > 0 seconds")
+    _validate_packing_and_early_stop(cfg)
+
+
+def _validate_packing_and_early_stop(cfg: Config) -> None:
+    d, t, es = cfg.data, cfg.train, cfg.train.early_stop
+    _need(d.packing in PACKING, "data.packing", f"choose one of {', '.join(PACKING)}")
+    # cuDNN's fused attention takes no segment ids: refuse rather than attend across documents
+    _need(d.packing != "documents" or cfg.model.attention != "cudnn", "data.packing",
+          "documents needs model.attention=explicit or xla (cuDNN flash attention takes no "
+          "segment ids, so documents would see each other); use one of those or "
+          "data.packing=concat")
+    kind = "classification" if d.task == "classification" else "lm"
+    _need(not t.best_metric or t.best_metric in BEST_METRICS[kind], "train.best_metric",
+          f"choose one of {', '.join(BEST_METRICS[kind])} for data.task={d.task}")
+    _need(es.patience >= 0, "train.early_stop.patience", "must be >= 0 (0 disables)")
+    _need(es.min_delta >= 0, "train.early_stop.min_delta", f"must be >= 0, got {es.min_delta}")
+    _need(not es.patience or t.eval_every > 0, "train.early_stop.patience",
+          "needs evaluations: set train.eval_every > 0")
 
 
 def _validate_lora(m: ModelSection, d: DataSection, need) -> None:

@@ -254,6 +254,37 @@ def attention_mask_bias(
     return allowed
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position ids that restart at 0 wherever the segment id changes along a row
+    (data.packing=documents: each document's piece of a block counts from 0)."""
+    t = jnp.arange(segment_ids.shape[-1])
+    change = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return t - jax.lax.cummax(jnp.where(change, t, 0), axis=segment_ids.ndim - 1)
+
+
+def _positions_and_mask(shape: tuple[int, int], attention_mask, position_ids, segment_ids,
+                        cache, cache_index):
+    """hidden_states' position ids (None: 0..t-1, a slice of wpe) and boolean attention
+    mask. Segment ids (B, T) keep attention inside a segment and count positions from 0 in
+    each (positions_from_segments), as if every segment were a row of its own."""
+    b, t = shape
+    if segment_ids is not None:
+        segment_ids = constrain_batch(segment_ids)  # batch-sharded like the tokens
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        if position_ids is None:
+            position_ids = positions_from_segments(segment_ids)
+        return position_ids, attention_mask_bias(t, t, attention_mask) & same
+    if cache is not None:
+        start = 0 if cache_index is None else cache_index
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        return position_ids, attention_mask_bias(t, cache[0][0].shape[1], attention_mask, start)
+    if position_ids is None and attention_mask is not None:
+        position_ids = positions_from_mask(attention_mask)
+    return position_ids, attention_mask_bias(t, t, attention_mask)
+
+
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes)
 
@@ -378,8 +409,8 @@ class Attention(nnx.Module):
     def _attend_library(self, x, mask, scale, key):
         """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
 
-        `mask` is the same boolean (B or 1, 1, T, T) mask as the explicit path's (causal and
-        key padding); masked logits get a large negative value there too, so a fully
+        `mask` is the same boolean (B or 1, 1, T, T) mask as the explicit path's (causal,
+        key padding, segments); masked logits get a large negative value there too, so a fully
         masked (left-padding) query row is a uniform average in both.
         """
         cfg, dt = self.cfg, x.dtype
@@ -570,34 +601,27 @@ class GPT2(nnx.Module):
         dropout_key: jax.Array | None = None,
         cache: list | None = None,
         cache_index: jax.Array | int | None = None,
+        segment_ids: jax.Array | None = None,
     ):
         """Final hidden states (after ln_f) and the updated cache.
 
         Without a cache, attention_mask is (B, T) over the input. With a cache (a list of
         per-layer (k, v) arrays of shape (B, S, heads, head_dim)), the input is written at
-        slot cache_index and attention_mask is (B, S) over all cache slots.
+        slot cache_index and attention_mask is (B, S) over all cache slots. segment_ids
+        (B, T), no cache: packed documents, each attending within itself from position 0.
         """
         cfg = self.cfg
         dt = cfg.compute_dtype
-        b, t = input_ids.shape
-        arange_positions = position_ids is None and attention_mask is None and cache is None
-        if position_ids is None:
-            if attention_mask is not None and cache is None:
-                position_ids = positions_from_mask(attention_mask)
-            else:
-                start = 0 if cache_index is None else cache_index
-                position_ids = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        t = input_ids.shape[1]
+        position_ids, mask = _positions_and_mask(input_ids.shape, attention_mask, position_ids,
+                                                 segment_ids, cache, cache_index)
         x = jnp.take(unshard_embed(self.wte[...], "vocab"), input_ids, axis=0)
-        if arange_positions:  # a slice, not a gather: simpler to shard and to differentiate
+        if position_ids is None:  # a slice, not a gather: simpler to shard and to differentiate
             x = x + self.wpe[...][:t][None]
         else:
             x = x + jnp.take(unshard_embed(self.wpe[...], "positions"), position_ids, axis=0)
         x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, 1_000_001))
         x = constrain_batch(x)
-        if cache is None:
-            mask = attention_mask_bias(t, t, attention_mask)
-        else:
-            mask = attention_mask_bias(t, cache[0][0].shape[1], attention_mask, cache_index)
 
         if cfg.scan_layers and cache is None:
             graphdef, stacked = nnx.split(self.h)

@@ -8,6 +8,7 @@ What a run is made of (directory, model config, tokenizer, first parameters) is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import BEST_METRICS, Config
 from .errors import UserError
 from .model import GPT2Config
 
@@ -101,6 +102,9 @@ def _train(cfg: Config, run, dist) -> dict:
     recorded = run.model_config() if run.resume else None
     eos = tokenizer.eos_token_id
     prepared = _prepare_data(cfg, tokenizer, eos, recorded.labels if recorded else ())
+    if t.early_stop.patience and prepared.validation is None:
+        raise UserError("train.early_stop needs a validation split, and the data gave none: "
+                        "set data.validation, or data.validation_fraction > 0")
     mcfg = resolve_model_config(cfg, source_model.cfg if source_model else None,
                                 prepared.labels, len(tokenizer), recorded)
     batcher = Batcher(prepared.train, t.batch_size, t.seed, jax.process_index(),
@@ -134,7 +138,8 @@ def _train(cfg: Config, run, dist) -> dict:
     return {"run_dir": str(run.path), "start_step": state["start"], "total_steps": total,
             "processes": dist.num_processes if dist else 1, "mesh": dict(mesh.shape),
             "final_step": loop.step, "train_loss": loop.last_loss, "validation": loop.last_eval,
-            "best": loop.best, "data": prepared.stats,
+            "best": loop.watch.best, "stopped": loop.watch.stop_record(loop.step < total),
+            "data": prepared.stats,
             "wall_seconds": round(time.time() - t_start, 1),
             "params": int(sum(x.size for x in jax.tree.leaves(loop.params)))}
 
@@ -160,17 +165,16 @@ def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_mode
                                                plan.param_sh, plan.opt_sh)
         if start is not None:
             params, opt_state, meta = got
-            return {"start": start, "params": params, "opt_state": opt_state,
-                    "best": meta.get("best")}
+            return {"start": start, "params": params, "opt_state": opt_state, "meta": meta}
     params = initial_params(mcfg, seed, source_model, plan.param_sh, adapter)
     opt_state = jax.jit(plan.tx.init, out_shardings=plan.opt_sh)(params)
-    return {"start": 0, "params": params, "opt_state": opt_state, "best": None}
+    return {"start": 0, "params": params, "opt_state": opt_state, "meta": {}}
 
 
 class _Loop:
     """A run in progress: the step and the periodic actions around it (log, evaluate,
-    sample, checkpoint, preemption check), each run every N steps; the last step's
-    evaluation and checkpoint are `finish`'s."""
+    sample, checkpoint, preemption check, keep the best for early stopping), each run every
+    N steps; the last step's evaluation and checkpoint are `finish`'s."""
 
     def __init__(self, cfg: Config, plan: StepPlan, mesh, ckpts, prepared, tokenizer,
                  total: int, state: dict):
@@ -181,12 +185,12 @@ class _Loop:
         self.cfg, self.t, self.plan, self.mesh, self.ckpts = cfg, cfg.train, plan, mesh, ckpts
         self.prepared, self.tokenizer, self.total = prepared, tokenizer, total
         self.start = self.step = state["start"]
-        self.params, self.opt_state, self.best = state["params"], state["opt_state"], state["best"]
+        self.params, self.opt_state = state["params"], state["opt_state"]
         self.main = jax.process_index() == 0
         self.run_dir = ckpts.dir.parent
         self.classification = cfg.data.task == "classification"
-        self.best_key = self.t.best_metric or ("accuracy" if self.classification else "loss")
-        self.best_mode = "max" if self.classification and self.best_key != "loss" else "min"
+        self.watch = Watch(self.t, self.classification, state["meta"])
+        self.saved_at = self.start  # the step of the newest checkpoint
         self.tracker = Tracker(self.run_dir, self.main, resume_step=self.start)
         self.tracker.log(self.start, prepared.stats, split="data")  # bytes_per_token, ...
         self.progress = _Progress(self.t.progress, total, self.start, self.main)
@@ -208,7 +212,8 @@ class _Loop:
         return [(t.log_every, self.log), (1, lambda done: _fault("step", done)),
                 (t.eval_every, self.evaluate),
                 (t.sample_every if t.sample_prompts else 0, self.sample),
-                (t.checkpoint_every, self.save), (1, self.check_preempted)]
+                (t.checkpoint_every, self.save), (1, self.check_preempted),
+                (t.eval_every if self.watch.patience else 0, self.keep_best)]
 
     def run(self, batcher) -> None:
         import jax.numpy as jnp
@@ -216,7 +221,9 @@ class _Loop:
         from .sharding import global_batch
 
         actions, accum = self.actions(), self.t.grad_accum
-        for step, local, waited in batcher.iterate(self.start, self.total):
+        # a resumed run that had stopped early (with this patience) takes no step
+        end = self.start if self.watch.exhausted() else self.total
+        for step, local, waited in batcher.iterate(self.start, end):
             shaped = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in local.items()}
             batch = global_batch(self.mesh, shaped, leading=1)  # after the grad-accum axis
             self.params, self.opt_state, metrics = self.plan.train_step(
@@ -229,20 +236,25 @@ class _Loop:
             for every, action in actions if done < self.total else ():
                 if every and done % every == 0:
                     action(done)
+            if self.watch.exhausted():  # keep_best saved this step
+                break
         self.finish()
 
     def finish(self) -> None:
-        """The last step's log, samples, evaluation and checkpoint."""
-        self.step = self.total
+        """The last step's log, samples, evaluation and checkpoint (a run stopped early
+        ran them at its last step already, and logs why it stopped)."""
+        last = self.step = self.step if self.watch.exhausted() else self.total
         if self.t.log_every:
-            self.log(self.total)
+            self.log(last)
         self._fetch()
-        if self.t.sample_every and self.t.sample_prompts and \
-                self.total % self.t.sample_every == 0:
-            self.sample(self.total)
-        self.evaluate(self.total)
-        if self.start < self.total:
-            self.save(self.total)
+        if last == self.total:
+            if self.t.sample_every and self.t.sample_prompts and last % self.t.sample_every == 0:
+                self.sample(last)
+            self.evaluate(last)
+            if self.start < last:
+                self.save(last)
+        if self.start < last < self.total:  # a resumed stopped run adds no second row
+            self.tracker.log(last, self.watch.stop_record(True), split="stop")
         self.ckpts.close()
 
     def _fetch(self) -> dict | None:
@@ -258,16 +270,9 @@ class _Loop:
         m = self._fetch()
         if m is None:
             return
-        start, wait, steps = self.window
-        dt = time.perf_counter() - start
         # the rate of the last applied update (skipped steps do not advance it)
         lr = float(self.plan.schedule(max(update_count(self.opt_state) - 1, 0)))
-        row = {"loss": float(m["loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
-               "steps_per_sec": steps / dt, "data_wait_fraction": wait / dt}
-        if self.classification:
-            row["examples_per_sec"] = steps * self.t.batch_size / dt
-        else:
-            row["tokens_per_sec"] = steps * self.t.batch_size * self.t.seq_len / dt
+        row = _train_row(m, lr, self.window, self.t, self.classification)
         self.tracker.log(done, row)
         self.progress.update(done, row)
         self.window = (time.perf_counter(), 0.0, 0)
@@ -281,23 +286,29 @@ class _Loop:
                        self.classification, p.labels, self.tokenizer.eos_token_id, max_len)
         self.tracker.log(done, res, split="validation")
         self.last_eval = res
-        self.best = _update_best(self.best, res, done, self.best_key, self.best_mode)
+        self.watch.update(res, done)
+
+    def keep_best(self, done: int) -> None:
+        """With early stopping: checkpoint a new best evaluation, and the step where
+        patience ran out, unless this step's checkpoint exists already."""
+        if self.saved_at != done and (self.watch.best_step() == done or self.watch.exhausted()):
+            self.save(done)
 
     def sample(self, done: int) -> None:
         write_samples(self.params, self.plan.graphdef, self.tokenizer, self.t, done,
                       self.tracker, self.run_dir, self.main)
 
     def save(self, done: int) -> None:
-        meta = {"step": done, "data_position": done, "seed": self.t.seed, "best": self.best,
+        meta = {"step": done, "data_position": done, "seed": self.t.seed, **self.watch.state(),
                 "rng": f"fold_in(key({self.t.seed}), step)", "metrics": self.last_eval or {}}
         self.ckpts.save(done, self.params, self.opt_state, meta)
+        self.saved_at = done
         _fault("save", done)
 
     def check_preempted(self, done: int) -> None:
         if not _any_process(self.stop_signal is not None, done):
             return
-        every = self.t.checkpoint_every
-        if not (every and done % every == 0):  # saved just now: Orbax refuses a step twice
+        if self.saved_at != done:  # Orbax refuses a step twice
             self.save(done)
         self.ckpts.close()
         raise Preempted(done, self.ckpts.dir / str(done), self.stop_signal or signal.SIGTERM)
@@ -307,10 +318,22 @@ class _Loop:
         self.tracker.close()
         for sig, handler in self.old_handlers.items():
             signal.signal(sig, handler)
-        try:
+        with contextlib.suppress(Exception):
             self.ckpts.close()
-        except Exception:
-            pass
+
+
+def _train_row(m: dict, lr: float, window: tuple, t, classification: bool) -> dict:
+    """metrics.jsonl's row of a log step: the step's metrics and the rates since the
+    last log (window: start time, seconds waited for data, steps)."""
+    start, wait, steps = window
+    dt = time.perf_counter() - start
+    row = {"loss": float(m["loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
+           "steps_per_sec": steps / dt, "data_wait_fraction": wait / dt}
+    if classification:
+        row["examples_per_sec"] = steps * t.batch_size / dt
+    else:
+        row["tokens_per_sec"] = steps * t.batch_size * t.seq_len / dt
+    return row
 
 
 def _plots(run_dir: Path, last_eval: dict | None, labels) -> None:
@@ -369,13 +392,61 @@ def _account(pending, bad_steps: int, allowed: int) -> tuple[dict, int]:
     return m, bad_steps
 
 
-def _update_best(best, metrics, step, key, mode):
-    if not metrics or key not in metrics:
-        return best
-    v = float(metrics[key])
-    if best is None or (v < best["value"] if mode == "min" else v > best["value"]):
-        return {"step": step, "metric": key, "value": v}
-    return best
+class Watch:
+    """The best validation value of train.best_metric so far (the step `--step best`
+    loads) and early stopping on it (train.early_stop).
+
+    Early stopping counts the evaluations since the value last beat a reference by more
+    than min_delta; each such improvement becomes the new reference (smaller gains move
+    the best step, not the reference). The run stops when the count reaches patience.
+    Both live in every checkpoint's meta, so a resumed run continues the count.
+    """
+
+    def __init__(self, t, classification: bool, meta: dict):
+        self.key = t.best_metric or ("accuracy" if classification else "loss")
+        self.sign = -1.0 if self.key in BEST_METRICS["classification"] else 1.0  # higher: better
+        self.patience, self.min_delta = t.early_stop.patience, t.early_stop.min_delta
+        same = (meta.get("best") or {}).get("metric") == self.key  # else best_metric changed
+        self.best = meta.get("best") if same else None
+        es = meta.get("early_stop") if same else None
+        es = es or {}
+        self.reference, self.waited = es.get("reference"), es.get("waited", 0)
+
+    def _beats(self, value: float, other: float | None, margin: float) -> bool:
+        return other is None or self.sign * (other - value) > margin
+
+    def update(self, metrics: dict, step: int) -> None:
+        """Account for one evaluation's metrics at `step`."""
+        if not metrics or self.key not in metrics:
+            return
+        v = float(metrics[self.key])
+        if self._beats(v, self.best and self.best["value"], 0.0):
+            self.best = {"step": step, "metric": self.key, "value": v}
+        if self._beats(v, self.reference, self.min_delta):
+            self.reference, self.waited = v, 0
+        else:
+            self.waited += 1
+
+    def best_step(self) -> int | None:
+        return self.best["step"] if self.best else None
+
+    def exhausted(self) -> bool:
+        """Whether early stopping ends the run (patience 0: never)."""
+        return 0 < self.patience <= self.waited
+
+    def state(self) -> dict:
+        """What a checkpoint records to resume from."""
+        return {"best": self.best,
+                "early_stop": {"reference": self.reference, "waited": self.waited}}
+
+    def stop_record(self, early: bool) -> dict:
+        """Why the run ended, `early` (before train.steps) or not: metrics.jsonl's "stop"
+        row and the summary's "stopped"."""
+        if not early:
+            return {"reason": "steps"}
+        return {"reason": "early_stop", "metric": self.key, "patience": self.patience,
+                "min_delta": self.min_delta, "best_step": self.best_step(),
+                "best_value": self.best and self.best["value"]}
 
 
 @dataclass
@@ -481,7 +552,7 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                 loss = loss + lm_loss_weight * lm / denom[1]
             return loss
         tokens = mb["tokens"]
-        h, _ = model.hidden_states(tokens[:, :-1], dropout_key=key)
+        h, _ = model.hidden_states(tokens[:, :-1], dropout_key=key, segment_ids=_segments(mb))
         return model.lm_loss_sum(h, tokens[:, 1:], w) / denom[0]  # model.loss_chunk: fused
 
     grad_fn = jax.value_and_grad(loss_part)
@@ -544,11 +615,19 @@ def make_eval_step(graphdef, classification: bool, mesh=None):
         if classification:
             return model(batch["input_ids"], batch["attention_mask"])
         tokens, w = batch["tokens"], batch["weights"][:, 1:]
-        h, _ = model.hidden_states(tokens[:, :-1])
+        h, _ = model.hidden_states(tokens[:, :-1], segment_ids=_segments(batch))
         nll = model.token_nll(h, tokens[:, 1:])
         return jnp.stack([(nll * w).sum(), w.sum()])
 
     return step if mesh is None else under_mesh(step, mesh)
+
+
+def _segments(batch: dict):
+    """The inputs' segment ids of an LM batch packed by document (data.packing=documents),
+    else None. The target of a document's last input is the next document's leading EOS:
+    it stays a target, so the model learns where a document ends from that document alone."""
+    seg = batch.get("segments")
+    return None if seg is None else seg[:, :-1]
 
 
 def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
