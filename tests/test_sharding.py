@@ -224,7 +224,7 @@ def _all_gathers_in_tensor_parallel_step(merged_qkv: bool, monkeypatch) -> list[
     if merged_qkv:  # control: the one (d, 3 * H * K) view the decoder uses
         project = model_mod.Attention._project_qkv
         monkeypatch.setattr(model_mod.Attention, "_project_qkv",
-                            lambda self, x, merged=False: project(self, x, True))
+                            lambda self, x, merged=False, key=None: project(self, x, True, key))
     cfg = GPT2Config(vocab_size=128, n_positions=16, n_embd=32, n_layer=1, n_head=2)
     graphdef, params = nnx.split(create_model(cfg, 0))
     tx, schedule = make_optimizer(OPTIM, 10, params)
