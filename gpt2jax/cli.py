@@ -666,8 +666,9 @@ def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> i
 
             cache.enable()
         code = int(args.func(args) or 0)
-        if cached and code == 0 and cache.summary():
-            print(cache.summary(), file=sys.stderr)
+        line = cache.summary() if cached and code == 0 else ""
+        if line:
+            print(line, file=sys.stderr)
         return code
     except UserError as e:
         if debug:

@@ -24,7 +24,7 @@ ENV = "GPT2JAX_COMPILE_CACHE"
 MIN_COMPILE_SECONDS = 0.2
 MAX_BYTES = 4 << 30
 
-_counts = {"hits": 0, "misses": 0}
+_counts = {"hits": 0, "misses": 0, "listening": False}
 _EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
            "/jax/compilation_cache/cache_misses": "misses"}
 
@@ -54,9 +54,9 @@ def enable(environ: Mapping[str, str] = os.environ) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-    if not getattr(enable, "_listening", False):
+    if not _counts["listening"]:
         jax.monitoring.register_event_listener(_count)
-        enable._listening = True
+        _counts["listening"] = True
     return directory
 
 

@@ -51,6 +51,7 @@ def ban_repeated_ngrams(logits: jax.Array, history: jax.Array, length: jax.Array
     b, t = history.shape
     if n < 1 or t < n:
         return logits
+    # before n - 1 tokens exist the slice reaches unfilled (-1) slots, which match nothing
     start = jnp.maximum(length - (n - 1), 0)
     prefix = jax.lax.dynamic_slice_in_dim(history, start, n - 1, axis=1)  # (B, n-1)
     starts = jnp.arange(t - n + 1)
@@ -58,7 +59,6 @@ def ban_repeated_ngrams(logits: jax.Array, history: jax.Array, length: jax.Array
     match = (starts + n - 1 < length)[None, :] & jnp.all(prefix >= 0, axis=1, keepdims=True)
     for k in range(n - 1):
         match &= history[:, k:t - n + 1 + k] == prefix[:, k:k + 1]
-    match &= length >= n - 1
     match &= history[:, n - 1:] >= 0
     follow = jnp.clip(history[:, n - 1:], 0, logits.shape[-1] - 1)  # the n-th token
     banned = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], follow].max(match)
