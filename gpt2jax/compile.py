@@ -302,6 +302,7 @@ def model_for_compile(cfg, platform: str = "tpu"):
     model.preset / the explicit dimensions (never from model.init: nothing is loaded),
     labels from data.labels or model.num_labels, automatic choices resolved for
     `platform` ("tpu", or "cuda" for a GPU topology)."""
+    from .config import check_packing_attention
     from .model import PRESETS, resolve_auto
     from .run import model_config
 
@@ -325,7 +326,9 @@ def model_for_compile(cfg, platform: str = "tpu"):
         m.vocab_size = max(base, len(with_special_tokens(load_tokenizer(None),
                                                          cfg.data.add_special_tokens)))
     # automatic choices (loss chunk, kernels, attention) as on the target, not this machine
-    return resolve_auto(model_config(cfg, None, labels), platform)
+    resolved = resolve_auto(model_config(cfg, None, labels), platform)
+    check_packing_attention(cfg.data.packing, resolved.attention, resolved=True)
+    return resolved
 
 
 def abstract_batch(cfg, mcfg, mesh, *, train: bool = True) -> dict:

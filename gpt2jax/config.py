@@ -326,14 +326,22 @@ def validate(cfg: Config) -> None:
     _validate_packing_and_early_stop(cfg)
 
 
+def check_packing_attention(packing: str, attention: str, resolved: bool = False) -> None:
+    """Refuse document packing with cuDNN attention: unverified that gpt2jax's segment
+    mask reaches cuDNN's kernel intact, so refuse rather than risk documents attending to
+    each other. Called on the config, and again on the resolved model config (`resolved`),
+    where model.attention=auto may have become cudnn."""
+    if packing == "documents" and attention == "cudnn":
+        how = "model.attention=auto resolved to cudnn on this GPU" if resolved else \
+            "model.attention=cudnn"
+        raise UserError(f"data.packing: documents is not supported with {how}; set "
+                        "model.attention=explicit or xla, or data.packing=concat")
+
+
 def _validate_packing_and_early_stop(cfg: Config) -> None:
     d, t, es = cfg.data, cfg.train, cfg.train.early_stop
     _need(d.packing in PACKING, "data.packing", f"choose one of {', '.join(PACKING)}")
-    # cuDNN's fused attention takes no segment ids: refuse rather than attend across documents
-    _need(d.packing != "documents" or cfg.model.attention != "cudnn", "data.packing",
-          "documents needs model.attention=explicit or xla (cuDNN flash attention takes no "
-          "segment ids, so documents would see each other); use one of those or "
-          "data.packing=concat")
+    check_packing_attention(d.packing, cfg.model.attention)
     kind = "classification" if d.task == "classification" else "lm"
     _need(not t.best_metric or t.best_metric in BEST_METRICS[kind], "train.best_metric",
           f"choose one of {', '.join(BEST_METRICS[kind])} for data.task={d.task}")

@@ -406,12 +406,19 @@ class Generator:
         if weights_dtype is not None and weights_dtype not in DTYPES:
             raise UserError(f"weights dtype {weights_dtype!r}: choose one of {', '.join(DTYPES)}")
         compute = weights_dtype or cfg.dtype
-        if cfg.scan_layers or compute != cfg.dtype:
+        if cfg.scan_layers or compute != cfg.dtype or cfg.lora_rank:
             from . import params as P
+            from .lora import merge
             from .model import from_values
 
             values = P.flat(nnx.state(model, nnx.Param))
-            model = from_values(cfg.replace(scan_layers=False, dtype=compute), values)
+            plain = cfg.replace(scan_layers=False, dtype=compute)
+            if cfg.lora_rank:  # fold the adapters in once, not on every decoded token
+                values = merge(cfg, P.relayout({k: np.asarray(v) for k, v in values.items()},
+                                               cfg.n_layer, stacked=False))
+                plain = plain.replace(lora_rank=0, lora_alpha=0.0, lora_dropout=0.0,
+                                      lora_targets=())
+            model = from_values(plain, values)
         self.cfg = model.cfg
         graphdef, state = nnx.split(model)
         if weights_dtype and weights_dtype != "float32":

@@ -388,7 +388,8 @@ def fused_nll_sum_reference(h, w, targets, weights, size: int) -> jax.Array:
 
 # the kernels the model calls through this module (kernels.NAME at trace time), each with
 # a NAME_reference beside it: tests swap one for the other
-KERNELS = ("attention_core", "tied_head", "linear", "layer_norm")
+KERNELS = ("attention_core", "tied_head", "linear", "layer_norm", "chunked_nll",
+           "fused_nll_sum")
 
 
 def pick(name: str, choice: str):

@@ -51,7 +51,8 @@ ACTIVATIONS = {
 AUTO_LOSS_CHUNK = {"cpu": 256, "cpu+hugepages": 1024, "gpu": 4096, "tpu": 4096}
 # model.kernels=auto and model.attention=auto per platform, from the compiled comparison in
 # docs/benchmarks.md ("Kernels per platform"): CPU measured (docs/perf-notes.md); TPU from
-# libtpu's compiled v5e executables; GPU (no deviceless compiler here) by the TPU evidence.
+# libtpu's compiled v5e executables; GPU by the TPU evidence (XLA's GPU compiler reports
+# no cost analysis) and the deviceless H100 compile's memory.
 AUTO_KERNELS = {"cpu": "custom", "gpu": "plain", "tpu": "plain"}
 AUTO_ATTENTION = {"cpu": "explicit", "gpu": "explicit", "tpu": "xla"}
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

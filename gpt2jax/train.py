@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BEST_METRICS, Config
+from .config import BEST_METRICS, Config, check_packing_attention
 from .errors import UserError
 from .model import GPT2Config
 
@@ -107,6 +107,7 @@ def _train(cfg: Config, run, dist) -> dict:
                         "set data.validation, or data.validation_fraction > 0")
     mcfg = resolve_model_config(cfg, source_model.cfg if source_model else None,
                                 prepared.labels, len(tokenizer), recorded)
+    check_packing_attention(cfg.data.packing, mcfg.attention, resolved=True)
     batcher = Batcher(prepared.train, t.batch_size, t.seed, jax.process_index(),
                       jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions),
                       accum=t.grad_accum)

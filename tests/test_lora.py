@@ -239,6 +239,21 @@ def test_peft_made_adapter_imports_with_equal_logits(peft_adapter, base_model):
     sh = state_shardings(abstract, make_mesh(devices=jax.devices()[:1]))
     model = nnx.merge(graphdef, initial_params(mcfg, 0, base_model, sh, str(adapter)))
     np.testing.assert_allclose(np.asarray(model(IDS)), theirs, rtol=0, atol=1e-5)
+    # decoding folds the adapters into the kernels once (the decoder has none left); its
+    # first step's logits are the adapted model's (checked against peft just above)
+    from gpt2jax.generate import Generator, Sampling
+    from gpt2jax.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    gen = Generator(model, tok)
+    assert not gen.cfg.lora_rank
+    prompt = "The quick brown fox jumps over"
+    (sample,) = gen.generate([prompt], sampling=Sampling(greedy=True), max_new_tokens=1,
+                             return_logits=True)
+    want = np.asarray(model(np.array([tok.encode(prompt)])))[0, -1]
+    np.testing.assert_allclose(sample.logits[0], want, rtol=0, atol=1e-4)
+    assert np.abs(want - np.asarray(base_model(np.array([tok.encode(prompt)])))[0, -1]).max() \
+        > 1e-3  # the adapters matter: a decoder that dropped them would fail
 
 
 def test_fresh_adapters_leave_the_model_unchanged():
@@ -398,3 +413,15 @@ def test_adapter_export_refuses_what_peft_cannot_load(head, groups, message, tmp
     with pytest.raises(UserError, match=message):
         export_adapter(create_model(mcfg), tmp_path / "out", groups, "base")
     assert not (tmp_path / "out").exists()
+
+
+def test_optim_freeze_and_lora_combine():
+    """A parameter trains only if LoRA lets it and no optim.freeze pattern matches it."""
+    from gpt2jax.config import LoraSection, OptimSection
+    from gpt2jax.optim import frozen_fn
+
+    frozen = frozen_fn(OptimSection(freeze=[r"^h\.0\."]), LoraSection(targets=["c_attn"]))
+    assert frozen("h.0.attn.c_attn_lora_a") and frozen("h.0.attn.c_attn_lora_b")
+    assert not frozen("h.1.attn.c_attn_lora_a") and not frozen("h.1.attn.c_attn_lora_b")
+    assert frozen("h.1.attn.c_attn_kernel") and frozen("wte")  # the base, under LoRA
+    assert not frozen_fn(OptimSection(), LoraSection())("score.kernel")  # the head trains

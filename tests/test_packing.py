@@ -23,6 +23,7 @@ from test_kernels import _qkv, assert_trees_close
 from gpt2jax.batches import LMBlocks, prepare
 from gpt2jax.config import load_config
 from gpt2jax.data import Tokenized
+from gpt2jax.errors import UserError
 from gpt2jax.kernels import attention_core, attention_core_reference
 from gpt2jax.model import attention_mask_bias
 
@@ -166,11 +167,25 @@ def test_train_validation_and_compiled_batches_follow_the_run_packing(tmp_path):
         assert batch.get("segments", batch["tokens"]).shape == batch["tokens"].shape
 
 
+def test_documents_refuse_cudnn_chosen_by_auto_too():
+    """model.attention=auto becomes cudnn on a GPU (bf16, no dropout); the refusal runs on
+    the resolved choice as well, not only on the config's word."""
+    from gpt2jax.config import check_packing_attention
+    from gpt2jax.model import GPT2Config, resolve_auto
+
+    cfg = resolve_auto(GPT2Config(dtype="bfloat16", attention="auto", embd_pdrop=0.0,
+                                  attn_pdrop=0.0, resid_pdrop=0.0), "cuda")
+    assert cfg.attention == "cudnn"  # the premise: auto picks cuDNN here
+    with pytest.raises(UserError, match="model.attention=auto resolved to cudnn"):
+        check_packing_attention("documents", cfg.attention, resolved=True)
+    check_packing_attention("concat", cfg.attention, resolved=True)  # concat is fine
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["--data.packing=documents", "--model.attention=cudnn", "--model.dtype=bfloat16",
       "--model.dropout=0"],
-     "data.packing: documents needs model.attention=explicit or xla (cuDNN flash attention "
-     "takes no segment ids"),
+     "data.packing: documents is not supported with model.attention=cudnn; set "
+     "model.attention=explicit or xla"),
     (["--data.packing=docs"], "data.packing: choose one of concat, documents"),
     (["--train.best_metric=accuracy"],
      "train.best_metric: choose one of loss, perplexity for data.task=lm"),
