@@ -77,9 +77,8 @@ def parse_coordinator(address: str, where: str = "dist.coordinator") -> tuple[st
     """Split 'host:port' (or '[v6addr]:port') and check both parts."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([A-Za-z0-9_.\-]+):(\d+)", address.strip())
     if not m:
-        raise UserError(
-            f"{where}: {address!r} is not host:port (e.g. 10.0.0.2:8476 or node001:8476)"
-        )
+        raise UserError(f"{where}: {address!r} is not host:port (e.g. 10.0.0.2:8476 or "
+                        "node001:8476)")
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4))
     if not 1 <= port <= 65535:
@@ -90,14 +89,12 @@ def parse_coordinator(address: str, where: str = "dist.coordinator") -> tuple[st
 def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM nodelist ('gpu[007-009,012],cpu1' -> 'gpu007'), no scontrol."""
     nodelist = nodelist.strip()
-    m = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist)
-    if not m or not (m.group(1) or m.group(3)):
+    # prefix, then the first number of a bracketed range, zero padding kept ('007-009')
+    m = re.match(r"([^,\[]*)(?:\[(([^,\-\]]*)[^\]]*)\])?", nodelist)
+    prefix, ranges, first = m.groups()
+    if not (prefix or ranges):
         raise UserError(f"SLURM nodelist {nodelist!r} has no host name")
-    prefix, ranges = m.group(1), m.group(3)
-    if ranges is None:
-        return prefix
-    # The first element of the first range keeps its zero padding: '007-009' -> '007'.
-    return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0]
+    return prefix + (first or "")
 
 
 def _expand_counts(spec: str) -> list[int]:
