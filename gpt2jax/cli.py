@@ -74,11 +74,13 @@ def _load(src: str, step):
     return load_model(src, step)
 
 
+def _pick(args, *names: str) -> dict:
+    """Options passed on unchanged, as keyword arguments of the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _log(message: str) -> None:
     print(f"gpt2jax: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- export
 
 
 def _add_export(sub) -> None:
@@ -115,9 +117,6 @@ def _lora_origin(source) -> tuple[list[str], str]:
     m = read_run_config(source.path).model
     base = m.init.removeprefix("hf:") if m.init != "scratch" else ""
     return (list(m.lora.train) if m.lora else []), base
-
-
-# ---------------------------------------------------------------- eval, score
 
 
 def _add_eval(sub) -> None:
@@ -166,12 +165,9 @@ def _cmd_eval(args) -> dict:
         base = own or Templates()
         templates = Templates(args.prompt_template or base.prompt,
                               args.target_template or base.target, base.example)
-    result = evaluate_data(
-        model, tok, args.data, task=args.task, text_column=args.text_column,
-        label_column=args.label_column, split=args.split, text_unit=args.text_unit,
-        batch_size=args.batch_size, seq_len=args.seq_len, stride=args.stride,
-        predictions=args.predictions, templates=templates, limit=args.limit,
-    )
+    result = evaluate_data(model, tok, args.data, templates=templates, **_pick(
+        args, "task", "text_column", "label_column", "split", "text_unit", "batch_size",
+        "seq_len", "stride", "predictions", "limit"))
     return {"model": source.describe(), **result}
 
 
@@ -208,9 +204,6 @@ def _cmd_score(args) -> dict:
 
     model, tok, source = _load(args.model, args.step)
     return {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
-
-
-# ---------------------------------------------------------------- train
 
 
 def _add_train(sub) -> None:
@@ -295,9 +288,6 @@ def _prepare_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- generate, diff, similarity
-
-
 def _add_generate(sub) -> None:
     p = _command(sub, "generate", _cmd_generate, model=True,
                  help="continue prompts (KV-cache decoding, streamed)",
@@ -365,8 +355,8 @@ def _cmd_generate(args) -> dict | int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = _load(args.model, args.step)
     gen = Generator(model, tok, weights_dtype=args.weights_dtype)
-    opts = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size)
+    opts = dict(sampling=sampling, **_pick(args, "max_new_tokens", "stop", "seed",
+                                           "num_samples", "batch_size"))
     if args.json:
         samples = gen.generate(prompts, **opts)
         return {"samples": [s.to_json() for s in samples],
@@ -448,12 +438,9 @@ def _cmd_similarity(args) -> dict:
     sampling = _sampling(args)
     records = load_task_dataset(args.data, split=args.split, limit=args.limit or 0)
     model, tok, source = _load(args.model, args.step)
-    result = similarity(
-        model, tok, records, embed_model=args.embed_model, word_column=args.word_column,
-        definition_column=args.definition_column, prompt_template=args.prompt_template,
-        limit=args.limit, max_new_tokens=args.max_new_tokens, sampling=sampling,
-        seed=args.seed,
-    )
+    result = similarity(model, tok, records, sampling=sampling, **_pick(
+        args, "embed_model", "word_column", "definition_column", "prompt_template", "limit",
+        "max_new_tokens", "seed"))
     return {"model": source.describe(), **result}
 
 
@@ -465,9 +452,6 @@ def _similarity_text(r: dict) -> str:
         lines.append(f"  {ex['cosine']:.3f}  {ex['word']}: {ex['generated']!r}  "
                      f"(reference: {ex['reference']!r})")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- bench
 
 
 def _add_bench(sub) -> None:
@@ -521,16 +505,14 @@ def _cmd_bench(args) -> int:
     from .bench import bench_config, format_lora_table, format_table, run_bench, run_lora_bench
     from .peers import parse
 
-    cfg = bench_config(args.preset, n_layer=args.n_layer, n_embd=args.n_embd,
-                       n_head=args.n_head, vocab_size=args.vocab_size,
-                       n_positions=args.n_positions, dtype=args.dtype, remat=args.remat,
-                       scan_layers=args.scan_layers or None, attention=args.attention,
-                       loss_chunk=args.loss_chunk, kernels=args.kernels)
-    timing = dict(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                  warmup=args.warmup, rounds=args.rounds, seed=args.seed, log=_log)
+    shape = _pick(args, "n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "dtype",
+                  "remat", "attention", "loss_chunk", "kernels")
+    cfg = bench_config(args.preset, scan_layers=args.scan_layers or None, **shape)
+    timing = _pick(args, "batch_size", "seq_len", "steps", "warmup", "rounds", "seed")
+    timing["log"] = _log
     if not args.lora:
         result = run_bench(cfg, vs=parse(args.vs), decode=args.decode, evaluate=args.eval,
-                           decode_tokens=args.decode_tokens, peak_size=args.peak_size, **timing)
+                           **_pick(args, "decode_tokens", "peak_size"), **timing)
         _emit(result, args.json, format_table)
         return 0
     if args.vs or args.decode or args.eval:
@@ -539,9 +521,6 @@ def _cmd_bench(args) -> int:
     result = run_lora_bench(cfg, args.lora, tuple(args.lora_targets), **timing)
     _emit(result, args.json, format_lora_table)
     return 0
-
-
-# ---------------------------------------------------------------- compile
 
 
 def _add_compile(sub) -> None:
@@ -570,9 +549,6 @@ def _cmd_compile(args) -> int:
     return 0 if result["fits"] else 1  # "does not fit" is a result, not an error
 
 
-# ---------------------------------------------------------------- demo
-
-
 def _add_demo(sub) -> None:
     p = _command(sub, "demo", _cmd_demo,
                  help="train the embedded GCIDE dictionary demo, offline",
@@ -588,8 +564,6 @@ def _cmd_demo(args) -> dict:
 
     return run_demo(args.config or DEMO_CONFIG, args.overrides)  # the demo prints its own text
 
-
-# ---------------------------------------------------------------- main
 
 COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_compile, _add_export,
                             _add_eval, _add_score, _add_generate, _add_diff, _add_similarity,

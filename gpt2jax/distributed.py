@@ -52,11 +52,6 @@ class DistInfo:
     coordinator: str  # host:port, "" when single-process
     source: str = "single"  # where the settings came from: config, env, slurm, tpu, single
 
-    @property
-    def is_main(self) -> bool:
-        """Process 0 writes logs, plots and exports."""
-        return self.process_id == 0
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -279,11 +274,9 @@ def wait_for_coordinator(host: str, port: int, deadline: float, timeout: float) 
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise UserError(
-                f"the coordinator {host}:{port} did not answer within dist.timeout={timeout:g} s "
-                f"({last}); check that process 0 is running and reachable at that address, "
-                "or raise dist.timeout"
-            )
+            raise UserError(f"the coordinator {host}:{port} did not answer within dist.timeout="
+                            f"{timeout:g} s ({last}); check that process 0 is running and "
+                            "reachable at that address, or raise dist.timeout")
         try:
             with socket.create_connection((host, port), timeout=min(1.0, left)):
                 return
@@ -437,10 +430,8 @@ def wait_for_peers(name: str, timeout: float, waiting_for: str) -> None:
         client.wait_at_barrier(f"gpt2jax-{name}-{n}", timeout_in_ms=max(1, int(timeout * 1000)))
     except Exception as e:  # jax's XlaRuntimeError: DEADLINE_EXCEEDED, or a peer went away
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"process {jax.process_index()} of {jax.process_count()}: waited {timeout:g} s for "
-            f"{waiting_for} ({reason})"
-        ) from None
+        raise UserError(f"process {jax.process_index()} of {jax.process_count()}: waited "
+                        f"{timeout:g} s for {waiting_for} ({reason})") from None
 
 
 # ---------------------------------------------------------------- self-test
@@ -462,21 +453,16 @@ def selftest(info: DistInfo) -> dict:
     mesh = jax.make_mesh((info.global_devices,), ("data",), axis_types=(AxisType.Auto,))
     rows = np.full((info.local_devices, 4), info.process_id + 1, np.float32)
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), rows)
-    replicated = NamedSharding(mesh, P())
-    total = jax.jit(jnp.sum, out_shardings=replicated)(x)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
     psum = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a.sum(), "data"), mesh=mesh,
                                  in_specs=P("data"), out_specs=P()))(x)
     # Each process's (local device count, process id), gathered to compute the exact total.
     counts = multihost_utils.process_allgather(
         np.array([info.local_devices, info.process_id], np.int64))
     expected = float(sum(4 * int(n) * (int(p) + 1) for n, p in np.asarray(counts)))
-    return {
-        **asdict(info),
-        "global_shape": list(x.shape),
-        "sum": float(np.asarray(total.addressable_data(0))),
-        "psum": float(np.asarray(psum.addressable_data(0))),
-        "expected": expected,
-    }
+    return {**asdict(info), "global_shape": list(x.shape),
+            "sum": float(np.asarray(total.addressable_data(0))),
+            "psum": float(np.asarray(psum.addressable_data(0))), "expected": expected}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -155,7 +155,7 @@ def test_initialize_single_process(clean_env):
 
     n = jax.device_count()  # conftest's fake CPU devices
     info = dist.initialize()
-    assert info == dist.DistInfo(0, 1, n, n, "", "single") and info.is_main
+    assert info == dist.DistInfo(0, 1, n, n, "", "single")
     assert dist.initialize(local_device_count=n).local_devices == n  # matches: fine
 
 
