@@ -167,13 +167,8 @@ def _int_env(env: Mapping[str, str], key: str) -> int | None:
         raise UserError(f"environment variable {key}={value!r} is not an integer") from None
 
 
-def plan(
-    coordinator: str = "",
-    num_processes: int = 0,
-    process_id: int = -1,
-    env: Mapping[str, str] | None = None,
-    tpu: bool | None = None,
-) -> Plan:
+def plan(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+         env: Mapping[str, str] | None = None, tpu: bool | None = None) -> Plan:
     """Resolve the settings (in the module docstring's order) and validate them.
 
     Reads `env` (default os.environ) and, when `tpu` is None, probes for TPU chips; raises
@@ -307,13 +302,8 @@ def _watchdog(seconds: float, message: str) -> Iterator[None]:
         timer.cancel()
 
 
-def initialize(
-    coordinator: str = "",
-    num_processes: int = 0,
-    process_id: int = -1,
-    timeout: float = 60,
-    local_device_count: int = 0,
-) -> DistInfo:
+def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+               timeout: float = 60, local_device_count: int = 0) -> DistInfo:
     """Connect this process to the others (or do nothing for a single process).
 
     Call before any other JAX call. Arguments mirror the config's `dist` section: "" / 0 /
@@ -371,14 +361,11 @@ def initialize(
     )
     with _watchdog(deadline - time.monotonic(), message):
         jax.distributed.initialize(
-            coordinator_address=p.coordinator,
-            num_processes=p.num_processes,
-            process_id=p.process_id,
+            coordinator_address=p.coordinator, num_processes=p.num_processes,
+            process_id=p.process_id, initialization_timeout=jax_timeout,
             local_device_ids=list(p.local_device_ids) if p.local_device_ids else None,
             # Our plan already read SLURM; jax's detection would re-pick GPU = SLURM_LOCALID.
-            cluster_detection_method="deactivate",
-            initialization_timeout=jax_timeout,
-        )
+            cluster_detection_method="deactivate")
     return _info(p.source, p.coordinator)
 
 
