@@ -14,26 +14,21 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = {
-    "GPT2": "model",
-    "GPT2Config": "model",
-    "create_model": "model",
-    "load_model": "run",
-    "resolve": "sources",
-    "load_hf_dir": "hf",
-    "export_hf": "hf",
-    "gpt2_tokenizer": "tokenizer",
-    "load_config": "config",
-    "train": "train",
-    "evaluate_lm": "evaluate",
-    "evaluate_classification": "evaluate",
-    "score": "evaluate",
-    "token_logprobs": "evaluate",
-    "generate": "generate",
-    "weight_diff": "analysis",
-    "load_records": "data",
-    "UserError": "errors",
+_MODULES = {  # module -> the public names it provides
+    "model": ("GPT2", "GPT2Config", "create_model"),
+    "run": ("load_model",),
+    "sources": ("resolve",),
+    "hf": ("load_hf_dir", "export_hf"),
+    "tokenizer": ("gpt2_tokenizer",),
+    "config": ("load_config",),
+    "train": ("train",),
+    "evaluate": ("evaluate_lm", "evaluate_classification", "score", "token_logprobs"),
+    "generate": ("generate",),
+    "analysis": ("weight_diff",),
+    "data": ("load_records",),
+    "errors": ("UserError",),
 }
+_API = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str):

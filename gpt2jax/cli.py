@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from . import malloc
 from .config import ATTENTION, KERNELS, LORA_TARGETS
-from .errors import UserError
+from .errors import Preempted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,40 +32,60 @@ def _emit(result: dict, as_json: bool, text: Callable[[dict], str] | None = None
         print_line(json.dumps(result, ensure_ascii=False))
     elif text is not None:
         print(text(result))
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
 
 
-def _step(value: str) -> int | str:
-    if value == "best" or value == "latest":
-        return value
+def _step(value: str) -> int | str | None:
+    """A --step value; None is the latest checkpoint."""
+    if value in ("best", "latest"):
+        return None if value == "latest" else value
     try:
         return int(value)
     except ValueError:
         raise UserError(f"--step must be a number, 'best' or 'latest', got {value!r}") from None
 
 
-def _runs(p: argparse.ArgumentParser, func: Callable) -> None:
-    """The command's --json switch and the function that runs it."""
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    p.set_defaults(func=func)
+def _command(sub, name: str, func: Callable, text: Callable[[dict], str] | None = None, *,
+             model: bool = False, config: bool = False,
+             json_help: str = "print the result as one JSON line",
+             **kw) -> argparse.ArgumentParser:
+    """A subcommand's parser with --json and the function that runs it; `model` adds
+    --model/--step, `config` the YAML config argument.
+
+    `func(args)` returns a result dict, printed by `text` (or as JSON with --json), or the
+    exit status of a command that printed its own output.
+    """
+    p = sub.add_parser(name, **kw)
+    p.set_defaults(func=func, text=text)
+    if config:
+        p.add_argument("config", help="YAML config (see configs/)")
+    if model:
+        p.add_argument("--model", required=True, metavar="SRC", help="HF directory, hub name, "
+                       "gpt2jax run or checkpoint (hf:/run: to force)")
+        p.add_argument("--step", type=_step, default=None,
+                       help="for a run: a checkpoint step, 'best' or 'latest' (default)")
+    p.add_argument("--json", action="store_true", help=json_help)
+    return p
 
 
-def _model_args(p: argparse.ArgumentParser, flag: str = "--model") -> None:
-    p.add_argument(flag, required=True, metavar="SRC",
-                   help="HF directory, hub name, gpt2jax run or checkpoint (hf:/run: to force)")
-    p.add_argument("--step", type=_step, default=None,
-                   help="for a run: a checkpoint step, 'best' or 'latest' (default)")
+def _load(src: str, step):
+    """(model, tokenizer, Source) of a --model SRC and its --step."""
+    from .run import load_model
+
+    return load_model(src, step)
 
 
-# ---------------------------------------------------------------- export
+def _pick(args, *names: str) -> dict:
+    """Options passed on unchanged, as keyword arguments of the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
+def _log(message: str) -> None:
+    print(f"gpt2jax: {message}", file=sys.stderr, flush=True)
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export",
-                       help="write a transformers directory (config, safetensors, tokenizer)")
-    _model_args(p)
+    p = _command(sub, "export", _cmd_export, lambda r: f"exported {r['source']} to {r['out']}",
+                 model=True, help="write a transformers directory (config, safetensors, tokenizer)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--backbone-only", action="store_true",
@@ -73,10 +93,9 @@ def _add_export(sub) -> None:
     p.add_argument("--adapter", action="store_true",
                    help="a LoRA run: write a PEFT adapter directory instead of merging the "
                         "adapters into the weights")
-    _runs(p, _cmd_export)
 
 
-def _cmd_export(args) -> int:
+def _cmd_export(args) -> dict:
     from .hf import export_adapter, export_hf
 
     model, tok, source = _load(args.model, args.step)
@@ -86,9 +105,7 @@ def _cmd_export(args) -> int:
     else:
         out = export_hf(model, args.out, tok, overwrite=args.overwrite,
                         backbone_only=args.backbone_only)
-    _emit({"out": str(out), "source": source.describe(), "head": model.cfg.head}, args.json,
-          lambda r: f"exported {r['source']} to {r['out']}")
-    return 0
+    return {"out": str(out), "source": source.describe(), "head": model.cfg.head}
 
 
 def _lora_origin(source) -> tuple[list[str], str]:
@@ -102,19 +119,9 @@ def _lora_origin(source) -> tuple[list[str], str]:
     return (list(m.lora.train) if m.lora else []), base
 
 
-def _load(src: str, step):
-    """(model, tokenizer, Source) of a --model SRC and its --step."""
-    from .run import load_model
-
-    return load_model(src, None if step == "latest" else step)
-
-
-# ---------------------------------------------------------------- eval, score
-
-
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity (lm) or classification metrics on a dataset")
-    _model_args(p)
+    p = _command(sub, "eval", _cmd_eval, _eval_text, model=True,
+                 help="perplexity (lm) or classification metrics on a dataset")
     p.add_argument("--data", required=True,
                    help="a .txt/.jsonl/.json/.csv/.tsv/.parquet file, a folder of them, "
                         "or hub:ORG/NAME[:CONFIG][@SPLIT]")
@@ -142,10 +149,9 @@ def _add_eval(sub) -> None:
                         "the run's own data.prompt_template, else the task's)")
     p.add_argument("--target-template", default="",
                    help="dictionary_reverse: the target, e.g. ' {word}' (same defaults)")
-    _runs(p, _cmd_eval)
 
 
-def _cmd_eval(args) -> int:
+def _cmd_eval(args) -> dict:
     from .evaluate import evaluate_data
 
     model, tok, source = _load(args.model, args.step)
@@ -154,20 +160,15 @@ def _cmd_eval(args) -> int:
         from .evaluate import run_templates
         from .tasks import Templates
 
-        if source.kind in ("run", "checkpoint"):
-            templates = run_templates(source.path, args.task)
-        if args.prompt_template or args.target_template or templates is None:
-            base = templates or Templates()
-            templates = Templates(args.prompt_template or base.prompt,
-                                  args.target_template or base.target, base.example)
-    result = evaluate_data(
-        model, tok, args.data, task=args.task, text_column=args.text_column,
-        label_column=args.label_column, split=args.split, text_unit=args.text_unit,
-        batch_size=args.batch_size, seq_len=args.seq_len, stride=args.stride,
-        predictions=args.predictions, templates=templates, limit=args.limit,
-    )
-    _emit({"model": source.describe(), **result}, args.json, _eval_text)
-    return 0
+        # the run's own templates when it trained this task; the flags override them
+        own = source.kind in ("run", "checkpoint") and run_templates(source.path, args.task)
+        base = own or Templates()
+        templates = Templates(args.prompt_template or base.prompt,
+                              args.target_template or base.target, base.example)
+    result = evaluate_data(model, tok, args.data, templates=templates, **_pick(
+        args, "task", "text_column", "label_column", "split", "text_unit", "batch_size",
+        "seq_len", "stride", "predictions", "limit"))
+    return {"model": source.describe(), **result}
 
 
 def _eval_text(r: dict) -> str:
@@ -189,48 +190,34 @@ def _eval_text(r: dict) -> str:
 
 
 def _add_score(sub) -> None:
-    p = sub.add_parser("score", help="log-probability of an answer given a prompt")
-    _model_args(p)
+    p = _command(sub, "score", _cmd_score, model=True,
+                 text=lambda r: (f"logprob {r['logprob']:.6f}  probability "
+                                 f"{r['probability']:.6g}  answer_tokens {r['answer_tokens']}"),
+                 help="log-probability of an answer given a prompt")
     p.add_argument("--prompt", required=True,
                    help="context, tokenized as is; empty: the answer follows one <|endoftext|>")
     p.add_argument("--answer", required=True, help="the text whose probability is scored")
-    _runs(p, _cmd_score)
 
 
-def _cmd_score(args) -> int:
+def _cmd_score(args) -> dict:
     from .evaluate import score
 
     model, tok, source = _load(args.model, args.step)
-    result = {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
-    _emit(result, args.json, lambda r: (f"logprob {r['logprob']:.6f}  probability "
-                                        f"{r['probability']:.6g}  answer_tokens "
-                                        f"{r['answer_tokens']}"))
-    return 0
-
-
-# ---------------------------------------------------------------- train
+    return {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train or fine-tune (resumes the run in train.run_dir)",
-                       description="gpt2jax train CONFIG [--section.key=value ...]")
-    p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-    p.set_defaults(func=_cmd_train)
+    _command(sub, "train", _cmd_train, _train_text, config=True,
+             json_help="print a JSON summary at the end",
+             help="train or fine-tune (resumes the run in train.run_dir)",
+             description="gpt2jax train CONFIG [--section.key=value ...]")
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args) -> dict:
     from .config import load_config
-    from .train import Preempted, train
+    from .train import train
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        summary = train(cfg)
-    except Preempted as e:
-        print(f"gpt2jax: {e}", file=sys.stderr)
-        return e.exit_status
-    _emit(summary, args.json, _train_text)
-    return 0
+    return train(load_config(args.config, args.overrides))
 
 
 def _train_text(s: dict) -> str:
@@ -257,16 +244,15 @@ def _train_text(s: dict) -> str:
 
 
 def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize a config's data into the cache (no training)",
-                       description="gpt2jax prepare CONFIG [--section.key=value ...]: load, "
-                                   "tokenize and cache data.train / data.validation exactly "
-                                   "as `gpt2jax train` would, e.g. once before a multi-host "
-                                   "job, and report what the run will see")
-    p.add_argument("config", help="YAML config (see configs/)")
-    _runs(p, _cmd_prepare)
+    _command(sub, "prepare", _cmd_prepare, _prepare_text, config=True,
+             help="tokenize a config's data into the cache (no training)",
+             description="gpt2jax prepare CONFIG [--section.key=value ...]: load, tokenize and "
+                         "cache data.train / data.validation exactly as `gpt2jax train` "
+                         "would, e.g. once before a multi-host job, and report what the run "
+                         "will see")
 
 
-def _cmd_prepare(args) -> int:
+def _cmd_prepare(args) -> dict:
     import time
 
     from .batches import prepare
@@ -280,12 +266,10 @@ def _cmd_prepare(args) -> int:
     p = prepare(cfg.data, tokenizer, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
                 eos=tokenizer.eos_token_id)
     unit = "examples" if cfg.data.task == "classification" else "blocks"
-    out = {"train": cfg.data.train, **p.stats, f"train_{unit}": len(p.train),
-           f"validation_{unit}": len(p.validation) if p.validation is not None else 0,
-           "labels": list(p.labels), "seconds": round(time.perf_counter() - t0, 2),
-           "cache_dir": "off" if cfg.data.cache_dir == "off" else str(cache_dir(cfg.data))}
-    _emit(out, args.json, _prepare_text)
-    return 0
+    return {"train": cfg.data.train, **p.stats, f"train_{unit}": len(p.train),
+            f"validation_{unit}": len(p.validation) if p.validation is not None else 0,
+            "labels": list(p.labels), "seconds": round(time.perf_counter() - t0, 2),
+            "cache_dir": "off" if cfg.data.cache_dir == "off" else str(cache_dir(cfg.data))}
 
 
 def _prepare_text(r: dict) -> str:
@@ -304,13 +288,10 @@ def _prepare_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- generate, diff, similarity
-
-
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue prompts (KV-cache decoding, streamed)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_args(p)
+    p = _command(sub, "generate", _cmd_generate, model=True,
+                 help="continue prompts (KV-cache decoding, streamed)",
+                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompts-file", metavar="F",
@@ -322,7 +303,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (--json)")
     p.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default=None,
                    help="cast the weights for decoding (default: as stored)")
-    _runs(p, _cmd_generate)
 
 
 def _sampling_args(p: argparse.ArgumentParser, greedy: bool) -> None:
@@ -354,7 +334,7 @@ def _sampling(args):
                     args.repetition_penalty, args.no_repeat_ngram).validate()
 
 
-def _cmd_generate(args) -> int:
+def _cmd_generate(args) -> dict | int:
     import time
 
     from .generate import Generator
@@ -375,14 +355,13 @@ def _cmd_generate(args) -> int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = _load(args.model, args.step)
     gen = Generator(model, tok, weights_dtype=args.weights_dtype)
-    opts = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size)
+    opts = dict(sampling=sampling, **_pick(args, "max_new_tokens", "stop", "seed",
+                                           "num_samples", "batch_size"))
     if args.json:
         samples = gen.generate(prompts, **opts)
-        t = gen.timing
-        _emit({"samples": [s.to_json() for s in samples], "first_token_s": t.first_token_s,
-               "decode_tokens_per_s": t.decode_tokens_per_s}, True)
-        return 0
+        return {"samples": [s.to_json() for s in samples],
+                "first_token_s": gen.timing.first_token_s,
+                "decode_tokens_per_s": gen.timing.decode_tokens_per_s}
     many = len(prompts) * args.num_samples > 1
 
     def start(p: int, s: int, prompt: str) -> None:
@@ -391,11 +370,9 @@ def _cmd_generate(args) -> int:
             print(f"{gap}--- prompt {p}, sample {s} ---")
         print(prompt, end="", flush=True)
 
-    def text(p: int, s: int, delta: str) -> None:
-        print(delta, end="", flush=True)
-
     t0 = time.perf_counter()
-    samples = gen.generate(prompts, on_start=start, on_text=text, **opts)
+    samples = gen.generate(prompts, on_start=start,
+                           on_text=lambda p, s, delta: print(delta, end="", flush=True), **opts)
     seconds = time.perf_counter() - t0
     print(flush=True)
     n = sum(len(s.token_ids) for s in samples)
@@ -407,7 +384,8 @@ def _cmd_generate(args) -> int:
 
 
 def _add_diff(sub) -> None:
-    p = sub.add_parser("diff", help="how far the weights moved between two models")
+    p = _command(sub, "diff", _cmd_diff, _diff_text,
+                 help="how far the weights moved between two models")
     p.add_argument("--a", required=True, metavar="SRC", help="first model (e.g. the base)")
     p.add_argument("--b", required=True, metavar="SRC", help="second model (e.g. fine-tuned)")
     p.add_argument("--step-a", type=_step, default=None, help="checkpoint step of a run --a")
@@ -415,26 +393,29 @@ def _add_diff(sub) -> None:
     p.add_argument("--plot", metavar="FILE.png", default=None, help="per-layer heatmap")
     p.add_argument("--plot-metric", default="relative_l2",
                    help="statistic coloured in --plot (default relative_l2)")
-    _runs(p, _cmd_diff)
 
 
-def _cmd_diff(args) -> int:
-    from .analysis import format_diff, plot_diff, weight_diff
+def _cmd_diff(args) -> dict:
+    from .analysis import plot_diff, weight_diff
 
     model_a, _, src_a = _load(args.a, args.step_a)
     model_b, _, src_b = _load(args.b, args.step_b)
     result = {"a": src_a.describe(), "b": src_b.describe(), **weight_diff(model_a, model_b)}
     if args.plot:
         result["plot"] = str(plot_diff(result, args.plot, args.plot_metric))
-    _emit(result, args.json, lambda r: f"a: {r['a']}\nb: {r['b']}\n" + format_diff(r)
-          + (f"\nplot: {r['plot']}" if r.get("plot") else ""))
-    return 0
+    return result
+
+
+def _diff_text(r: dict) -> str:
+    from .analysis import format_diff
+
+    return (f"a: {r['a']}\nb: {r['b']}\n" + format_diff(r)
+            + (f"\nplot: {r['plot']}" if r.get("plot") else ""))
 
 
 def _add_similarity(sub) -> None:
-    p = sub.add_parser("similarity",
-                       help="generate definitions for words, compare them to the references")
-    _model_args(p)
+    p = _command(sub, "similarity", _cmd_similarity, _similarity_text, model=True,
+                 help="generate definitions for words, compare them to the references")
     p.add_argument("--data", required=True, help="records with a word and a definition column "
                                                  "(file, folder, hub:ORG/NAME, or gcide)")
     p.add_argument("--split", default=None, help="split of a hub dataset or a folder")
@@ -448,24 +429,19 @@ def _add_similarity(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--max-new-tokens", type=int, default=48)
     _sampling_args(p, greedy=True)
-    _runs(p, _cmd_similarity)
 
 
-def _cmd_similarity(args) -> int:
+def _cmd_similarity(args) -> dict:
     from .analysis import similarity
     from .data import load_task_dataset
 
     sampling = _sampling(args)
     records = load_task_dataset(args.data, split=args.split, limit=args.limit or 0)
     model, tok, source = _load(args.model, args.step)
-    result = similarity(
-        model, tok, records, embed_model=args.embed_model, word_column=args.word_column,
-        definition_column=args.definition_column, prompt_template=args.prompt_template,
-        limit=args.limit, max_new_tokens=args.max_new_tokens, sampling=sampling,
-        seed=args.seed,
-    )
-    _emit({"model": source.describe(), **result}, args.json, _similarity_text)
-    return 0
+    result = similarity(model, tok, records, sampling=sampling, **_pick(
+        args, "embed_model", "word_column", "definition_column", "prompt_template", "limit",
+        "max_new_tokens", "seed"))
+    return {"model": source.describe(), **result}
 
 
 def _similarity_text(r: dict) -> str:
@@ -478,12 +454,9 @@ def _similarity_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- bench
-
-
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="train-step tokens/s, FLOPs and MFU; --vs hf,keras "
-                                     "compares with transformers' PyTorch and KerasHub")
+    p = _command(sub, "bench", _cmd_bench, help="train-step tokens/s, FLOPs and MFU; --vs "
+                 "hf,keras compares with transformers' PyTorch and KerasHub")
     p.add_argument("--preset", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
                    default=None, help="model shape (default: 4 layers, n_embd 256, 4 heads)")
     for dim in ("n-layer", "n-embd", "n-head", "vocab-size", "n-positions"):
@@ -526,54 +499,35 @@ def _add_bench(sub) -> None:
                         "(trainable parameters, optimizer-state bytes, step memory)")
     p.add_argument("--lora-targets", nargs="+", default=["c_attn"], choices=LORA_TARGETS,
                    help="with --lora: the adapted projections (model.lora.targets)")
-    _runs(p, _cmd_bench)
 
 
 def _cmd_bench(args) -> int:
-    from .bench import bench_config, format_table, run_bench
+    from .bench import bench_config, format_lora_table, format_table, run_bench, run_lora_bench
     from .peers import parse
 
-    cfg = bench_config(args.preset, n_layer=args.n_layer, n_embd=args.n_embd,
-                       n_head=args.n_head, vocab_size=args.vocab_size,
-                       n_positions=args.n_positions, dtype=args.dtype, remat=args.remat,
-                       scan_layers=args.scan_layers or None, attention=args.attention,
-                       loss_chunk=args.loss_chunk, kernels=args.kernels)
-    if args.lora:
-        return _lora_bench(cfg, args)
-    result = run_bench(
-        cfg, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-        warmup=args.warmup, rounds=args.rounds, vs=parse(args.vs), decode=args.decode,
-        evaluate=args.eval, decode_tokens=args.decode_tokens, peak_size=args.peak_size,
-        seed=args.seed,
-        log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True),
-    )
-    _emit(result, args.json, format_table)
-    return 0
-
-
-def _lora_bench(cfg, args) -> int:
-    from .bench import format_lora_table, run_lora_bench
-
+    shape = _pick(args, "n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "dtype",
+                  "remat", "attention", "loss_chunk", "kernels")
+    cfg = bench_config(args.preset, scan_layers=args.scan_layers or None, **shape)
+    timing = _pick(args, "batch_size", "seq_len", "steps", "warmup", "rounds", "seed")
+    timing["log"] = _log
+    if not args.lora:
+        result = run_bench(cfg, vs=parse(args.vs), decode=args.decode, evaluate=args.eval,
+                           **_pick(args, "decode_tokens", "peak_size"), **timing)
+        _emit(result, args.json, format_table)
+        return 0
     if args.vs or args.decode or args.eval:
         raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs, "
                         "--decode and --eval without it")
-    result = run_lora_bench(
-        cfg, args.lora, tuple(args.lora_targets), batch_size=args.batch_size,
-        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-        seed=args.seed, log=lambda m: print(f"gpt2jax: {m}", file=sys.stderr, flush=True))
+    result = run_lora_bench(cfg, args.lora, tuple(args.lora_targets), **timing)
     _emit(result, args.json, format_lora_table)
     return 0
 
 
-# ---------------------------------------------------------------- compile
-
-
 def _add_compile(sub) -> None:
-    p = sub.add_parser("compile", help="compile the train step for a TPU topology, on any "
-                                       "machine: memory per chip, FLOPs, collectives",
-                       description="gpt2jax compile CONFIG --topology NAME "
-                                   "[--section.key=value ...]")
-    p.add_argument("config", help="YAML config (see configs/)")
+    p = _command(sub, "compile", _cmd_compile, config=True,
+                 help="compile the train step for a TPU topology, on any machine: memory per "
+                      "chip, FLOPs, collectives",
+                 description="gpt2jax compile CONFIG --topology NAME [--section.key=value ...]")
     p.add_argument("--topology", required=True,
                    help="Cloud TPU accelerator type (v5litepod-16, v5e-8, v4-32, v5p-8, "
                         "v6e-256) or libtpu's form (v5e:4x4, v4:2x2x2)")
@@ -582,7 +536,6 @@ def _add_compile(sub) -> None:
                    help="serialize the compiled train step (with the versions it needs)")
     p.add_argument("--no-eval", action="store_true",
                    help="compile the train step only (the eval step takes a quarter more time)")
-    _runs(p, _cmd_compile)
 
 
 def _cmd_compile(args) -> int:
@@ -596,39 +549,25 @@ def _cmd_compile(args) -> int:
     return 0 if result["fits"] else 1  # "does not fit" is a result, not an error
 
 
-# ---------------------------------------------------------------- demo
-
-
 def _add_demo(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="train the embedded GCIDE dictionary demo, offline",
-        description="Train a small GPT-2 from scratch on the GCIDE dictionary (word -> "
-                    "definition), print definitions of held-out words and export the model. "
-                    "Any --section.key=value overrides the config, e.g. --train.steps=50.")
+    p = _command(sub, "demo", _cmd_demo,
+                 help="train the embedded GCIDE dictionary demo, offline",
+                 description="Train a small GPT-2 from scratch on the GCIDE dictionary (word "
+                             "-> definition), print definitions of held-out words and export "
+                             "the model. Any --section.key=value overrides the config, e.g. "
+                             "--train.steps=50.")
     p.add_argument("--config", default=None, help="default: configs/demo.yaml")
-    _runs(p, _cmd_demo)
 
 
-def _cmd_demo(args) -> int:
+def _cmd_demo(args) -> dict:
     from .demo import DEMO_CONFIG, run_demo
-    from .train import Preempted
 
-    try:
-        result = run_demo(args.config or DEMO_CONFIG, args.overrides)
-    except Preempted as e:
-        print(f"gpt2jax: {e}", file=sys.stderr)
-        return e.exit_status
-    if args.json:
-        _emit(result, True)
-    return 0
+    return run_demo(args.config or DEMO_CONFIG, args.overrides)  # the demo prints its own text
 
-
-# ---------------------------------------------------------------- main
 
 COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_compile, _add_export,
-                            _add_eval,
-                            _add_score,
-                            _add_generate, _add_diff, _add_similarity, _add_bench]
+                            _add_eval, _add_score, _add_generate, _add_diff, _add_similarity,
+                            _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -642,8 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad input). `compile_cache`: keep
-    compiled programs on disk for later processes (compile_cache.py; the command line's
-    default)."""
+    compiled programs on disk for later processes (the command line's default)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # gpt2jax uses transformers for tokenizers only: its advice, printed on import where
     # torch is not installed, that models will not be available is noise here
@@ -665,7 +603,10 @@ def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> i
             from . import compile_cache as cache
 
             cache.enable()
-        code = int(args.func(args) or 0)
+        code = args.func(args)
+        if isinstance(code, dict):
+            _emit(code, args.json, args.text)
+            code = 0
         line = cache.summary() if cached and code == 0 else ""
         if line:
             print(line, file=sys.stderr)
@@ -678,15 +619,17 @@ def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> i
 
         leave_on_error(2)  # peers waiting for this process must not wait for a timeout
         return 2
+    except Preempted as e:
+        print(f"gpt2jax: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("gpt2jax: error: interrupted", file=sys.stderr)
         return 130
 
 
 def entry() -> None:
-    """Console-script entry point (also `python -m gpt2jax`): restarts once with a glibc
-    malloc policy (gpt2jax/malloc.py: huge pages, memory kept for reuse), then runs the
-    command."""
+    """Console-script entry point (also `python -m gpt2jax`): restarts once with the glibc
+    malloc policy (malloc.py), then runs the command."""
     from .compile import cpu_unless_tpu
 
     cpu_unless_tpu()  # before JAX starts: libtpu installed, no TPU here

@@ -1,15 +1,11 @@
-"""A persistent cache of compiled XLA programs, so that a second command with the same
+"""A persistent cache of compiled XLA programs, so that a later command with the same
 shapes loads its programs instead of compiling them.
 
-Every `gpt2jax` command is a fresh process, and JAX's in-memory cache dies with it: a
-`generate` or `eval` that decodes for a second can spend most of its time compiling. With
-the cache on (the command line's default), compiled programs are written under
-`$GPT2JAX_CACHE/xla` (default `~/.cache/gpt2jax/xla`) and read back by any later process
-whose program, shapes, devices and compiler flags are the same.
-
-`GPT2JAX_COMPILE_CACHE` chooses: unset for the default directory, a path for another
-one, `off` for none. The cache is bounded (`MAX_BYTES`, least recently used entries go)
-and JAX guards it with a file lock, so several processes can share it.
+Every `gpt2jax` command is a fresh process, and a `generate` or `eval` that decodes for a
+second can spend most of its time compiling. With the cache on (the command line's
+default) programs go under `$GPT2JAX_CACHE/xla` (default `~/.cache/gpt2jax/xla`), or
+where `GPT2JAX_COMPILE_CACHE` says (`off`: none). JAX bounds it (`MAX_BYTES`, least
+recently used entries go) and guards it with a file lock, so processes can share it.
 """
 
 from __future__ import annotations
@@ -43,8 +39,8 @@ def location(environ: Mapping[str, str] = os.environ) -> Path | None:
 
 
 def enable(environ: Mapping[str, str] = os.environ) -> Path | None:
-    """Turn the persistent cache on for this process (before its first compile) and count
-    its hits; returns the directory, or None when it is off."""
+    """Turn the cache on for this process (before its first compile) and count its hits;
+    returns the directory, or None when it is off."""
     directory = location(environ)
     if directory is None:
         return None

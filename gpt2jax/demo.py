@@ -33,17 +33,14 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words:
     summary = train(cfg)
     run = Path(cfg.train.run_dir)
     model, tokenizer, _ = load_run(run)
-    # The validation split holds words the model never trained on.
-    records = load_task_records(cfg.data.train, cfg.data)
-    _, held_out = split_records(records, cfg.data.validation_fraction, cfg.train.seed)
+    # the validation split holds words the model never trained on
+    _, held_out = split_records(load_task_records(cfg.data.train, cfg.data),
+                                cfg.data.validation_fraction, cfg.train.seed)
     picks = held_out[:: max(1, len(held_out) // words)][:words]
-    # The prompt part of the task's template, as in training (data.prompt_template applies).
-    templates = Templates.from_data(cfg.data)
+    templates = Templates.from_data(cfg.data)  # prompts rendered as in training
     prompts = [render(cfg.data.task, r, templates=templates)[0] for r in picks]
-    # A small model trained for minutes loops ("of the genus of the genus"). Banning a
-    # repeated 3-gram breaks the loop; alone it lets the model ramble on in new 3-grams,
-    # while a strong penalty (1.3) pushes it off tokens a definition needs again and into
-    # word fragments. Side by side on the demo run, 3-grams with a mild 1.2 read best.
+    # A model trained for minutes loops ("of the genus of the genus"): a banned repeated
+    # 3-gram breaks the loop, and a mild penalty (1.3 broke words) stops it rambling on.
     samples = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=24,
                        stop=["\n"], no_repeat_ngram=NO_REPEAT_NGRAM,
                        repetition_penalty=REPETITION_PENALTY)

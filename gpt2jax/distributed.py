@@ -1,21 +1,13 @@
 """Multi-host start-up: find out which process this is and connect to the others.
 
-gpt2jax runs one JAX controller process per host (TPU), per GPU or per node (GPU
-clusters), or several per machine on CPU (launch/local.sh). `initialize` must run before
-any other JAX call. Each setting is taken from the first source that has it:
-
-1. explicit arguments (the config's `dist` section),
-2. environment variables GPT2JAX_COORDINATOR (host:port), GPT2JAX_NUM_PROCESSES,
-   GPT2JAX_PROCESS_ID (what launch/local.sh and launch/k8s/ set),
-3. SLURM's environment inside `srun` (coordinator = first node of the step),
-4. a TPU VM or GKE TPU pod: `jax.distributed.initialize()` finds everything itself,
-5. otherwise a single process: nothing to connect.
-
-Bad settings fail before connecting, and a coordinator or peer that never shows up ends
-the process within `timeout` seconds with `gpt2jax: error: ...` and exit status 2.
-
-`python -m gpt2jax.distributed --selftest` connects, sums a global array across all
-processes and prints one JSON line; `--resolve` prints what initialize would do.
+One JAX process per host, GPU or node (or several per machine on CPU); `initialize` runs
+before any other JAX call. Each setting comes from the first source that has it: the
+config's `dist` section; GPT2JAX_COORDINATOR (host:port), GPT2JAX_NUM_PROCESSES,
+GPT2JAX_PROCESS_ID; SLURM inside `srun` (coordinator: first node of the step); on a TPU
+VM or GKE TPU pod, jax itself; else a single process. Bad settings fail before
+connecting; a peer that never shows up ends the process within `timeout` seconds with
+`gpt2jax: error: ...` and status 2. `python -m gpt2jax.distributed --selftest` sums a
+global array across the processes; `--resolve` prints what initialize would do.
 """
 
 from __future__ import annotations
@@ -60,11 +52,6 @@ class DistInfo:
     coordinator: str  # host:port, "" when single-process
     source: str = "single"  # where the settings came from: config, env, slurm, tpu, single
 
-    @property
-    def is_main(self) -> bool:
-        """Process 0 writes logs, plots and exports."""
-        return self.process_id == 0
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -85,9 +72,8 @@ def parse_coordinator(address: str, where: str = "dist.coordinator") -> tuple[st
     """Split 'host:port' (or '[v6addr]:port') and check both parts."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([A-Za-z0-9_.\-]+):(\d+)", address.strip())
     if not m:
-        raise UserError(
-            f"{where}: {address!r} is not host:port (e.g. 10.0.0.2:8476 or node001:8476)"
-        )
+        raise UserError(f"{where}: {address!r} is not host:port (e.g. 10.0.0.2:8476 or "
+                        "node001:8476)")
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4))
     if not 1 <= port <= 65535:
@@ -96,19 +82,14 @@ def parse_coordinator(address: str, where: str = "dist.coordinator") -> tuple[st
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist: 'gpu[007-009,012],cpu1' -> 'gpu007'.
-
-    The same answer as `scontrol show hostnames $LIST | head -n1`, without scontrol.
-    """
+    """First host of a SLURM nodelist ('gpu[007-009,012],cpu1' -> 'gpu007'), no scontrol."""
     nodelist = nodelist.strip()
-    m = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist)
-    if not m or not (m.group(1) or m.group(3)):
+    # prefix, then the first number of a bracketed range, zero padding kept ('007-009')
+    m = re.match(r"([^,\[]*)(?:\[(([^,\-\]]*)[^\]]*)\])?", nodelist)
+    prefix, ranges, first = m.groups()
+    if not (prefix or ranges):
         raise UserError(f"SLURM nodelist {nodelist!r} has no host name")
-    prefix, ranges = m.group(1), m.group(3)
-    if ranges is None:
-        return prefix
-    # The first element of the first range keeps its zero padding: '007-009' -> '007'.
-    return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0]
+    return prefix + (first or "")
 
 
 def _expand_counts(spec: str) -> list[int]:
@@ -125,37 +106,25 @@ def _expand_counts(spec: str) -> list[int]:
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
     for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
         counts = _expand_counts(env.get(key, ""))
-        if not counts:
-            continue
-        if len(set(counts)) == 1:
-            return counts[0]
-        node = _int_env(env, "SLURM_NODEID")
+        node = _int_env(env, "SLURM_NODEID") if len(set(counts)) > 1 else 0
         if node is not None and 0 <= node < len(counts):
             return counts[node]
-    if (n := _int_env(env, "SLURM_NTASKS_PER_NODE")) is not None:
-        return n
-    return None
-
-
-def _visible_gpus(env: Mapping[str, str]) -> int | None:
-    for key in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
-        if key in env:
-            return len([d for d in env[key].split(",") if d.strip()])
-    return None
+    return _int_env(env, "SLURM_NTASKS_PER_NODE")
 
 
 def slurm_local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
     """Which of the GPUs this SLURM task sees it should drive (None = all of them).
 
-    jax's own SLURM detection always picks GPU number SLURM_LOCALID, which leaves one GPU
-    per node in use when one process drives a whole node, and names a GPU that does not
-    exist when SLURM binds one GPU per task (--gpus-per-task=1). Here:
-    one task on the node -> all visible GPUs; exactly one GPU visible -> that one;
-    otherwise (every task sees every GPU of the node) -> GPU number SLURM_LOCALID.
+    jax's own SLURM detection always picks GPU SLURM_LOCALID: wrong when one task drives a
+    whole node, and a GPU that does not exist under --gpus-per-task=1. Here one task on
+    the node or one visible GPU -> all visible GPUs, else GPU SLURM_LOCALID.
     """
     if env.get("JAX_LOCAL_DEVICE_IDS"):
         return None  # the user's explicit choice; jax reads it itself
-    if _slurm_tasks_on_node(env) == 1 or _visible_gpus(env) == 1:
+    gpus = next((env[k] for k in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                                  "HIP_VISIBLE_DEVICES") if k in env), None)
+    one_gpu = gpus is not None and len([d for d in gpus.split(",") if d.strip()]) == 1
+    if _slurm_tasks_on_node(env) == 1 or one_gpu:
         return None
     local = _int_env(env, "SLURM_LOCALID")
     return None if local is None else (local,)
@@ -198,17 +167,12 @@ def _int_env(env: Mapping[str, str], key: str) -> int | None:
         raise UserError(f"environment variable {key}={value!r} is not an integer") from None
 
 
-def plan(
-    coordinator: str = "",
-    num_processes: int = 0,
-    process_id: int = -1,
-    env: Mapping[str, str] | None = None,
-    tpu: bool | None = None,
-) -> Plan:
-    """Resolve the settings (see the module docstring for the order) and validate them.
+def plan(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+         env: Mapping[str, str] | None = None, tpu: bool | None = None) -> Plan:
+    """Resolve the settings (in the module docstring's order) and validate them.
 
-    Pure apart from reading `env` (default os.environ) and, when `tpu` is None, probing for
-    TPU chips. Raises UserError for anything inconsistent, before any connection attempt.
+    Reads `env` (default os.environ) and, when `tpu` is None, probes for TPU chips; raises
+    UserError for anything inconsistent.
     """
     env = os.environ if env is None else env
     if num_processes < 0:
@@ -223,40 +187,31 @@ def plan(
         return Plan(mode="single")
 
     where = "; ".join(f"{k} from {v}" for k, v in sources.items())
+    source = "+".join(sorted({v.split(" ")[0] for v in sources.values()}))
     if num is None:
-        raise UserError(
-            f"the number of processes is unknown ({where}); set dist.num_processes "
-            f"or {ENV_NUM_PROCESSES}"
-        )
-    if pid is None:
-        if num > 1:
-            raise UserError(
-                f"this process's id is unknown ({where}); set dist.process_id or "
-                f"{ENV_PROCESS_ID} (0 .. {num - 1}) for each process"
-            )
-        pid = 0
+        raise UserError(f"the number of processes is unknown ({where}); set "
+                        f"dist.num_processes or {ENV_NUM_PROCESSES}")
+    if pid is None and num > 1:
+        raise UserError(f"this process's id is unknown ({where}); set dist.process_id or "
+                        f"{ENV_PROCESS_ID} (0 .. {num - 1}) for each process")
+    pid = pid or 0
     if not 0 <= pid < num:
-        raise UserError(
-            f"process id {pid} is out of range for {num} processes ({where}); "
-            f"ids go from 0 to {num - 1}"
-        )
+        raise UserError(f"process id {pid} is out of range for {num} processes ({where}); "
+                        f"ids go from 0 to {num - 1}")
     if num == 1:
-        return Plan(mode="single", coordinator=coord, source=_kind(sources))
+        return Plan(mode="single", coordinator=coord, source=source)
     if not coord:
-        raise UserError(
-            f"{num} processes but no coordinator address ({where}); set dist.coordinator "
-            f"or {ENV_COORDINATOR} to host:port of process 0"
-        )
+        raise UserError(f"{num} processes but no coordinator address ({where}); set "
+                        f"dist.coordinator or {ENV_COORDINATOR} to host:port of process 0")
     parse_coordinator(coord, sources["coordinator"])
     ids = slurm_local_device_ids(env) if "slurm" in sources.get("process_id", "") else None
     return Plan(mode="explicit", coordinator=coord, num_processes=num, process_id=pid,
-                local_device_ids=ids, source=_kind(sources))
+                local_device_ids=ids, source=source)
 
 
 def _settings(coordinator: str, num_processes: int, process_id: int, env: Mapping[str, str],
               slurm: bool) -> tuple[str, int | None, int | None, dict[str, str]]:
-    """(coordinator, processes, process id, where each came from), each setting on its own:
-    argument, then GPT2JAX_* variable, then SLURM."""
+    """(coordinator, processes, process id, where each came from); each setting on its own."""
     sources: dict[str, str] = {}
     coord = coordinator.strip()
     if coord:
@@ -289,18 +244,7 @@ def _settings(coordinator: str, num_processes: int, process_id: int, env: Mappin
     return coord, num, pid, sources
 
 
-def _kind(sources: Mapping[str, str]) -> str:
-    kinds = sorted({v.split(" ")[0] for v in sources.values()})
-    return "+".join(kinds)
-
-
 # ---------------------------------------------------------------- connecting
-
-
-def _backends_initialized() -> bool:
-    from jax._src import xla_bridge  # no public API says whether backends exist yet
-
-    return bool(xla_bridge.backends_are_initialized())
 
 
 def _check_port_free(port: int) -> None:
@@ -310,28 +254,24 @@ def _check_port_free(port: int) -> None:
         try:
             s.bind(("0.0.0.0", port))
         except OSError as e:
-            raise UserError(
-                f"this is process 0, the coordinator, but port {port} is taken ({e.strerror}); "
-                "pick another port in dist.coordinator / " + ENV_COORDINATOR
-            ) from None
+            raise UserError(f"this is process 0, the coordinator, but port {port} is taken "
+                            f"({e.strerror}); pick another port in dist.coordinator / "
+                            f"{ENV_COORDINATOR}") from None
 
 
 def wait_for_coordinator(host: str, port: int, deadline: float, timeout: float) -> None:
     """Retry a TCP connection to the coordinator until it answers or `deadline` passes.
 
-    Process 0 may start later than the others, and in Kubernetes its DNS name appears only
-    once its pod runs, so both name lookup and connection are retried.
+    Process 0 may start later, and in Kubernetes its DNS name appears only once its pod
+    runs, so both name lookup and connection are retried.
     """
     last = "no attempt"
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise UserError(
-                f"the coordinator {host}:{port} did not answer within dist.timeout={timeout:g} s "
-                f"({last}); "
-                "check that process 0 is running and reachable at that address, or raise "
-                "dist.timeout"
-            )
+            raise UserError(f"the coordinator {host}:{port} did not answer within dist.timeout="
+                            f"{timeout:g} s ({last}); check that process 0 is running and "
+                            "reachable at that address, or raise dist.timeout")
         try:
             with socket.create_connection((host, port), timeout=min(1.0, left)):
                 return
@@ -344,9 +284,8 @@ def wait_for_coordinator(host: str, port: int, deadline: float, timeout: float) 
 def _watchdog(seconds: float, message: str) -> Iterator[None]:
     """End the process with a clean error if the block is still running after `seconds`.
 
-    jax.distributed.initialize blocks in C++ (with the GIL released) until every process
-    has registered; on its own timeout it aborts with SIGABRT. An exception cannot reach
-    into that call, so the timer prints our one-line error and exits with status 2.
+    jax.distributed.initialize blocks in C++ until every process has registered and on its
+    own timeout aborts (SIGABRT); no exception reaches into it, so the timer exits instead.
     """
     def fire() -> None:
         sys.stdout.flush()
@@ -363,57 +302,40 @@ def _watchdog(seconds: float, message: str) -> Iterator[None]:
         timer.cancel()
 
 
-def _local_device_count(local_device_count: int, env: Mapping[str, str]) -> int:
-    n = local_device_count or _int_env(env, ENV_LOCAL_DEVICES) or 0
-    if n < 0:
-        raise UserError(f"dist.local_device_count={n}: use 0 (default) or a count >= 1")
-    return n
-
-
-def initialize(
-    coordinator: str = "",
-    num_processes: int = 0,
-    process_id: int = -1,
-    timeout: float = 60,
-    local_device_count: int = 0,
-) -> DistInfo:
+def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+               timeout: float = 60, local_device_count: int = 0) -> DistInfo:
     """Connect this process to the others (or do nothing for a single process).
 
     Call before any other JAX call. Arguments mirror the config's `dist` section: "" / 0 /
     -1 mean "find out from the environment". `local_device_count` (or GPT2JAX_LOCAL_DEVICES)
-    sets the number of CPU devices per process. Calling it again once connected returns
-    the same DistInfo.
+    sets the number of CPU devices per process. Once connected, returns the same DistInfo.
     """
     if timeout <= 0:
         raise UserError(f"dist.timeout={timeout}: must be > 0 seconds")
-    env = os.environ
-    n_cpu = _local_device_count(local_device_count, env)
-    p = plan(coordinator, num_processes, process_id, env)  # validate before importing jax
+    n_cpu = local_device_count or _int_env(os.environ, ENV_LOCAL_DEVICES) or 0
+    if n_cpu < 0:
+        raise UserError(f"dist.local_device_count={n_cpu}: use 0 (default) or a count >= 1")
+    p = plan(coordinator, num_processes, process_id)  # validate before importing jax
 
     import jax
+    from jax._src import xla_bridge  # no public API says whether backends exist yet
 
     if jax.distributed.is_initialized():
-        return _info(_current_coordinator(), "existing")
-    started = _backends_initialized()
+        return _info("existing")
+    started = xla_bridge.backends_are_initialized()
 
-    if n_cpu:
-        if started:
-            if jax.default_backend() == "cpu" and jax.local_device_count() != n_cpu:
-                raise UserError(
-                    f"dist.local_device_count={n_cpu}, but JAX already runs with "
-                    f"{jax.local_device_count()} devices; set it before anything uses JAX "
-                    "(or use XLA_FLAGS=--xla_force_host_platform_device_count)"
-                )
-        else:
-            jax.config.update("jax_num_cpu_devices", n_cpu)
+    if n_cpu and not started:
+        jax.config.update("jax_num_cpu_devices", n_cpu)
+    elif n_cpu and jax.default_backend() == "cpu" and jax.local_device_count() != n_cpu:
+        raise UserError(f"dist.local_device_count={n_cpu}, but JAX already runs with "
+                        f"{jax.local_device_count()} devices; set it before anything uses "
+                        "JAX (or use XLA_FLAGS=--xla_force_host_platform_device_count)")
 
     if p.mode == "single":
-        return _info(p.coordinator, p.source)
+        return _info(p.source, p.coordinator)
     if started:
-        raise RuntimeError(
-            "gpt2jax.distributed.initialize must run before any other JAX call "
-            "(jax.distributed cannot join processes once JAX's backends exist)"
-        )
+        raise RuntimeError("gpt2jax.distributed.initialize must run before any other JAX call "
+                           "(jax.distributed cannot join processes once JAX's backends exist)")
     # CPU collectives across processes need gloo; GPU and TPU backends ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     deadline = time.monotonic() + timeout
@@ -424,7 +346,7 @@ def initialize(
                                 f"{timeout:g} s; start the same command on every worker "
                                 "(gcloud ... ssh --worker=all) or raise dist.timeout"):
             jax.distributed.initialize(initialization_timeout=jax_timeout)
-        return _info(_current_coordinator(), p.source)
+        return _info(p.source)
 
     host, port = parse_coordinator(p.coordinator)
     if p.process_id == 0:
@@ -439,44 +361,31 @@ def initialize(
     )
     with _watchdog(deadline - time.monotonic(), message):
         jax.distributed.initialize(
-            coordinator_address=p.coordinator,
-            num_processes=p.num_processes,
-            process_id=p.process_id,
+            coordinator_address=p.coordinator, num_processes=p.num_processes,
+            process_id=p.process_id, initialization_timeout=jax_timeout,
             local_device_ids=list(p.local_device_ids) if p.local_device_ids else None,
             # Our plan already read SLURM; jax's detection would re-pick GPU = SLURM_LOCALID.
-            cluster_detection_method="deactivate",
-            initialization_timeout=jax_timeout,
-        )
-    return _info(p.coordinator, p.source)
+            cluster_detection_method="deactivate")
+    return _info(p.source, p.coordinator)
 
 
-def _current_coordinator() -> str:
+def _info(source: str, coordinator: str | None = None) -> DistInfo:
+    """This process's DistInfo; `coordinator` None: the one jax connected to."""
+    import jax
     from jax._src import distributed as jax_distributed
 
-    return jax_distributed.global_state.coordinator_address or ""
-
-
-def _info(coordinator: str, source: str) -> DistInfo:
-    import jax
-
-    return DistInfo(
-        process_id=jax.process_index(),
-        num_processes=jax.process_count(),
-        local_devices=jax.local_device_count(),
-        global_devices=jax.device_count(),
-        coordinator=coordinator,
-        source=source,
-    )
+    if coordinator is None:
+        coordinator = jax_distributed.global_state.coordinator_address or ""
+    return DistInfo(jax.process_index(), jax.process_count(), jax.local_device_count(),
+                    jax.device_count(), coordinator, source)
 
 
 def leave_on_error(code: int) -> None:
     """In a multi-process run, end this process now with `code` (after flushing output).
 
-    A normal exit runs JAX's atexit shutdown, which waits at a barrier for the other
-    processes, while they may be waiting for this one (at a collective or a barrier): both
-    sides then sit until a timeout. Leaving without it makes the coordination service end
-    the others (within seconds when this is process 0, after its heartbeat timeout
-    otherwise). Does nothing in a single process or before jax.distributed started.
+    A normal exit runs JAX's atexit shutdown, which waits at a barrier for peers that may
+    be waiting for this one; leaving without it lets the coordination service end them.
+    Does nothing in a single process or before jax.distributed started.
     """
     jax = sys.modules.get("jax")
     if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
@@ -492,10 +401,8 @@ _barriers: dict[str, int] = {}
 def wait_for_peers(name: str, timeout: float, waiting_for: str) -> None:
     """Block until every process has reached barrier `name`; a no-op for one process.
 
-    The barrier is the coordination service's (jax.distributed's client), not a device
-    collective: a long wait (process 0 tokenizing a large dataset) holds no accelerator
-    and cannot trip a collective's own timeout. After `timeout` seconds: UserError naming
-    `waiting_for`, the thing awaited, and the setting to raise.
+    The coordination service's barrier, not a device collective, so a long wait (process 0
+    tokenizing) holds no accelerator. After `timeout` seconds: UserError naming `waiting_for`.
     """
     import jax
 
@@ -510,10 +417,8 @@ def wait_for_peers(name: str, timeout: float, waiting_for: str) -> None:
         client.wait_at_barrier(f"gpt2jax-{name}-{n}", timeout_in_ms=max(1, int(timeout * 1000)))
     except Exception as e:  # jax's XlaRuntimeError: DEADLINE_EXCEEDED, or a peer went away
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"process {jax.process_index()} of {jax.process_count()}: waited {timeout:g} s for "
-            f"{waiting_for} ({reason})"
-        ) from None
+        raise UserError(f"process {jax.process_index()} of {jax.process_count()}: waited "
+                        f"{timeout:g} s for {waiting_for} ({reason})") from None
 
 
 # ---------------------------------------------------------------- self-test
@@ -526,6 +431,7 @@ def selftest(info: DistInfo) -> dict:
     known; both a compiler-partitioned `sum` and an explicit `psum` must reach it.
     """
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import AxisType, NamedSharding
@@ -534,26 +440,16 @@ def selftest(info: DistInfo) -> dict:
     mesh = jax.make_mesh((info.global_devices,), ("data",), axis_types=(AxisType.Auto,))
     rows = np.full((info.local_devices, 4), info.process_id + 1, np.float32)
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), rows)
-    replicated = NamedSharding(mesh, P())
-    total = jax.jit(jnp_sum, out_shardings=replicated)(x)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
     psum = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a.sum(), "data"), mesh=mesh,
                                  in_specs=P("data"), out_specs=P()))(x)
     # Each process's (local device count, process id), gathered to compute the exact total.
     counts = multihost_utils.process_allgather(
         np.array([info.local_devices, info.process_id], np.int64))
     expected = float(sum(4 * int(n) * (int(p) + 1) for n, p in np.asarray(counts)))
-    return {
-        **asdict(info),
-        "global_shape": list(x.shape),
-        "sum": float(np.asarray(total.addressable_data(0))),
-        "psum": float(np.asarray(psum.addressable_data(0))),
-        "expected": expected,
-    }
-
-
-def jnp_sum(a):
-    """Sum of all elements (a named function so the jit cache key is stable)."""
-    return a.sum()
+    return {**asdict(info), "global_shape": list(x.shape),
+            "sum": float(np.asarray(total.addressable_data(0))),
+            "psum": float(np.asarray(psum.addressable_data(0))), "expected": expected}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,19 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import BEST_METRICS, Config, check_packing_attention
-from .errors import UserError
+from .errors import Preempted, UserError
 from .model import GPT2Config
-
-
-class Preempted(Exception):
-    """SIGTERM (preemption) or SIGINT (Ctrl-C) arrived; a checkpoint was saved. The CLI
-    exits with 128 + the signal's number (143, 130)."""
-
-    def __init__(self, step: int, path: Path, signum: int = signal.SIGTERM):
-        what = "interrupted" if signum == signal.SIGINT else "preempted"
-        super().__init__(f"{what}: saved checkpoint at step {step} to {path} (run the same "
-                         "command again to continue)")
-        self.step, self.path, self.exit_status = step, path, 128 + signum
 
 
 def _fault(kind: str, step: int) -> None:
