@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import malloc, peers
-from .config import DTYPES, OptimSection
+from .config import OptimSection
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
@@ -88,7 +88,7 @@ def describe_device(device) -> str:
 def peak_memory(device) -> tuple[int, str]:
     """(bytes, source): the device's peak_bytes_in_use when it reports memory stats
     (GPU/TPU), else the process's maximum resident set size (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    stats = device.memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -201,9 +201,9 @@ def _step_sizes(params, opt_state, compiled, frozen: frozenset) -> dict:
 
 
 def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
-    """Our greedy batch-1 decoder (generate.Generator) and, with vs_hf, what transformers
-    needs to run `generate` on the same weights. Returns (run, prompt_tokens, new_tokens,
-    hf_args or None)."""
+    """Our greedy batch-1 decoder (generate.Generator), compiled and warmed, and with vs_hf
+    what transformers needs to run `generate` on the same weights. Returns (run,
+    prompt_tokens, new_tokens, hf_args or None)."""
     from .generate import Generator, Sampling
     from .hf import to_hf_tensors
     from .model import create_model
@@ -225,6 +225,7 @@ def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
         s = gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=32)[0]
         return time.perf_counter() - t0, len(s.token_ids)
 
+    ours()
     hf_args = None
     if vs_hf:
         hf_args = {"weights": to_hf_tensors(model), "ids": ids, "new_tokens": new_tokens,
@@ -242,7 +243,7 @@ def _evaluators(cfg: GPT2Config, tokens, seed: int, reps: int) -> dict[str, Call
     """The forward passes `gpt2jax eval` runs, on the bench's batch: "lm" scores every
     token (evaluate.token_logprobs: the perplexity path), "classification" takes a
     sequence-classification head's probabilities (evaluate.class_probabilities). Each
-    run() -> (seconds, tokens or examples) for `reps` batches."""
+    run() -> (seconds, tokens or examples) for `reps` batches; compiled and warmed."""
     import jax
     import numpy as np
 
@@ -254,43 +255,43 @@ def _evaluators(cfg: GPT2Config, tokens, seed: int, reps: int) -> dict[str, Call
     lm = create_model(cfg, seed)
     cls = create_model(cfg.replace(head="sequence", num_labels=EVAL_LABELS,
                                    pad_token_id=EOS_ID), seed)
-    return {"lm": peers.rep_timer(lambda: token_logprobs(lm, ids, mask), reps, ids.size,
+    runs = {"lm": peers.rep_timer(lambda: token_logprobs(lm, ids, mask), reps, ids.size,
                                   jax.block_until_ready),
             "classification": peers.rep_timer(lambda: class_probabilities(cls, ids, mask),
                                               reps, ids.shape[0], jax.block_until_ready)}
+    for run in runs.values():
+        run()
+    return runs
 
 
-def _vs_hf(ours: list, hf: list, unit: str) -> dict:
-    """Our and transformers' rates (medians over rounds; hf may be empty) and their ratio."""
-    res = {f"jax_{unit}_per_sec": round(statistics.median(ours), 2),
-           f"hf_{unit}_per_sec": None, "ratio": None}
+def _vs_hf(timed: list, kind: str, unit: str) -> dict:
+    """Our and transformers' rates of a forward `kind` (medians over rounds) and their ratio."""
+    ours = statistics.median(r["forward"][kind][0] for r in timed)
+    hf = [r["forward"][kind][1] for r in timed if r["forward"][kind][1] is not None]
+    res = {f"jax_{unit}_per_sec": round(ours, 2), f"hf_{unit}_per_sec": None, "ratio": None}
     if hf:
         res[f"hf_{unit}_per_sec"] = round(statistics.median(hf), 2)
-        res["ratio"] = round(statistics.median(ours) / statistics.median(hf), 3)
+        res["ratio"] = round(ours / statistics.median(hf), 3)
     return res
 
 
 def _eval_result(timed: list) -> dict | None:
     """Per evaluation path: `_vs_hf` of its rates."""
-    if not timed[0]["eval"]:
+    if "lm" not in timed[0]["forward"]:
         return None
-    return {kind: _vs_hf([r["eval"][kind][0] for r in timed],
-                         [r["eval"][kind][1] for r in timed if r["eval"][kind][1] is not None],
-                         unit)
+    return {kind: _vs_hf(timed, kind, unit)
             for kind, unit in (("lm", "tokens"), ("classification", "examples"))}
 
 
 def _decode_result(cfg: GPT2Config, m: dict) -> dict | None:
-    """The decoding side by side: `_vs_hf` of the rates and what was decoded."""
-    ours = [r["jax_dec"] for r in m["timed"] if r["jax_dec"] is not None]
-    if not ours:
+    """The decoding side by side: what was decoded and `_vs_hf` of the rates."""
+    if "decode" not in m["timed"][0]["forward"]:
         return None
     prompt, new = m["prompt_tokens"], m["new_tokens"]
     return {"batch_size": 1, "prompt_tokens": prompt, "new_tokens": new,
             "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
             "flops_per_token": decode_flops_per_token(cfg, prompt + new),
-            **_vs_hf(ours, [r["hf_dec"] for r in m["timed"] if r["hf_dec"] is not None],
-                     "tokens")}
+            **_vs_hf(m["timed"], "decode", "tokens")}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -412,18 +413,14 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
         train["jax"] = functools.partial(peers.measured, jax_run)
         warm_up("jax")
         out["memory"] = peak_memory(device)  # before the probe allocates anything
-        our_decode, hf_decode_args = None, None
+        forwards, hf_decode_args = {}, None  # kind -> run() -> (seconds, tokens or examples)
         if decode_tokens:
             say("compiling the decoder")
-            our_decode, out["prompt_tokens"], out["new_tokens"], hf_decode_args = _decoder(
-                cfg, seed, decode_tokens, "hf" in workers)
-            our_decode()  # warm-up (compiles)
-        evals = {}
+            forwards["decode"], out["prompt_tokens"], out["new_tokens"], hf_decode_args = \
+                _decoder(cfg, seed, decode_tokens, "hf" in workers)
         if evaluate:
             say("compiling the evaluation forwards")
-            evals = _evaluators(cfg, tokens, seed, steps)
-            for run in evals.values():
-                run()  # warm-up (compiles)
+            forwards.update(_evaluators(cfg, tokens, seed, steps))
         for peer, worker in workers.items():
             say(f"building the {worker.name} model (in its own process)")
             decode_args = hf_decode_args if peer == "hf" else None
@@ -432,15 +429,13 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
                 tokens, decode_args.pop("weights") if decode_args else None,
                 dims=peers.hf_dims(cfg), dtype=cfg.dtype, seed=seed, threads=out["threads"],
                 jax_platform=device.platform, decode=decode_args,
-                evaluate={"reps": steps, "num_labels": EVAL_LABELS} if evals else None)
+                evaluate={"reps": steps, "num_labels": EVAL_LABELS} if evaluate else None)
             train[peer] = lambda n, w=worker: w.call("train", n=n)
             warm_up(peer)
-            if decode_args is not None:
-                worker.call("decode")  # warm-up
-            for kind in evals if peer == "hf" else ():
+            for kind in forwards if peer == "hf" else ():
                 worker.call("eval", kind=kind)  # warm-up
-        sides = _Sides(make_peak_probe(device, cfg.dtype, peak_size), train, our_decode,
-                       evals, workers.get("hf"))
+        sides = _Sides(make_peak_probe(device, cfg.dtype, peak_size), train, forwards,
+                       workers.get("hf"))
         out["settle"] = _settle(sides, steps)
         out["timed"] = _rounds(sides, steps, rounds, batch_size * seq_len, say)
     return out
@@ -474,23 +469,21 @@ def _peer_fields(cfg: GPT2Config, peer: str, side: dict, m: dict, times: dict) -
 
 @dataclass
 class _Sides:
-    """What a round runs: the peak probe, each side's train(n) (ours first), our decoder
-    and evaluation forwards (None / empty when not asked for) and transformers' worker."""
+    """What a round runs: the peak probe, each side's train(n) (ours first), our forwards
+    (decoding, evaluation) and transformers' worker, which runs them too."""
 
     probe: Callable
     train: dict
-    decode: Callable | None
-    evals: dict
+    forwards: dict
     hf: peers.Worker | None
 
 
 def _round(sides: _Sides, steps: int) -> dict:
     """One alternating round: the peak probe; per side one untimed and `steps` timed steps;
-    a greedy decode and the evaluation forwards (ours, and transformers' when it runs).
-    Returns the peak FLOP/s, per side (seconds, [CPU seconds, minor page faults]) a step,
-    decode tokens/s and per evaluation path (ours, transformers') rates; None where a side
-    did not run."""
-    r = {"peak": sides.probe(3), "train": {}, "jax_dec": None, "hf_dec": None, "eval": {}}
+    each forward (a greedy decode, evaluation), ours then transformers' when it runs.
+    Returns the peak FLOP/s, per side (seconds, [CPU seconds, minor page faults]) a step
+    and per forward (our rate, transformers' or None)."""
+    r = {"peak": sides.probe(3), "train": {}, "forward": {}}
     for name, train in sides.train.items():
         # The first step after other work (the probe, another side's step) pays page
         # faults for memory the allocator returned in between (measured: GPT-2 small's
@@ -498,16 +491,10 @@ def _round(sides: _Sides, steps: int) -> dict:
         train(1)
         secs, *use = train(steps)
         r["train"][name] = (secs / steps, [u / steps for u in use])
-    if sides.decode is not None:
-        secs, n = sides.decode()
-        r["jax_dec"] = n / secs
-        if sides.hf is not None:  # transformers was given a decoder whenever we have one
-            secs, n = sides.hf.call("decode")
-            r["hf_dec"] = n / secs
-    for kind, run in sides.evals.items():
+    for kind, run in sides.forwards.items():
         secs, n = run()
         theirs = sides.hf.call("eval", kind=kind) if sides.hf is not None else None
-        r["eval"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
+        r["forward"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
     return r
 
 
@@ -572,8 +559,6 @@ def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
     if seq_len > cfg.n_positions:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context n_positions="
                         f"{cfg.n_positions}; raise --n-positions or lower --seq-len")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
 
 
 def _header(r: dict, more: str = "") -> list[str]:

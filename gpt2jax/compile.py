@@ -326,9 +326,6 @@ def abstract_batch(cfg, mcfg, mesh, *, train: bool = True) -> dict:
     from .sharding import batch_sharding, data_parallel_size
 
     t = cfg.train
-    if t.batch_size % t.grad_accum:
-        raise UserError(f"train.batch_size={t.batch_size} is not divisible by "
-                        f"train.grad_accum={t.grad_accum}")
     micro, dp = t.batch_size // t.grad_accum, data_parallel_size(mesh)
     if micro % dp:
         raise UserError(f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} "
@@ -630,7 +627,6 @@ def save_executable(exe, topo: Topology, path: str) -> Path:
 
 
 def _mem(b: float) -> str:
-    """Bytes as GiB, or MiB below a tenth of a GiB."""
     return f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.1f} MiB"
 
 

@@ -8,10 +8,10 @@
 Both are built from the same shape with random weights, dropout off, clipping at a
 global norm of 1.0, and train on the same tokens. A worker answers JSON requests on its
 stdin, one per line: {"op": "init", ...} -> versions; {"op": "train", "n": n} ->
-[seconds, CPU seconds, minor page faults]; {"op": "decode"} -> [seconds, tokens];
-{"op": "eval", "kind": "lm" | "classification"} -> [seconds, tokens or examples]; EOF
-ends it. Arrays travel in an .npz file loaded without pickle. A worker inherits
-gpt2jax's environment, GLIBC_TUNABLES included, so both sides run under one allocator.
+[seconds, CPU seconds, minor page faults]; {"op": "eval", "kind": "decode" | "lm" |
+"classification"} -> [seconds, tokens or examples]; EOF ends it. Arrays travel in an .npz
+file loaded without pickle. A worker inherits gpt2jax's environment, GLIBC_TUNABLES
+included, so both sides run under one allocator.
 """
 
 from __future__ import annotations
@@ -57,17 +57,14 @@ def require(peer: str) -> None:
                             f"{name!r}); install them: {_INSTALL[peer]}")
 
 
-def usage() -> tuple[float, int]:
-    """(user + system CPU seconds of every thread, minor page faults) of this process."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime, r.ru_minflt
-
-
 def measured(run: Callable[[int], float], n: int) -> list:
-    """[seconds, CPU seconds, minor page faults] of run(n) (seconds as run returns them)."""
-    u0 = usage()
+    """[seconds, CPU seconds, minor page faults] of run(n): its own seconds, and this
+    process's user + system time (every thread) and faults while it ran."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     secs = run(n)
-    return [secs, *(b - a for a, b in zip(u0, usage()))]
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return [secs, r.ru_utime + r.ru_stime - r0.ru_utime - r0.ru_stime,
+            r.ru_minflt - r0.ru_minflt]
 
 
 # ---------------------------------------------------------------- the steps
@@ -236,11 +233,11 @@ def _keras_trainer(dims: dict, tokens, dtype: str, seed: int):
 
 
 def _build(peer: str, msg: dict, tokens, weights: dict):
-    """The peer's train(n), decode() (None without decode arguments), its evaluation
-    forwards ({} without) and its versions."""
+    """The peer's train(n), its forwards (kind -> run(): "decode" with decode arguments,
+    "lm" and "classification" with evaluate ones) and its versions."""
     if peer == "keras":
         train, info = _keras_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"])
-        return train, None, {}, info
+        return train, {}, info
     import torch
     import transformers
 
@@ -248,11 +245,13 @@ def _build(peer: str, msg: dict, tokens, weights: dict):
     where = "cuda" if msg["jax_platform"] == "gpu" and torch.cuda.is_available() else "cpu"
     dims = msg["dims"]
     train = _hf_trainer(dims, tokens, msg["dtype"], msg["seed"], where)
-    decode = _hf_decoder(dims, weights, **msg["decode"], where=where) if msg["decode"] else None
-    evals = _hf_evaluators(dims, tokens, **msg["evaluate"], where=where) \
-        if msg.get("evaluate") else {}
-    return train, decode, evals, {"torch_version": torch.__version__, "torch_device": where,
-                                  "transformers_version": transformers.__version__}
+    forwards = {}
+    if msg["decode"]:
+        forwards["decode"] = _hf_decoder(dims, weights, **msg["decode"], where=where)
+    if msg["evaluate"]:
+        forwards.update(_hf_evaluators(dims, tokens, **msg["evaluate"], where=where))
+    return train, forwards, {"torch_version": torch.__version__, "torch_device": where,
+                             "transformers_version": transformers.__version__}
 
 
 def worker_main(peer: str) -> None:
@@ -262,8 +261,7 @@ def worker_main(peer: str) -> None:
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints must not corrupt the answers
-    train = decode = None
-    evals: dict = {}
+    train, forwards = None, {}
     for line in sys.stdin:
         msg = json.loads(line)
         try:
@@ -271,14 +269,12 @@ def worker_main(peer: str) -> None:
                 with np.load(msg["arrays"], allow_pickle=False) as z:
                     tokens = z["tokens"]
                     weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
-                train, decode, evals, info = _build(peer, msg, tokens, weights)
+                train, forwards, info = _build(peer, msg, tokens, weights)
                 reply = {**info, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
             elif msg["op"] == "train":
                 reply = measured(train, msg["n"])
-            elif msg["op"] == "eval":
-                reply = list(evals[msg["kind"]]())
             else:
-                reply = list(decode())
+                reply = list(forwards[msg["kind"]]())
             answer = {"ok": reply}
         except Exception as e:  # the parent turns it into a UserError
             answer = {"error": f"{type(e).__name__}: {e}"}
