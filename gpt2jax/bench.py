@@ -68,13 +68,10 @@ def _cores() -> int:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
 
 
@@ -301,10 +298,8 @@ def bench_config(preset: str | None = None, **dims) -> GPT2Config:
     """The model config to benchmark: a preset (gpt2, gpt2-medium, ...) or explicit
     dimensions (None = keep the default), dropout off. Default: the 4-layer, 256-wide model."""
     given = {k: v for k, v in dims.items() if v is not None}
-    if preset:
-        base = GPT2Config.from_preset(preset)
-    else:
-        base = GPT2Config(n_layer=4, n_embd=256, n_head=4)
+    base = (GPT2Config.from_preset(preset) if preset
+            else GPT2Config(n_layer=4, n_embd=256, n_head=4))
     return base.replace(**given, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 
 
@@ -516,9 +511,8 @@ def _settle(sides: _Sides, steps: int, most: int = 8) -> int:
 
     With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it holds every
     buffer of a round, and a step that grows it pays the kernel's page zeroing (GPT-2
-    small: 5.7 s instead of 3.0); steps dispatched asynchronously overlap, so single
-    warm-up steps do not grow it far enough. Wait for a round whose steps fault nothing;
-    other policies fault a steady amount every step: wait until the count stops falling."""
+    small: 5.7 s instead of 3.0): wait for a round whose steps fault nothing. Other
+    policies fault a steady amount every step: wait until the count stops falling."""
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):

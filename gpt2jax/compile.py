@@ -36,7 +36,8 @@ def cpu_unless_tpu(environ=os.environ) -> None:
     """Set JAX_PLATFORMS=cpu when libtpu is installed but no TPU is attached, unless the
     user chose platforms or a GPU plugin is installed: JAX would otherwise start its TPU
     plugin (0.3-0.8 s more per process and five lines of warnings). No TPU: no PCI device
-    of Google's vendor id, the check JAX's own Cloud TPU detection makes."""
+    of Google's vendor id, the check JAX's own Cloud TPU detection makes. `gpt2jax
+    compile` is unaffected: get_topology_desc loads libtpu's compiler itself."""
     import glob
     import importlib.util
     from importlib.metadata import entry_points
