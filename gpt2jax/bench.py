@@ -445,16 +445,16 @@ def _config_fields(cfg: GPT2Config) -> dict:
             "matmul_params": matmul_params(cfg)}
 
 
+_BF16_COMPUTE = {"hf": "bfloat16 autocast", "keras": "mixed_bfloat16"}  # each peer's bf16
+
+
 def _peer_fields(cfg: GPT2Config, peer: str, side: dict, m: dict, times: dict) -> None:
     """Add to a peer's side of the result what it ran with and its per-round ratios."""
     info = dict(m["info"][peer])
     tunables = info.pop("glibc_tunables")
-    bf16 = cfg.dtype == "bfloat16"
     if peer == "hf":
-        side.update(torch_threads=m["threads"],
-                    compute="bfloat16 autocast" if bf16 else "float32")
-    else:
-        side.update(compute="mixed_bfloat16" if bf16 else "float32")
+        side["torch_threads"] = m["threads"]
+    side["compute"] = _BF16_COMPUTE[peer] if cfg.dtype == "bfloat16" else "float32"
     side.update(first_step_seconds=round(m["first"][peer], 4), **info,
                 env={"GLIBC_TUNABLES": tunables},
                 malloc=malloc.describe({"GLIBC_TUNABLES": tunables or ""}),
