@@ -138,8 +138,8 @@ def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, where: str):
 
 
 def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int, where: str):
-    """transformers' greedy `generate` on our weights (HF names, numpy). Returns
-    run() -> (seconds, new tokens)."""
+    """transformers' greedy `generate` on our weights (HF names, numpy): run() -> (seconds,
+    new tokens)."""
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
@@ -154,15 +154,13 @@ def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int,
     model.to(where)
     x = torch.tensor([ids], device=where)
 
-    def run() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
-                                 do_sample=False, min_new_tokens=new_tokens,
-                                 max_new_tokens=new_tokens)
-        return time.perf_counter() - t0, out.shape[1] - len(ids)
+    @torch.inference_mode()
+    def generate():  # min_new_tokens: exactly new_tokens every time
+        return model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
+                              do_sample=False, min_new_tokens=new_tokens,
+                              max_new_tokens=new_tokens)
 
-    return run
+    return rep_timer(generate, 1, new_tokens, lambda _out: None)  # generate has synced
 
 
 def _hf_evaluators(dims: dict, tokens, reps: int, num_labels: int, where: str):
