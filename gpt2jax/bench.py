@@ -1,12 +1,13 @@
 """`gpt2jax bench`: training-step speed, model FLOPs and MFU, optionally side by side with
-transformers' PyTorch GPT-2 and with greedy decoding.
+the peers (peers.py: transformers' PyTorch GPT-2, KerasHub), greedy decoding and the
+evaluation forwards.
 
 What is timed is the trainer's own step (`train.make_train_step` with the default AdamW
 chain from `optim.make_optimizer`), jitted with donated params and optimizer state, on one
 device, dropout off. The FLOP/s peak is a jitted square matmul timed on the same device in
-the same run; with `--vs hf` the two frameworks run in alternating rounds and medians are
-reported, so background load hits both sides alike. The FLOP convention is in
-`flops_per_token`; docs/benchmarks.md lists the output fields.
+the same run; every side runs in alternating rounds and medians are reported, so
+background load hits all sides alike. The FLOP convention is in `flops_per_token`;
+docs/benchmarks.md lists the output fields.
 """
 
 from __future__ import annotations
