@@ -1,17 +1,19 @@
 """`gpt2jax bench`: training-step speed, model FLOPs and MFU, optionally side by side with
-transformers' PyTorch GPT-2 and with greedy decoding.
+the peers (peers.py: transformers' PyTorch GPT-2, KerasHub), greedy decoding and the
+evaluation forwards.
 
 What is timed is the trainer's own step (`train.make_train_step` with the default AdamW
 chain from `optim.make_optimizer`), jitted with donated params and optimizer state, on one
 device, dropout off. The FLOP/s peak is a jitted square matmul timed on the same device in
-the same run; with `--vs hf` the two frameworks run in alternating rounds and medians are
-reported, so background load hits both sides alike. The FLOP convention is in
-`flops_per_token`; docs/benchmarks.md lists the output fields.
+the same run; every side runs in alternating rounds and medians are reported, so
+background load hits all sides alike. The FLOP convention is in `flops_per_token`;
+docs/benchmarks.md lists the output fields.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import resource
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import malloc, peers
-from .config import DTYPES, OptimSection
+from .config import OptimSection
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
@@ -32,10 +34,7 @@ from .tokenizer import EOS_ID
 
 def matmul_params(cfg: GPT2Config) -> int:
     """Parameters that take part in a matmul per token: the blocks' four weight matrices
-    (c_attn, attn c_proj, c_fc, mlp c_proj) and the LM head (tied to wte, counted once).
-
-    Biases, LayerNorms and the position table (a lookup, no matmul) are left out.
-    """
+    and the LM head (tied to wte, counted once); no biases, LayerNorms or position table."""
     d, f = cfg.n_embd, cfg.inner
     per_layer = d * 3 * d + d * d + d * f + f * d
     return cfg.n_layer * per_layer + cfg.vocab_size * d
@@ -70,13 +69,10 @@ def _cores() -> int:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
 
 
@@ -87,19 +83,14 @@ def describe_device(device) -> str:
     return f"{device.platform}: {device.device_kind}"
 
 
-def _max_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux and bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if platform.system() == "Darwin" else rss * 1024
-
-
 def peak_memory(device) -> tuple[int, str]:
     """(bytes, source): the device's peak_bytes_in_use when it reports memory stats
     (GPU/TPU), else the process's maximum resident set size (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    stats = device.memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
-    return _max_rss_bytes(), "process_max_rss"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return (rss if platform.system() == "Darwin" else rss * 1024), "process_max_rss"
 
 
 # ---------------------------------------------------------------- peak matmul rate
@@ -107,16 +98,13 @@ def peak_memory(device) -> tuple[int, str]:
 
 def make_peak_probe(device, dtype: str, size: int) -> Callable[[int], float]:
     """A function reps -> FLOP/s of a jitted (size x size) @ (size x size) matmul in `dtype`
-    (float32 accumulation), the fastest of reps: other load only ever slows a repetition
-    down, so the best is the closest to the machine's rate. Compiled and warmed on
-    creation."""
+    (float32 accumulation), compiled and warmed on creation. The fastest of reps counts:
+    other load only ever slows a repetition down."""
     import jax
     import jax.numpy as jnp
 
-    dt = jnp.dtype(dtype)
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.device_put(jax.random.normal(ka, (size, size), jnp.float32).astype(dt), device)
-    b = jax.device_put(jax.random.normal(kb, (size, size), jnp.float32).astype(dt), device)
+    a, b = (jax.device_put(jax.random.normal(k, (size, size), jnp.float32).astype(dtype), device)
+            for k in jax.random.split(jax.random.key(0)))
     mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()
     flops = 2.0 * size**3
@@ -144,27 +132,25 @@ def _random_tokens(batch: int, seq_len: int, vocab: int, seed: int):
 
 def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None,
                  info: dict | None = None):
-    """The trainer's step on one device. Returns (compile_seconds, run(n) -> seconds).
-    `lora`: a model.lora section (cfg then has its adapters): only they train. `info`, if
-    given, receives the trainable parameter count, the optimizer state's bytes and the
-    compiler's memory analysis of the step."""
+    """The trainer's step (its default AdamW chain, dropout off) on one device. Returns
+    (compile_seconds, run(n) -> seconds). `lora`: a model.lora section (cfg then has its
+    adapters): only they train. `info`, if given, receives `_step_sizes`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from .model import create_model
-    from .optim import frozen_names
+    from .optim import frozen_names, make_optimizer
     from .train import make_train_step
 
     with jax.default_device(device):
         graphdef, params = nnx.split(create_model(cfg, seed))
     params = jax.device_put(params, device)
-    # The trainer's default optimizer: AdamW, weight-decay mask, clipping, cosine schedule.
-    tx, _ = make_optimizer_for(params, lora=lora)
+    tx, _ = make_optimizer(OptimSection(), 1_000_000, params, lora)
     opt_state = jax.jit(tx.init)(params)
-    step_fn = make_train_step(graphdef, tx, False, 1, jax.random.key(seed),
-                              frozen=frozen_names(OptimSection(), lora, params))
+    frozen = frozen_names(OptimSection(), lora, params)
+    step_fn = make_train_step(graphdef, tx, False, 1, jax.random.key(seed), frozen=frozen)
     jitted = jax.jit(step_fn, donate_argnums=(0, 1))
     batch = jax.device_put({"tokens": tokens[None],
                             "weights": np.ones((1, *tokens.shape), np.float32)}, device)
@@ -173,7 +159,7 @@ def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None,
     compiled = jitted.lower(params, opt_state, batch, step0).compile()
     compile_seconds = time.perf_counter() - t0
     if info is not None:
-        info.update(_step_sizes(params, opt_state, compiled, lora))
+        info.update(_step_sizes(params, opt_state, compiled, frozen or frozenset()))
     state = {"params": params, "opt": opt_state, "step": 0}
 
     def run(n: int) -> float:
@@ -192,22 +178,13 @@ def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None,
     return compile_seconds, run
 
 
-def make_optimizer_for(params, total_steps: int = 1_000_000, lora=None):
-    """The trainer's default optimizer (OptimSection defaults) for these params."""
-    from .optim import make_optimizer
-
-    return make_optimizer(OptimSection(), total_steps, params, lora)
-
-
-def _step_sizes(params, opt_state, compiled, lora) -> dict:
+def _step_sizes(params, opt_state, compiled, frozen: frozenset) -> dict:
     """Trainable parameters, optimizer-state bytes and the compiled step's memory (XLA's
-    memory analysis: arguments, outputs, temporaries) of one side of `--lora`."""
+    memory analysis: arguments, outputs, temporaries)."""
     import jax
 
-    from .optim import frozen_names
     from .params import flat
 
-    frozen = frozen_names(OptimSection(), lora, params) or frozenset()
     sizes = {"trainable_params": sum(int(v.size) for k, v in flat(params).items()
                                      if k not in frozen),
              "optimizer_state_bytes": sum(int(x.nbytes) for x in jax.tree.leaves(opt_state))}
@@ -222,9 +199,9 @@ def _step_sizes(params, opt_state, compiled, lora) -> dict:
 
 
 def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
-    """Our greedy batch-1 decoder (generate.Generator) and, with vs_hf, what transformers
-    needs to run `generate` on the same weights. Returns (run, prompt_tokens, new_tokens,
-    hf_args or None)."""
+    """Our greedy batch-1 decoder (generate.Generator), compiled and warmed, and with vs_hf
+    what transformers needs to run `generate` on the same weights. Returns (run,
+    prompt_tokens, new_tokens, hf_args or None)."""
     from .generate import Generator, Sampling
     from .hf import to_hf_tensors
     from .model import create_model
@@ -246,6 +223,7 @@ def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
         s = gen.generate([prompt], sampling=greedy, max_new_tokens=new_tokens, chunk=32)[0]
         return time.perf_counter() - t0, len(s.token_ids)
 
+    ours()
     hf_args = None
     if vs_hf:
         hf_args = {"weights": to_hf_tensors(model), "ids": ids, "new_tokens": new_tokens,
@@ -263,7 +241,7 @@ def _evaluators(cfg: GPT2Config, tokens, seed: int, reps: int) -> dict[str, Call
     """The forward passes `gpt2jax eval` runs, on the bench's batch: "lm" scores every
     token (evaluate.token_logprobs: the perplexity path), "classification" takes a
     sequence-classification head's probabilities (evaluate.class_probabilities). Each
-    run() -> (seconds, tokens or examples) for `reps` batches."""
+    run() -> (seconds, tokens or examples) for `reps` batches; compiled and warmed."""
     import jax
     import numpy as np
 
@@ -275,35 +253,43 @@ def _evaluators(cfg: GPT2Config, tokens, seed: int, reps: int) -> dict[str, Call
     lm = create_model(cfg, seed)
     cls = create_model(cfg.replace(head="sequence", num_labels=EVAL_LABELS,
                                    pad_token_id=EOS_ID), seed)
+    runs = {"lm": peers.rep_timer(lambda: token_logprobs(lm, ids, mask), reps, ids.size,
+                                  jax.block_until_ready),
+            "classification": peers.rep_timer(lambda: class_probabilities(cls, ids, mask),
+                                              reps, ids.shape[0], jax.block_until_ready)}
+    for run in runs.values():
+        run()
+    return runs
 
-    def timer(fn, model, units: int):
-        def run() -> tuple[float, int]:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                out = fn(model, ids, mask)
-            jax.block_until_ready(out)
-            return time.perf_counter() - t0, units * reps
 
-        return run
-
-    return {"lm": timer(token_logprobs, lm, ids.size),
-            "classification": timer(class_probabilities, cls, ids.shape[0])}
+def _vs_hf(timed: list, kind: str, unit: str) -> dict:
+    """Our and transformers' rates of a forward `kind` (medians over rounds) and their ratio."""
+    ours = statistics.median(r["forward"][kind][0] for r in timed)
+    hf = [r["forward"][kind][1] for r in timed if r["forward"][kind][1] is not None]
+    res = {f"jax_{unit}_per_sec": round(ours, 2), f"hf_{unit}_per_sec": None, "ratio": None}
+    if hf:
+        res[f"hf_{unit}_per_sec"] = round(statistics.median(hf), 2)
+        res["ratio"] = round(ours / statistics.median(hf), 3)
+    return res
 
 
 def _eval_result(timed: list) -> dict | None:
-    """Per path: ours and transformers' rates (medians over rounds) and their ratio."""
-    if not timed[0]["eval"]:
+    """Per evaluation path: `_vs_hf` of its rates."""
+    if "lm" not in timed[0]["forward"]:
         return None
-    out = {}
-    for kind, unit in (("lm", "tokens"), ("classification", "examples")):
-        ours = statistics.median(r["eval"][kind][0] for r in timed)
-        hf = [r["eval"][kind][1] for r in timed if r["eval"][kind][1] is not None]
-        res = {f"jax_{unit}_per_sec": round(ours, 2), f"hf_{unit}_per_sec": None, "ratio": None}
-        if hf:
-            res[f"hf_{unit}_per_sec"] = round(statistics.median(hf), 2)
-            res["ratio"] = round(ours / statistics.median(hf), 3)
-        out[kind] = res
-    return out
+    return {kind: _vs_hf(timed, kind, unit)
+            for kind, unit in (("lm", "tokens"), ("classification", "examples"))}
+
+
+def _decode_result(cfg: GPT2Config, m: dict) -> dict | None:
+    """The decoding side by side: what was decoded and `_vs_hf` of the rates."""
+    if "decode" not in m["timed"][0]["forward"]:
+        return None
+    prompt, new = m["prompt_tokens"], m["new_tokens"]
+    return {"batch_size": 1, "prompt_tokens": prompt, "new_tokens": new,
+            "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
+            "flops_per_token": decode_flops_per_token(cfg, prompt + new),
+            **_vs_hf(m["timed"], "decode", "tokens")}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -313,10 +299,8 @@ def bench_config(preset: str | None = None, **dims) -> GPT2Config:
     """The model config to benchmark: a preset (gpt2, gpt2-medium, ...) or explicit
     dimensions (None = keep the default), dropout off. Default: the 4-layer, 256-wide model."""
     given = {k: v for k, v in dims.items() if v is not None}
-    if preset:
-        base = GPT2Config.from_preset(preset)
-    else:
-        base = GPT2Config(n_layer=4, n_embd=256, n_head=4)
+    base = (GPT2Config.from_preset(preset) if preset
+            else GPT2Config(n_layer=4, n_embd=256, n_head=4))
     return base.replace(**given, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 
 
@@ -336,18 +320,21 @@ def run_bench(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Benchmark a training step of `cfg` (and optionally transformers and decoding).
+    """Benchmark a training step of `cfg` (and optionally its peers, decoding, evaluation).
 
-    Rounds alternate: peak matmul, one untimed then `steps` timed steps of ours, the same
-    for each peer in `vs` (peers.PEERS: "hf", "keras"), decoding (with decode; transformers'
-    too with "hf"), evaluation forwards (with evaluate; transformers' too with "hf"). Every
-    rate is the median over rounds. Returns the documented JSON dict.
+    Rounds alternate (`_round`): peak matmul, our steps, each peer's in `vs` (peers.PEERS),
+    decoding and evaluation forwards (ours; transformers' too with "hf"). Every rate is
+    the median over rounds. Returns the documented JSON dict.
     """
     _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
-    _check_peers(cfg, vs, decode)
+    if decode and cfg.vocab_size <= EOS_ID:
+        raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
+                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
+    for peer in vs:
+        peers.require(peer)
     if vs:
-        # on a GPU, JAX would take 75% of its memory up front and leave the transformers
-        # worker the rest; read when JAX creates its GPU client (no effect on CPU)
+        # on a GPU, JAX would take 75% of its memory up front and leave the peers' workers
+        # the rest; read when JAX creates its GPU client (no effect on CPU)
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
@@ -360,21 +347,20 @@ def run_bench(
                  decode_tokens=decode_tokens if decode else 0, evaluate=evaluate,
                  peak_size=peak_size, seed=seed, say=log or (lambda _msg: None))
     timed = m["timed"]
-
-    def per_round(key: str) -> list:  # a field of every round, where that side ran
-        return [r[key] for r in timed if r[key] is not None]
-
     fpt, tokens_per_step = flops_per_token(cfg, seq_len), batch_size * seq_len
-    peaks, jax_t = per_round("peak"), per_round("jax_s")
+    peaks = [r["peak"] for r in timed]
     peak = max(peaks)  # the best probe of all rounds (see make_peak_probe)
-    jax_res = _side(tokens_per_step, statistics.median(jax_t), fpt, peak, jax_t,
-                    per_round("jax_use"))
-    jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, jax_t, peaks),
+    times = {name: [r["train"][name][0] for r in timed] for name in ("jax", *vs)}
+    sides = {name: _side(tokens_per_step, statistics.median(t), fpt, peak, t,
+                         [r["train"][name][1] for r in timed]) for name, t in times.items()}
+    jax_res = sides.pop("jax")
+    jax_res.update(mfu_rounds=_per_round_mfu(tokens_per_step, fpt, times["jax"], peaks),
                    compile_seconds=round(m["compile_seconds"], 3),
-                   first_step_seconds=round(m["first_step_seconds"], 4),
+                   first_step_seconds=round(m["first"]["jax"], 4),
                    peak_memory_bytes=m["memory"][0], peak_memory_source=m["memory"][1],
                    malloc=malloc.describe())
-    sides = {peer: _peer_result(cfg, peer, m, tokens_per_step, fpt, peak, jax_t) for peer in vs}
+    for peer, side in sides.items():
+        _peer_fields(cfg, peer, side, m, times)
     ratios = {p: round(jax_res["tokens_per_sec"] / s["tokens_per_sec"], 3)
               for p, s in sides.items()}
     return {
@@ -391,7 +377,7 @@ def run_bench(
         **{p: sides.get(p) for p in peers.PEERS},
         "ratio": ratios.get("hf"),
         "ratios": ratios,
-        "decode": _decode_result(cfg, m, per_round("jax_dec"), per_round("hf_dec")),
+        "decode": _decode_result(cfg, m),
         "eval": _eval_result(timed),
         "device": describe_device(device),
         "jax_version": jax.__version__,
@@ -406,31 +392,31 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
     """Compile and warm each side up, settle, then run the timed rounds (`_rounds`).
     decode_tokens 0: no decoding. Returns the rounds and what was learnt on the way."""
     out = {"threads": _cores(), "info": {}, "first": {}, "prompt_tokens": 0}
-    workers: dict[str, peers.Worker] = {}
+    train: dict[str, Callable[[int], list]] = {}  # side -> run(n) -> [s, CPU s, faults]
+
+    def warm_up(name: str) -> None:
+        out["first"][name] = train[name](1)[0]
+        if warmup > 1:
+            train[name](warmup - 1)
+
     with contextlib.ExitStack() as cleanup:
-        for peer in vs:  # started before our side allocates (forking a small process is cheap)
-            workers[peer] = peers.Worker(peer)
-            cleanup.callback(workers[peer].close)
+        # started before our side allocates (forking a small process is cheap)
+        workers = {p: cleanup.enter_context(contextlib.closing(peers.Worker(p))) for p in vs}
         batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
         say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
             f"batch {batch_size} x {seq_len}, {cfg.dtype})")
         out["compile_seconds"], jax_run = _jax_trainer(cfg, tokens, device, seed)
-        out["first_step_seconds"] = jax_run(1)
-        if warmup > 1:
-            jax_run(warmup - 1)
+        train["jax"] = functools.partial(peers.measured, jax_run)
+        warm_up("jax")
         out["memory"] = peak_memory(device)  # before the probe allocates anything
-        our_decode, hf_decode_args = None, None
+        forwards, hf_decode_args = {}, None  # kind -> run() -> (seconds, tokens or examples)
         if decode_tokens:
             say("compiling the decoder")
-            our_decode, out["prompt_tokens"], out["new_tokens"], hf_decode_args = _decoder(
-                cfg, seed, decode_tokens, "hf" in workers)
-            our_decode()  # warm-up (compiles)
-        evals = {}
+            forwards["decode"], out["prompt_tokens"], out["new_tokens"], hf_decode_args = \
+                _decoder(cfg, seed, decode_tokens, "hf" in workers)
         if evaluate:
             say("compiling the evaluation forwards")
-            evals = _evaluators(cfg, tokens, seed, steps)
-            for run in evals.values():
-                run()  # warm-up (compiles)
+            forwards.update(_evaluators(cfg, tokens, seed, steps))
         for peer, worker in workers.items():
             say(f"building the {worker.name} model (in its own process)")
             decode_args = hf_decode_args if peer == "hf" else None
@@ -439,17 +425,13 @@ def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds
                 tokens, decode_args.pop("weights") if decode_args else None,
                 dims=peers.hf_dims(cfg), dtype=cfg.dtype, seed=seed, threads=out["threads"],
                 jax_platform=device.platform, decode=decode_args,
-                evaluate={"reps": steps, "num_labels": EVAL_LABELS} if evals else None)
-            out["first"][peer] = worker.call("train", n=1)[0]
-            if warmup > 1:
-                worker.call("train", n=warmup - 1)
-            if decode_args is not None:
-                worker.call("decode")  # warm-up
-            if evals and peer == "hf":
-                for kind in evals:
-                    worker.call("eval", kind=kind)  # warm-up
-        sides = _Sides(make_peak_probe(device, cfg.dtype, peak_size), jax_run, workers,
-                       our_decode, evals)
+                evaluate={"reps": steps, "num_labels": EVAL_LABELS} if evaluate else None)
+            train[peer] = lambda n, w=worker: w.call("train", n=n)
+            warm_up(peer)
+            for kind in forwards if peer == "hf" else ():
+                worker.call("eval", kind=kind)  # warm-up
+        sides = _Sides(make_peak_probe(device, cfg.dtype, peak_size), train, forwards,
+                       workers.get("hf"))
         out["settle"] = _settle(sides, steps)
         out["timed"] = _rounds(sides, steps, rounds, batch_size * seq_len, say)
     return out
@@ -464,85 +446,51 @@ def _config_fields(cfg: GPT2Config) -> dict:
             "matmul_params": matmul_params(cfg)}
 
 
-def _peer_result(cfg: GPT2Config, peer: str, m: dict, tokens_per_step: int, fpt: int,
-                 peak: float, jax_t: list) -> dict:
-    """A peer's side of the result: its rates over the timed rounds, what it ran with."""
-    times = [r["peers"][peer][0] for r in m["timed"]]
-    side = _side(tokens_per_step, statistics.median(times), fpt, peak, times,
-                 [r["peers"][peer][1] for r in m["timed"]])
+_BF16_COMPUTE = {"hf": "bfloat16 autocast", "keras": "mixed_bfloat16"}  # each peer's bf16
+
+
+def _peer_fields(cfg: GPT2Config, peer: str, side: dict, m: dict, times: dict) -> None:
+    """Add to a peer's side of the result what it ran with and its per-round ratios."""
     info = dict(m["info"][peer])
     tunables = info.pop("glibc_tunables")
     if peer == "hf":
-        side.update(torch_threads=m["threads"],
-                    compute="bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32")
-    else:
-        side.update(compute="mixed_bfloat16" if cfg.dtype == "bfloat16" else "float32")
+        side["torch_threads"] = m["threads"]
+    side["compute"] = _BF16_COMPUTE[peer] if cfg.dtype == "bfloat16" else "float32"
     side.update(first_step_seconds=round(m["first"][peer], 4), **info,
                 env={"GLIBC_TUNABLES": tunables},
                 malloc=malloc.describe({"GLIBC_TUNABLES": tunables or ""}),
                 # per-round ratios show how much the background load moved the comparison
-                ratio_rounds=[round(h / j, 3) for j, h in zip(jax_t, times)])
-    return side
-
-
-def _decode_result(cfg: GPT2Config, m: dict, jax_rates: list, hf_rates: list) -> dict | None:
-    if not jax_rates:
-        return None
-    prompt, new = m["prompt_tokens"], m["new_tokens"]
-    res = {"batch_size": 1, "prompt_tokens": prompt, "new_tokens": new,
-           "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
-           "flops_per_token": decode_flops_per_token(cfg, prompt + new),
-           "jax_tokens_per_sec": round(statistics.median(jax_rates), 2),
-           "hf_tokens_per_sec": None, "ratio": None}
-    if hf_rates:
-        res["hf_tokens_per_sec"] = round(statistics.median(hf_rates), 2)
-        res["ratio"] = round(res["jax_tokens_per_sec"] / res["hf_tokens_per_sec"], 3)
-    return res
+                ratio_rounds=[round(h / j, 3) for j, h in zip(times["jax"], times[peer])])
 
 
 @dataclass
 class _Sides:
-    """What a round runs: the peak probe, our step, the peers' workers, and (None / empty
-    when not asked for) our decoder and evaluation forwards."""
+    """What a round runs: the peak probe, each side's train(n) (ours first), our forwards
+    (decoding, evaluation) and transformers' worker, which runs them too."""
 
     probe: Callable
-    jax_run: Callable
-    workers: dict
-    decode: Callable | None
-    evals: dict
+    train: dict
+    forwards: dict
+    hf: peers.Worker | None
 
 
 def _round(sides: _Sides, steps: int) -> dict:
-    """One alternating round: the peak probe, then per side one untimed and `steps` timed
-    steps, then a greedy decode and the evaluation forwards (ours, and transformers' when
-    it runs). Returns the peak FLOP/s, our seconds a step and [CPU seconds, minor page
-    faults] a step, each peer's (seconds a step, [CPU seconds, faults] a step), decode
-    tokens/s and per evaluation path (ours, transformers') rates; None where a side did
-    not run."""
-    r = {"peak": sides.probe(3), "peers": {}, "jax_dec": None, "hf_dec": None, "eval": {}}
-    # One untimed step per side: the first step after other work (the probe, the other
-    # framework's step) pays page faults for memory the allocator returned in between
-    # (measured: GPT-2 small's first JAX step after a torch step took 1.6x as long, the
-    # next one the usual time). Steady-state training never pays it.
-    sides.jax_run(1)
-    u0 = peers.usage()
-    r["jax_s"] = sides.jax_run(steps) / steps
-    r["jax_use"] = [(b - a) / steps for a, b in zip(u0, peers.usage())]
-    for peer, worker in sides.workers.items():
-        worker.call("train", n=1)
-        secs, *use = worker.call("train", n=steps)
-        r["peers"][peer] = (secs / steps, [u / steps for u in use])
-    hf = sides.workers.get("hf")
-    if sides.decode is not None:
-        secs, n = sides.decode()
-        r["jax_dec"] = n / secs
-        if hf is not None:  # transformers was given a decoder whenever we have one
-            secs, n = hf.call("decode")
-            r["hf_dec"] = n / secs
-    for kind, run in sides.evals.items():
+    """One alternating round: the peak probe; per side one untimed and `steps` timed steps;
+    each forward (a greedy decode, evaluation), ours then transformers' when it runs.
+    Returns the peak FLOP/s, per side (seconds, [CPU seconds, minor page faults]) a step
+    and per forward (our rate, transformers' or None)."""
+    r = {"peak": sides.probe(3), "train": {}, "forward": {}}
+    for name, train in sides.train.items():
+        # The first step after other work (the probe, another side's step) pays page
+        # faults for memory the allocator returned in between (measured: GPT-2 small's
+        # first JAX step after a torch step took 1.6x as long); steady training never does.
+        train(1)
+        secs, *use = train(steps)
+        r["train"][name] = (secs / steps, [u / steps for u in use])
+    for kind, run in sides.forwards.items():
         secs, n = run()
-        theirs = hf.call("eval", kind=kind) if hf is not None else None
-        r["eval"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
+        theirs = sides.hf.call("eval", kind=kind) if sides.hf is not None else None
+        r["forward"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
     return r
 
 
@@ -552,27 +500,24 @@ def _rounds(sides: _Sides, steps: int, rounds: int,
     out = []
     for i in range(rounds):
         r = _round(sides, steps)
-        line = f"round {i + 1}/{rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " \
-               f"jax {tokens_per_step / r['jax_s']:,.0f} tokens/s"
-        for peer, (secs, _) in r["peers"].items():
-            line += f", {peer} {tokens_per_step / secs:,.0f} tokens/s"
-        say(line)
+        say(f"round {i + 1}/{rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " + ", ".join(
+            f"{name} {tokens_per_step / secs:,.0f} tokens/s"
+            for name, (secs, _) in r["train"].items()))
         out.append(r)
     return out
 
 
 def _settle(sides: _Sides, steps: int, most: int = 8) -> int:
-    """Untimed rounds, the same as the timed ones (_round), until our steps stop faulting
-    memory in. With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it
-    holds every buffer of a round, and a step that grows it pays the kernel's page
-    zeroing (GPT-2 small: 5.7 s instead of 3.0). Several steps in a row are dispatched
-    asynchronously and overlap, so single warm-up steps do not grow it far enough. Wait
-    for a round whose steps fault nothing; other policies fault a steady amount every
-    step: wait until the count stops falling. Returns the rounds run."""
+    """Untimed rounds (_round) until our steps stop faulting memory in; returns how many.
+
+    With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it holds every
+    buffer of a round, and a step that grows it pays the kernel's page zeroing (GPT-2
+    small: 5.7 s instead of 3.0): wait for a round whose steps fault nothing. Other
+    policies fault a steady amount every step: wait until the count stops falling."""
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
-        faults = _round(sides, steps)["jax_use"][1]
+        faults = _round(sides, steps)["train"]["jax"][1][1]
         if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults
@@ -599,14 +544,6 @@ def _per_round_mfu(tokens_per_step: int, fpt: int, step_times: list, peaks: list
     return [round(m, 4) if m <= 1 else None for m in mfu]
 
 
-def _check_peers(cfg: GPT2Config, vs: Sequence[str], decode: bool) -> None:
-    if decode and cfg.vocab_size <= EOS_ID:
-        raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
-                        f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
-    for peer in vs:
-        peers.require(peer)
-
-
 def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
                 peak_size) -> None:
     for name, v, lo in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1),
@@ -617,24 +554,26 @@ def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
     if seq_len > cfg.n_positions:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context n_positions="
                         f"{cfg.n_positions}; raise --n-positions or lower --seq-len")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
+
+
+def _header(r: dict, more: str = "") -> list[str]:
+    """Both tables' first lines: the machine and date; the model, batch and rounds."""
+    c = r["config"]
+    return [f"{r['device']}  jax {r['jax_version']}  {r['date']}",
+            f"model: {c['n_layer']} layers, n_embd {c['n_embd']}, {c['n_head']} heads, vocab "
+            f"{c['vocab_size']}; batch {c['batch_size']} x seq {c['seq_len']}, {c['dtype']}"
+            f"{more}; {c['rounds']} rounds x {c['steps']} steps (medians)"]
 
 
 def format_table(r: dict) -> str:
     """The terminal summary of a run_bench result."""
     c = r["config"]
-    lines = [f"{r['device']}  jax {r['jax_version']}  {r['date']}",
-             f"model: {c['n_layer']} layers, n_embd {c['n_embd']}, {c['n_head']} heads, "
-             f"vocab {c['vocab_size']}; batch {c['batch_size']} x seq {c['seq_len']}, "
-             f"{c['dtype']}, attention {c.get('attention', 'explicit')}, kernels "
-             f"{c.get('kernels', 'custom')}, loss_chunk "
-             f"{c.get('loss_chunk', 0)}; {c['rounds']} rounds x {c['steps']} steps (medians)",
-             f"FLOPs/token {r['flops_per_token'] / 1e6:,.1f} M; peak matmul "
-             f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_matmul']['size']}^2 "
-             f"{r['peak_matmul']['dtype']})", ""]
-    head = f"{'':14}{'tokens/s':>12}{'s/step':>10}{'GFLOP/s':>10}{'MFU':>8}"
-    lines.append(head)
+    lines = _header(r, f", attention {c.get('attention', 'explicit')}, kernels "
+                       f"{c.get('kernels', 'custom')}, loss_chunk {c.get('loss_chunk', 0)}")
+    lines += [f"FLOPs/token {r['flops_per_token'] / 1e6:,.1f} M; peak matmul "
+              f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_matmul']['size']}^2 "
+              f"{r['peak_matmul']['dtype']})", "",
+              f"{'':14}{'tokens/s':>12}{'s/step':>10}{'GFLOP/s':>10}{'MFU':>8}"]
     for name, side in (("gpt2jax", r["jax"]), *((n, r.get(p)) for p, n in peers.PEERS.items())):
         if side is None:
             continue
@@ -717,14 +656,11 @@ def run_lora_bench(cfg: GPT2Config, rank: int, targets: tuple[str, ...] = ("c_at
 
 def format_lora_table(r: dict) -> str:
     """The terminal summary of a run_lora_bench result."""
-    c, lo = r["config"], r["lora"]
-    lines = [f"{r['device']}  jax {r['jax_version']}  {r['date']}",
-             f"model: {c['n_layer']} layers, n_embd {c['n_embd']}, {c['n_head']} heads, vocab "
-             f"{c['vocab_size']}; batch {c['batch_size']} x seq {c['seq_len']}, {c['dtype']}; "
-             f"{c['rounds']} rounds x {c['steps']} steps (medians)",
-             f"LoRA rank {lo['rank']}, alpha {lo['alpha']:g}, targets {', '.join(lo['targets'])}",
-             "", f"{'':8}{'trainable':>14}{'optimizer state':>18}{'step temp':>12}"
-                 f"{'s/step':>10}{'tokens/s':>11}"]
+    lo = r["lora"]
+    lines = _header(r) + [
+        f"LoRA rank {lo['rank']}, alpha {lo['alpha']:g}, targets {', '.join(lo['targets'])}",
+        "", f"{'':8}{'trainable':>14}{'optimizer state':>18}{'step temp':>12}{'s/step':>10}"
+            f"{'tokens/s':>11}"]
     for name, side in (("full", r["full"]), ("lora", r["lora_side"])):
         temp = side.get("step_memory_bytes", {}).get("temp")
         lines.append(f"{name:8}{side['trainable_params']:>14,}"

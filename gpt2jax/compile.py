@@ -1,12 +1,14 @@
-"""`gpt2jax compile`: compile the train and eval steps for a TPU topology, on any machine.
+"""`gpt2jax compile`: compile the train and eval steps for a TPU or NVIDIA GPU topology, on
+any machine.
 
-libtpu's compiler (the `tpu` extra) gives compile-only devices for a named topology
-(`jax.experimental.topologies.get_topology_desc`); the step `gpt2jax train` would run is
-lowered with ShapeDtypeStruct arguments carrying train's shardings (no memory, no data,
-nothing downloaded) and compiled into the real TPU executable. Its memory analysis says
-whether the step fits in HBM; its optimized HLO shows the collectives a mesh choice costs.
+libtpu's compiler (the `tpu` extra), or XLA's CUDA compiler from the CUDA plugin, gives
+compile-only devices for a named topology (`jax.experimental.topologies.get_topology_desc`);
+the step `gpt2jax train` would run is lowered with ShapeDtypeStruct arguments carrying
+train's shardings (no memory, no data, nothing downloaded) and compiled into the real
+executable. Its memory analysis says whether the step fits in HBM; its optimized HLO shows
+the collectives a mesh choice costs.
 
-Chip figures (CHIPS) are from the Cloud TPU documentation:
+TPU figures (CHIPS) are from the Cloud TPU documentation:
   v4   https://cloud.google.com/tpu/docs/v4
   v5e  https://cloud.google.com/tpu/docs/v5e
   v5p  https://cloud.google.com/tpu/docs/v5p
@@ -19,22 +21,23 @@ import contextlib
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import UserError
 
 GiB = 1024**3
 INSTALL_HINT = "pip install 'gpt2jax[tpu]' (libtpu==0.0.42.*, the version jax[tpu]==0.10.2 pins)"
+CUDA_HINT = ("pip install 'jax[cuda12]==0.10.2' (the CUDA plugin and NVIDIA's compiler "
+             "wheels, about 3 GB; no GPU needed)")
 
 
 def cpu_unless_tpu(environ=os.environ) -> None:
-    """With libtpu installed (the `tpu` extra) but no TPU attached, JAX would still start
-    its TPU plugin on first use: about 0.3-0.8 s more per process here and five lines of
-    libtpu warnings on stderr. Set JAX_PLATFORMS=cpu then, unless the user chose platforms
-    or a GPU plugin is installed. `gpt2jax compile` is unaffected: get_topology_desc loads
-    libtpu's compiler itself. No TPU: no PCI device of Google's vendor id (the check JAX's
-    own Cloud TPU detection makes, without its device-id table, so a Google NIC counts)."""
+    """Set JAX_PLATFORMS=cpu when libtpu is installed but no TPU is attached, unless the
+    user chose platforms or a GPU plugin is installed: JAX would otherwise start its TPU
+    plugin (0.3-0.8 s more per process and five lines of warnings). No TPU: no PCI device
+    of Google's vendor id, the check JAX's own Cloud TPU detection makes. `gpt2jax
+    compile` is unaffected: get_topology_desc loads libtpu's compiler itself."""
     import glob
     import importlib.util
     from importlib.metadata import entry_points
@@ -44,81 +47,38 @@ def cpu_unless_tpu(environ=os.environ) -> None:
     if importlib.util.find_spec("jax_plugins") or entry_points(group="jax_plugins"):
         return  # CUDA / ROCm plugins: leave the choice to JAX
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
+        with contextlib.suppress(OSError):
             if Path(vendor).read_text().strip() == "0x1ae0":
                 return
-        except OSError:
-            continue
     environ["JAX_PLATFORMS"] = "cpu"
 
 
 @dataclass(frozen=True)
-class Chip:
-    """One TPU generation: naming and the per-chip figures of its Cloud TPU page."""
-
-    family: str  # v4 | v5e | v5p | v6e
-    topology_prefix: str  # libtpu's topology name prefix ("v5" is v5p)
-    megacore: bool  # two TensorCores per chip; accelerator names count TensorCores
-    hbm_bytes: int
-    peak_bf16: float  # FLOP/s
-    hbm_bw: float  # bytes/s
-    ici_bw: float  # bidirectional bytes/s per chip
-    dims: int  # torus dimensions
-
-
-CHIPS: dict[str, Chip] = {
-    # 275 TFLOPs, 32 GiB, 1200 GBps; the page gives no per-chip ICI figure: 537 GB/s is its
-    # "all-reduce bandwidth per Pod" 1.1 PB/s x 2 / 4096 chips, the relation the v5e and
-    # v6e pages show between their all-reduce and per-chip bidirectional ICI figures.
-    "v4": Chip("v4", "v4", True, 32 * GiB, 275e12, 1200e9, 2 * 1.1e15 / 4096, 3),
-    # 197 TFLOPs, 16 GiB, 819 GBps, bidirectional ICI 400 GBps
-    "v5e": Chip("v5e", "v5e", False, 16 * GiB, 197e12, 819e9, 400e9, 2),
-    # 459 TFLOPs, 95 GiB, 2765 GBps, bidirectional ICI 1200 GBps
-    "v5p": Chip("v5p", "v5", True, 95 * GiB, 459e12, 2765e9, 1200e9, 3),
-    # 918 TFLOPs, 32 GB, 1638 GBps, bidirectional ICI 800 GBps
-    "v6e": Chip("v6e", "v6e", False, 32 * 10**9, 918e12, 1638e9, 800e9, 2),
-}
-# accelerator-type spellings (Cloud TPU's and common short forms) -> family
-ALIASES = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5lite": "v5e", "v5p": "v5p",
-           "v5": "v5p", "v6e": "v6e"}
-
-
-@dataclass(frozen=True)
 class Gpu:
-    """An NVIDIA GPU for XLA's deviceless CUDA compiler: what its target description needs
-    (compute capability, SMs, clock, memories) besides the Chip figures of the roofline."""
+    """What XLA's CUDA compiler reads from an NVIDIA GPU besides the Chip figures."""
 
-    chip: Chip
     name: str  # the device name JAX reports
     capability: tuple[int, int]
     sms: int
     clock_ghz: float
     l2_bytes: int
     smem_per_sm: int  # shared memory per SM; a block may opt in to 1 KiB less
-    per_host: int = 8  # GPUs per host (HGX boards)
 
-    def target_config(self) -> str:
-        """XLA's GpuTargetConfigProto as text: the device description the compiler would
-        read from a real GPU. Thread and register limits are CUDA's for these
-        capabilities (CUDA C++ Programming Guide, "Technical Specifications")."""
-        c = self.chip
-        major, minor = self.capability
-        return "\n".join([
-            "gpu_device_info {",
-            "  threads_per_block_limit: 1024", "  threads_per_warp: 32",
-            "  shared_memory_per_block: 49152",
-            f"  shared_memory_per_core: {self.smem_per_sm}",
-            f"  shared_memory_per_block_optin: {self.smem_per_sm - 1024}",
-            "  threads_per_core_limit: 2048", f"  core_count: {self.sms}",
-            f"  fpus_per_core: {128 if major >= 9 else 64}",
-            "  block_dim_limit_x: 2147483647", "  block_dim_limit_y: 65535",
-            "  block_dim_limit_z: 65535",
-            f"  memory_bandwidth: {int(c.hbm_bw)}", f"  l2_cache_size: {self.l2_bytes}",
-            f"  clock_rate_ghz: {self.clock_ghz}", f"  device_memory_size: {c.hbm_bytes}",
-            f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
-            "  registers_per_core_limit: 65536", "  registers_per_block_limit: 65536",
-            "}", 'platform_name: "CUDA"', "dnn_version_info { major: 9 minor: 8 }",
-            f'device_description_str: "{self.name}"'])
+
+@dataclass(frozen=True)
+class Chip:
+    """A TPU generation or an NVIDIA GPU: the per-chip figures of the roofline and how the
+    compiler targets it (libtpu's topology naming, or a GPU's device description)."""
+
+    family: str  # v4 | v5e | v5p | v6e | a100 | h100 | h200
+    hbm_bytes: int
+    peak_bf16: float  # FLOP/s
+    hbm_bw: float  # bytes/s
+    ici_bw: float  # bidirectional bytes/s per chip (NVLink on GPUs)
+    topology_prefix: str = ""  # libtpu's topology name prefix ("v5" is v5p)
+    megacore: bool = False  # two TensorCores per chip; accelerator names count TensorCores
+    dims: int = 0  # torus dimensions
+    gpu: Gpu | None = None
 
 
 # NVIDIA's data sheets (SXM boards; dense bf16 tensor-core peak, HBM, NVLink bidirectional):
@@ -127,44 +87,85 @@ class Gpu:
 #   H200 SXM  https://www.nvidia.com/en-us/data-center/h200/ (989 TFLOPs, 4.8 TB/s, 900 GB/s)
 # SMs, boost clock, L2 and shared memory per SM: NVIDIA's A100 and H100 architecture
 # whitepapers (the H200 is an H100 with more and faster memory).
-GPUS: dict[str, Gpu] = {
-    "a100": Gpu(Chip("a100", "cuda", False, 80 * GiB, 312e12, 2039e9, 600e9, 0),
-                "NVIDIA A100-SXM4-80GB", (8, 0), 108, 1.41, 40 * 2**20, 164 * 1024),
-    "h100": Gpu(Chip("h100", "cuda", False, 80 * GiB, 989e12, 3350e9, 900e9, 0),
-                "NVIDIA H100 80GB HBM3", (9, 0), 132, 1.98, 50 * 2**20, 228 * 1024),
-    "h200": Gpu(Chip("h200", "cuda", False, 141 * 10**9, 989e12, 4800e9, 900e9, 0),
-                "NVIDIA H200", (9, 0), 132, 1.98, 50 * 2**20, 228 * 1024),
+_H100 = Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 1.98, 50 * 2**20, 228 * 1024)
+CHIPS: dict[str, Chip] = {
+    # 275 TFLOPs, 32 GiB, 1200 GBps; the page gives no per-chip ICI figure: 537 GB/s is its
+    # "all-reduce bandwidth per Pod" 1.1 PB/s x 2 / 4096 chips, the relation the v5e and
+    # v6e pages show between their all-reduce and per-chip bidirectional ICI figures.
+    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 2 * 1.1e15 / 4096, "v4", True, 3),
+    # 197 TFLOPs, 16 GiB, 819 GBps, bidirectional ICI 400 GBps
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 400e9, "v5e", False, 2),
+    # 459 TFLOPs, 95 GiB, 2765 GBps, bidirectional ICI 1200 GBps
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 1200e9, "v5", True, 3),
+    # 918 TFLOPs, 32 GB, 1638 GBps, bidirectional ICI 800 GBps
+    "v6e": Chip("v6e", 32 * 10**9, 918e12, 1638e9, 800e9, "v6e", False, 2),
+    "a100": Chip("a100", 80 * GiB, 312e12, 2039e9, 600e9, gpu=Gpu(
+        "NVIDIA A100-SXM4-80GB", (8, 0), 108, 1.41, 40 * 2**20, 164 * 1024)),
+    "h100": Chip("h100", 80 * GiB, 989e12, 3350e9, 900e9, gpu=_H100),
+    "h200": Chip("h200", 141 * 10**9, 989e12, 4800e9, 900e9,
+                 gpu=replace(_H100, name="NVIDIA H200")),
 }
-CUDA_HINT = ("pip install 'jax[cuda12]==0.10.2' (the CUDA plugin and NVIDIA's compiler "
-             "wheels, about 3 GB; no GPU needed)")
+GPUS_PER_HOST = 8  # HGX boards
+# accelerator-type spellings (Cloud TPU's and common short forms) -> family
+ALIASES = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5lite": "v5e", "v5p": "v5p",
+           "v5": "v5p", "v6e": "v6e"}
+# JAX's device_kind of each TPU generation (lower case) -> family
+TPU_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p",
+             "tpu v5": "v5p", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
+
+
+def gpu_target_config(chip: Chip) -> str:
+    """XLA's GpuTargetConfigProto as text: the device description the compiler would read
+    from a real GPU. Thread and register limits are CUDA's for these capabilities (CUDA C++
+    Programming Guide, "Technical Specifications")."""
+    g = chip.gpu
+    major, minor = g.capability
+    return "\n".join([
+        "gpu_device_info {",
+        "  threads_per_block_limit: 1024", "  threads_per_warp: 32",
+        "  shared_memory_per_block: 49152",
+        f"  shared_memory_per_core: {g.smem_per_sm}",
+        f"  shared_memory_per_block_optin: {g.smem_per_sm - 1024}",
+        "  threads_per_core_limit: 2048", f"  core_count: {g.sms}",
+        f"  fpus_per_core: {128 if major >= 9 else 64}",
+        "  block_dim_limit_x: 2147483647", "  block_dim_limit_y: 65535",
+        "  block_dim_limit_z: 65535",
+        f"  memory_bandwidth: {int(chip.hbm_bw)}", f"  l2_cache_size: {g.l2_bytes}",
+        f"  clock_rate_ghz: {g.clock_ghz}", f"  device_memory_size: {chip.hbm_bytes}",
+        f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+        "  registers_per_core_limit: 65536", "  registers_per_block_limit: 65536",
+        "}", 'platform_name: "CUDA"', "dnn_version_info { major: 9 minor: 8 }",
+        f'device_description_str: "{g.name}"'])
 
 
 @dataclass(frozen=True)
 class Topology:
+    """A parsed --topology: the chip, the compiler's name for the shape, the chip count."""
+
     name: str  # as the user wrote it
     chip: Chip
     libtpu_name: str  # e.g. "v5e:4x4"; a GPU's: XLA's "slices x hosts x GPUs per host"
     chips: int
     chips_per_host_bounds: tuple[int, int, int]
     slices: int = 1
-    gpu: Gpu | None = None  # an NVIDIA GPU topology (XLA's CUDA compiler, not libtpu)
 
 
 def parse_gpu_topology(name: str, slices: int = 1) -> Topology | None:
     """`h100-8`, `a100-16`, `h200-1` (N GPUs, 8 per host) -> Topology; None when `name`
     names no GPU; UserError for a GPU name with an impossible count."""
     m = re.fullmatch(r"([a-z]\d+)-(\d+)", name)
-    if not m or m.group(1) not in GPUS:
+    chip = CHIPS.get(m.group(1)) if m else None
+    if chip is None or chip.gpu is None:
         return None
-    gpu, count = GPUS[m.group(1)], int(m.group(2))
+    count, per = int(m.group(2)), GPUS_PER_HOST
     if slices != 1:
         raise UserError(f"--slices is for TPU slices; for GPUs give the total count "
                         f"(--topology {m.group(1)}-{count * slices})")
-    if count < 1 or (count > gpu.per_host and count % gpu.per_host):
-        raise UserError(f"--topology {name!r}: N counts GPUs: up to {gpu.per_host} on one "
-                        f"host, or a multiple of {gpu.per_host} (whole hosts)")
-    hosts, per_host = max(count // gpu.per_host, 1), min(count, gpu.per_host)
-    return Topology(name, gpu.chip, f"1x{hosts}x{per_host}", count, (per_host, 1, 1), 1, gpu)
+    if count < 1 or (count > per and count % per):
+        raise UserError(f"--topology {name!r}: N counts GPUs: up to {per} on one "
+                        f"host, or a multiple of {per} (whole hosts)")
+    hosts, per_host = max(count // per, 1), min(count, per)
+    return Topology(name, chip, f"1x{hosts}x{per_host}", count, (per_host, 1, 1))
 
 
 def _grid(chips: int, dims: int) -> list[int]:
@@ -172,21 +173,16 @@ def _grid(chips: int, dims: int) -> list[int]:
     2D 4=2x2, 8=2x4, 16=4x4 ...; 3D 4=2x2x1, 8=2x2x2, 16=2x2x4, 32=2x4x4 ..."""
     shape = [1] * dims
     shape[0], shape[1] = (1, 1) if chips == 1 else (2, 2)
-    n = math.prod(shape)
-    while n < chips:
-        small = min(shape)
-        i = max(j for j, s in enumerate(shape) if s == small)
+    while math.prod(shape) < chips:
+        i = max(j for j, s in enumerate(shape) if s == min(shape))
         shape[i] *= 2
-        n *= 2
     return shape
 
 
 def parse_topology(name: str, slices: int = 1) -> Topology:
-    """A Cloud TPU accelerator type (v5litepod-16, v5e-16, v4-32, v5p-8, v6e-256) or a
-    raw libtpu name (v5e:4x4, v4:2x2x2, v5p:2x2x1), or an NVIDIA GPU count (h100-8:
+    """A Cloud TPU accelerator type (v5litepod-16, v5e-16, v4-32, v5p-8, v6e-256), a raw
+    libtpu name (v5e:4x4, v4:2x2x2, v5p:2x2x1) or an NVIDIA GPU count (h100-8:
     parse_gpu_topology) -> Topology. Unknown: UserError."""
-    known = ", ".join(f"{a}-N" for a in (*ALIASES, *GPUS)) + \
-        "; or FAMILY:AxB[xC] (e.g. v5e:4x4)"
     if slices < 1:
         raise UserError(f"--slices must be >= 1, got {slices}")
     gpu = parse_gpu_topology(name, slices)
@@ -196,26 +192,28 @@ def parse_topology(name: str, slices: int = 1) -> Topology:
     typed = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
     family = ALIASES.get((raw or typed).group(1)) if (raw or typed) else None
     if family is None:
-        raise UserError(f"--topology {name!r} is not a known topology; known: {known}")
+        known = ", ".join(f"{a}-N" for a in (*ALIASES, *(k for k, c in CHIPS.items() if c.gpu)))
+        raise UserError(f"--topology {name!r} is not a known topology; known: {known}; "
+                        "or FAMILY:AxB[xC] (e.g. v5e:4x4)")
     chip = CHIPS[family]
+    example = f"{family}:{'x'.join(['2'] * chip.dims)}"
     if raw:
         shape = [int(x) for x in raw.group(2).split("x")]
         if len(shape) != chip.dims:
             raise UserError(f"--topology {name!r}: {family} slices have {chip.dims} "
-                            f"dimensions, e.g. {family}:{'x'.join(['2'] * chip.dims)}")
+                            f"dimensions, e.g. {example}")
         chips = math.prod(shape)
     else:
         count = int(typed.group(2))
         chips = count // 2 if chip.megacore else count
-        shape = _grid(chips, chip.dims) if chips and chips & (chips - 1) == 0 else None
         smallest = 4 if chip.megacore else 1
-        if shape is None or chips < smallest or (not chip.megacore and chips == 2):
+        if chips < smallest or chips & (chips - 1) or (not chip.megacore and chips == 2):
             unit = "TensorCores (2 per chip)" if chip.megacore else "chips"
             first = smallest * (2 if chip.megacore else 1)
             raise UserError(f"--topology {name!r}: N counts {unit}; this command knows the "
                             f"power-of-two slices from {family}-{first}; for other shapes "
-                            f"give the raw form, e.g. "
-                            f"{family}:{'x'.join(['2'] * chip.dims)}")
+                            f"give the raw form, e.g. {example}")
+        shape = _grid(chips, chip.dims)
     # Chips per host: v5e/v6e single hosts hold up to 8 chips (2x4), multi-host slices 4.
     if chips <= 8 and not chip.megacore:
         bounds = (shape[0], shape[1], 1)
@@ -225,17 +223,12 @@ def parse_topology(name: str, slices: int = 1) -> Topology:
     return Topology(name, chip, libtpu, chips, bounds, slices)
 
 
-# JAX's device_kind of each TPU generation (lower case) -> family
-TPU_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p",
-             "tpu v5": "v5p", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
-
-
 def local_topology(devices: list) -> str | None:
     """The --topology name of these devices (this machine's: `jax.devices()`), e.g.
     `h100-8` or `v5e-4`; None for CPUs and accelerators this module has no figures for."""
     kind, n = devices[0].device_kind.lower(), len(devices)
     if devices[0].platform == "gpu":
-        return next((f"{name}-{n}" for name in GPUS if name in kind), None)
+        return next((f"{k}-{n}" for k, c in CHIPS.items() if c.gpu and k in kind), None)
     if devices[0].platform == "tpu":
         for prefix in sorted(TPU_KINDS, key=len, reverse=True):  # "tpu v5 lite" before "tpu v5"
             if kind.startswith(prefix):
@@ -252,46 +245,38 @@ def cuda_plugin() -> str | None:
                  if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)
 
 
-def gpu_devices(topo: Topology) -> list:
-    """Compile-only devices of a GPU topology: XLA's CUDA compiler from the CUDA plugin
-    (`jax_cuda12_plugin`), given the GPU's description instead of a GPU (the deviceless
-    compilation of JAX's tests/deviceless_aot_test.py)."""
-    if cuda_plugin() is None:
-        raise UserError(f"--topology {topo.name} needs XLA's CUDA compiler: {CUDA_HINT}")
-    from jax.experimental.topologies import get_topology_desc
-
-    try:
-        return list(get_topology_desc(platform="cuda", target_config=topo.gpu.target_config(),
-                                      topology=topo.libtpu_name).devices)
-    except Exception as e:  # a plugin that does not match jax, a CUDA without ptxas
-        raise UserError(f"--topology {topo.name}: the CUDA plugin could not build "
-                        f"{topo.libtpu_name} ({str(e).splitlines()[0]})") from e
-
-
 def topology_devices(topo: Topology) -> list:
-    """Compile-only devices of the topology (libtpu's compiler, or XLA's CUDA compiler
-    for a GPU topology; no TPU or GPU needed)."""
-    if topo.gpu is not None:
-        return gpu_devices(topo)
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        raise UserError(f"`gpt2jax compile` needs libtpu's compiler: {INSTALL_HINT}") from None
+    """Compile-only devices of the topology: libtpu's compiler, or for a GPU topology XLA's
+    CUDA compiler given the GPU's description (as JAX's tests/deviceless_aot_test.py does);
+    no TPU or GPU needed."""
     from jax.experimental.topologies import get_topology_desc
 
-    # libtpu takes /tmp/libtpu_lockfile to guard the chips; a compile-only client uses
-    # none, and two compiles (or pytest workers) at once would otherwise refuse each other.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    kw = dict(chip_config_name="megacore" if topo.chip.megacore else "default",
-              chips_per_host_bounds=topo.chips_per_host_bounds)
-    if topo.slices > 1:
-        kw["num_slices"] = topo.slices
+    if topo.chip.gpu is not None:
+        if cuda_plugin() is None:
+            raise UserError(f"--topology {topo.name} needs XLA's CUDA compiler: {CUDA_HINT}")
+        kw = dict(platform="cuda", target_config=gpu_target_config(topo.chip),
+                  topology=topo.libtpu_name)
+    else:
+        try:
+            import libtpu  # noqa: F401
+        except ImportError:
+            raise UserError(f"`gpt2jax compile` needs libtpu's compiler: {INSTALL_HINT}") \
+                from None
+        # libtpu takes /tmp/libtpu_lockfile to guard the chips; a compile-only client uses
+        # none, and two compiles (or pytest workers) at once would otherwise refuse each other
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        kw = dict(platform="tpu", topology_name=topo.libtpu_name,
+                  chip_config_name="megacore" if topo.chip.megacore else "default",
+                  chips_per_host_bounds=topo.chips_per_host_bounds)
+        if topo.slices > 1:
+            kw["num_slices"] = topo.slices
     try:
-        return list(get_topology_desc(platform="tpu", topology_name=topo.libtpu_name,
-                                      **kw).devices)
-    except Exception as e:  # libtpu refuses the shape
-        raise UserError(f"--topology {topo.name}: libtpu cannot build {topo.libtpu_name} "
-                        f"({str(e).splitlines()[0]}); try another size or the raw form") from e
+        return list(get_topology_desc(**kw).devices)
+    except Exception as e:  # libtpu refuses the shape; a CUDA plugin that does not match jax
+        why, shape = str(e).splitlines()[0], topo.libtpu_name
+        raise UserError(f"--topology {topo.name}: " + (
+            f"the CUDA plugin could not build {shape} ({why})" if topo.chip.gpu else
+            f"libtpu cannot build {shape} ({why}); try another size or the raw form")) from e
 
 
 # ---------------------------------------------------------------- the step, abstractly
@@ -342,9 +327,6 @@ def abstract_batch(cfg, mcfg, mesh, *, train: bool = True) -> dict:
     from .sharding import batch_sharding, data_parallel_size
 
     t = cfg.train
-    if t.batch_size % t.grad_accum:
-        raise UserError(f"train.batch_size={t.batch_size} is not divisible by "
-                        f"train.grad_accum={t.grad_accum}")
     micro, dp = t.batch_size // t.grad_accum, data_parallel_size(mesh)
     if micro % dp:
         raise UserError(f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} "
@@ -374,7 +356,8 @@ def _with_shardings(tree, shardings):
 
 
 def lowered_steps(cfg, mcfg, mesh) -> tuple:
-    """(train step, eval step) of `gpt2jax train`, lowered for `mesh`'s devices."""
+    """(train step, eval step, their abstract arguments: params, opt_state and the train
+    batch) of `gpt2jax train`, lowered for `mesh`'s devices."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -389,9 +372,10 @@ def lowered_steps(cfg, mcfg, mesh) -> tuple:
     params = _with_shardings(plan.abstract_params, plan.param_sh)
     opt = _with_shardings(plan.abstract_opt, plan.opt_sh)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
-    train = plan.train_step.lower(params, opt, abstract_batch(cfg, mcfg, mesh), step)
+    batch = abstract_batch(cfg, mcfg, mesh)
+    train = plan.train_step.lower(params, opt, batch, step)
     evaluate = plan.eval_step.lower(params, abstract_batch(cfg, mcfg, mesh, train=False))
-    return train, evaluate, params, opt
+    return train, evaluate, {"params": params, "opt_state": opt, "batch": batch}
 
 
 # ---------------------------------------------------------------- reading the executable
@@ -491,43 +475,38 @@ def analytic_flops(cfg, mcfg) -> float:
     return float(t.batch_size * t.seq_len * flops_per_token(mcfg, t.seq_len))
 
 
-def _is_oom(e: Exception) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
-
-
 def _compile(lowered):
     """(executable or None, seconds, the compiler's memory message when it does not fit)."""
     import time
 
     t0 = time.perf_counter()
     try:
-        exe = lowered.compile()
+        return lowered.compile(), time.perf_counter() - t0, None
     except Exception as e:
-        if not _is_oom(e):
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
             raise
-        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), str(e))
+        msg = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
         return None, time.perf_counter() - t0, msg
-    return exe, time.perf_counter() - t0, None
 
 
 def _memory(exe, hbm: int) -> dict:
+    """The compiler's memory analysis per chip, its total and the headroom left in HBM."""
     m = exe.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
-    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-            "code": m.generated_code_size_in_bytes, "total": total,
-            "headroom": hbm - total}
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+           "code": m.generated_code_size_in_bytes}
+    # donated buffers (aliased) are an argument and an output at once: count them once
+    out["total"] = sum(out.values()) - 2 * out["aliased"]
+    return {**out, "headroom": hbm - out["total"]}
 
 
 def roofline(chip: Chip, model_flops: float, hw_flops: float, hbm_bytes: float,
              coll: dict) -> dict:
-    """A rough step-time estimate per chip: compute (the larger of the compiler's and the
-    model's FLOPs, at the bf16 peak), HBM traffic (XLA's "bytes accessed", which counts
-    every fusion's operands and results, so it tends to overstate HBM traffic) and
-    collective traffic on ICI (an all-reduce moves its bytes twice, the others once), each
-    at the chip's rated speed, assumed to overlap perfectly: the longest is the estimate.
-    MFU = model FLOPs / (estimate x peak). A model of the step, not a measurement."""
+    """A rough step-time estimate per chip, not a measurement: compute (the larger of the
+    compiler's and the model's FLOPs at the bf16 peak), HBM traffic (XLA's "bytes accessed",
+    which tends to overstate it) and ICI traffic (an all-reduce moves its bytes twice), each
+    at the chip's rated speed and assumed to overlap: the longest is the estimate."""
     ici = sum(v["bytes"] * (2 if k == "all-reduce" else 1) for k, v in coll.items())
     times = {"compute": max(model_flops, hw_flops) / chip.peak_bf16,
              "hbm": hbm_bytes / chip.hbm_bw, "ici": ici / chip.ici_bw}
@@ -538,6 +517,7 @@ def roofline(chip: Chip, model_flops: float, hw_flops: float, hbm_bytes: float,
 
 
 def _advice(cfg, mcfg) -> str:
+    """What to try when the step does not fit."""
     m, t, mesh = cfg.model, cfg.train, cfg.mesh
     tips = []
     if mesh.fsdp != -1:
@@ -554,6 +534,7 @@ def _advice(cfg, mcfg) -> str:
 
 def _step_report(exe, seconds: float, oom: str | None, chip: Chip, chips: int,
                  model_flops: float | None) -> dict:
+    """A compiled step's memory and, given its model FLOPs, its cost and roofline."""
     if exe is None:
         return {"fits": False, "compile_seconds": round(seconds, 1), "compiler": oom}
     mem = _memory(exe, chip.hbm_bytes)
@@ -580,13 +561,13 @@ def _step_report(exe, seconds: float, oom: str | None, chip: Chip, chips: int,
 def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None, *,
                    evaluate: bool = True) -> dict:
     """Compile `gpt2jax train`'s train step (and eval step, unless `evaluate` is False)
-    of `cfg` for a TPU topology; report memory, FLOPs, collectives and a roofline estimate
-    per chip (see the module doc)."""
+    of `cfg` for a topology; report memory, FLOPs, collectives and a roofline estimate per
+    chip (see the module doc)."""
     from .model import param_count
-    from .sharding import make_mesh
+    from .sharding import cuda_target, make_mesh
 
     topo = parse_topology(topology, slices)
-    mcfg = model_for_compile(cfg, "cuda" if topo.gpu else "tpu")
+    mcfg = model_for_compile(cfg, "cuda" if topo.chip.gpu else "tpu")
     devices = topology_devices(topo)
     try:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
@@ -594,11 +575,8 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None,
         raise UserError(f"--slices {slices}: the mesh `gpt2jax train` builds "
                         f"(jax.make_mesh) spans one slice only ({e}); compile one slice, "
                         "--slices 1") from e
-    from .sharding import cuda_target
-
-    with cuda_target() if topo.gpu else contextlib.nullcontext():
-        train_low, eval_low, params, opt = lowered_steps(cfg, mcfg, mesh)
-    batch = abstract_batch(cfg, mcfg, mesh)
+    with cuda_target() if topo.chip.gpu else contextlib.nullcontext():
+        train_low, eval_low, args = lowered_steps(cfg, mcfg, mesh)
     chip, n = topo.chip, len(devices)
     train_exe, seconds, oom = _compile(train_low)
     train = _step_report(train_exe, seconds, oom, chip, n, analytic_flops(cfg, mcfg))
@@ -612,8 +590,7 @@ def compile_config(cfg, topology: str, slices: int = 1, save: str | None = None,
                                                 "loss_chunk", "head", "attention",
                                                 "kernels")},
         "batch": {k: getattr(cfg.train, k) for k in ("batch_size", "grad_accum", "seq_len")},
-        "per_chip": {"params": _nbytes_per_chip(params), "opt_state": _nbytes_per_chip(opt),
-                     "batch": _nbytes_per_chip(batch)},
+        "per_chip": {k: _nbytes_per_chip(v) for k, v in args.items()},
         "train": train, "eval": ev, "fits": train["fits"] and (ev is None or ev["fits"]),
     }
     if not result["fits"]:
@@ -646,22 +623,25 @@ def save_executable(exe, topo: Topology, path: str) -> Path:
                      "topology": topo.libtpu_name, "slices": topo.slices,
                      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                                   **({cuda_plugin(): version(cuda_plugin())}
-                                     if topo.gpu else {"libtpu": version("libtpu")})}}, f)
+                                     if topo.chip.gpu else {"libtpu": version("libtpu")})}}, f)
     return out
+
+
+def _mem(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.1f} MiB"
 
 
 def format_report(r: dict) -> str:
     """The human-readable report of compile_config's result."""
-    g = lambda b: f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     t, pc = r["train"], r["per_chip"]
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
     lines = [f"{r['topology']} ({r['libtpu_topology']}, {r['chips']} chips, {r['chip']} "
-             f"{g(r['hbm_per_chip'])} HBM each)  mesh {mesh}",
+             f"{_mem(r['hbm_per_chip'])} HBM each)  mesh {mesh}",
              f"model {r['params'] / 1e6:,.1f} M parameters  batch {r['batch']['batch_size']} x "
              f"{r['batch']['seq_len']} (grad_accum {r['batch']['grad_accum']}), kernels "
              f"{r['model']['kernels']}, attention {r['model']['attention']}",
-             f"per chip: parameters {g(pc['params'])}, optimizer state {g(pc['opt_state'])}, "
-             f"batch {g(pc['batch'])}"]
+             f"per chip: parameters {_mem(pc['params'])}, optimizer state "
+             f"{_mem(pc['opt_state'])}, batch {_mem(pc['batch'])}"]
     for name, s in (("train step", t), ("eval step", r["eval"])):
         if s is None:
             continue
@@ -670,11 +650,11 @@ def format_report(r: dict) -> str:
                          f"{s['compiler']}")
             continue
         m = s["memory"]
-        verdict = (f"fits, {g(m['headroom'])} headroom" if s["fits"]
-                   else f"DOES NOT FIT by {g(-m['headroom'])}")
-        lines.append(f"{name}: {g(m['total'])} per chip (arguments {g(m['arguments'])}, "
-                     f"temporaries {g(m['temporaries'])}, code {g(m['code'])}): {verdict}; "
-                     f"compiled in {s['compile_seconds']} s")
+        verdict = (f"fits, {_mem(m['headroom'])} headroom" if s["fits"]
+                   else f"DOES NOT FIT by {_mem(-m['headroom'])}")
+        lines.append(f"{name}: {_mem(m['total'])} per chip (arguments "
+                     f"{_mem(m['arguments'])}, temporaries {_mem(m['temporaries'])}, code "
+                     f"{_mem(m['code'])}): {verdict}; compiled in {s['compile_seconds']} s")
     if "flops" in t:
         loops = " (loop bodies counted once)" if t["loops"] else ""
         xla = f"{t['flops']:.3g} (XLA){loops}" if t.get("cost_analysis", True) else \

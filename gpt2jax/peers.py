@@ -3,18 +3,15 @@
 - `hf`: transformers' PyTorch GPT2LMHeadModel + torch.optim.AdamW in a plain loop (the
   step the Trainer runs), and transformers' `generate` for decoding;
 - `keras`: KerasHub's GPT2CausalLM on Keras 3's JAX backend, compiled with Keras' AdamW
-  and `jit_compile=True`, stepped with `train_on_batch` (the JAX stack a user could pick
-  instead of gpt2jax).
+  and `jit_compile=True`, stepped with `train_on_batch`.
 
 Both are built from the same shape with random weights, dropout off, clipping at a
 global norm of 1.0, and train on the same tokens. A worker answers JSON requests on its
 stdin, one per line: {"op": "init", ...} -> versions; {"op": "train", "n": n} ->
-[seconds, CPU seconds, minor page faults]; {"op": "decode"} -> [seconds, tokens];
-{"op": "eval", "kind": "lm" | "classification"} -> [seconds, tokens or examples]; EOF
-ends it. Arrays travel in an .npz file loaded without pickle. Each worker inherits
-gpt2jax's own environment, GLIBC_TUNABLES included, so every side of a comparison runs
-under the same allocator (`GPT2JAX_MALLOC=keep gpt2jax bench --vs hf` gives both sides
-`keep`'s tunables; the default, `system`, gives both glibc as it is).
+[seconds, CPU seconds, minor page faults]; {"op": "eval", "kind": "decode" | "lm" |
+"classification"} -> [seconds, tokens or examples]; EOF ends it. Arrays travel in an .npz
+file loaded without pickle. A worker inherits gpt2jax's environment, GLIBC_TUNABLES
+included, so both sides run under one allocator.
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from .errors import UserError
 
@@ -59,13 +57,47 @@ def require(peer: str) -> None:
                             f"{name!r}); install them: {_INSTALL[peer]}")
 
 
-def usage() -> tuple[float, int]:
-    """(user + system CPU seconds of every thread, minor page faults) of this process."""
+def measured(run: Callable[[int], float], n: int) -> list:
+    """[seconds, CPU seconds, minor page faults] of run(n): its own seconds, and this
+    process's user + system time (every thread) and faults while it ran."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    secs = run(n)
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime, r.ru_minflt
+    return [secs, r.ru_utime + r.ru_stime - r0.ru_utime - r0.ru_stime,
+            r.ru_minflt - r0.ru_minflt]
 
 
-# ---------------------------------------------------------------- transformers
+# ---------------------------------------------------------------- the steps
+
+
+def _timed(step: Callable[[], float], name: str) -> Callable[[int], float]:
+    """run(n) -> seconds of n steps; `step` returns its loss on the host, so each step is
+    finished when it returns (a CUDA device included)."""
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = step()
+        if loss != loss:
+            raise RuntimeError(f"the {name} step produced a NaN loss")
+        return time.perf_counter() - t0
+
+    return run
+
+
+def rep_timer(forward: Callable, reps: int, units: int,
+              finish: Callable) -> Callable[[], tuple[float, int]]:
+    """run() -> (seconds, units * reps) of `reps` calls of forward(), the last output
+    waited for with finish(out)."""
+
+    def run() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = forward()
+        finish(out)
+        return time.perf_counter() - t0, units * reps
+
+    return run
 
 
 def hf_dims(cfg) -> dict:
@@ -76,25 +108,23 @@ def hf_dims(cfg) -> dict:
                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, threads: int, where: str):
-    """transformers GPT2LMHeadModel + torch.optim.AdamW in a plain loop (clipping at 1.0
-    like the Trainer's default). bfloat16 runs under torch.autocast with float32 weights,
-    like our model.dtype. Returns run(n) -> seconds."""
+def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, where: str):
+    """transformers GPT2LMHeadModel + torch.optim.AdamW in a plain loop, clipping at 1.0 like
+    the Trainer; bfloat16 runs under torch.autocast with float32 weights, like our
+    model.dtype. Returns run(n) -> seconds."""
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(HFConfig(**dims)).to(where).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.01)
     t = torch.from_numpy(tokens.astype("int64")).to(where)
     inputs, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
-    autocast = dtype == "bfloat16"
 
-    def one_step() -> float:
-        with torch.autocast(where, dtype=torch.bfloat16, enabled=autocast):
+    def step() -> float:
+        with torch.autocast(where, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
                                                  targets.view(-1))
@@ -102,28 +132,18 @@ def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, threads: int, where: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())  # synchronises a CUDA device too
+        return float(loss.detach())
 
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            loss = one_step()
-        if loss != loss:
-            raise RuntimeError("the transformers step produced a NaN loss")
-        return time.perf_counter() - t0
-
-    return run
+    return _timed(step, PEERS["hf"])
 
 
-def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int, threads: int,
-                where: str):
-    """transformers' greedy `generate` on our weights (HF names, numpy). Returns
-    run() -> (seconds, new tokens)."""
+def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int, where: str):
+    """transformers' greedy `generate` on our weights (HF names, numpy): run() -> (seconds,
+    new tokens)."""
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
-    torch.set_num_threads(threads)
     model = GPT2LMHeadModel(HFConfig(**dims)).eval()
     state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
     # lm_head.weight is tied to wte, so it is the only key the export leaves out.
@@ -134,65 +154,50 @@ def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int,
     model.to(where)
     x = torch.tensor([ids], device=where)
 
-    def run() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
-                                 do_sample=False, min_new_tokens=new_tokens,
-                                 max_new_tokens=new_tokens)
-        return time.perf_counter() - t0, out.shape[1] - len(ids)
+    @torch.inference_mode()
+    def generate():  # min_new_tokens: exactly new_tokens every time
+        return model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
+                              do_sample=False, min_new_tokens=new_tokens,
+                              max_new_tokens=new_tokens)
 
-    return run
+    return rep_timer(generate, 1, new_tokens, lambda _out: None)  # generate has synced
 
 
-# ---------------------------------------------------------------- transformers' process
-
-
-def _hf_evaluators(dims: dict, tokens, reps: int, num_labels: int, threads: int, where: str):
+def _hf_evaluators(dims: dict, tokens, reps: int, num_labels: int, where: str):
     """transformers' counterparts of `gpt2jax eval`'s forwards under torch.inference_mode:
-    "lm" -> per-token log-probabilities of GPT2LMHeadModel (log_softmax, gather), the
-    perplexity computation; "classification" -> softmax of GPT2ForSequenceClassification.
-    Each run() -> (seconds, tokens or examples) for `reps` batches."""
+    "lm" -> per-token log-probabilities (the perplexity computation), "classification" ->
+    GPT2ForSequenceClassification's softmax. Each run() -> (seconds, tokens or examples)
+    for `reps` batches."""
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    torch.set_num_threads(threads)
     conf = HFConfig(**dims, num_labels=num_labels, pad_token_id=50256)
     lm = GPT2LMHeadModel(conf).to(where).eval()
     cls = GPT2ForSequenceClassification(conf).to(where).eval()
     ids = torch.from_numpy(tokens[:, :-1].astype("int64")).to(where)
     mask = torch.ones_like(ids)
 
+    @torch.inference_mode()
     def lm_forward():
         logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
         return logp[:, :-1].gather(-1, ids[:, 1:, None])
 
+    @torch.inference_mode()
     def cls_forward():
         return torch.softmax(cls(input_ids=ids, attention_mask=mask).logits.float(), -1)
 
-    def timer(fn, units: int):
-        def run() -> tuple[float, int]:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                for _ in range(reps):
-                    out = fn()
-                float(out.sum())  # synchronises a CUDA device too
-            return time.perf_counter() - t0, units * reps
+    def finish(out) -> None:
+        float(out.sum())  # synchronises a CUDA device too
 
-        return run
-
-    return {"lm": timer(lm_forward, ids.numel()),
-            "classification": timer(cls_forward, ids.shape[0])}
-
-
-# ---------------------------------------------------------------- KerasHub
+    return {"lm": rep_timer(lm_forward, reps, ids.numel(), finish),
+            "classification": rep_timer(cls_forward, reps, ids.shape[0], finish)}
 
 
 def _keras_trainer(dims: dict, tokens, dtype: str, seed: int):
     """KerasHub's GPT2CausalLM of the same shape, compiled as its docs show (AdamW with the
-    same hyperparameters as the other sides, sparse cross-entropy on logits, XLA). bfloat16
-    uses Keras' mixed_bfloat16 policy (float32 variables). Returns run(n) -> seconds."""
+    other sides' hyperparameters, sparse cross-entropy on logits, XLA); bfloat16 uses Keras'
+    mixed_bfloat16 policy (float32 variables). Returns run(n) -> seconds and the versions."""
     import keras
     import keras_hub
 
@@ -213,44 +218,38 @@ def _keras_trainer(dims: dict, tokens, dtype: str, seed: int):
     x = {"token_ids": tokens[:, :-1], "padding_mask": (tokens[:, :-1] >= 0).astype("int32")}
     y = tokens[:, 1:]
 
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            loss = model.train_on_batch(x, y)  # returns host floats: each step is finished
-        loss = loss[0] if isinstance(loss, list) else loss
-        if loss != loss:
-            raise RuntimeError("the KerasHub step produced a NaN loss")
-        return time.perf_counter() - t0
+    def step() -> float:
+        loss = model.train_on_batch(x, y)
+        return loss[0] if isinstance(loss, list) else loss
 
-    return run, {"keras_version": keras.__version__,
-                 "keras_hub_version": keras_hub.__version__,
-                 "keras_backend": keras.backend.backend()}
+    return _timed(step, PEERS["keras"]), {"keras_version": keras.__version__,
+                                          "keras_hub_version": keras_hub.__version__,
+                                          "keras_backend": keras.backend.backend()}
 
 
 # ---------------------------------------------------------------- the worker process
 
 
 def _build(peer: str, msg: dict, tokens, weights: dict):
-    """The peer's train(n), decode() (None without decode arguments), its evaluation
-    forwards ({} without) and its versions."""
+    """The peer's train(n), its forwards (kind -> run(): "decode" with decode arguments,
+    "lm" and "classification" with evaluate ones) and its versions."""
     if peer == "keras":
         train, info = _keras_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"])
-        return train, None, {}, info
+        return train, {}, info
     import torch
     import transformers
 
+    torch.set_num_threads(msg["threads"])
     where = "cuda" if msg["jax_platform"] == "gpu" and torch.cuda.is_available() else "cpu"
-    train = _hf_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"], msg["threads"], where)
-    decode = None
-    if msg["decode"] is not None:
-        decode = _hf_decoder(msg["dims"], weights, **msg["decode"], threads=msg["threads"],
-                             where=where)
-    evals = {}
-    if msg.get("evaluate"):
-        evals = _hf_evaluators(msg["dims"], tokens, **msg["evaluate"], threads=msg["threads"],
-                               where=where)
-    return train, decode, evals, {"torch_version": torch.__version__, "torch_device": where,
-                           "transformers_version": transformers.__version__}
+    dims = msg["dims"]
+    train = _hf_trainer(dims, tokens, msg["dtype"], msg["seed"], where)
+    forwards = {}
+    if msg["decode"]:
+        forwards["decode"] = _hf_decoder(dims, weights, **msg["decode"], where=where)
+    if msg["evaluate"]:
+        forwards.update(_hf_evaluators(dims, tokens, **msg["evaluate"], where=where))
+    return train, forwards, {"torch_version": torch.__version__, "torch_device": where,
+                             "transformers_version": transformers.__version__}
 
 
 def worker_main(peer: str) -> None:
@@ -260,8 +259,7 @@ def worker_main(peer: str) -> None:
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints must not corrupt the answers
-    train = decode = None
-    evals: dict = {}
+    train, forwards = None, {}
     for line in sys.stdin:
         msg = json.loads(line)
         try:
@@ -269,16 +267,12 @@ def worker_main(peer: str) -> None:
                 with np.load(msg["arrays"], allow_pickle=False) as z:
                     tokens = z["tokens"]
                     weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
-                train, decode, evals, info = _build(peer, msg, tokens, weights)
+                train, forwards, info = _build(peer, msg, tokens, weights)
                 reply = {**info, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
             elif msg["op"] == "train":
-                u0 = usage()
-                secs = train(msg["n"])
-                reply = [secs, *(b - a for a, b in zip(u0, usage()))]
-            elif msg["op"] == "eval":
-                reply = list(evals[msg["kind"]]())
+                reply = measured(train, msg["n"])
             else:
-                reply = list(decode())
+                reply = list(forwards[msg["kind"]]())
             answer = {"ok": reply}
         except Exception as e:  # the parent turns it into a UserError
             answer = {"error": f"{type(e).__name__}: {e}"}
@@ -297,10 +291,9 @@ class Worker:
     def __init__(self, peer: str):
         self.peer, self.name = peer, PEERS[peer]
         self.tmp = tempfile.TemporaryDirectory(prefix="gpt2jax-bench-")
-        env = worker_env()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"from gpt2jax.peers import worker_main; worker_main({peer!r})"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=worker_env())
 
     def init(self, tokens, weights: dict | None, **kw) -> dict:
         """Build the peer's model (and decoder, with weights) in the worker."""

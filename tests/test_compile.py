@@ -222,7 +222,7 @@ def test_cpu_commands_stay_off_the_tpu_plugin():
 ])
 def test_gpu_topology_names(name, xla, count):
     t = parse_topology(name)
-    assert (t.libtpu_name, t.chips, t.gpu is not None) == (xla, count, True)
+    assert (t.libtpu_name, t.chips, t.chip.gpu is not None) == (xla, count, True)
 
 
 def test_gpu_topology_refusals_and_missing_plugin_exit_2(toy, cli):
