@@ -661,9 +661,9 @@ def format_report(r: dict) -> str:
             "none from XLA (its GPU compiler gives no cost analysis)"
         lines.append(f"FLOPs per chip per step: {xla}, "
                      f"{t['model_flops']:.3g} (model: 6N + attention)")
-        lines.append("collectives per step: " + ", ".join(
+        lines.append("collectives per step: " + (", ".join(
             f"{k} {v['count']} ({v['bytes'] / 2**20:,.1f} MiB)"
-            for k, v in t["collectives"].items() if v["count"]) or "none")
+            for k, v in t["collectives"].items() if v["count"]) or "none"))
         rf = t["roofline"]
         if rf is None:
             lines.append("roofline: none (the compiler reports no bytes accessed)")

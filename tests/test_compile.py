@@ -115,6 +115,17 @@ def test_fsdp_gathers_weights_and_tensor_parallel_reduces_activations(compiled):
     assert tp["all-reduce"]["count"] > 0
 
 
+def test_report_lists_the_collectives_or_says_none(compiled):
+    from gpt2jax.compile import format_report
+
+    r = compiled["1x4x1"]
+    line = next(x for x in format_report(r).splitlines() if x.startswith("collectives"))
+    assert "all-gather" in line and "MiB" in line
+    quiet = {**r, "train": {**r["train"], "collectives": {
+        k: {**v, "count": 0} for k, v in r["train"]["collectives"].items()}}}
+    assert "collectives per step: none" in format_report(quiet).splitlines()
+
+
 def test_huge_batch_does_not_fit_exit_1(toy, cli):
     # 2^27 blocks of 128 tokens over 4 chips: int32 tokens + float32 weights are 32 GiB a
     # chip, twice a v5e's HBM, before any activation; the compiler gives up at once
