@@ -16,13 +16,11 @@ from pathlib import Path
 
 from .errors import UserError
 
-EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256
 _SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 def _bpe_files() -> tuple[Path, Path]:
@@ -46,7 +44,8 @@ def _bpe_files() -> tuple[Path, Path]:
 
 
 @functools.lru_cache(maxsize=1)
-def _offline():
+def gpt2_tokenizer():
+    """The standard GPT-2 tokenizer (50257 tokens, <|endoftext|> = 50256), built offline."""
     from transformers import GPT2TokenizerFast
 
     encoder, merges = _bpe_files()
@@ -54,14 +53,7 @@ def _offline():
     return GPT2TokenizerFast(vocab=str(encoder), merges=str(merges), model_max_length=1024)
 
 
-def gpt2_tokenizer():
-    """The standard GPT-2 tokenizer (50257 tokens, <|endoftext|> = 50256), built offline."""
-    return _offline()
-
-
-def has_tokenizer_files(directory: str | Path) -> bool:
-    """True when a directory holds a saved Hugging Face tokenizer."""
-    d = Path(directory)
+def _has_tokenizer_files(d: Path) -> bool:
     return (d / "tokenizer.json").is_file() or (
         (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
     )
@@ -69,7 +61,7 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 
 def load_tokenizer(directory: str | Path | None = None):
     """The tokenizer saved in `directory` when it has one, else offline GPT-2."""
-    if directory is not None and has_tokenizer_files(directory):
+    if directory is not None and _has_tokenizer_files(Path(directory)):
         try:
             if _tokenizer_class(directory) in ("", "GPT2Tokenizer", "GPT2TokenizerFast"):
                 # what AutoTokenizer would build, without its import of torch (seconds of
