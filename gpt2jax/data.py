@@ -40,14 +40,8 @@ if TYPE_CHECKING:
 
 TEXT_UNITS = ("document", "line", "paragraph")
 # extension -> the `datasets` packaged builder that reads it
-FORMATS = {
-    ".txt": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-}
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+           ".parquet": "parquet"}
 HUB_PREFIX = "hub:"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -67,10 +61,8 @@ def parse_hub_spec(spec: str) -> HubSpec:
     body, _, split = body.partition("@")
     name, colon, config = body.partition(":")
     if not name or (colon and not config) or ("@" in spec and not split):
-        raise UserError(
-            f"bad hub dataset {spec!r}: write hub:ORG/NAME, hub:ORG/NAME:CONFIG, "
-            "hub:ORG/NAME@SPLIT or hub:ORG/NAME:CONFIG@SPLIT"
-        )
+        raise UserError(f"bad hub dataset {spec!r}: write hub:ORG/NAME, hub:ORG/NAME:CONFIG, "
+                        "hub:ORG/NAME@SPLIT or hub:ORG/NAME:CONFIG@SPLIT")
     return HubSpec(name, config or None, split or None)
 
 
@@ -131,10 +123,8 @@ def _data_files(path: Path, split: str | None) -> list[Path]:
         if not chosen:
             names = sorted({s for p in files if (s := _split_of(p, path))})
             have = f"splits found: {', '.join(names)}" if names else "no files are named by split"
-            raise UserError(
-                f"folder {path} has no {split!r} split ({have}); name files like "
-                f"{split}.jsonl or put them in {path / split}/"
-            )
+            raise UserError(f"folder {path} has no {split!r} split ({have}); name files like "
+                            f"{split}.jsonl or put them in {path / split}/")
         files = chosen
     return files
 
@@ -154,10 +144,8 @@ def _split_of(p: Path, root: Path) -> str | None:
 
 def _check_extension(path: Path) -> None:
     if path.suffix.lower() not in FORMATS:
-        raise UserError(
-            f"{path}: unsupported data file extension {path.suffix or '(none)'!r}; "
-            f"use one of {', '.join(FORMATS)}"
-        )
+        raise UserError(f"{path}: unsupported data file extension {path.suffix or '(none)'!r}; "
+                        f"use one of {', '.join(FORMATS)}")
 
 
 def _load_files(files: list[Path], text_unit: str) -> datasets.Dataset:
@@ -171,27 +159,21 @@ def _load_files(files: list[Path], text_unit: str) -> datasets.Dataset:
     texts = [f for f in files if FORMATS[f.suffix.lower()] == "text"]
     tables = [f for f in files if FORMATS[f.suffix.lower()] != "text"]
     if texts and tables:
-        raise UserError(
-            f"{files[0].parent} mixes .txt files with table files ({texts[0].name}, "
-            f"{tables[0].name}); keep one kind of data per folder"
-        )
+        raise UserError(f"{files[0].parent} mixes .txt files with table files ({texts[0].name}, "
+                        f"{tables[0].name}); keep one kind of data per folder")
     if texts:
         records = [r for f in texts for r in _split_text(f.read_text(encoding="utf-8"), text_unit)]
         return datasets.Dataset.from_dict({"text": records})
     if text_unit != "document":
-        raise UserError(
-            f"--text-unit {text_unit} applies to .txt files; {tables[0]} is a table, "
-            "whose rows are the records"
-        )
-    builders = {FORMATS[f.suffix.lower()] for f in tables}
-    seps = {"\t" if f.suffix.lower() == ".tsv" else "," for f in tables}
-    if len(builders) > 1 or len(seps) > 1:
-        kinds = ", ".join(sorted({f.suffix for f in tables}))
-        raise UserError(
-            f"{tables[0].parent} mixes file formats ({kinds}); keep one format per folder"
-        )
-    builder = builders.pop()
-    kwargs = {"sep": seps.pop()} if builder == "csv" else {}
+        raise UserError(f"--text-unit {text_unit} applies to .txt files; {tables[0]} is a table, "
+                        "whose rows are the records")
+    kinds = {(FORMATS[f.suffix.lower()], f.suffix.lower() == ".tsv") for f in tables}
+    if len(kinds) > 1:
+        suffixes = ", ".join(sorted({f.suffix for f in tables}))
+        raise UserError(f"{tables[0].parent} mixes file formats ({suffixes}); keep one format "
+                        "per folder")
+    builder, tsv = kinds.pop()
+    kwargs = {"sep": "\t" if tsv else ","} if builder == "csv" else {}
     try:
         return _build(builder, tables, kwargs)
     except _read_errors() as e:
@@ -251,10 +233,8 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
                 decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 at = offset - pending + e.start
-                raise UserError(
-                    f"{path} is not UTF-8 text (undecodable byte at offset {at}); "
-                    "convert it, e.g. iconv -f latin1 -t utf-8"
-                ) from None
+                raise UserError(f"{path} is not UTF-8 text (undecodable byte at offset {at}); "
+                                "convert it, e.g. iconv -f latin1 -t utf-8") from None
             if not block:
                 return
             offset += len(block)
@@ -293,10 +273,8 @@ def _load_hub(hub: HubSpec, split: str | None, text_unit: str) -> datasets.Datas
         ) from e
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
-            raise UserError(
-                f"dataset {spec} has splits {', '.join(loaded)}; pick one with "
-                f"{spec}@SPLIT"
-            )
+            raise UserError(f"dataset {spec} has splits {', '.join(loaded)}; pick one with "
+                            f"{spec}@SPLIT")
         loaded = next(iter(loaded.values()))
     if len(loaded) == 0:
         raise UserError(f"dataset {spec} is empty")
@@ -513,7 +491,7 @@ def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data",
     """Render each record with its task's template and tokenize, in one batched map; with
     out_dir, into the cache's files there (`write_store`), else in memory. Errors name the
     source, the row (counting from 0) and the column."""
-    from .tasks import Templates, render
+    from .tasks import Templates
 
     classification = data.task == "classification"
     templates = Templates.from_data(data)
@@ -522,34 +500,23 @@ def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data",
     want_weights = not classification and data.loss_on == "target"
 
     def batch_fn(batch: dict, idx: list[int]) -> dict:
-        names = list(batch)
-        prompts, texts, labels = [], [], []
+        rows = []
         for row, values in zip(idx, zip(*batch.values())):
-            record = dict(zip(names, values))
             try:
-                if classification:
-                    prompt, text = "", _text_cell(record, data.text_column)
-                    labels.append(_label_cell(record, data.label_column))
-                else:
-                    if data.task in ("lm", "text") and not templates.prompt \
-                            and not templates.target:
-                        _text_cell(record, data.text_column)
-                    prompt, target = render(data.task, record, data.text_column, templates)
-                    text = prompt + target
+                rows.append(_render_row(dict(zip(batch, values)), data, templates))
             except UserError as e:
                 raise UserError(f"{where}: row {row} (counting from 0): {e}") from None
-            prompts.append(prompt)
-            texts.append(text)
+        texts = [text for _, text, _ in rows]
         enc = tokenizer(texts, add_special_tokens=False, verbose=False,
                         return_offsets_mapping=want_weights)
         out = {"ids": enc["input_ids"], "row": list(idx),
                "nbytes": [len(t.encode("utf-8")) for t in texts]}
         if want_weights:
             # a token is learned when it ends inside the target (after the prompt's text)
-            out["weights"] = [[1 if end > len(p) else 0 for _, end in offs]
-                              for p, offs in zip(prompts, enc["offset_mapping"])]
+            out["weights"] = [[1 if end > len(prompt) else 0 for _, end in offs]
+                              for (prompt, _, _), offs in zip(rows, enc["offset_mapping"])]
         if classification:
-            out["label"] = labels
+            out["label"] = [label for _, _, label in rows]
         return out
 
     with _quiet():
@@ -614,6 +581,18 @@ def needed_columns(data, templates, columns: list[str]) -> list[str]:
     if data.task == "conversation" and "messages" in columns:
         return ["messages"]
     return [data.text_column]
+
+
+def _render_row(record: dict, data, templates) -> tuple[str, str, str | None]:
+    """(prompt, training text, label) of one record for its task."""
+    from .tasks import render
+
+    if data.task == "classification":
+        return "", _text_cell(record, data.text_column), _label_cell(record, data.label_column)
+    if data.task in ("lm", "text") and not templates.prompt and not templates.target:
+        _text_cell(record, data.text_column)  # refuse a gap or a number before rendering
+    prompt, target = render(data.task, record, data.text_column, templates)
+    return prompt, prompt + target, None
 
 
 def _text_cell(record: dict, column: str) -> str:

@@ -152,10 +152,8 @@ def _check_tied(tensors: dict[str, np.ndarray], where: str) -> None:
     wte = tensors.get("transformer.wte.weight")
     if head is not None and wte is not None and head.shape == wte.shape:
         if not np.array_equal(np.asarray(head, np.float32), np.asarray(wte, np.float32)):
-            raise UserError(
-                f"{where}: lm_head.weight differs from wte.weight (an untied LM head); "
-                "GPT-2 ties them and gpt2jax supports only tied heads"
-            )
+            raise UserError(f"{where}: lm_head.weight differs from wte.weight (an untied LM head); "
+                            "GPT-2 ties them and gpt2jax supports only tied heads")
 
 
 # ---------------------------------------------------------------- config
@@ -173,10 +171,8 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> GPT2Con
     fields = {k: hf.get(k, default) for k, default in HF_FIELDS.items()}
     act = fields["activation_function"]
     if act not in ACTIVATIONS:
-        raise UserError(
-            f"{where}: activation_function={act!r} is not supported "
-            f"(supported: {', '.join(ACTIVATIONS)}); fix config.json"
-        )
+        raise UserError(f"{where}: activation_function={act!r} is not supported "
+                        f"(supported: {', '.join(ACTIVATIONS)}); fix config.json")
     if hf.get("tie_word_embeddings") is False:
         raise UserError(f"{where}: tie_word_embeddings=false; GPT-2's LM head is always tied")
     head = "sequence" if "GPT2ForSequenceClassification" in (hf.get("architectures") or []) \
@@ -243,10 +239,8 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UserError(f"{d} is not a directory; pass a transformers model directory")
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
-        raise UserError(
-            f"{d} has no config.json; a transformers model directory needs config.json "
-            "next to model.safetensors (save it with save_pretrained)"
-        )
+        raise UserError(f"{d} has no config.json; a transformers model directory needs config.json "
+                        "next to model.safetensors (save it with save_pretrained)")
     try:
         hf = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -283,10 +277,8 @@ def read_weights(d: Path) -> dict[str, np.ndarray]:
         except Exception as e:
             raise UserError(f"cannot read {bin_}: {e}") from e
         return {k: v.float().numpy() for k, v in sd.items()}
-    raise UserError(
-        f"{d} has config.json but no weights: expected model.safetensors, "
-        "model.safetensors.index.json with shards, or pytorch_model.bin"
-    )
+    raise UserError(f"{d} has config.json but no weights: expected model.safetensors, "
+                    "model.safetensors.index.json with shards, or pytorch_model.bin")
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -296,16 +288,11 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise UserError(f"missing weight shard {path}")
     try:
-        out = {}
         with safe_open(str(path), framework="numpy") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(
-            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-            "re-download or re-export it"
-        ) from e
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                        "re-download or re-export it") from e
 
 
 def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Config] | None = None,

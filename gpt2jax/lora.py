@@ -29,8 +29,6 @@ from .errors import UserError
 MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-# model.lora.train groups -> PEFT modules_to_save entries (bias: PEFT's bias="all")
-SAVED_MODULES = {"layer_norm": ("ln_1", "ln_2", "ln_f")}
 # target_modules for adapter_config.json: the shortest names PEFT matches exactly
 _PEFT_NAMES = {"attn.c_attn": "c_attn", "mlp.c_fc": "c_fc"}
 
@@ -172,7 +170,8 @@ def adapter_config(cfg, groups, base: str) -> dict:
         raise UserError("this run trained the token embeddings (model.lora.train has "
                         "embeddings), which PEFT cannot attach to a base of another "
                         "vocabulary; export the merged model (without --adapter) instead")
-    saved = [m for g in groups for m in SAVED_MODULES.get(g, ())]
+    # model.lora.train groups as PEFT saves them: layer_norm as modules_to_save, bias as bias="all"
+    saved = ["ln_1", "ln_2", "ln_f"] if "layer_norm" in groups else []
     if cfg.head == "sequence":
         saved.append("score")
     return {

