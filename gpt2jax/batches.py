@@ -1,15 +1,14 @@
 """Token arrays and the order in which the trainer sees them.
 
 LM data: documents joined with EOS and packed into blocks of seq_len + 1 tokens (inputs
-are block[:-1], targets block[1:]), no padding. Classification: one row per example,
-padded per batch to a length bucket.
+block[:-1], targets block[1:]), no padding. Classification: one row per example, padded
+per batch to a length bucket.
 
-The order is a pure function of (seed, step): the global batch of step s holds examples
-perm_e[j] for the global positions s*B ... s*B+B-1 (epoch e, offset j). With gradient
-accumulation over A micro-batches, micro-batch i is positions i*B/A ... (i+1)*B/A-1 of
-that batch; a process takes its contiguous slice of every micro-batch, so the rows of
-each micro-batch (and the dropout key that goes with its index) do not depend on the
-number of processes or the mesh, and resuming at step s needs no replay.
+The order is a pure function of (seed, step): step s's global batch holds perm_e[j] for
+the global positions s*B ... s*B+B-1 (epoch e, offset j). Micro-batch i of A is positions
+i*B/A ... (i+1)*B/A-1 of it, and a process takes its contiguous slice of each, so a
+micro-batch's rows (and its dropout key) do not depend on the process count or the mesh,
+and resuming at step s needs no replay.
 """
 
 from __future__ import annotations
@@ -32,15 +31,11 @@ if TYPE_CHECKING:
 class LMBlocks:
     """Documents joined with EOS and cut into blocks of `block` tokens, computed on demand.
 
-    EOS goes before each document, so every document's first token is a target. Blocks
-    overlap by one token (inputs block[:-1], targets block[1:]) so every token is a target
-    exactly once; a ragged tail is dropped. Nothing is packed up front: `take` maps the
-    requested blocks' stream positions to (document, offset) and reads only those tokens,
-    so with memory-mapped token files a process reads just the blocks of its batches.
-
-    With `segments` (data.packing=documents) a block also carries "segments": int32 ids,
-    equal within one document's piece of the block (its leading EOS included), so the
-    model can keep attention inside a document and start its positions at 0.
+    EOS goes before each document, so its first token is a target. Blocks overlap by one
+    token so every token is a target exactly once; a ragged tail is dropped. `take` reads
+    only the requested blocks' tokens (cheap on memory-mapped token files). With
+    `segments` (data.packing=documents) a block also carries "segments": int32 ids equal
+    within one document's piece of the block (its leading EOS included).
     """
 
     def __init__(self, tok: Tokenized, block: int, eos: int, index: np.ndarray | None = None,
@@ -84,13 +79,14 @@ class LMBlocks:
         return self.take(np.arange(len(self)))
 
     def subset(self, idx: np.ndarray) -> LMBlocks:
+        """The blocks at `idx`, as a view."""
         index = np.asarray(idx, np.int64) if self.index is None else self.index[idx]
         return LMBlocks(self.tok, self.block, self.eos, index, self.segments)
 
 
 class ClassRows:
     """Classification examples: token rows cut to seq_len on the `truncation` side, and
-    label indices. Rows are read from the (possibly memory-mapped) tokens per batch."""
+    label indices; rows are read per batch."""
 
     def __init__(self, tok: Tokenized, labels: np.ndarray, seq_len: int, truncation: str,
                  eos: int):
@@ -112,13 +108,16 @@ class ClassRows:
         return r if len(r) else np.asarray([self.eos], np.int32)
 
     def truncated(self) -> int:
+        """How many records are longer than seq_len."""
         return int((np.asarray(self.tok.lengths) > self.seq_len).sum())
 
     def take(self, idx: np.ndarray, length: int, pad: int) -> dict[str, np.ndarray]:
+        """Rows `idx` padded to `length`, with their attention mask and labels."""
         ids, mask = pad_rows([self.row(i) for i in idx], length, pad)
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[idx]}
 
     def subset(self, idx: np.ndarray) -> ClassRows:
+        """The examples at `idx`."""
         return ClassRows(self.tok.select(idx), self.labels[idx], self.seq_len, self.truncation,
                          self.eos)
 
@@ -147,10 +146,8 @@ def bucket(n: int, cap: int, minimum: int = 16) -> int:
 
 @dataclass
 class Batcher:
-    """Deterministic, resumable batches over a source: LMBlocks or ClassRows (padded per
-    batch to a length bucket); any source with `len`, `take(idx) -> dict` and `subset`.
-
-    `accum` is the number of micro-batches a step accumulates over: a process's rows,
+    """Deterministic, resumable batches over LMBlocks or ClassRows (padded per batch to a
+    length bucket). `accum`: the micro-batches a step accumulates over; a process's rows,
     reshaped to (accum, rows, ...), are its slices of the step's global micro-batches.
     """
 
@@ -173,6 +170,7 @@ class Batcher:
         return len(self.source)
 
     def steps_per_epoch(self) -> int:
+        """Steps to see every example once (at least 1)."""
         return max(len(self) // self.batch_size, 1)
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -182,6 +180,7 @@ class Batcher:
         return self._perm_cache[epoch]
 
     def global_indices(self, step: int) -> np.ndarray:
+        """The examples of the global batch of `step`."""
         n = len(self)
         pos = step * self.batch_size + np.arange(self.batch_size)
         epochs, offsets = pos // n, pos % n
@@ -268,9 +267,7 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
         return np.arange(n), np.arange(0)
     perm = np.random.default_rng([seed, 7919]).permutation(n)
     n_val = max(1, int(round(n * fraction)))
-    is_val = np.zeros(n, bool)
-    is_val[perm[:n_val]] = True
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list, list]:
@@ -283,17 +280,16 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
             labels: Sequence[str] = ()) -> Prepared:
     """Load, split, render and tokenize a DataSection into sources for the Batcher.
 
-    Tokenized records are cached and memory-mapped (see data.tokenize_task); the split
-    and the block/row views that follow are index arrays over them, built every run
-    without reading the tokens.
+    Tokenized records are cached and memory-mapped (data.tokenize_task); the split and
+    the block/row views are index arrays over them, built without reading the tokens.
     """
     from .data import tokenize_task
 
-    train_tok, hit = tokenize_task(data.train, data, tokenizer, cache=data.cache_dir != "off")
+    cache = data.cache_dir != "off"
+    train_tok, hit = tokenize_task(data.train, data, tokenizer, cache=cache)
     all_tok = train_tok
     if data.validation:
-        val_tok = tokenize_task(data.validation, data, tokenizer,
-                                cache=data.cache_dir != "off")[0]
+        val_tok = tokenize_task(data.validation, data, tokenizer, cache=cache)[0]
     else:
         train_idx, val_idx = split_indices(len(train_tok), data.validation_fraction, seed)
         train_tok, val_tok = train_tok.select(train_idx), train_tok.select(val_idx)
@@ -312,18 +308,19 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
                   "dropped; see data.truncation)", file=sys.stderr)
         return Prepared(train, val, labels, stats)
 
-    segments = data.packing == "documents"
-    train, val, split = LMBlocks(train_tok, seq_len + 1, eos, segments=segments), None, "none"
+    def blocks(tok: Tokenized) -> LMBlocks:
+        return LMBlocks(tok, seq_len + 1, eos, segments=data.packing == "documents")
+
+    train, val, split = blocks(train_tok), None, "none"
     if len(val_tok):
         try:
-            val, split = LMBlocks(val_tok, seq_len + 1, eos, segments=segments), \
-                "file" if data.validation else "documents"
+            val, split = blocks(val_tok), "file" if data.validation else "documents"
         except UserError:
             val = None  # too little validation text for one block
     if val is None and not data.validation and data.validation_fraction > 0:
         if len(val_tok):  # the held-out documents were too short: split all by blocks
             train_tok = all_tok
-            train = LMBlocks(train_tok, seq_len + 1, eos, segments=segments)
+            train = blocks(train_tok)
         train, val = split_blocks(train, data.validation_fraction, seed)
         split = "blocks" if val is not None else "none"
     stats.update(train_tokens=train_tok.n_tokens, train_blocks=len(train),

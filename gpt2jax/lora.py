@@ -9,52 +9,34 @@ rank axis in sharding.RULES) and checkpoints treat them like any other parameter
 
 PEFT (peft 0.21.2) stores `base_model.model.transformer.h.{i}.{module}.lora_A.weight`
 (r, in) and `...lora_B.weight` (out, r), the nn.Linear layout even for GPT-2's Conv1D
-(fan_in_fan_out only changes how PEFT merges). This module converts flat {name: numpy
-array} dicts both ways and merges adapters into the kernels; it imports neither torch nor
-peft. hf.py writes the directories.
+(fan_in_fan_out only changes how PEFT merges). This module converts the adapters both
+ways and merges them into the kernels; it imports neither torch nor peft. hf.py reads and
+writes the adapter directories.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .config import LORA_TARGETS
 from .errors import UserError
 
 # the adaptable projections, as (module path inside a block) in PEFT's module naming
 MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-# model.lora.train groups -> PEFT modules_to_save entries (bias: PEFT's bias="all")
-SAVED_MODULES = {"layer_norm": ("ln_1", "ln_2", "ln_f")}
+# target_modules for adapter_config.json: the shortest names PEFT matches exactly
+_PEFT_NAMES = {"attn.c_attn": "c_attn", "mlp.c_fc": "c_fc"}
 
 
 def resolve_targets(names) -> tuple[str, ...]:
     """The modules (MODULES order) that target names match, as PEFT matches them: equal, or
     ending with "." + name."""
-    unknown = [n for n in names if n not in LORA_TARGETS]
-    if unknown:
-        raise UserError(f"model.lora.targets: {unknown} are not GPT-2 projections; choose from "
-                        f"{', '.join(LORA_TARGETS)}")
     return tuple(m for m in MODULES if any(m == n or m.endswith("." + n) for n in names))
-
-
-def peft_targets(modules: tuple[str, ...]) -> list[str]:
-    """target_modules for adapter_config.json: the shortest names PEFT matches exactly."""
-    short = {"attn.c_attn": "c_attn", "mlp.c_fc": "c_fc"}
-    return [short.get(m, m) for m in modules]
-
-
-def dims(cfg, module: str) -> tuple[int, int]:
-    """(in, out) features of a projection (HF's Conv1D weight shape)."""
-    d, f = cfg.n_embd, cfg.inner
-    return {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, f),
-            "mlp.c_proj": (f, d)}[module]
 
 
 def param_shapes(cfg, module: str) -> tuple[tuple, tuple, tuple, tuple]:
@@ -81,7 +63,7 @@ def make_params(cfg, module: str, rngs) -> dict:
     if module not in cfg.lora_targets:
         return {}
     a_shape, a_axes, b_shape, b_axes = param_shapes(cfg, module)
-    bound = 1.0 / np.sqrt(dims(cfg, module)[0])
+    bound = 1.0 / np.sqrt(math.prod(a_shape[:-1]))
     a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
     leaf = module.split(".")[1]
     return {f"{leaf}_lora_a": nnx.Param(a, out_sharding=a_axes),
@@ -97,6 +79,7 @@ def term(x, a, b, scale: float):
 
 
 def is_adapter(name: str) -> bool:
+    """Whether a parameter name is a LoRA adapter's."""
     return "_lora_" in name
 
 
@@ -109,11 +92,6 @@ def trainable(name: str, groups) -> bool:
             or ("layer_norm" in groups and re.search(r"(^|\.)ln_(1|2|f)\.", name) is not None)
             or ("bias" in groups and leaf.endswith("bias"))
             or ("embeddings" in groups and name in ("wte", "wpe")))
-
-
-def adapter_count(cfg) -> int:
-    """Number of adapter parameters of cfg (0 without LoRA)."""
-    return cfg.n_layer * sum(cfg.lora_rank * sum(dims(cfg, m)) for m in cfg.lora_targets)
 
 
 # ---------------------------------------------------------------- flat dicts
@@ -132,10 +110,10 @@ def merge(cfg, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not getattr(cfg, "lora_rank", 0):
         return flat
     out = {k: v for k, v in flat.items() if not is_adapter(k)}
+    r = cfg.lora_rank
     for _, _, a, b in _pairs(cfg):
         kernel = f"{a.removesuffix('_lora_a')}_kernel"
         w = np.asarray(out[kernel], np.float32)
-        r = cfg.lora_rank
         delta = np.asarray(flat[a], np.float32).reshape(-1, r) @ \
             np.asarray(flat[b], np.float32).reshape(r, -1)
         out[kernel] = w + (cfg.lora_scale * delta).reshape(w.shape).astype(np.float32)
@@ -153,15 +131,16 @@ def to_peft(cfg, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def from_peft(cfg, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """Our adapter entries (per-layer names) from PEFT-named tensors; every tensor must be
-    there with the shape the base implies, and no adapter tensor may be left over."""
-    tensors = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
+    """Our adapter entries (per-layer names) from PEFT-named tensors (with PREFIX); every
+    tensor must be there with the shape the base implies, and none may be left over."""
+    tensors = dict(tensors)
     out, r = {}, cfg.lora_rank
     for i, m, a, b in _pairs(cfg):
-        key = f"{PREFIX}transformer.h.{i}.{m}"
-        fan_in, fan_out = dims(cfg, m)
-        for ours, theirs, shape in ((a, "lora_A", (r, fan_in)), (b, "lora_B", (fan_out, r))):
-            name = f"{key}.{theirs}.weight"
+        a_shape, _, b_shape, _ = param_shapes(cfg, m)
+        for ours, theirs, shape, want in (
+                (a, "lora_A", (r, math.prod(a_shape[:-1])), a_shape),
+                (b, "lora_B", (math.prod(b_shape[1:]), r), b_shape)):
+            name = f"{PREFIX}transformer.h.{i}.{m}.{theirs}.weight"
             if name not in tensors:
                 raise UserError(f"{where} has no tensor {name}; the adapter does not fit a "
                                 f"{cfg.n_layer}-layer base with targets {list(cfg.lora_targets)}")
@@ -169,7 +148,6 @@ def from_peft(cfg, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.n
             if arr.shape != shape:
                 raise UserError(f"{where}: {name} has shape {arr.shape} but the base model "
                                 f"(model.init) implies {shape}; use the adapter's own base")
-            want = param_shapes(cfg, m)[0 if theirs == "lora_A" else 2]
             out[ours] = arr.T.reshape(want)
     left = sorted(k for k in tensors if "lora_" in k)
     if left:
@@ -192,13 +170,15 @@ def adapter_config(cfg, groups, base: str) -> dict:
         raise UserError("this run trained the token embeddings (model.lora.train has "
                         "embeddings), which PEFT cannot attach to a base of another "
                         "vocabulary; export the merged model (without --adapter) instead")
-    saved = [m for g in groups for m in SAVED_MODULES.get(g, ())]
+    # model.lora.train groups as PEFT saves them: layer_norm as modules_to_save, bias as bias="all"
+    saved = ["ln_1", "ln_2", "ln_f"] if "layer_norm" in groups else []
     if cfg.head == "sequence":
         saved.append("score")
     return {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.head == "sequence" else "CAUSAL_LM",
         "base_model_name_or_path": base, "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout, "target_modules": peft_targets(cfg.lora_targets),
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": [_PEFT_NAMES.get(m, m) for m in cfg.lora_targets],
         "fan_in_fan_out": True, "bias": "all" if "bias" in groups else "none",
         "modules_to_save": saved or None, "init_lora_weights": True, "inference_mode": True,
         "use_rslora": False, "use_dora": False, "layers_to_transform": None,
@@ -206,9 +186,10 @@ def adapter_config(cfg, groups, base: str) -> dict:
     }
 
 
-def read_config(directory: str | Path) -> dict:
+def read_config(directory: str | Path, cfg) -> dict:
     """adapter_config.json of a PEFT LoRA adapter directory, checked for what gpt2jax can
-    load (plain LoRA: no DoRA, rsLoRA, per-layer ranks or layer subsets)."""
+    load (plain LoRA: no DoRA, rsLoRA, per-layer ranks or layer subsets) and for r,
+    lora_alpha and targets equal to cfg's (a GPT2Config, or run.lora_fields' dict)."""
     d = Path(directory)
     path = d / CONFIG_FILE
     if not path.is_file() or not (d / WEIGHTS_FILE).is_file():
@@ -225,10 +206,11 @@ def read_config(directory: str | Path) -> dict:
                 "alpha_pattern"):
         if hf.get(key):
             raise UserError(f"{path}: {key}={hf[key]!r} is not supported (plain LoRA only)")
+    _check_fits(cfg, hf, str(path))
     return hf
 
 
-def adapter_targets(hf: dict, where: str) -> tuple[str, ...]:
+def _targets(hf: dict, where: str) -> tuple[str, ...]:
     """The modules an adapter's target_modules match (a list by suffix, a string as a
     regular expression over the full module names, as PEFT reads them)."""
     t = hf.get("target_modules")
@@ -236,79 +218,16 @@ def adapter_targets(hf: dict, where: str) -> tuple[str, ...]:
         return tuple(m for m in MODULES if re.fullmatch(t, f"transformer.h.0.{m}"))
     if not isinstance(t, list):
         raise UserError(f"{where}: target_modules must be a list or a regular expression")
-    return tuple(m for m in MODULES if any(m == n or m.endswith("." + n) for n in t))
+    return resolve_targets(t)
 
 
-def check_fits(cfg, hf: dict, where: str) -> None:
-    """UserError unless the adapter's r, lora_alpha and targets equal those of cfg (a
-    GPT2Config, or run.lora_fields' dict of its LoRA fields)."""
+def _check_fits(cfg, hf: dict, where: str) -> None:
+    """UserError unless the adapter's r, lora_alpha and targets equal those of cfg."""
     get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
-    theirs = (hf.get("r"), float(hf.get("lora_alpha", 0)), adapter_targets(hf, where))
+    theirs = (hf.get("r"), float(hf.get("lora_alpha", 0)), _targets(hf, where))
     ours = (get("lora_rank"), float(get("lora_alpha")), tuple(get("lora_targets")))
     for what, a, b, key in zip(("r", "lora_alpha", "targets"), theirs, ours,
                                ("rank", "alpha", "targets"), strict=True):
         if a != b:
             raise UserError(f"{where} has {what}={a!r} but model.lora.{key} gives {b!r}; "
                             f"set model.lora.{key} to the adapter's value")
-
-
-def read_adapter(directory: str | Path, cfg, read: Callable[[Path], dict]) -> dict:
-    """Our flat entries (per-layer names) of a PEFT adapter for model config cfg: the
-    adapters and the modules_to_save (a sequence head's `score`, LayerNorms). `read` reads
-    a safetensors file into numpy (hf.py's reader, with its error messages)."""
-    d = Path(directory)
-    hf = read_config(d)
-    check_fits(cfg, hf, str(d / CONFIG_FILE))
-    tensors = read(d / WEIGHTS_FILE)
-    tensors = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
-    extra = {k: tensors.pop(k) for k in list(tensors) if "lora_" not in k}
-    out = from_peft(cfg, tensors, str(d / WEIGHTS_FILE))
-    if f"{PREFIX}score.weight" in extra and cfg.head == "sequence":
-        score = np.asarray(extra.pop(f"{PREFIX}score.weight"), np.float32)
-        if score.shape != (cfg.num_labels, cfg.n_embd):
-            raise UserError(f"{d}: score.weight has shape {score.shape} but the model has "
-                            f"{cfg.num_labels} labels of width {cfg.n_embd}")
-        out["score.kernel"] = score.T
-    out.update(_saved_modules(cfg, extra))
-    return out
-
-
-def _saved_modules(cfg, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """LayerNorm and bias tensors of an adapter (modules_to_save, bias="all") under our
-    names; shapes are the base's (d,) or the biases' own, checked by the caller's model."""
-    from_hf = {"weight": "scale", "bias": "bias"}
-    out = {}
-    for k, v in extra.items():
-        if ".original_module." in k:  # PEFT's copy of the base module: the base has it
-            continue
-        name = k.removeprefix(PREFIX).removeprefix("transformer.")
-        name = name.replace(".base_layer", "").replace(".modules_to_save", "")
-        m = re.fullmatch(r"((?:h\.\d+\.)?ln_(?:1|2|f))\.(weight|bias)", name)
-        if m:
-            out[f"{m[1]}.{from_hf[m[2]]}"] = np.asarray(v, np.float32)
-        elif name.endswith(".bias"):
-            arr = np.asarray(v, np.float32)
-            if name.endswith("attn.c_attn.bias") and arr.shape == (3 * cfg.n_embd,):
-                arr = arr.reshape(3, cfg.n_head, cfg.head_dim)
-            out[f"{name.removesuffix('.bias')}_bias"] = arr
-    return out
-
-
-def saved_tensors(cfg, flat: dict[str, np.ndarray], groups) -> dict[str, np.ndarray]:
-    """The non-adapter tensors an adapter file carries: the sequence head (modules_to_save
-    `score`), the LayerNorms (layer_norm) and every bias (bias), PEFT-named."""
-    out = {}
-    if cfg.head == "sequence":
-        out[f"{PREFIX}score.weight"] = np.asarray(flat["score.kernel"]).T
-    to_hf = {"scale": "weight", "bias": "bias"}
-    for name, v in flat.items():
-        ln = re.fullmatch(r"((?:h\.\d+\.)?ln_(?:1|2|f))\.(scale|bias)", name)
-        if ln and ("layer_norm" in groups or ("bias" in groups and ln[2] == "bias")):
-            out[f"{PREFIX}transformer.{ln[1]}.{to_hf[ln[2]]}"] = v
-        elif not ln and "bias" in groups and name.startswith("h.") and name.endswith("_bias"):
-            module = name.removesuffix("_bias")  # h.3.attn.c_attn
-            # an adapted module's own weights sit under PEFT's base_layer
-            wrapped = module.split(".", 2)[2] in cfg.lora_targets
-            key = f"{PREFIX}transformer.{module}{'.base_layer' if wrapped else ''}.bias"
-            out[key] = np.reshape(v, -1)
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

@@ -214,12 +214,12 @@ def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh, adapter:
     fresh = jax.jit(lambda: nnx.split(create_model(mcfg, seed))[1], out_shardings=param_sh)()
     if source_model is None:
         return fresh
-    from .hf import read_safetensors, to_flat_params
-    from .lora import merge, read_adapter
+    from .hf import read_adapter, to_flat_params
+    from .lora import merge
 
     src = merge(source_model.cfg, to_flat_params(source_model))
     if adapter:
-        src.update(_fitting(read_adapter(adapter, mcfg, read_safetensors), P.flat(fresh),
+        src.update(_fitting(read_adapter(adapter, mcfg), P.flat(fresh),
                             mcfg.n_layer, adapter))
     if "wte" in src and src["wte"].shape[0] < mcfg.vocab_size:  # added special tokens
         from .tasks import grow_embedding

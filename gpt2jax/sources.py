@@ -18,27 +18,24 @@ from pathlib import Path
 
 from .errors import UserError
 
+# what hub_download fetches: config, weights (single or sharded) and tokenizer
 HUB_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
+    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+    "merges.txt", "special_tokens_map.json",
 ]
 
 
 @dataclass(frozen=True)
 class Source:
+    """A resolved model source."""
+
     kind: str  # "hf_dir" | "hub" | "run" | "checkpoint"
     path: str  # directory, or hub name
     step: int | str | None = None  # for runs: None (latest), an int, or "best"
 
     def describe(self) -> str:
+        """The source for messages: its path or name, and a run's step."""
         if self.kind in ("run", "checkpoint"):
             return f"{self.path} (step {self.step if self.step is not None else 'latest'})"
         return self.path
@@ -101,21 +98,16 @@ def _looks_like_hub(src: str) -> bool:
 
 def hub_download(name: str) -> Path:
     """Download a hub model's config, weights and tokenizer; a clear error when offline."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline:
-        raise UserError(
-            f"{name!r} is not a local directory and the Hugging Face hub is offline "
-            "(HF_HUB_OFFLINE=1); pass a local model directory or unset HF_HUB_OFFLINE"
-        )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError(f"{name!r} is not a local directory and the Hugging Face hub is offline "
+                        "(HF_HUB_OFFLINE=1); pass a local model directory or unset HF_HUB_OFFLINE")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, 404, auth: all are about the user's input/environment
-        raise UserError(
-            f"cannot download {name!r} from the Hugging Face hub ({type(e).__name__}); "
-            "check the name and the network, or pass a local directory"
-        ) from e
+        raise UserError(f"cannot download {name!r} from the Hugging Face hub ({type(e).__name__}); "
+                        "check the name and the network, or pass a local directory") from e
 
 
 def source_tokenizer(src: str):
@@ -125,7 +117,5 @@ def source_tokenizer(src: str):
     source = resolve(src)
     if source.kind == "hub":
         return load_tokenizer(hub_download(source.path))
-    if source.kind == "hf_dir":
-        return load_tokenizer(source.path)
-    run_tok = Path(source.path) / "tokenizer"
-    return load_tokenizer(run_tok if run_tok.is_dir() else None)
+    directory = source.path if source.kind == "hf_dir" else Path(source.path) / "tokenizer"
+    return load_tokenizer(directory)  # a run without tokenizer/ has GPT-2's

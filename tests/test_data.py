@@ -44,7 +44,7 @@ def test_tokenize_task_matches_the_tokenizer_and_reports_bytes_per_token(tmp_pat
     out, hit = tokenize_task(str(src), _data(tmp_path, src), tok)
     assert not hit and len(out) == len(texts)
     expected = tok(texts, add_special_tokens=False)["input_ids"]
-    assert [r.tolist() for r in out.token_lists()] == expected
+    assert [out.record(i).tolist() for i in range(len(out))] == expected
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert out.bytes_per_token() == pytest.approx(n_bytes / sum(map(len, expected)))
     assert out.rows.tolist() == list(range(len(texts)))

@@ -27,7 +27,6 @@ from test_checkpoint import (  # noqa: F401 (autouse fixture)
 from test_train import write_csv
 
 from gpt2jax.hf import to_flat_params
-from gpt2jax.lora import adapter_count
 from gpt2jax.run import load_model
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # c_proj: both projections, as PEFT matches it
@@ -115,7 +114,7 @@ def test_optimizer_state_holds_only_the_adapters(runs):
     # by hand: 2 layers x rank 4 x (in + out) of c_attn (32+96), attn.c_proj (32+32),
     # c_fc (32+128), mlp.c_proj (128+32)
     n = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
-    assert adapter_count(model.cfg) == n
+    assert sum(v.size for k, v in to_flat_params(model).items() if "_lora_" in k) == n
     assert sum(v.size for v in state.values()) == 2 * n
 
 
@@ -362,8 +361,7 @@ def test_adapter_of_another_shape_is_refused(peft_adapter, base_model, tmp_path)
     from safetensors.numpy import load_file, save_file
 
     from gpt2jax.errors import UserError
-    from gpt2jax.hf import read_safetensors
-    from gpt2jax.lora import read_adapter
+    from gpt2jax.hf import read_adapter
 
     adapter, _ = peft_adapter
     bad = tmp_path / "bad"
@@ -375,7 +373,7 @@ def test_adapter_of_another_shape_is_refused(peft_adapter, base_model, tmp_path)
     mcfg = _lora_model_config(base_model)
     with pytest.raises(UserError, match=r"mlp.c_proj.lora_A.weight has shape \(4, 64\) but "
                                         r"the base model \(model.init\) implies \(4, 128\)"):
-        read_adapter(bad, mcfg, read_safetensors)
+        read_adapter(bad, mcfg)
 
 
 def test_bench_lora_counts_trainable_parameters_and_optimizer_state(cli):

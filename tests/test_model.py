@@ -158,8 +158,7 @@ def random_model(cfg, seed: int = 0, std: float = 0.2):
     """A model with N(0, std) weights drawn by numpy: no eager per-shape compiles."""
     from flax import nnx
 
-    from gpt2jax.hf import from_flat_params
-    from gpt2jax.model import abstract_model
+    from gpt2jax.model import abstract_model, from_values
 
     rng = np.random.RandomState(seed)
     unstacked = abstract_model(cfg.replace(scan_layers=False))  # per-layer names
@@ -167,7 +166,7 @@ def random_model(cfg, seed: int = 0, std: float = 0.2):
         ".".join(map(str, path)): rng.normal(0, std, var.get_value().shape).astype(np.float32)
         for path, var in nnx.to_flat_state(nnx.state(unstacked, nnx.Param))
     }
-    return from_flat_params(cfg, flat)
+    return from_values(cfg, flat)
 
 
 def test_attention_pool_head_masks_padding():
