@@ -79,14 +79,18 @@ class Templates:
         """The templates of a DataSection (data.prompt_template / target / example)."""
         return cls(data.prompt_template, data.target_template, data.example_template)
 
+    def for_task(self, task: str) -> tuple[str, str]:
+        """(prompt, target) templates with the task's defaults filled in."""
+        prompt, target = DEFAULT_TEMPLATES.get(task, ("", ""))
+        return self.prompt or prompt, self.target or target
+
 
 def render(task: str, record: dict, text_column: str = "text",
            templates: Templates | None = None) -> tuple[str, str]:
     """(prompt, target) for one record of a task; the training text is prompt + target."""
     templates = templates or Templates()
     if templates.prompt or templates.target or task in DEFAULT_TEMPLATES:
-        prompt_t, target_t = DEFAULT_TEMPLATES.get(task, ("", ""))
-        prompt_t, target_t = templates.prompt or prompt_t, templates.target or target_t
+        prompt_t, target_t = templates.for_task(task)
         prompt, target = _fill(prompt_t, record), _fill(target_t, record)
         if task == "dictionary_forward" and templates.example and record.get("example") \
                 and "{example}" not in prompt_t + target_t:
