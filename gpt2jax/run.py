@@ -108,10 +108,9 @@ def tokenizer_for(cfg: Config):
     run = RunDir(cfg.train.run_dir)
     if run.resume and run.tokenizer_dir.is_dir():
         tokenizer = load_tokenizer(run.tokenizer_dir)
-    elif cfg.model.init == "scratch":
-        tokenizer = load_tokenizer(None)
     else:
-        tokenizer = source_tokenizer(cfg.model.init)
+        scratch = cfg.model.init == "scratch"
+        tokenizer = load_tokenizer(None) if scratch else source_tokenizer(cfg.model.init)
     if cfg.data.add_special_tokens:
         from .tasks import with_special_tokens
 
@@ -171,19 +170,18 @@ def lora_fields(lora) -> dict:
 
 def resolve_model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...],
                          vocab_needed: int, recorded: GPT2Config | None = None) -> GPT2Config:
-    """The model config a run trains: from the config and the init source (`source`), or
-    from the run's own model.json (`recorded`) when it resumes; the vocabulary grown to
-    the tokenizer's `vocab_needed` tokens where data.add_special_tokens added some;
-    automatic choices fixed for this process."""
-    if source is None and recorded is not None and cfg.model.init != "scratch":
+    """The model config a run trains: from the config and the init `source`, or the run's
+    own model.json (`recorded`) when it resumes; the vocabulary grown to the tokenizer's
+    `vocab_needed` tokens for data.add_special_tokens; automatic choices fixed."""
+    scratch = cfg.model.init == "scratch"
+    if source is None and recorded is not None and not scratch:
         source = recorded.replace(head="lm")  # the run's weights, re-headed as configured
-    if source is None and cfg.model.init == "scratch" and cfg.model.vocab_size is None and \
-            cfg.data.add_special_tokens:
+    if scratch and cfg.model.vocab_size is None and cfg.data.add_special_tokens:
         cfg.model.vocab_size = max(model_config(cfg, None, labels).vocab_size, vocab_needed)
     mcfg = model_config(cfg, source, labels)
     if source is not None and cfg.data.add_special_tokens and mcfg.vocab_size < vocab_needed:
         mcfg = mcfg.replace(vocab_size=vocab_needed)  # new rows: see initial_params
-    if recorded is not None and cfg.model.init == "scratch":
+    if recorded is not None and scratch:
         changed = {k: (getattr(recorded, k), getattr(mcfg, k)) for k in (*ARCH_KEYS, "head")
                    if getattr(recorded, k) != getattr(mcfg, k)}
         if changed:

@@ -157,11 +157,10 @@ def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_mode
 
     from .run import initial_params
 
-    if ckpts.steps():
-        start, got = ckpts.restore_latest_good(plan.abstract_params, plan.abstract_opt,
-                                               plan.param_sh, plan.opt_sh)
-        if start is not None:
-            return (start, *got)
+    start, got = ckpts.restore_latest_good(plan.abstract_params, plan.abstract_opt,
+                                           plan.param_sh, plan.opt_sh)
+    if start is not None:
+        return (start, *got)
     params = initial_params(mcfg, seed, source_model, plan.param_sh, adapter)
     return 0, params, jax.jit(plan.tx.init, out_shardings=plan.opt_sh)(params), {}
 
@@ -375,13 +374,10 @@ def _any_process(flag: bool, step: int) -> bool:
 
 
 class Watch:
-    """The best validation value of train.best_metric so far (the step `--step best`
-    loads) and early stopping on it (train.early_stop).
-
-    Early stopping counts the evaluations since the value last beat a reference by more
-    than min_delta; each such improvement becomes the new reference (smaller gains move
-    the best step, not the reference). The run stops when the count reaches patience.
-    Both live in every checkpoint's meta, so a resumed run continues the count.
+    """The best value of train.best_metric so far (the step `--step best` loads) and early
+    stopping: the run stops once `patience` evaluations in a row failed to beat the
+    reference (the last value that beat it by over min_delta; smaller gains move only the
+    best step). Both live in every checkpoint's meta, so a resumed run continues the count.
     """
 
     def __init__(self, t, classification: bool, meta: dict):
@@ -492,14 +488,11 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                     frozen=None):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
-    Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
-    the whole step's token (or example) counts, so accumulation equals the big-batch step.
-    A step whose loss or gradient is not finite leaves params and optimizer state unchanged.
-    Classification: `class_weights` (num_labels,) weight each example's cross-entropy;
-    lm_loss_weight > 0 adds lambda * the mean LM loss over the real tokens (GPT-1's
-    auxiliary objective), sharing one backbone pass. With a `mesh`, the step traces under
-    it (the model's activation sharding constraints). `frozen` parameter names get no
-    gradient (no weight-gradient products) and keep their exact values.
+    Batches carry a leading micro-batch axis of size `accum`; losses are sums over the
+    whole step's counts, so accumulation equals the big-batch step. A non-finite step
+    changes nothing. Classification: `class_weights` weight each example's cross-entropy;
+    lm_loss_weight > 0 adds that times the mean LM loss (GPT-1's auxiliary objective).
+    `frozen` parameter names get no gradient and keep their exact values.
     """
     import jax
     import jax.numpy as jnp
@@ -593,17 +586,15 @@ def make_eval_step(graphdef, classification: bool, mesh=None):
 
 
 def _segments(batch: dict):
-    """The inputs' segment ids of an LM batch packed by document, else None. A document's
-    last input keeps the next document's leading EOS as its target: the model learns
-    where a document ends from that document alone."""
+    """The inputs' segment ids of an LM batch packed by document, else None (the next
+    document's leading EOS stays the target of a document's last input: where it ends)."""
     seg = batch.get("segments")
     return None if seg is None else seg[:, :-1]
 
 
 def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
-    """batches.prepare, tokenizing once per run: with several processes, process 0 fills
-    the tokenized-data cache first and the others then read it (or, on a filesystem they
-    do not share, tokenize for themselves; the result is the same)."""
+    """batches.prepare, tokenizing once per run: process 0 fills the data cache first, and
+    the other processes then read it (or, without a shared filesystem, tokenize too)."""
     import jax
 
     from .batches import prepare
@@ -667,7 +658,7 @@ def run_eval(eval_fn, params, source, t, mesh, classification: bool, labels, pad
 
 
 def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_process) -> None:
-    """Greedy samples from the configured prompts to tensorboard and samples.jsonl."""
+    """Greedy samples from the configured prompts to TensorBoard and samples.jsonl."""
     from flax import nnx
 
     from .generate import generate
