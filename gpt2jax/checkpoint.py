@@ -83,8 +83,7 @@ class Checkpoints:
         return sorted(self.mngr.all_steps())
 
     def latest(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        return max(self.mngr.all_steps(), default=None)
 
     def meta(self, step: int) -> dict:
         import orbax.checkpoint as ocp

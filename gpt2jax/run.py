@@ -7,6 +7,7 @@ automatic choice fixed), tokenizer/, checkpoints/ and the logs; `load_run` reads
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,7 @@ class RunDir:
         self.path = Path(path)
         self.model_json = self.path / "model.json"
         self.tokenizer_dir = self.path / "tokenizer"
+        self._lock_fd: int | None = None
 
     @property
     def resume(self) -> bool:
@@ -45,7 +47,6 @@ class RunDir:
         """Hold RUN/.lock until `unlock` or this process's end (an fcntl lock, dropped on any
         exit, even a kill); refuse while another process holds it, naming that process."""
         import fcntl
-        import os
         import socket
 
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -61,11 +62,8 @@ class RunDir:
         self._lock_fd = fd
 
     def unlock(self) -> None:
-        import os
-
-        fd = getattr(self, "_lock_fd", None)
-        if fd is not None:
-            os.close(fd)  # closing drops the lock; the file stays (a holder may reopen it)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the lock; the file stays (a holder may reopen it)
             self._lock_fd = None
 
     def model_config(self) -> GPT2Config | None:
