@@ -1,11 +1,9 @@
 """Orbax checkpoints of a run: params, optimizer state and metadata, saved asynchronously.
 
-Layout: RUN/checkpoints/<step>/{params,opt_state,meta}. Params and optimizer state are
-stored as flat dicts {dotted name: array} (params.py), so a checkpoint restores onto any
-mesh (the target shardings decide), into either layer layout (scan_layers on or off), and
-an optimizer state whose names differ from the checkpoint's is refused instead of filled
-by position. Orbax commits a step by renaming its temporary directory, so a kill
-mid-write never damages an older step.
+Layout: RUN/checkpoints/<step>/{params,opt_state,meta}, the arrays as flat dicts {dotted
+name: array} (params.py): a step restores onto any mesh and into either layer layout, and
+names that differ are refused, never filled by position. Orbax commits a step by renaming
+its temporary directory, so a kill mid-write never damages an older step.
 """
 
 from __future__ import annotations
@@ -23,17 +21,16 @@ class StateMismatch(UserError):
     """The checkpoint holds other arrays than the run's state: settings changed."""
 
 
-def _abstract(x, sharding=None):
-    if sharding is None:
-        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
-            jax.devices()[0])
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-
 def _target(template, shardings) -> dict:
-    """{name: ShapeDtypeStruct with the target sharding} of a state template."""
+    """{name: ShapeDtypeStruct} of a state template on `shardings` (None: the template's
+    own, else the first device)."""
     shards = P.flat(shardings) if shardings is not None else {}
-    return {k: _abstract(v, shards.get(k)) for k, v in P.flat(template).items()}
+    out = {}
+    for k, v in P.flat(template).items():
+        sharding = shards.get(k) or getattr(v, "sharding", None) or \
+            jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        out[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    return out
 
 
 def _restore_target(item: str, target: dict, saved: set[str]) -> dict:
@@ -66,33 +63,27 @@ def _from_saved(template, restored: dict, want: dict):
 class Checkpoints:
     """A run's checkpoint directory: save/restore, keep the last K plus the best."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 3, *,
-                 read_only: bool = False):
+    def __init__(self, run_dir: str | Path, keep: int = 3, *, read_only: bool = False):
         import orbax.checkpoint as ocp
 
         self.dir = (Path(run_dir) / "checkpoints").absolute()
-        self.keep = keep
-        self.read_only = read_only
+        self.keep, self.read_only = keep, read_only
         if read_only and not self.dir.is_dir():
             raise UserError(f"{run_dir} has no checkpoints/ directory")
         # handlers named up front, so item_metadata can list a step's arrays before restore
         self.mngr = ocp.CheckpointManager(
             self.dir,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None, create=not read_only, enable_async_checkpointing=True
-            ),
+                max_to_keep=None, create=not read_only, enable_async_checkpointing=True),
             item_handlers={"params": ocp.StandardCheckpointHandler(),
                            "opt_state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()},
-        )
+                           "meta": ocp.JsonCheckpointHandler()})
 
-    # -- queries
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
 
     def latest(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        return max(self.mngr.all_steps(), default=None)
 
     def meta(self, step: int) -> dict:
         import orbax.checkpoint as ocp
@@ -108,20 +99,13 @@ class Checkpoints:
         best = self.meta(latest).get("best")
         return best["step"] if best and best.get("step") in self.steps() else None
 
-    # -- writing
     def save(self, step: int, params, opt_state, meta: dict) -> None:
         """Start an asynchronous save; older steps beyond keep (except the best) are removed."""
         import orbax.checkpoint as ocp
 
-        self.mngr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(P.flat(params)),
-                opt_state=ocp.args.StandardSave(P.flat(opt_state)),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        self.mngr.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(P.flat(params)),
+            opt_state=ocp.args.StandardSave(P.flat(opt_state)), meta=ocp.args.JsonSave(meta)))
         best = (meta.get("best") or {}).get("step")
         committed = [s for s in self.steps() if s != step]
         keep = set(committed[-(self.keep - 1):]) if self.keep > 1 else set()
@@ -133,7 +117,6 @@ class Checkpoints:
         self.mngr.wait_until_finished()
         self.mngr.close()
 
-    # -- reading
     def saved_names(self, step: int) -> dict[str, set[str]]:
         """The array names a step holds, per item (params, opt_state)."""
         md = self.mngr.item_metadata(step)
@@ -145,29 +128,24 @@ class Checkpoints:
         """(params, opt_state or None, meta) restored onto the templates' shardings."""
         import orbax.checkpoint as ocp
 
-        templates = {"params": params_template}
-        wants = {"params": _target(params_template, shardings)}
+        templates = {"params": (params_template, shardings)}
         if opt_template is not None:
-            templates["opt_state"] = opt_template
-            wants["opt_state"] = _target(opt_template, opt_shardings)
+            templates["opt_state"] = (opt_template, opt_shardings)
+        wants = {name: _target(*t) for name, t in templates.items()}
         saved = self.saved_names(step)
         items = {name: ocp.args.StandardRestore(_restore_target(name, want, saved[name]))
                  for name, want in wants.items()}
         out = self.mngr.restore(step, args=ocp.args.Composite(
             **items, meta=ocp.args.JsonRestore()))
-        got = {name: _from_saved(templates[name], out[name], want)
+        got = {name: _from_saved(templates[name][0], out[name], want)
                for name, want in wants.items()}
-        params, opt = got["params"], got.get("opt_state")
-        return params, opt, dict(out["meta"])
+        return got["params"], got.get("opt_state"), dict(out["meta"])
 
     def restore_latest_good(self, params_template, opt_template=None, shardings=None,
                             opt_shardings=None):
-        """Restore the newest step that reads back; warn about each unreadable newer one.
-
-        Unreadable newer steps are renamed to `<step>.unreadable` (kept for inspection) so
-        that the resumed run can save those steps again. When no step restores, nothing is
-        moved and a UserError explains (usually changed settings, not damage).
-        """
+        """(step, restore's triple) of the newest step that reads back, (None, None) if none
+        exists. Unreadable newer steps are warned about and renamed to `<step>.unreadable`,
+        so the run can save them again; when no step restores, a UserError explains."""
         steps = self.steps()
         failed: list[tuple[int, Exception]] = []
         for step in reversed(steps):
@@ -197,12 +175,10 @@ class Checkpoints:
         """Rename an unreadable step directory out of Orbax's view (process 0 only)."""
         if self.read_only or jax.process_index() != 0:
             return None
-        src = self.dir / str(step)
-        dst = self.dir / f"{step}.unreadable"
-        n = 1
+        n, dst = 1, self.dir / f"{step}.unreadable"
         while dst.exists():
             n += 1
             dst = self.dir / f"{step}.unreadable{n}"
-        src.rename(dst)
+        (self.dir / str(step)).rename(dst)
         self.mngr.reload()
         return dst

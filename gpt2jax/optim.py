@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import jax
 import optax
 
 from .errors import UserError
@@ -32,9 +33,9 @@ def make_schedule(
     """Linear warmup, then constant / linear / cosine to end_lr at total_steps.
 
     With w = min(warmup_steps, total_steps - 1), step s < w uses lr * (s + 1) / (w + 1)
-    (warmup starts at lr / (w + 1), not 0); steps s >= w follow the main schedule over the
-    remaining total_steps - w steps (cosine: end_lr + (lr - end_lr) * (1 + cos(pi * (s - w)
-    / (total_steps - w))) / 2). tests/test_parity_torch.py checks this formula.
+    (from lr / (w + 1), not 0, so step 0 is not a no-op); steps s >= w follow the main schedule
+    over the remaining total_steps - w steps (cosine: end_lr + (lr - end_lr) * (1 + cos(pi *
+    (s - w) / (total_steps - w))) / 2). tests/test_parity_torch.py checks this formula.
     """
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -48,7 +49,6 @@ def make_schedule(
         raise UserError(f"optim.schedule={schedule!r}: choose constant, linear or cosine")
     if warmup_steps == 0:
         return main
-    # Warmup starts at lr / (warmup_steps + 1) rather than 0 so that step 0 is not a no-op.
     warm = optax.linear_schedule(lr / (warmup_steps + 1), lr, warmup_steps)
     return optax.join_schedules([warm, main], [warmup_steps])
 
@@ -69,8 +69,7 @@ def frozen_fn(optim, lora=None) -> Callable[[str], bool] | None:
 
 
 def frozen_names(optim, lora, params) -> frozenset[str] | None:
-    """The names of params (an nnx.State) that stay fixed (frozen_fn), None if none do:
-    what the train step stops gradients for and keeps bit-identical."""
+    """The names of params (an nnx.State) that stay fixed (frozen_fn), None if none do."""
     from .params import flat
 
     frozen = frozen_fn(optim, lora)
@@ -79,23 +78,17 @@ def frozen_names(optim, lora, params) -> frozenset[str] | None:
 
 def make_optimizer(optim, total_steps: int, params, lora=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(tx, schedule) from an OptimSection (and the model.lora section, if any) for these
-    params (an nnx.State)."""
+    """(tx, schedule) of an OptimSection and model.lora section for these params."""
     schedule = make_schedule(optim.lr, optim.schedule, optim.warmup_steps, total_steps,
                              optim.end_lr)
     mask = map_names(lambda n: decays(n, optim.decay_embeddings), params)
-    parts = []
-    if optim.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(optim.clip_norm))
-    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                             weight_decay=optim.weight_decay, mask=mask))
-    tx = optax.chain(*parts)
+    clip = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+    tx = optax.chain(*clip, optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                                        weight_decay=optim.weight_decay, mask=mask))
     frozen = frozen_fn(optim, lora)
     if frozen is not None:
         labels = map_names(lambda n: "frozen" if frozen(n) else "train", params)
-        import jax
-
-        if all(v == "frozen" for v in jax.tree.leaves(labels)):
+        if "train" not in jax.tree.leaves(labels):
             raise UserError(f"optim.freeze {list(optim.freeze)} freezes every parameter; "
                             "nothing would train")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
@@ -103,9 +96,7 @@ def make_optimizer(optim, total_steps: int, params, lora=None
 
 
 def update_count(opt_state) -> int:
-    """How many updates the optimizer has applied: the step its schedule is at. Steps
-    skipped for a non-finite loss keep the old state, so they do not count."""
-    import jax
+    """How many updates the optimizer has applied (skipped non-finite steps do not count)."""
     import numpy as np
 
     for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):

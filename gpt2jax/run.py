@@ -1,18 +1,18 @@
 """A run: its directory, its model config, its tokenizer, its first parameters.
 
-RUN/ holds config.yaml (the resolved config), model.json (the resolved model config, with
-every automatic choice fixed), tokenizer/, checkpoints/ and the logs. This module decides
-what a run is made of; train.py only runs it, and `load_run` reads one back for inference.
+RUN/ holds config.yaml (the resolved config), model.json (the resolved model config, every
+automatic choice fixed), tokenizer/, checkpoints/ and the logs; `load_run` reads it back.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import Config, read_run_config, save_config
+from .config import Config, save_config
 from .errors import UserError
 from .model import GPT2Config, resolve_auto
 
@@ -26,28 +26,27 @@ class RunDir:
         self.path = Path(path)
         self.model_json = self.path / "model.json"
         self.tokenizer_dir = self.path / "tokenizer"
+        self._lock_fd: int | None = None
 
     @property
     def resume(self) -> bool:
         """Whether a previous `gpt2jax train` wrote this run (it may have no step yet)."""
         return self.model_json.is_file() and (self.path / "checkpoints").is_dir()
 
-    def check_writable(self, key: str = "train.run_dir") -> None:
+    def check_writable(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             # a probe of its own: every process of a multi-process run checks the directory
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-"):
                 pass
         except OSError as e:
-            raise UserError(f"{key}={self.path} is not writable ({e.strerror}); "
+            raise UserError(f"train.run_dir={self.path} is not writable ({e.strerror}); "
                             "choose another directory") from e
 
     def lock(self) -> None:
-        """Hold RUN/.lock until `unlock` or this process's end (an fcntl lock: the kernel
-        drops it on any exit, even a kill, so a dead holder never blocks); refuse while
-        another process holds it, naming that process."""
+        """Hold RUN/.lock until `unlock` or this process's end (an fcntl lock, dropped on any
+        exit, even a kill); refuse while another process holds it, naming that process."""
         import fcntl
-        import os
         import socket
 
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -63,11 +62,8 @@ class RunDir:
         self._lock_fd = fd
 
     def unlock(self) -> None:
-        import os
-
-        fd = getattr(self, "_lock_fd", None)
-        if fd is not None:
-            os.close(fd)  # closing drops the lock; the file stays (a holder may reopen it)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the lock; the file stays (a holder may reopen it)
             self._lock_fd = None
 
     def model_config(self) -> GPT2Config | None:
@@ -110,10 +106,9 @@ def tokenizer_for(cfg: Config):
     run = RunDir(cfg.train.run_dir)
     if run.resume and run.tokenizer_dir.is_dir():
         tokenizer = load_tokenizer(run.tokenizer_dir)
-    elif cfg.model.init == "scratch":
-        tokenizer = load_tokenizer(None)
     else:
-        tokenizer = source_tokenizer(cfg.model.init)
+        scratch = cfg.model.init == "scratch"
+        tokenizer = load_tokenizer(None) if scratch else source_tokenizer(cfg.model.init)
     if cfg.data.add_special_tokens:
         from .tasks import with_special_tokens
 
@@ -173,26 +168,25 @@ def lora_fields(lora) -> dict:
 
 def resolve_model_config(cfg: Config, source: GPT2Config | None, labels: tuple[str, ...],
                          vocab_needed: int, recorded: GPT2Config | None = None) -> GPT2Config:
-    """The model config a run trains: from the config and the init source (`source`), or
-    from the run's own model.json (`recorded`) when it resumes; the vocabulary grown to
-    the tokenizer's `vocab_needed` tokens where data.add_special_tokens added some;
-    automatic choices fixed for this process."""
-    run = RunDir(cfg.train.run_dir)
-    if source is None and recorded is not None and cfg.model.init != "scratch":
+    """The model config a run trains: from the config and the init `source`, or the run's
+    own model.json (`recorded`) when it resumes; the vocabulary grown to the tokenizer's
+    `vocab_needed` tokens for data.add_special_tokens; automatic choices fixed."""
+    scratch = cfg.model.init == "scratch"
+    if source is None and recorded is not None and not scratch:
         source = recorded.replace(head="lm")  # the run's weights, re-headed as configured
-    if source is None and cfg.model.init == "scratch" and cfg.model.vocab_size is None and \
-            cfg.data.add_special_tokens:
+    if scratch and cfg.model.vocab_size is None and cfg.data.add_special_tokens:
         cfg.model.vocab_size = max(model_config(cfg, None, labels).vocab_size, vocab_needed)
     mcfg = model_config(cfg, source, labels)
     if source is not None and cfg.data.add_special_tokens and mcfg.vocab_size < vocab_needed:
         mcfg = mcfg.replace(vocab_size=vocab_needed)  # new rows: see initial_params
-    if recorded is not None and cfg.model.init == "scratch":
+    if recorded is not None and scratch:
         changed = {k: (getattr(recorded, k), getattr(mcfg, k)) for k in (*ARCH_KEYS, "head")
                    if getattr(recorded, k) != getattr(mcfg, k)}
         if changed:
             desc = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
-            raise UserError(f"{run.path} holds a run with other model dimensions ({desc}); "
-                            "resume with the same model settings or choose a new train.run_dir")
+            raise UserError(f"{Path(cfg.train.run_dir)} holds a run with other model dimensions "
+                            f"({desc}); resume with the same model settings or choose a new "
+                            "train.run_dir")
     if mcfg.vocab_size < vocab_needed:
         raise UserError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                         f"{vocab_needed} tokens; raise model.vocab_size (GPT-2: 50257)")
@@ -200,11 +194,9 @@ def resolve_model_config(cfg: Config, source: GPT2Config | None, labels: tuple[s
 
 
 def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh, adapter: str = ""):
-    """Fresh parameters (seeded) placed on `param_sh`, overwritten by the source model's
-    weights where it has them (a LoRA source merged first); a new head (a classifier on a
-    pretrained LM) keeps its fresh initialisation and new token rows
-    (data.add_special_tokens) are grown. `adapter`: a PEFT LoRA directory whose adapters
-    (and saved modules) replace the fresh ones."""
+    """Fresh parameters (seeded) on `param_sh`, overwritten by the source model's weights
+    where it has them (a LoRA source merged first, new token rows grown), then by the PEFT
+    `adapter` directory's adapters and saved modules; a new head keeps its fresh values."""
     import jax
     from flax import nnx
 
@@ -234,7 +226,7 @@ def initial_params(mcfg: GPT2Config, seed: int, source_model, param_sh, adapter:
 
 
 def _fitting(values: dict, fresh: dict, n_layer: int, where: str) -> dict:
-    """values (per-layer names) checked against the model's parameters by name and shape."""
+    """values (per-layer names), a UserError unless each fits a model parameter's shape."""
     from . import params as P
 
     want = {k: tuple(v.shape) for k, v in fresh.items()}
@@ -276,14 +268,13 @@ def load_run(run_dir: str | Path, step: int | str | None = None, **overrides):
     from .tokenizer import load_tokenizer
 
     run = RunDir(run_dir)
-    cfg = read_run_config(run.path)
     mcfg = run.model_config()
     if mcfg is None:
         raise UserError(f"{run.path} has no model.json; it was not written by gpt2jax train")
     if mcfg.attention == "cudnn" and "attention" not in overrides and not has_cudnn():
         mcfg = mcfg.replace(attention="explicit")  # trained on GPUs, read elsewhere: same maths
     mcfg = for_this_process(mcfg.replace(**overrides))
-    ckpts = Checkpoints(run.path, cfg.train.keep_checkpoints, read_only=True)
+    ckpts = Checkpoints(run.path, read_only=True)
     step = _pick_step(ckpts, run.path, step)
     graphdef, template = nnx.split(abstract_model(mcfg))
     params, _, _ = ckpts.restore(step, template)
@@ -293,15 +284,11 @@ def load_run(run_dir: str | Path, step: int | str | None = None, **overrides):
 
 
 def _pick_step(ckpts, run: Path, step: int | str | None) -> int:
-    if step is None or step == "latest":
-        found = ckpts.latest()
+    if step in (None, "latest", "best"):
+        found = ckpts.best() if step == "best" else ckpts.latest()
         if found is None:
-            raise UserError(f"{run} has no committed checkpoint yet")
-        return found
-    if step == "best":
-        found = ckpts.best()
-        if found is None:
-            raise UserError(f"{run} has no best checkpoint (no evaluation ran); use --step N")
+            raise UserError(f"{run} has no best checkpoint (no evaluation ran); use --step N"
+                            if step == "best" else f"{run} has no committed checkpoint yet")
         return found
     if step not in ckpts.steps():
         raise UserError(f"{run} has no checkpoint at step {step}; it has {ckpts.steps()}")

@@ -19,14 +19,11 @@ from .errors import UserError
 
 # Default (prompt, target) templates over a record's columns. dictionary_forward appends
 # EXAMPLE_TEMPLATE to the target when a record has a non-empty example.
-DICTIONARY_FORWARD = "{word}:"
-DICTIONARY_REVERSE = "{definition} =>"
 DEFAULT_TEMPLATES = {
-    "dictionary_forward": (DICTIONARY_FORWARD, " {definition}"),
-    "dictionary_reverse": (DICTIONARY_REVERSE, " {word}"),
+    "dictionary_forward": ("{word}:", " {definition}"),
+    "dictionary_reverse": ("{definition} =>", " {word}"),
 }
 EXAMPLE_TEMPLATE = " Example: {example}"
-TEMPLATE_TASKS = ("lm", "text", "classification", "conversation", *DEFAULT_TEMPLATES)
 
 
 def gcide_dir() -> Path:
@@ -41,18 +38,14 @@ def gcide_dir() -> Path:
     return d
 
 
-# GCIDE's source tags ("[1913 Webster]", "[Webster 1913 Suppl.]", "[PJC]", "[WordNet 1.5]",
-# "[wn1]" and their combinations) say where an entry came from, not what a word means;
-# usage labels such as "[Obs.]" stay
+# GCIDE's source tags ("[1913 Webster]", "[PJC]", "[WordNet 1.5]", "[wn1]", ...) say where
+# an entry came from, not what a word means; usage labels such as "[Obs.]" stay
 GCIDE_SOURCE_TAG = re.compile(r"\s*\[[^\]]*(?:Webster|WordNet|PJC|\bwn\d)[^\]]*\]")
 
 
 def iter_gcide(letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ") -> Iterator[dict]:
-    """One record per (word, definition): word, part_of_speech, definition, example.
-
-    In file and definition order, so the record list is the same on every machine.
-    Source tags are removed from the definitions (GCIDE_SOURCE_TAG).
-    """
+    """One record per (word, definition): word, part_of_speech, definition (without source
+    tags), example; in file and definition order, the same on every machine."""
     d = gcide_dir()
     for letter in letters:
         path = d / f"words_{letter.upper()}.json"
@@ -62,27 +55,20 @@ def iter_gcide(letters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ") -> Iterator[dict]:
         for word, entry in entries.items():
             for pos in entry.get("pos", []):
                 for definition in pos.get("definitions", []):
-                    text = GCIDE_SOURCE_TAG.sub("", definition.get("text") or "")
-                    text = " ".join(text.split())
+                    text = " ".join(GCIDE_SOURCE_TAG.sub("", definition.get("text") or "").split())
                     if not text:
                         continue
                     examples = definition.get("examples") or []
-                    yield {
-                        "word": entry.get("entry") or word,
-                        "part_of_speech": pos.get("part_of_speech") or "",
-                        "definition": text,
-                        "example": " ".join(str(examples[0]).split()) if examples else "",
-                    }
+                    yield {"word": entry.get("entry") or word,
+                           "part_of_speech": pos.get("part_of_speech") or "",
+                           "definition": text,
+                           "example": " ".join(str(examples[0]).split()) if examples else ""}
 
 
 @dataclass(frozen=True)
 class Templates:
-    """Template strings for a task; empty prompt/target strings mean the task's default.
-
-    Templates are `str.format` strings over a record's columns, e.g. "{word}:". With a
-    prompt or target template set, any LM task renders through them (not only the
-    dictionary tasks), so a new record shape needs no code.
-    """
+    """`str.format` templates over a record's columns, e.g. "{word}:"; empty means the
+    task's default. Once one is set, any LM task renders through them."""
 
     prompt: str = ""
     target: str = ""
@@ -103,8 +89,6 @@ def render(task: str, record: dict, text_column: str = "text",
            templates: Templates | None = None) -> tuple[str, str]:
     """(prompt, target) for one record of a task; the training text is prompt + target."""
     templates = templates or Templates()
-    if task not in TEMPLATE_TASKS:
-        raise UserError(f"data.task={task!r} is not a known task")
     if templates.prompt or templates.target or task in DEFAULT_TEMPLATES:
         prompt_t, target_t = templates.for_task(task)
         prompt, target = _fill(prompt_t, record), _fill(target_t, record)
@@ -114,7 +98,10 @@ def render(task: str, record: dict, text_column: str = "text",
         return prompt, target
     if task == "conversation" and record.get("messages"):
         return "", render_messages(record["messages"])
-    return "", _field(record, text_column)
+    if text_column not in record:
+        raise UserError(f"record has no column {text_column!r} (columns: {', '.join(record)}); "
+                        f"set data.text_column or fix the data")
+    return "", "" if record[text_column] is None else str(record[text_column])
 
 
 def render_messages(messages: list) -> str:
@@ -141,23 +128,9 @@ def _fill(template: str, record: dict) -> str:
                         "write columns as {name} and literal braces as {{ }}") from None
 
 
-def _field(record: dict, name: str) -> str:
-    if name not in record:
-        raise UserError(f"record has no column {name!r} (columns: {', '.join(record)}); "
-                        f"set data.text_column or fix the data")
-    value = record[name]
-    return "" if value is None else str(value)
-
-
-# ---------------------------------------------------------------- task-specific model parts
-
-
 def with_special_tokens(tokenizer, tokens: list[str]):
-    """A copy of the tokenizer with `tokens` added as special tokens (never split).
-
-    A copy, because the offline GPT-2 tokenizer is shared (cached) within the process.
-    Tokens it already has are not added twice, so a resumed run gets the same ids.
-    """
+    """A copy (the GPT-2 tokenizer is cached and shared) with `tokens` added as special
+    tokens; tokens it has already are not added twice, so a resumed run gets the same ids."""
     import copy
 
     bad = [t for t in tokens if not isinstance(t, str) or not t.strip()]
@@ -173,11 +146,8 @@ def with_special_tokens(tokenizer, tokens: list[str]):
 
 
 def grow_embedding(wte: np.ndarray, vocab_size: int) -> np.ndarray:
-    """The token embedding with rows added up to vocab_size, each the mean of the old rows.
-
-    The mean row keeps a new token's logits at the average of the vocabulary, so adding
-    tokens does not disturb the pretrained model's outputs (a common HF practice).
-    """
+    """The token embedding grown to vocab_size rows, each new one the mean of the old ones
+    (a new token's logits start at the vocabulary's average: the model is not disturbed)."""
     extra = vocab_size - wte.shape[0]
     if extra <= 0:
         return wte

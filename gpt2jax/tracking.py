@@ -1,12 +1,11 @@
-"""Run logs: metrics.jsonl (one JSON object per log step), tensorboardX, loss.png; and
-`print_line`, for the lines other programs read from stdout.
-
-Only process 0 writes. On resume, rows past the restored step are dropped first so that
-metrics.jsonl reads as one run (TensorBoard gets a purge event for the same steps).
+"""Run logs: metrics.jsonl (a JSON object per row), TensorBoard, loss.png; and `print_line`,
+for the lines other programs read from stdout. On resume, rows past the restored step are
+dropped first (TensorBoard gets a purge event), so the logs read as one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,12 +15,11 @@ from typing import TextIO
 
 
 class Tracker:
+    """A run's metrics.jsonl and TensorBoard events (written only when `enabled`)."""
+
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
-        self.run_dir = Path(run_dir)
-        self.enabled = enabled
-        self.path = self.run_dir / "metrics.jsonl"
-        self._tb = None
-        self._resume_step = resume_step
+        self.run_dir, self.enabled, self._resume_step = Path(run_dir), enabled, resume_step
+        self.path, self._tb = self.run_dir / "metrics.jsonl", None
         if enabled:
             truncate_metrics(self.path, resume_step)
 
@@ -60,39 +58,35 @@ class Tracker:
 
 
 def _plain(v):
-    if v is None:  # JSON null, not the string "None"
-        return None
+    """v as JSON: None (null, not "None"), ints, text, lists and dicts as they are, other
+    numbers (numpy, jax) as floats, anything else as text."""
+    if v is None or isinstance(v, int | str | list | dict):
+        return v
     try:
-        return float(v) if not isinstance(v, int | str | list | dict) else v
+        return float(v)
     except (TypeError, ValueError):
         return str(v)
 
 
+def _lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each readable line of a metrics.jsonl (a kill mid-write cuts one)."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append((line, json.loads(line)))
+    return out
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop rows with step > `step` (a resumed run repeats them)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-    path.write_text("".join(x + "\n" for x in keep))
+    if path.exists():
+        keep = [line for line, row in _lines(path) if row.get("step", 0) <= step]
+        path.write_text("".join(x + "\n" for x in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    p = Path(path)
-    if not p.exists():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The rows of a metrics.jsonl ([] if there is none)."""
+    return [row for _, row in _lines(Path(path))]
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
@@ -108,12 +102,11 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)" if not any("accuracy" in r for r in rows) else "loss")
+    for points, style, label in ((train, "-", "train"), (val, "o-", "validation")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    classifier = any("accuracy" in r for r in rows)
+    ax.set(xlabel="step", ylabel="loss" if classifier else "loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
     out = Path(run_dir) / "loss.png"
@@ -124,12 +117,9 @@ def plot_loss(run_dir: str | Path) -> Path | None:
 
 
 def print_line(text: str, file: TextIO | None = None) -> None:
-    """Print `text` and its newline in one write, then flush.
-
-    Under PYTHONUNBUFFERED (local.sh, the k8s jobs) `print` writes the text and the newline
-    separately, and gloo's threads write their "[Gloo] Rank ..." messages to the same stdout
-    piece by piece; one write of under PIPE_BUF bytes keeps a machine-read line contiguous.
-    """
+    """Print `text` and its newline in one write, then flush: under PYTHONUNBUFFERED `print`
+    writes them separately, and gloo's threads write "[Gloo] Rank ..." to the same stdout
+    piece by piece; one write of under PIPE_BUF bytes keeps a machine-read line whole."""
     out = sys.stdout if file is None else file
     out.write(text + "\n")
     out.flush()

@@ -9,11 +9,13 @@ What a run is made of (directory, model config, tokenizer, first parameters) is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +26,12 @@ from .config import BEST_METRICS, Config, check_packing_attention
 from .errors import Preempted, UserError
 from .model import GPT2Config
 
+PREEMPT_CHECK_EVERY = 10  # multi-process: steps between SIGTERM consensus checks
+
 
 def _fault(kind: str, step: int) -> None:
-    """Fault injection for the resume tests: GPT2JAX_FAULT=kill@step:N or kill@save:N sends
-    this process SIGKILL; term@step:N SIGTERM and int@step:N SIGINT (a preemption or a
-    Ctrl-C at a known step, whatever the scheduling)."""
+    """Fault injection for the resume tests: GPT2JAX_FAULT=kill@step:N (or kill@save:N,
+    term@step:N, int@step:N) sends this process that signal at that point."""
     spec = os.environ.get("GPT2JAX_FAULT", "")
     for action, sig in (("kill", signal.SIGKILL), ("term", signal.SIGTERM),
                         ("int", signal.SIGINT)):
@@ -65,7 +68,7 @@ def _train(cfg: Config, run, dist) -> dict:
 
     from .batches import Batcher
     from .checkpoint import Checkpoints
-    from .run import resolve_model_config, tokenizer_for
+    from .run import load_model, lora_fields, resolve_model_config, tokenizer_for
     from .sharding import data_parallel_size, make_mesh
 
     t_start = time.time()
@@ -76,19 +79,16 @@ def _train(cfg: Config, run, dist) -> dict:
         raise UserError(f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} "
                         f"sequences per micro-batch is not divisible by the data-parallel size "
                         f"mesh.data x mesh.fsdp = {data_parallel_size(mesh)}")
-    source_model = None
-    if cfg.model.init != "scratch" and not run.resume:
-        from .run import load_model
-
-        source_model = load_model(cfg.model.init)[0]
+    fresh = not run.resume
+    from_source = fresh and cfg.model.init != "scratch"
+    source_model = load_model(cfg.model.init)[0] if from_source else None
     adapter = cfg.model.lora.adapter if cfg.model.lora else ""
-    if adapter and not run.resume:  # a missing or unfitting adapter fails before data work
+    if adapter and fresh:  # a missing or unfitting adapter fails before data work
         from .lora import read_config
-        from .run import lora_fields
 
         read_config(adapter, lora_fields(cfg.model.lora))
     tokenizer = tokenizer_for(cfg)
-    recorded = run.model_config() if run.resume else None
+    recorded = None if fresh else run.model_config()
     eos = tokenizer.eos_token_id
     prepared = _prepare_data(cfg, tokenizer, eos, recorded.labels if recorded else ())
     if t.early_stop.patience and prepared.validation is None:
@@ -101,11 +101,17 @@ def _train(cfg: Config, run, dist) -> dict:
                       jax.process_count(), pad_id=eos, max_len=min(t.seq_len, mcfg.n_positions),
                       accum=t.grad_accum)
     total = t.steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
-    if cfg.optim.warmup_steps >= total and jax.process_index() == 0:
+    main_process = jax.process_index() == 0
+    if cfg.optim.warmup_steps >= total and main_process:
         print(f"gpt2jax: warning: optim.warmup_steps={cfg.optim.warmup_steps} is not below the "
               f"run's {total} steps, so the learning rate never reaches optim.lr",
               file=sys.stderr)
-    plan = build_step(cfg, mcfg, mesh, total, class_weights=_class_weights(cfg, prepared))
+    class_weights = None
+    if cfg.data.task == "classification" and t.class_weights == "balanced":
+        from .tasks import balanced_class_weights
+
+        class_weights = balanced_class_weights(prepared.train.labels, len(prepared.labels))
+    plan = build_step(cfg, mcfg, mesh, total, class_weights=class_weights)
     ckpts = Checkpoints(run.path, t.keep_checkpoints)
     try:
         state = _start_state(ckpts, plan, mcfg, t.seed, source_model, adapter)
@@ -113,11 +119,10 @@ def _train(cfg: Config, run, dist) -> dict:
         ckpts.close()  # its background threads would outlive a refused resume
         raise
     source_model = None  # its host copy of the weights is no longer needed
-    main_process = jax.process_index() == 0
     if main_process:  # only now: a failed restore leaves the run's files as they were
         run.write(cfg, mcfg, tokenizer)
-        if state["start"]:
-            print(f"gpt2jax: resuming {run.path} from step {state['start']}", file=sys.stderr)
+        if state[0]:
+            print(f"gpt2jax: resuming {run.path} from step {state[0]}", file=sys.stderr)
     loop = _Loop(cfg, plan, mesh, ckpts, prepared, tokenizer, total, state)
     try:
         loop.run(batcher)
@@ -125,7 +130,7 @@ def _train(cfg: Config, run, dist) -> dict:
         loop.close()
     if main_process:
         _plots(run.path, loop.last_eval, prepared.labels)
-    return {"run_dir": str(run.path), "start_step": state["start"], "total_steps": total,
+    return {"run_dir": str(run.path), "start_step": loop.start, "total_steps": total,
             "processes": dist.num_processes if dist else 1, "mesh": dict(mesh.shape),
             "final_step": loop.step, "train_loss": loop.last_loss, "validation": loop.last_eval,
             "best": loop.watch.best, "stopped": loop.watch.stop_record(loop.step < total),
@@ -134,52 +139,40 @@ def _train(cfg: Config, run, dist) -> dict:
             "params": int(sum(x.size for x in jax.tree.leaves(loop.params)))}
 
 
-def _class_weights(cfg: Config, prepared):
-    if cfg.data.task == "classification" and cfg.train.class_weights == "balanced":
-        from .tasks import balanced_class_weights
-
-        return balanced_class_weights(prepared.train.labels, len(prepared.labels))
-    return None
-
-
 def _start_state(ckpts, plan: StepPlan, mcfg: GPT2Config, seed: int, source_model,
-                 adapter: str = "") -> dict:
-    """The newest checkpoint that restores, straight into the target shardings (no
-    throwaway random init), else the initial parameters and a fresh optimizer state."""
+                 adapter: str = "") -> tuple:
+    """(start step, params, opt_state, meta) of the newest checkpoint that restores (straight
+    into the target shardings), else the initial parameters and a fresh optimizer state."""
     import jax
 
     from .run import initial_params
 
-    if ckpts.steps():
-        start, got = ckpts.restore_latest_good(plan.abstract_params, plan.abstract_opt,
-                                               plan.param_sh, plan.opt_sh)
-        if start is not None:
-            params, opt_state, meta = got
-            return {"start": start, "params": params, "opt_state": opt_state, "meta": meta}
+    start, got = ckpts.restore_latest_good(plan.abstract_params, plan.abstract_opt,
+                                           plan.param_sh, plan.opt_sh)
+    if start is not None:
+        return (start, *got)
     params = initial_params(mcfg, seed, source_model, plan.param_sh, adapter)
-    opt_state = jax.jit(plan.tx.init, out_shardings=plan.opt_sh)(params)
-    return {"start": 0, "params": params, "opt_state": opt_state, "meta": {}}
+    return 0, params, jax.jit(plan.tx.init, out_shardings=plan.opt_sh)(params), {}
 
 
 class _Loop:
-    """A run in progress: the step and the periodic actions around it (log, evaluate,
-    sample, checkpoint, preemption check, keep the best for early stopping), each run every
-    N steps; the last step's evaluation and checkpoint are `finish`'s."""
+    """A run in progress: the step and the periodic actions around it, each every N steps;
+    the last step's evaluation and checkpoint are `finish`'s."""
 
     def __init__(self, cfg: Config, plan: StepPlan, mesh, ckpts, prepared, tokenizer,
-                 total: int, state: dict):
+                 total: int, state: tuple):
         import jax
 
         from .tracking import Tracker
 
-        self.cfg, self.t, self.plan, self.mesh, self.ckpts = cfg, cfg.train, plan, mesh, ckpts
+        self.t, self.plan, self.mesh, self.ckpts = cfg.train, plan, mesh, ckpts
         self.prepared, self.tokenizer, self.total = prepared, tokenizer, total
-        self.start = self.step = state["start"]
-        self.params, self.opt_state = state["params"], state["opt_state"]
+        self.start, self.params, self.opt_state, meta = state
+        self.step = self.start
         self.main = jax.process_index() == 0
         self.run_dir = ckpts.dir.parent
         self.classification = cfg.data.task == "classification"
-        self.watch = Watch(self.t, self.classification, state["meta"])
+        self.watch = Watch(self.t, self.classification, meta)
         self.saved_at = self.start  # the step of the newest checkpoint
         self.tracker = Tracker(self.run_dir, self.main, resume_step=self.start)
         self.tracker.log(self.start, prepared.stats, split="data")  # bytes_per_token, ...
@@ -189,32 +182,30 @@ class _Loop:
         self.bad_steps = 0
         self.window = (time.perf_counter(), 0.0, 0)  # start, data wait, steps
         self.stop_signal = None  # SIGTERM or SIGINT once one arrived
+        main_thread = threading.current_thread() is threading.main_thread()
         self.old_handlers = {sig: signal.signal(sig, self._on_signal)
-                             for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+                             for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signum  # checkpointed at the next step's preemption check
         if signum == signal.SIGINT:  # a second Ctrl-C aborts at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def actions(self) -> list[tuple[int, Callable[[int], None]]]:
-        t = self.t
-        return [(t.log_every, self.log), (1, lambda done: _fault("step", done)),
-                (t.eval_every, self.evaluate),
-                (t.sample_every if t.sample_prompts else 0, self.sample),
-                (t.checkpoint_every, self.save), (1, self.check_preempted),
-                (t.eval_every if self.watch.patience else 0, self.keep_best)]
-
     def run(self, batcher) -> None:
         import jax.numpy as jnp
 
         from .sharding import global_batch
 
-        actions, accum = self.actions(), self.t.grad_accum
+        t = self.t
+        actions = [(t.log_every, self.log), (1, lambda done: _fault("step", done)),
+                   (t.eval_every, self.evaluate),
+                   (t.sample_every if t.sample_prompts else 0, self.sample),
+                   (t.checkpoint_every, self.save), (1, self.check_preempted),
+                   (t.eval_every if self.watch.patience else 0, self.keep_best)]
         # a resumed run that had stopped early (with this patience) takes no step
         end = self.start if self.watch.exhausted() else self.total
         for step, local, waited in batcher.iterate(self.start, end):
-            shaped = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in local.items()}
+            shaped = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in local.items()}
             batch = global_batch(self.mesh, shaped, leading=1)  # after the grad-accum axis
             self.params, self.opt_state, metrics = self.plan.train_step(
                 self.params, self.opt_state, batch, jnp.int32(step))
@@ -233,16 +224,16 @@ class _Loop:
     def finish(self) -> None:
         """The last step's log, samples, evaluation and checkpoint (a run stopped early
         ran them at its last step already, and logs why it stopped)."""
+        t = self.t
         last = self.step = self.step if self.watch.exhausted() else self.total
-        if self.t.log_every:
+        if t.log_every:
             self.log(last)
         self._fetch()
         if last == self.total:
-            if self.t.sample_every and self.t.sample_prompts and last % self.t.sample_every == 0:
+            if t.sample_every and t.sample_prompts and last % t.sample_every == 0:
                 self.sample(last)
             self.evaluate(last)
-            if self.start < last:
-                self.save(last)
+            self.save(last)
         if self.start < last < self.total:  # a resumed stopped run adds no second row
             self.tracker.log(last, self.watch.stop_record(True), split="stop")
         self.ckpts.close()
@@ -279,9 +270,9 @@ class _Loop:
         self.watch.update(res, done)
 
     def keep_best(self, done: int) -> None:
-        """With early stopping: checkpoint a new best evaluation, and the step where
-        patience ran out, unless this step's checkpoint exists already."""
-        if self.saved_at != done and (self.watch.best_step() == done or self.watch.exhausted()):
+        """With early stopping: checkpoint a new best evaluation and the step where
+        patience ran out."""
+        if self.watch.best_step() == done or self.watch.exhausted():
             self.save(done)
 
     def sample(self, done: int) -> None:
@@ -289,6 +280,9 @@ class _Loop:
                       self.tracker, self.run_dir, self.main)
 
     def save(self, done: int) -> None:
+        """Checkpoint step `done` unless it is saved already (Orbax refuses a step twice)."""
+        if self.saved_at == done:
+            return
         meta = {"step": done, "data_position": done, "seed": self.t.seed, **self.watch.state(),
                 "rng": f"fold_in(key({self.t.seed}), step)", "metrics": self.last_eval or {}}
         self.ckpts.save(done, self.params, self.opt_state, meta)
@@ -298,8 +292,7 @@ class _Loop:
     def check_preempted(self, done: int) -> None:
         if not _any_process(self.stop_signal is not None, done):
             return
-        if self.saved_at != done:  # Orbax refuses a step twice
-            self.save(done)
+        self.save(done)
         self.ckpts.close()
         raise Preempted(done, self.ckpts.dir / str(done), self.stop_signal or signal.SIGTERM)
 
@@ -319,53 +312,14 @@ def _train_row(m: dict, lr: float, window: tuple, t, classification: bool) -> di
     dt = time.perf_counter() - start
     row = {"loss": float(m["loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
            "steps_per_sec": steps / dt, "data_wait_fraction": wait / dt}
-    if classification:
-        row["examples_per_sec"] = steps * t.batch_size / dt
-    else:
-        row["tokens_per_sec"] = steps * t.batch_size * t.seq_len / dt
+    rate, per = ("examples_per_sec", 1) if classification else ("tokens_per_sec", t.seq_len)
+    row[rate] = steps * t.batch_size * per / dt
     return row
 
 
-def _plots(run_dir: Path, last_eval: dict | None, labels) -> None:
-    """The loss curve and, for a classifier, the last evaluation's confusion matrix."""
-    from .tracking import plot_loss
-
-    plot_loss(run_dir)
-    if last_eval and "confusion_matrix" in last_eval:
-        from .evaluate import plot_confusion_matrix
-
-        plot_confusion_matrix(last_eval["confusion_matrix"], labels,
-                              run_dir / "confusion_matrix.png")
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-PREEMPT_CHECK_EVERY = 10  # multi-process: steps between SIGTERM consensus checks
-
-
-def _any_process(flag: bool, step: int) -> bool:
-    """Whether any process got SIGTERM. Across processes this is an allgather, a sync point
-    that stalls async dispatch, so it runs every PREEMPT_CHECK_EVERY steps (the same steps
-    on every process, so all of them checkpoint at one step)."""
-    import jax
-
-    if jax.process_count() == 1:
-        return flag
-    if step % PREEMPT_CHECK_EVERY:
-        return False
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
 def _account(pending, bad_steps: int, allowed: int) -> tuple[dict, int]:
-    """Fetch a finished step's metrics and check its loss; stop on NaN/Inf beyond the
-    allowed number of skips. Returns (host metrics, bad steps so far)."""
+    """A finished step's (host metrics, bad steps so far); UserError on a non-finite loss
+    beyond the allowed number of skips."""
     import jax
 
     step, metrics = pending
@@ -382,14 +336,38 @@ def _account(pending, bad_steps: int, allowed: int) -> tuple[dict, int]:
     return m, bad_steps
 
 
-class Watch:
-    """The best validation value of train.best_metric so far (the step `--step best`
-    loads) and early stopping on it (train.early_stop).
+def _plots(run_dir: Path, last_eval: dict | None, labels) -> None:
+    """The loss curve and, for a classifier, the last evaluation's confusion matrix."""
+    from .tracking import plot_loss
 
-    Early stopping counts the evaluations since the value last beat a reference by more
-    than min_delta; each such improvement becomes the new reference (smaller gains move
-    the best step, not the reference). The run stops when the count reaches patience.
-    Both live in every checkpoint's meta, so a resumed run continues the count.
+    plot_loss(run_dir)
+    if last_eval and "confusion_matrix" in last_eval:
+        from .evaluate import plot_confusion_matrix
+
+        plot_confusion_matrix(last_eval["confusion_matrix"], labels,
+                              run_dir / "confusion_matrix.png")
+
+
+def _any_process(flag: bool, step: int) -> bool:
+    """Whether any process got a stop signal: an allgather (a sync point that stalls async
+    dispatch), so only every PREEMPT_CHECK_EVERY steps, the same steps on every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    if step % PREEMPT_CHECK_EVERY:
+        return False
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+class Watch:
+    """The best value of train.best_metric so far (the step `--step best` loads) and early
+    stopping: the run stops once `patience` evaluations in a row failed to beat the
+    reference (the last value that beat it by over min_delta; smaller gains move only the
+    best step). Both live in every checkpoint's meta, so a resumed run continues the count.
     """
 
     def __init__(self, t, classification: bool, meta: dict):
@@ -398,8 +376,7 @@ class Watch:
         self.patience, self.min_delta = t.early_stop.patience, t.early_stop.min_delta
         same = (meta.get("best") or {}).get("metric") == self.key  # else best_metric changed
         self.best = meta.get("best") if same else None
-        es = meta.get("early_stop") if same else None
-        es = es or {}
+        es = (meta.get("early_stop") if same else None) or {}
         self.reference, self.waited = es.get("reference"), es.get("waited", 0)
 
     def _beats(self, value: float, other: float | None, margin: float) -> bool:
@@ -441,10 +418,8 @@ class Watch:
 
 @dataclass
 class StepPlan:
-    """Everything a training step needs, built from the config alone (no data, no memory):
-    the abstract parameters and optimizer state with their shardings, the optimizer, and
-    the jitted train and eval steps. `gpt2jax train` runs it; `gpt2jax compile` lowers it
-    for a device topology, so both see exactly the same step."""
+    """Everything a training step needs, built from the config alone (no data, no memory).
+    `gpt2jax train` runs it; `gpt2jax compile` lowers it, so both see the same step."""
 
     graphdef: Any
     abstract_params: Any  # nnx.State of jax.ShapeDtypeStruct
@@ -485,18 +460,17 @@ def build_step(cfg: Config, mcfg: GPT2Config, mesh, total_steps: int, *,
                     train_step, eval_step, mcfg)
 
 
-def _loss_weights(mb: dict, classification: bool, class_weights=None):
+def _loss_weights(batch: dict, classification: bool, class_weights=None):
     """Per-example (classification) or per-target-token (LM) loss weights, and for the
-    auxiliary LM loss the mask of real next-token pairs (None for LM): functions of the
-    batch alone, so a step can count them over all its micro-batches first."""
+    auxiliary LM loss the mask of real next-token pairs (None for LM)."""
     import jax.numpy as jnp
 
     if classification:
-        mask = mb["attention_mask"]
-        w = jnp.ones(mb["labels"].shape, jnp.float32) if class_weights is None else \
-            jnp.asarray(class_weights, jnp.float32)[mb["labels"]]
+        mask = batch["attention_mask"]
+        w = jnp.ones(batch["labels"].shape, jnp.float32) if class_weights is None else \
+            jnp.asarray(class_weights, jnp.float32)[batch["labels"]]
         return w, (mask[..., 1:] * mask[..., :-1]).astype(jnp.float32)
-    return mb["weights"][..., 1:], None
+    return batch["weights"][..., 1:], None
 
 
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
@@ -504,17 +478,11 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                     frozen=None):
     """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
 
-    Batches carry a leading micro-batch axis of size `accum`. Losses are sums divided by
-    the whole step's token (or example) counts, taken from the batch before the
-    micro-batches run, so accumulation equals the big-batch step (auxiliary LM term too).
-    A step whose loss or gradient is not finite leaves params and optimizer state unchanged.
-    Classification: `class_weights` (num_labels,) weight each example's cross-entropy (the
-    loss is the weighted mean); lm_loss_weight > 0 adds lambda * the mean LM loss over the
-    real tokens (GPT-1's auxiliary objective), sharing one backbone pass. LM losses go
-    through `GPT2.lm_loss_sum` (model.loss_chunk > 0: the fused chunked loss). With a
-    `mesh`, the step traces under it, so the model's activation sharding constraints apply.
-    `frozen` (parameter names; optim.freeze, model.lora) get no gradient (so no
-    weight-gradient products are computed for them) and keep their exact values.
+    Batches carry a leading micro-batch axis of size `accum`; losses are sums over the
+    whole step's counts, so accumulation equals the big-batch step. A non-finite step
+    changes nothing. Classification: `class_weights` weight each example's cross-entropy;
+    lm_loss_weight > 0 adds that times the mean LM loss (GPT-1's auxiliary objective).
+    `frozen` parameter names get no gradient and keep their exact values.
     """
     import jax
     import jax.numpy as jnp
@@ -523,14 +491,9 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
 
     from .sharding import under_mesh
 
-    def weights(mb):
-        return _loss_weights(mb, classification, class_weights)
-
-    def loss_part(params, mb, key, denom):
-        """This micro-batch's share of the step's loss: sums divided by the whole step's
-        counts `denom`, so the shares of the micro-batches add up to the big-batch loss."""
+    def loss_part(params, mb, w, real, key, denom):
+        """This micro-batch's share of the step's loss: its sums over the step's counts."""
         model = nnx.merge(graphdef, _fix_frozen(params, frozen))
-        w, real = weights(mb)
         if classification:
             ids, mask = mb["input_ids"], mb["attention_mask"]
             h, _ = model.hidden_states(ids, mask, dropout_key=key)
@@ -549,21 +512,21 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
 
     def step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
-        w, real = weights(batch)  # over all micro-batches: the big batch's counts
+        w, real = _loss_weights(batch, classification, class_weights)  # all micro-batches
         count = jnp.maximum(w.sum(), 1.0)
         denom = (count, jnp.maximum(real.sum(), 1.0) if real is not None else None)
         if accum == 1:
-            loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), key, denom)
+            loss, grads = grad_fn(params, *jax.tree.map(lambda x: x[0], (batch, w, real)),
+                                  key, denom)
         else:
             def micro(carry, xs):
-                g_acc, l_acc = carry
-                mb, i = xs
-                loss_i, g = grad_fn(params, mb, jax.random.fold_in(key, i), denom)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_i), None
+                *mb, i = xs
+                loss_i, g = grad_fn(params, *mb, jax.random.fold_in(key, i), denom)
+                return jax.tree.map(jnp.add, carry, (g, loss_i)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, loss), _ = jax.lax.scan(
-                micro, (zeros, jnp.float32(0)), (batch, jnp.arange(accum)))
+                micro, (zeros, jnp.float32(0)), (batch, w, real, jnp.arange(accum)))
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = _fix_frozen(optax.apply_updates(params, updates), frozen, params)
@@ -576,8 +539,8 @@ def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
 
 
 def _fix_frozen(new, frozen, old=None):
-    """`new` with its `frozen` parameters (names) stopped (old None: no gradient flows into
-    them) or taken from `old` (their exact bits, whatever an update held)."""
+    """`new` with its `frozen` parameters stopped (old None: no gradient flows into them)
+    or taken from `old` (their exact bits, whatever an update held)."""
     if not frozen:
         return new
     import jax
@@ -613,17 +576,15 @@ def make_eval_step(graphdef, classification: bool, mesh=None):
 
 
 def _segments(batch: dict):
-    """The inputs' segment ids of an LM batch packed by document (data.packing=documents),
-    else None. The target of a document's last input is the next document's leading EOS:
-    it stays a target, so the model learns where a document ends from that document alone."""
+    """The inputs' segment ids of an LM batch packed by document, else None (the next
+    document's leading EOS stays the target of a document's last input: where it ends)."""
     seg = batch.get("segments")
     return None if seg is None else seg[:, :-1]
 
 
 def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
-    """batches.prepare, tokenizing once per run: in a multi-process run process 0 fills
-    the tokenized-data cache first and the others then memory-map it (on a filesystem
-    they do not share, each tokenizes for itself; the result is the same)."""
+    """batches.prepare, tokenizing once per run: process 0 fills the data cache first, and
+    the other processes then read it (or, without a shared filesystem, tokenize too)."""
     import jax
 
     from .batches import prepare
@@ -656,53 +617,38 @@ def run_eval(eval_fn, params, source, t, mesh, classification: bool, labels, pad
     """Validation metrics over (up to t.eval_batches) batches of the validation source."""
     import jax
     import numpy as np
+    from jax.experimental import multihost_utils
 
     from .batches import Batcher
     from .sharding import global_batch
 
-    n = len(source)
     # Micro-batch size: what the train step holds in memory at once. A split smaller than
     # one batch wraps around (a few examples counted twice) rather than another shape.
     bs = t.batch_size // t.grad_accum
     b = Batcher(source, bs, seed=t.seed + 1, process_index=jax.process_index(),
                 process_count=jax.process_count(), pad_id=pad_id, max_len=max_len)
-    steps = max(1, n // bs)
+    steps = max(1, len(source) // bs)
     if t.eval_batches:
         steps = min(steps, t.eval_batches)
+    gather = (lambda x: x) if jax.process_count() == 1 else \
+        functools.partial(multihost_utils.process_allgather, tiled=True)
+    outs = [np.asarray(gather(eval_fn(params, global_batch(mesh, b.batch(s)))))
+            for s in range(steps)]
     if classification:
-        ys, preds = [], []
-        for s in range(steps):
-            local = b.batch(s)
-            logits = eval_fn(params, global_batch(mesh, local))
-            preds.append(np.asarray(_gather(logits)).argmax(-1))
-            ys.append(b.global_indices(s))
-        y_true = source.labels[np.concatenate(ys)]
-        y_pred = np.concatenate(preds)
         from .evaluate import classification_metrics
 
-        m = classification_metrics(y_true, y_pred, labels)
+        y_true = source.labels[np.concatenate([b.global_indices(s) for s in range(steps)])]
+        m = classification_metrics(y_true, np.concatenate([o.argmax(-1) for o in outs]), labels)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                 "examples": int(len(y_true)), "confusion_matrix": m["confusion_matrix"]}
-    total = np.zeros(2)
-    for s in range(steps):
-        total += np.asarray(_gather(eval_fn(params, global_batch(mesh, b.batch(s)))))
+    total = sum((o.astype(np.float64) for o in outs), np.zeros(2))
     loss = total[0] / max(total[1], 1)
     return {"loss": float(loss), "perplexity": float(math.exp(min(loss, 50))),
             "tokens": int(total[1])}
 
 
-def _gather(x):
-    import jax
-
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(x, tiled=True)
-
-
 def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_process) -> None:
-    """Greedy samples from the configured prompts to tensorboard and samples.jsonl."""
+    """Greedy samples from the configured prompts to TensorBoard and samples.jsonl."""
     from flax import nnx
 
     from .generate import generate
@@ -720,17 +666,17 @@ def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_proce
 
 
 class _Progress:
+    """Progress on stderr from process 0: a tqdm bar, a line per log step, or nothing."""
+
     def __init__(self, mode: str, total: int, start: int, enabled: bool):
-        self.mode = "none" if not enabled else mode
-        if self.mode == "auto":
-            self.mode = "bar" if sys.stderr.isatty() else "lines"
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.total, self.last = mode if enabled else "none", total, start
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr)
-        self.total = total
-        self.last = start
 
     def update(self, step: int, row: dict) -> None:
         if self.mode == "bar":
