@@ -14,6 +14,21 @@ from pathlib import Path
 from typing import TextIO
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: where torch is installed,
+    tensorboardX imports it (about a second of every run's start-up) only to accept torch
+    tensors, and gpt2jax logs plain floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Tracker:
     """A run's metrics.jsonl and TensorBoard events (written only when `enabled`)."""
 
@@ -26,8 +41,7 @@ class Tracker:
     @property
     def tb(self):
         if self._tb is None and self.enabled:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             # purge_step hides events a resumed run repeats (as truncate_metrics does for
             # the jsonl); the pid keeps two writers in one second from sharing a file name.
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),

@@ -209,3 +209,19 @@ def test_plot_loss_validation_only_and_no_rows(tmp_path):
     assert not (tmp_path / "loss.png").exists()
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "split": "validation", "loss": 2.0}\n')
     assert plot_loss(str(tmp_path)).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_logging_does_not_import_torch(tmp_path):
+    # tensorboardX imports torch whenever it is installed (it is here: the test extra),
+    # about a second of every training run's start-up; the tracker keeps it out and
+    # torch still imports normally afterwards
+    import subprocess
+    import sys
+
+    code = ("import sys; from gpt2jax.tracking import Tracker; t = Tracker(sys.argv[1]); "
+            "t.log(1, {'loss': 2.5}); t.close(); print('torch' in sys.modules); "
+            "import torch; print(torch.tensor([1.0]).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["False", "1.0"]
+    assert tb_scalars(tmp_path)["train/loss"] == [(1, 2.5)]
