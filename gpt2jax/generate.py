@@ -1,16 +1,10 @@
 """Text generation with a KV cache: sampling filters, batched decoding, streaming.
 
-Design, for batch-1 speed on CPU (decoding reads every weight once per token):
-- the layers run unrolled inside jit (a scan over stacked layers would copy every weight
-  matrix per token), so a scan-layers model is unstacked once, outside jit;
-- prompts are left padded to a shape bucket and the cache length is bucketed too, so many
-  prompts reuse one compilation; positions come from the padding mask;
-- the prompt is prefilled in one call, then jitted chunks of `chunk` decode steps run a
-  `fori_loop`; the cache is donated so it is updated in place, and Python sees the tokens
-  after each chunk (to stream text, check stop strings and stop early).
-
-The sampling filters (repetition penalty, no-repeat n-grams, temperature, top-k, top-p)
-are pure functions on logits with the Hugging Face definitions.
+Left-padded prompts are prefilled in one call, then jitted chunks of decode steps run a
+`fori_loop` over the donated cache, with the layers unrolled (a scan would copy every
+weight per token); shapes are bucketed so many prompts share one compilation. The sampling
+filters are pure functions on logits with the Hugging Face definitions. docs/generation.md
+says more.
 """
 
 from __future__ import annotations
@@ -133,16 +127,15 @@ class Sampling:
         if not self.greedy and not self.temperature > 0:
             raise UserError(f"temperature must be > 0 when sampling, got {self.temperature}; "
                             "use --greedy for deterministic decoding")
-        if self.top_k < 0:
-            raise UserError(f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise UserError(
-                f"repetition penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
-        if self.no_repeat_ngram < 0:
-            raise UserError(f"no-repeat-ngram must be >= 0 (0 turns it off), got "
-                            f"{self.no_repeat_ngram}")
+        # (name, value, allowed, the range in words, the value that turns it off)
+        for name, value, ok, allowed, off in (
+            ("top-k", self.top_k, self.top_k >= 0, ">= 0", 0),
+            ("top-p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]", 1),
+            ("repetition penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0", 1),
+            ("no-repeat-ngram", self.no_repeat_ngram, self.no_repeat_ngram >= 0, ">= 0", 0),
+        ):
+            if not ok:
+                raise UserError(f"{name} must be {allowed} ({off} turns it off), got {value}")
         return self
 
 
@@ -361,18 +354,6 @@ class Generator:
         self.eos_id = eos_id(tokenizer, cfg.eos_token_id)
         self.timing = Timing()
 
-    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids per prompt; empty prompts are refused."""
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p:
-                raise UserError(f"prompt {i} is empty; give every prompt some text")
-        # The same encoding as training and eval: no special tokens, ids checked vs vocab.
-        out = encode(self.tokenizer, list(prompts), self.cfg.vocab_size)
-        for i, ids in enumerate(out):
-            if not ids:
-                raise UserError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
-        return out
-
     def generate(
         self,
         prompts: Sequence[str],
@@ -400,7 +381,14 @@ class Generator:
             raise UserError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
         if num_samples < 1 or batch_size < 1 or chunk < 1:
             raise UserError("num-samples, batch size and chunk must be >= 1")
-        encoded = self.encode(prompts)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p:
+                raise UserError(f"prompt {i} is empty; give every prompt some text")
+        # The same encoding as training and eval: no special tokens, ids checked vs vocab.
+        encoded = encode(self.tokenizer, list(prompts), self.cfg.vocab_size)
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise UserError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
         ctx = self.cfg.n_positions
         longest = max(len(ids) for ids in encoded)
         if longest + max_new_tokens > ctx:
