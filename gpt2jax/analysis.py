@@ -22,7 +22,8 @@ from .batches import pad_rows
 from .errors import UserError
 from .tokenizer import encode
 
-STATS = ("mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2")
+STATS = ("mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2",
+         "relative_l2")
 DICT_TEMPLATE = "{word}: {definition}"
 
 
@@ -153,16 +154,13 @@ def _group_order(item) -> tuple:
 
 def format_diff(diff: dict, top: int = 10) -> str:
     """A terminal table: every layer, then the `top` tensors that moved most (relative)."""
-    cols = (*STATS, "relative_l2")
-    head = f"{'layer':<14}" + "".join(f"{c:>16}" for c in cols)
 
     def line(label: str, st: dict) -> str:
-        cells = "".join(
-            f"{'-' if st[c] is None else format(st[c], '.4g'):>16}" for c in cols
-        )
-        return f"{label:<14}{cells}"
+        return f"{label:<14}" + "".join(
+            f"{'-' if st[c] is None else format(st[c], '.4g'):>16}" for c in STATS)
 
-    out = [head] + [line(g, st) for g, st in diff["layers"].items()]
+    out = [f"{'layer':<14}" + "".join(f"{c:>16}" for c in STATS)]
+    out += [line(g, st) for g, st in diff["layers"].items()]
     ranked = sorted(diff["tensors"].items(), key=lambda kv: -(kv[1]["relative_l2"] or 0.0))
     if ranked:
         out += ["", f"top {min(top, len(ranked))} tensors by relative_l2:"]
@@ -179,8 +177,8 @@ def format_diff(diff: dict, top: int = 10) -> str:
 
 def plot_diff(diff: dict, path: str | Path, metric: str = "relative_l2") -> Path:
     """A heatmap png: layers (rows) x tensor kinds (columns), colour = metric."""
-    if metric not in (*STATS, "relative_l2"):
-        raise UserError(f"plot metric {metric!r}: choose one of {', '.join(STATS)}, relative_l2")
+    if metric not in STATS:
+        raise UserError(f"plot metric {metric!r}: choose one of {', '.join(STATS)}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -341,15 +339,12 @@ def similarity(
     sampling=None,
     seed: int = 0,
 ) -> dict:
-    """Generate a definition per held-out word (greedy unless `sampling`, a
-    generate.Sampling, says otherwise) and compare it with the reference.
+    """Generate a definition per held-out word (greedy unless `sampling` says otherwise)
+    from `prompt_template` up to `{definition}`, and compare it with the reference by the
+    cosine similarity of their embeddings (see make_embedder).
 
-    The prompt is `prompt_template` up to `{definition}` ("{word}: {definition}" gives
-    "{word}:", the format the trainer uses, EOS after each record). Both texts are embedded
-    with `embed_model` (see make_embedder; default: mean-pooled hidden states of `model`).
-    Returns mean cosine similarity, mean cosine distance (1 - similarity), how many
-    generations are degenerate (a repeated word n-gram: a loop scores as if it meant
-    something), and per-example rows {word, reference, generated, cosine, degenerate}.
+    Returns the mean cosine similarity and distance, how many generations are degenerate
+    (a loop scores as if it meant something) and one row per example.
     """
     from .generate import Generator, Sampling
 

@@ -322,10 +322,10 @@ def evaluate_reverse_dictionary(
 def run_templates(run_dir: str | Path, task: str):
     """The templates a gpt2jax run trained `task` with (its config.yaml), or None when the
     run trained another task, so evaluation prompts the way training rendered."""
-    from .config import load_config
+    from .config import read_run_config
     from .tasks import Templates
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg = read_run_config(run_dir)
     return Templates.from_data(cfg.data) if cfg.data.task == task else None
 
 
