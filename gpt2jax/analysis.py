@@ -323,22 +323,11 @@ def make_embedder(embed_model, default_model=None, default_tokenizer=None):
 # ---------------------------------------------------------------- similarity
 
 
-def similarity(
-    model,
-    tokenizer,
-    records: Iterable[Mapping],
-    *,
-    embed_model=None,
-    word_column: str = "word",
-    definition_column: str = "definition",
-    prompt_template: str = DICT_TEMPLATE,
-    limit: int | None = None,
-    max_new_tokens: int = 48,
-    stop: Sequence[str] = ("\n",),
-    batch_size: int = 16,
-    sampling=None,
-    seed: int = 0,
-) -> dict:
+def similarity(model, tokenizer, records: Iterable[Mapping], *, embed_model=None,
+               word_column: str = "word", definition_column: str = "definition",
+               prompt_template: str = DICT_TEMPLATE, limit: int | None = None,
+               max_new_tokens: int = 48, stop: Sequence[str] = ("\n",), batch_size: int = 16,
+               sampling=None, seed: int = 0) -> dict:
     """Generate a definition per held-out word (greedy unless `sampling` says otherwise)
     from `prompt_template` up to `{definition}`, and compare it with the reference by the
     cosine similarity of their embeddings (see make_embedder).

@@ -395,23 +395,12 @@ def evaluate_classification(model: GPT2, tokenizer, texts: Sequence[str], labels
 # ---------------------------------------------------------------- records -> metrics
 
 
-def evaluate_data(
-    model: GPT2,
-    tokenizer,
-    data: str,
-    *,
-    task: str | None = None,
-    text_column: str = "text",
-    label_column: str = "label",
-    split: str | None = None,
-    text_unit: str = "document",
-    batch_size: int = 8,
-    seq_len: int | None = None,
-    stride: int | None = None,
-    predictions: str | Path | None = None,
-    templates=None,
-    limit: int = 0,
-) -> dict:
+def evaluate_data(model: GPT2, tokenizer, data: str, *, task: str | None = None,
+                  text_column: str = "text", label_column: str = "label",
+                  split: str | None = None, text_unit: str = "document", batch_size: int = 8,
+                  seq_len: int | None = None, stride: int | None = None,
+                  predictions: str | Path | None = None, templates=None,
+                  limit: int = 0) -> dict:
     """Evaluate on a data spec (see data.load_task_dataset); what `gpt2jax eval` runs.
 
     task defaults to "classification" for a model with a classification head, else "lm".
