@@ -16,8 +16,10 @@ from pathlib import Path
 
 ENV = "GPT2JAX_COMPILE_CACHE"
 # A compile shorter than this is not written: it costs about what reading the entry back
-# costs, and tiny programs (a PRNG split, a reshape) would fill the directory.
+# costs, and tiny programs (a PRNG split, a reshape) would fill the directory. JAX's own
+# variable, when set, wins (tests set 0, so what is written never depends on the load).
 MIN_COMPILE_SECONDS = 0.2
+MIN_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 MAX_BYTES = 4 << 30
 
 _counts = {"hits": 0, "misses": 0, "listening": False}
@@ -47,7 +49,8 @@ def enable(environ: Mapping[str, str] = os.environ) -> Path | None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(environ.get(MIN_ENV, MIN_COMPILE_SECONDS)))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     if not _counts["listening"]:

@@ -343,7 +343,8 @@ def test_second_generate_command_loads_its_programs_from_the_compile_cache(hf_lm
     from gpt2jax import compile_cache
 
     cache = tmp_path / "xla"
-    env = {**os.environ, compile_cache.ENV: str(cache)}
+    # every program is written (a loaded machine must not push one under the threshold)
+    env = {**os.environ, compile_cache.ENV: str(cache), compile_cache.MIN_ENV: "0"}
     cmd = [sys.executable, "-m", "gpt2jax", "generate", "--model", str(hf_lm_dir[0]),
            "--prompt", "Hello there", "--max-new-tokens", "12", "--greedy"]
     runs = []
