@@ -19,6 +19,9 @@ from . import malloc
 from .config import ATTENTION, KERNELS, LORA_TARGETS
 from .errors import Preempted, UserError
 
+Arg = Callable[[argparse.ArgumentParser], object]  # adds one argument (or a group) to a parser
+COMMANDS: list[Callable] = []  # each adds one subcommand; filled by @_command, in file order
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors follow our one-line format
@@ -44,27 +47,38 @@ def _step(value: str) -> int | str | None:
         raise UserError(f"--step must be a number, 'best' or 'latest', got {value!r}") from None
 
 
-def _command(sub, name: str, func: Callable, text: Callable[[dict], str] | None = None, *,
-             model: bool = False, config: bool = False,
-             json_help: str = "print the result as one JSON line",
-             **kw) -> argparse.ArgumentParser:
-    """A subcommand's parser with --json and the function that runs it; `model` adds
-    --model/--step, `config` the YAML config argument.
+def _arg(*flags: str, **kw) -> Arg:
+    """One `add_argument` call, as an entry of a command's `args`."""
+    return lambda p: p.add_argument(*flags, **kw)
 
-    `func(args)` returns a result dict, printed by `text` (or as JSON with --json), or the
-    exit status of a command that printed its own output.
+
+CONFIG = [_arg("config", help="YAML config (see configs/)")]
+MODEL = [_arg("--model", required=True, metavar="SRC", help="HF directory, hub name, gpt2jax "
+              "run or checkpoint (hf:/run: to force)"),
+         _arg("--step", type=_step, default=None,
+              help="for a run: a checkpoint step, 'best' or 'latest' (default)")]
+
+
+def _command(name: str, *, args: Sequence[Arg] = (), text: Callable[[dict], str] | None = None,
+             json_help: str = "print the result as one JSON line", **kw) -> Callable:
+    """Register the decorated `func(args)` as subcommand `name` with the arguments `args`
+    and --json; `kw` goes to `add_parser`.
+
+    `func` returns a result dict, printed by `text` (or as JSON with --json), or the exit
+    status of a command that printed its own output.
     """
-    p = sub.add_parser(name, **kw)
-    p.set_defaults(func=func, text=text)
-    if config:
-        p.add_argument("config", help="YAML config (see configs/)")
-    if model:
-        p.add_argument("--model", required=True, metavar="SRC", help="HF directory, hub name, "
-                       "gpt2jax run or checkpoint (hf:/run: to force)")
-        p.add_argument("--step", type=_step, default=None,
-                       help="for a run: a checkpoint step, 'best' or 'latest' (default)")
-    p.add_argument("--json", action="store_true", help=json_help)
-    return p
+    def register(func: Callable) -> Callable:
+        def add(sub) -> None:
+            p = sub.add_parser(name, **kw)
+            p.set_defaults(func=func, text=text)
+            for add_arg in args:
+                add_arg(p)
+            p.add_argument("--json", action="store_true", help=json_help)
+
+        COMMANDS.append(add)
+        return func
+
+    return register
 
 
 def _load(src: str, step):
@@ -81,143 +95,6 @@ def _pick(args, *names: str) -> dict:
 
 def _log(message: str) -> None:
     print(f"gpt2jax: {message}", file=sys.stderr, flush=True)
-
-
-def _add_export(sub) -> None:
-    p = _command(sub, "export", _cmd_export, lambda r: f"exported {r['source']} to {r['out']}",
-                 model=True, help="write a transformers directory (config, safetensors, tokenizer)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--backbone-only", action="store_true",
-                   help="attention_pool head: export the backbone as GPT2LMHeadModel")
-    p.add_argument("--adapter", action="store_true",
-                   help="a LoRA run: write a PEFT adapter directory instead of merging the "
-                        "adapters into the weights")
-
-
-def _cmd_export(args) -> dict:
-    from .hf import export_adapter, export_hf
-
-    model, tok, source = _load(args.model, args.step)
-    if args.adapter:
-        groups, base = _lora_origin(source)
-        out = export_adapter(model, args.out, groups, base, tok, overwrite=args.overwrite)
-    else:
-        out = export_hf(model, args.out, tok, overwrite=args.overwrite,
-                        backbone_only=args.backbone_only)
-    return {"out": str(out), "source": source.describe(), "head": model.cfg.head}
-
-
-def _lora_origin(source) -> tuple[list[str], str]:
-    """(model.lora.train groups, base model) of the run a LoRA model came from."""
-    from .config import read_run_config
-
-    if source.kind not in ("run", "checkpoint"):
-        raise UserError(f"--adapter exports a gpt2jax LoRA run; {source.describe()} is not one")
-    m = read_run_config(source.path).model
-    base = m.init.removeprefix("hf:") if m.init != "scratch" else ""
-    return (list(m.lora.train) if m.lora else []), base
-
-
-def _add_eval(sub) -> None:
-    p = _command(sub, "eval", _cmd_eval, _eval_text, model=True,
-                 help="perplexity (lm) or classification metrics on a dataset")
-    p.add_argument("--data", required=True,
-                   help="a .txt/.jsonl/.json/.csv/.tsv/.parquet file, a folder of them, "
-                        "or hub:ORG/NAME[:CONFIG][@SPLIT]")
-    p.add_argument("--task", choices=("lm", "classification", "dictionary_reverse"),
-                   default=None,
-                   help="default: classification for a classification head, else lm; "
-                        "dictionary_reverse: exact match of the greedily generated word "
-                        "(records with word, definition; gcide for the GCIDE dictionary)")
-    p.add_argument("--split", default=None, help="split of a hub dataset or a folder")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--text-unit", choices=("document", "line", "paragraph"), default="document",
-                   help=".txt files: a whole file, each line, or each paragraph is a record")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=0, metavar="N",
-                   help="evaluate the first N records only (default 0: all)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="window / truncation length (default: the model's n_positions)")
-    p.add_argument("--stride", type=int, default=None,
-                   help="lm: how far windows advance over long documents (default seq-len/2)")
-    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
-                   help="classification: write one JSON line per example")
-    p.add_argument("--prompt-template", default="",
-                   help="dictionary_reverse: the prompt, e.g. '{definition} =>' (default: "
-                        "the run's own data.prompt_template, else the task's)")
-    p.add_argument("--target-template", default="",
-                   help="dictionary_reverse: the target, e.g. ' {word}' (same defaults)")
-
-
-def _cmd_eval(args) -> dict:
-    from .evaluate import evaluate_data
-
-    model, tok, source = _load(args.model, args.step)
-    templates = None
-    if args.task == "dictionary_reverse":
-        from .evaluate import run_templates
-        from .tasks import Templates
-
-        # the run's own templates when it trained this task; the flags override them
-        own = source.kind in ("run", "checkpoint") and run_templates(source.path, args.task)
-        base = own or Templates()
-        templates = Templates(args.prompt_template or base.prompt,
-                              args.target_template or base.target, base.example)
-    result = evaluate_data(model, tok, args.data, templates=templates, **_pick(
-        args, "task", "text_column", "label_column", "split", "text_unit", "batch_size",
-        "seq_len", "stride", "predictions", "limit"))
-    return {"model": source.describe(), **result}
-
-
-def _eval_text(r: dict) -> str:
-    if r["task"] == "dictionary_reverse":
-        skipped = f"; {r['skipped']} skipped, prompt too long" if r["skipped"] else ""
-        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']}"
-                f"{skipped})\n"
-                + "\n".join(f"  {s['word']!r} -> {s['generated']!r}" for s in r["samples"]))
-    if r["task"] == "lm":
-        return (f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
-                f"tokens {r['tokens']}  bytes/token {r['bytes_per_token']:.3f}")
-    lines = [f"accuracy {r['accuracy']:.4f}  macro_f1 {r['macro_f1']:.4f}  "
-             f"examples {r['examples']}", "label  precision  recall  f1  support"]
-    for name, m in r["per_class"].items():
-        lines.append(f"{name}  {m['precision']:.4f}  {m['recall']:.4f}  {m['f1']:.4f}  "
-                     f"{m['support']}")
-    lines.append(f"confusion matrix (rows true, columns predicted): {r['confusion_matrix']}")
-    return "\n".join(lines)
-
-
-def _add_score(sub) -> None:
-    p = _command(sub, "score", _cmd_score, model=True,
-                 text=lambda r: (f"logprob {r['logprob']:.6f}  probability "
-                                 f"{r['probability']:.6g}  answer_tokens {r['answer_tokens']}"),
-                 help="log-probability of an answer given a prompt")
-    p.add_argument("--prompt", required=True,
-                   help="context, tokenized as is; empty: the answer follows one <|endoftext|>")
-    p.add_argument("--answer", required=True, help="the text whose probability is scored")
-
-
-def _cmd_score(args) -> dict:
-    from .evaluate import score
-
-    model, tok, source = _load(args.model, args.step)
-    return {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
-
-
-def _add_train(sub) -> None:
-    _command(sub, "train", _cmd_train, _train_text, config=True,
-             json_help="print a JSON summary at the end",
-             help="train or fine-tune (resumes the run in train.run_dir)",
-             description="gpt2jax train CONFIG [--section.key=value ...]")
-
-
-def _cmd_train(args) -> dict:
-    from .config import load_config
-    from .train import train
-
-    return train(load_config(args.config, args.overrides))
 
 
 def _train_text(s: dict) -> str:
@@ -243,15 +120,37 @@ def _train_text(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _add_prepare(sub) -> None:
-    _command(sub, "prepare", _cmd_prepare, _prepare_text, config=True,
-             help="tokenize a config's data into the cache (no training)",
-             description="gpt2jax prepare CONFIG [--section.key=value ...]: load, tokenize and "
-                         "cache data.train / data.validation exactly as `gpt2jax train` "
-                         "would, e.g. once before a multi-host job, and report what the run "
-                         "will see")
+@_command("train", args=CONFIG, text=_train_text, json_help="print a JSON summary at the end",
+          help="train or fine-tune (resumes the run in train.run_dir)",
+          description="gpt2jax train CONFIG [--section.key=value ...]")
+def _cmd_train(args) -> dict:
+    from .config import load_config
+    from .train import train
+
+    return train(load_config(args.config, args.overrides))
 
 
+def _prepare_text(r: dict) -> str:
+    unit = "examples" if "train_examples" in r else "blocks"
+    lines = [f"data: {r['train']}  ({r['documents']} training records, "
+             f"{r['bytes_per_token']:.3f} bytes/token, "
+             + ("from the cache" if r["cached"] else f"tokenized in {r['seconds']} s") + ")",
+             f"train {unit}: {r[f'train_{unit}']}  validation {unit}: "
+             f"{r[f'validation_{unit}']}"]
+    if "train_tokens" in r:
+        lines.append(f"train tokens: {r['train_tokens']}  validation split: "
+                     f"{r['validation_split']}")
+    if r["labels"]:
+        lines.append(f"labels: {', '.join(r['labels'])}")
+    lines.append(f"cache: {r['cache_dir']}")
+    return "\n".join(lines)
+
+
+@_command("prepare", args=CONFIG, text=_prepare_text,
+          help="tokenize a config's data into the cache (no training)",
+          description="gpt2jax prepare CONFIG [--section.key=value ...]: load, tokenize and "
+                      "cache data.train / data.validation exactly as `gpt2jax train` would, "
+                      "e.g. once before a multi-host job, and report what the run will see")
 def _cmd_prepare(args) -> dict:
     import time
 
@@ -272,58 +171,174 @@ def _cmd_prepare(args) -> dict:
             "cache_dir": "off" if cfg.data.cache_dir == "off" else str(cache_dir(cfg.data))}
 
 
-def _prepare_text(r: dict) -> str:
-    unit = "examples" if "train_examples" in r else "blocks"
-    lines = [f"data: {r['train']}  ({r['documents']} training records, "
-             f"{r['bytes_per_token']:.3f} bytes/token, "
-             + ("from the cache" if r["cached"] else f"tokenized in {r['seconds']} s") + ")",
-             f"train {unit}: {r[f'train_{unit}']}  validation {unit}: "
-             f"{r[f'validation_{unit}']}"]
-    if "train_tokens" in r:
-        lines.append(f"train tokens: {r['train_tokens']}  validation split: "
-                     f"{r['validation_split']}")
-    if r["labels"]:
-        lines.append(f"labels: {', '.join(r['labels'])}")
-    lines.append(f"cache: {r['cache_dir']}")
+@_command("demo", args=[_arg("--config", default=None, help="default: configs/demo.yaml")],
+          help="train the embedded GCIDE dictionary demo, offline",
+          description="Train a small GPT-2 from scratch on the GCIDE dictionary (word -> "
+                      "definition), print definitions of held-out words and export the model. "
+                      "Any --section.key=value overrides the config, e.g. --train.steps=50.")
+def _cmd_demo(args) -> dict:
+    from .demo import DEMO_CONFIG, run_demo
+
+    return run_demo(args.config or DEMO_CONFIG, args.overrides)  # the demo prints its own text
+
+
+@_command("compile", args=[
+    *CONFIG,
+    _arg("--topology", required=True,
+         help="Cloud TPU accelerator type (v5litepod-16, v5e-8, v4-32, v5p-8, v6e-256) or "
+              "libtpu's form (v5e:4x4, v4:2x2x2)"),
+    _arg("--slices", type=int, default=1, help="multi-slice: number of slices"),
+    _arg("--save", metavar="FILE", default=None,
+         help="serialize the compiled train step (with the versions it needs)"),
+    _arg("--no-eval", action="store_true",
+         help="compile the train step only (the eval step takes a quarter more time)"),
+], help="compile the train step for a TPU topology, on any machine: memory per chip, FLOPs, "
+        "collectives",
+   description="gpt2jax compile CONFIG --topology NAME [--section.key=value ...]")
+def _cmd_compile(args) -> int:
+    from .compile import compile_config, format_report
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = compile_config(cfg, args.topology, args.slices, args.save,
+                            evaluate=not args.no_eval)
+    _emit(result, args.json, format_report)
+    return 0 if result["fits"] else 1  # "does not fit" is a result, not an error
+
+
+@_command("export", args=[
+    *MODEL,
+    _arg("--out", required=True, help="output directory"),
+    _arg("--overwrite", action="store_true", help="replace a non-empty --out"),
+    _arg("--backbone-only", action="store_true",
+         help="attention_pool head: export the backbone as GPT2LMHeadModel"),
+    _arg("--adapter", action="store_true",
+         help="a LoRA run: write a PEFT adapter directory instead of merging the adapters "
+              "into the weights"),
+], text=lambda r: f"exported {r['source']} to {r['out']}",
+   help="write a transformers directory (config, safetensors, tokenizer)")
+def _cmd_export(args) -> dict:
+    from .hf import export_adapter, export_hf
+
+    model, tok, source = _load(args.model, args.step)
+    if args.adapter:
+        groups, base = _lora_origin(source)
+        out = export_adapter(model, args.out, groups, base, tok, overwrite=args.overwrite)
+    else:
+        out = export_hf(model, args.out, tok, overwrite=args.overwrite,
+                        backbone_only=args.backbone_only)
+    return {"out": str(out), "source": source.describe(), "head": model.cfg.head}
+
+
+def _lora_origin(source) -> tuple[list[str], str]:
+    """(model.lora.train groups, base model) of the run a LoRA model came from."""
+    from .config import read_run_config
+
+    if source.kind not in ("run", "checkpoint"):
+        raise UserError(f"--adapter exports a gpt2jax LoRA run; {source.describe()} is not one")
+    m = read_run_config(source.path).model
+    base = m.init.removeprefix("hf:") if m.init != "scratch" else ""
+    return (list(m.lora.train) if m.lora else []), base
+
+
+def _eval_text(r: dict) -> str:
+    if r["task"] == "dictionary_reverse":
+        skipped = f"; {r['skipped']} skipped, prompt too long" if r["skipped"] else ""
+        return (f"exact match {r['exact_match']:.4f}  ({r['correct']} of {r['examples']}"
+                f"{skipped})\n"
+                + "\n".join(f"  {s['word']!r} -> {s['generated']!r}" for s in r["samples"]))
+    if r["task"] == "lm":
+        return (f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
+                f"tokens {r['tokens']}  bytes/token {r['bytes_per_token']:.3f}")
+    lines = [f"accuracy {r['accuracy']:.4f}  macro_f1 {r['macro_f1']:.4f}  "
+             f"examples {r['examples']}", "label  precision  recall  f1  support"]
+    for name, m in r["per_class"].items():
+        lines.append(f"{name}  {m['precision']:.4f}  {m['recall']:.4f}  {m['f1']:.4f}  "
+                     f"{m['support']}")
+    lines.append(f"confusion matrix (rows true, columns predicted): {r['confusion_matrix']}")
     return "\n".join(lines)
 
 
-def _add_generate(sub) -> None:
-    p = _command(sub, "generate", _cmd_generate, model=True,
-                 help="continue prompts (KV-cache decoding, streamed)",
-                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="the text to continue")
-    src.add_argument("--prompts-file", metavar="F",
-                     help="one prompt per line (blank lines skipped)")
-    _sampling_args(p, greedy=False)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop at these strings")
-    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
-    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (--json)")
-    p.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="cast the weights for decoding (default: as stored)")
+@_command("eval", args=[
+    *MODEL,
+    _arg("--data", required=True, help="a .txt/.jsonl/.json/.csv/.tsv/.parquet file, a folder "
+         "of them, or hub:ORG/NAME[:CONFIG][@SPLIT]"),
+    _arg("--task", choices=("lm", "classification", "dictionary_reverse"), default=None,
+         help="default: classification for a classification head, else lm; "
+              "dictionary_reverse: exact match of the greedily generated word (records with "
+              "word, definition; gcide for the GCIDE dictionary)"),
+    _arg("--split", default=None, help="split of a hub dataset or a folder"),
+    _arg("--text-column", default="text"),
+    _arg("--label-column", default="label"),
+    _arg("--text-unit", choices=("document", "line", "paragraph"), default="document",
+         help=".txt files: a whole file, each line, or each paragraph is a record"),
+    _arg("--batch-size", type=int, default=8),
+    _arg("--limit", type=int, default=0, metavar="N",
+         help="evaluate the first N records only (default 0: all)"),
+    _arg("--seq-len", type=int, default=None,
+         help="window / truncation length (default: the model's n_positions)"),
+    _arg("--stride", type=int, default=None,
+         help="lm: how far windows advance over long documents (default seq-len/2)"),
+    _arg("--predictions", default=None, metavar="FILE.jsonl",
+         help="classification: write one JSON line per example"),
+    _arg("--prompt-template", default="",
+         help="dictionary_reverse: the prompt, e.g. '{definition} =>' (default: the run's own "
+              "data.prompt_template, else the task's)"),
+    _arg("--target-template", default="",
+         help="dictionary_reverse: the target, e.g. ' {word}' (same defaults)"),
+], text=_eval_text, help="perplexity (lm) or classification metrics on a dataset")
+def _cmd_eval(args) -> dict:
+    from .evaluate import evaluate_data
+
+    model, tok, source = _load(args.model, args.step)
+    templates = None
+    if args.task == "dictionary_reverse":
+        from .evaluate import run_templates
+        from .tasks import Templates
+
+        # the run's own templates when it trained this task; the flags override them
+        own = source.kind in ("run", "checkpoint") and run_templates(source.path, args.task)
+        base = own or Templates()
+        templates = Templates(args.prompt_template or base.prompt,
+                              args.target_template or base.target, base.example)
+    result = evaluate_data(model, tok, args.data, templates=templates, **_pick(
+        args, "task", "text_column", "label_column", "split", "text_unit", "batch_size",
+        "seq_len", "stride", "predictions", "limit"))
+    return {"model": source.describe(), **result}
 
 
-def _sampling_args(p: argparse.ArgumentParser, greedy: bool) -> None:
+@_command("score", args=[
+    *MODEL,
+    _arg("--prompt", required=True,
+         help="context, tokenized as is; empty: the answer follows one <|endoftext|>"),
+    _arg("--answer", required=True, help="the text whose probability is scored"),
+], text=lambda r: (f"logprob {r['logprob']:.6f}  probability {r['probability']:.6g}  "
+                   f"answer_tokens {r['answer_tokens']}"),
+   help="log-probability of an answer given a prompt")
+def _cmd_score(args) -> dict:
+    from .evaluate import score
+
+    model, tok, source = _load(args.model, args.step)
+    return {"model": source.describe(), **score(model, tok, args.prompt, args.answer)}
+
+
+def _sampling_args(greedy: bool) -> list[Arg]:
     """How tokens are picked (generate.Sampling), the same flags wherever gpt2jax decodes;
     `greedy` is the command's default."""
-    if greedy:
-        p.add_argument("--sample", dest="greedy", action="store_false",
-                       help="sample with the options below instead of taking the most likely "
-                            "token")
-    else:
-        p.add_argument("--greedy", action="store_true",
-                       help="always take the most likely token")
-    p.set_defaults(greedy=greedy)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
-                   help="never repeat an N-gram of the prompt or the output (HF's "
-                        "no_repeat_ngram_size); 0: off")
-    p.add_argument("--seed", type=int, default=0)
+    return [
+        _arg("--sample", dest="greedy", action="store_false",
+             help="sample with the options below instead of taking the most likely token")
+        if greedy else
+        _arg("--greedy", action="store_true", help="always take the most likely token"),
+        _arg("--temperature", type=float, default=1.0),
+        _arg("--top-k", type=int, default=0, help="0: off"),
+        _arg("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off"),
+        _arg("--repetition-penalty", type=float, default=1.0, help="1: off (HF definition)"),
+        _arg("--no-repeat-ngram", type=int, default=0, metavar="N",
+             help="never repeat an N-gram of the prompt or the output (HF's "
+                  "no_repeat_ngram_size); 0: off"),
+        _arg("--seed", type=int, default=0),
+    ]
 
 
 def _sampling(args):
@@ -334,6 +349,25 @@ def _sampling(args):
                     args.repetition_penalty, args.no_repeat_ngram).validate()
 
 
+def _prompt_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text to continue")
+    src.add_argument("--prompts-file", metavar="F",
+                     help="one prompt per line (blank lines skipped)")
+
+
+@_command("generate", args=[
+    *MODEL,
+    _prompt_source,
+    *_sampling_args(greedy=False),
+    _arg("--max-new-tokens", type=int, default=64),
+    _arg("--stop", nargs="+", default=[], metavar="S", help="stop at these strings"),
+    _arg("--num-samples", type=int, default=1, help="continuations per prompt"),
+    _arg("--batch-size", type=int, default=16, help="rows decoded together (--json)"),
+    _arg("--weights-dtype", choices=("float32", "bfloat16"), default=None,
+         help="cast the weights for decoding (default: as stored)"),
+], help="continue prompts (KV-cache decoding, streamed)",
+   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 def _cmd_generate(args) -> dict | int:
     import time
 
@@ -348,11 +382,7 @@ def _cmd_generate(args) -> dict | int:
             raise UserError(f"--prompts-file {args.prompts_file} has no non-blank line")
     else:
         prompts = [args.prompt]
-    if not all(prompts):
-        raise UserError("--prompt is empty; give some text to continue")
     sampling = _sampling(args)
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = _load(args.model, args.step)
     gen = Generator(model, tok, weights_dtype=args.weights_dtype)
     opts = dict(sampling=sampling, **_pick(args, "max_new_tokens", "stop", "seed",
@@ -383,18 +413,22 @@ def _cmd_generate(args) -> dict | int:
     return 0
 
 
-def _add_diff(sub) -> None:
-    p = _command(sub, "diff", _cmd_diff, _diff_text,
-                 help="how far the weights moved between two models")
-    p.add_argument("--a", required=True, metavar="SRC", help="first model (e.g. the base)")
-    p.add_argument("--b", required=True, metavar="SRC", help="second model (e.g. fine-tuned)")
-    p.add_argument("--step-a", type=_step, default=None, help="checkpoint step of a run --a")
-    p.add_argument("--step-b", type=_step, default=None, help="checkpoint step of a run --b")
-    p.add_argument("--plot", metavar="FILE.png", default=None, help="per-layer heatmap")
-    p.add_argument("--plot-metric", default="relative_l2",
-                   help="statistic coloured in --plot (default relative_l2)")
+def _diff_text(r: dict) -> str:
+    from .analysis import format_diff
+
+    return (f"a: {r['a']}\nb: {r['b']}\n" + format_diff(r)
+            + (f"\nplot: {r['plot']}" if r.get("plot") else ""))
 
 
+@_command("diff", args=[
+    _arg("--a", required=True, metavar="SRC", help="first model (e.g. the base)"),
+    _arg("--b", required=True, metavar="SRC", help="second model (e.g. fine-tuned)"),
+    _arg("--step-a", type=_step, default=None, help="checkpoint step of a run --a"),
+    _arg("--step-b", type=_step, default=None, help="checkpoint step of a run --b"),
+    _arg("--plot", metavar="FILE.png", default=None, help="per-layer heatmap"),
+    _arg("--plot-metric", default="relative_l2",
+         help="statistic coloured in --plot (default relative_l2)"),
+], text=_diff_text, help="how far the weights moved between two models")
 def _cmd_diff(args) -> dict:
     from .analysis import plot_diff, weight_diff
 
@@ -406,31 +440,34 @@ def _cmd_diff(args) -> dict:
     return result
 
 
-def _diff_text(r: dict) -> str:
-    from .analysis import format_diff
-
-    return (f"a: {r['a']}\nb: {r['b']}\n" + format_diff(r)
-            + (f"\nplot: {r['plot']}" if r.get("plot") else ""))
-
-
-def _add_similarity(sub) -> None:
-    p = _command(sub, "similarity", _cmd_similarity, _similarity_text, model=True,
-                 help="generate definitions for words, compare them to the references")
-    p.add_argument("--data", required=True, help="records with a word and a definition column "
-                                                 "(file, folder, hub:ORG/NAME, or gcide)")
-    p.add_argument("--split", default=None, help="split of a hub dataset or a folder")
-    p.add_argument("--embed-model", default=None, metavar="SRC_OR_NAME",
-                   help="embedding model: a gpt2jax/HF source (mean-pooled hidden states), "
-                        "all-MiniLM-L6-v2 or st:DIR (sentence-transformers); default --model")
-    p.add_argument("--word-column", default="word")
-    p.add_argument("--definition-column", default="definition")
-    p.add_argument("--prompt-template", default="{word}: {definition}",
-                   help="record format; the prompt is the part before {definition}")
-    p.add_argument("--limit", type=int, default=None, help="first N records only")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    _sampling_args(p, greedy=True)
+def _similarity_text(r: dict) -> str:
+    lines = [f"mean cosine similarity {r['mean_cosine_similarity']:.4f}  "
+             f"distance {r['mean_cosine_distance']:.4f}  ({r['n']} words; {r['degenerate']} "
+             "degenerate: a repeated 3-word sequence)"]
+    for ex in r["examples"][:10]:
+        lines.append(f"  {ex['cosine']:.3f}  {ex['word']}: {ex['generated']!r}  "
+                     f"(reference: {ex['reference']!r})")
+    return "\n".join(lines)
 
 
+@_command("similarity", args=[
+    *MODEL,
+    _arg("--data", required=True,
+         help="records with a word and a definition column (file, folder, hub:ORG/NAME, or "
+              "gcide)"),
+    _arg("--split", default=None, help="split of a hub dataset or a folder"),
+    _arg("--embed-model", default=None, metavar="SRC_OR_NAME",
+         help="embedding model: a gpt2jax/HF source (mean-pooled hidden states), "
+              "all-MiniLM-L6-v2 or st:DIR (sentence-transformers); default --model"),
+    _arg("--word-column", default="word"),
+    _arg("--definition-column", default="definition"),
+    _arg("--prompt-template", default="{word}: {definition}",
+         help="record format; the prompt is the part before {definition}"),
+    _arg("--limit", type=int, default=None, help="first N records only"),
+    _arg("--max-new-tokens", type=int, default=48),
+    *_sampling_args(greedy=True),
+], text=_similarity_text,
+   help="generate definitions for words, compare them to the references")
 def _cmd_similarity(args) -> dict:
     from .analysis import similarity
     from .data import load_task_dataset
@@ -444,63 +481,47 @@ def _cmd_similarity(args) -> dict:
     return {"model": source.describe(), **result}
 
 
-def _similarity_text(r: dict) -> str:
-    lines = [f"mean cosine similarity {r['mean_cosine_similarity']:.4f}  "
-             f"distance {r['mean_cosine_distance']:.4f}  ({r['n']} words; {r['degenerate']} "
-             "degenerate: a repeated 3-word sequence)"]
-    for ex in r["examples"][:10]:
-        lines.append(f"  {ex['cosine']:.3f}  {ex['word']}: {ex['generated']!r}  "
-                     f"(reference: {ex['reference']!r})")
-    return "\n".join(lines)
-
-
-def _add_bench(sub) -> None:
-    p = _command(sub, "bench", _cmd_bench, help="train-step tokens/s, FLOPs and MFU; --vs "
-                 "hf,keras compares with transformers' PyTorch and KerasHub")
-    p.add_argument("--preset", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
-                   default=None, help="model shape (default: 4 layers, n_embd 256, 4 heads)")
-    for dim in ("n-layer", "n-embd", "n-head", "vocab-size", "n-positions"):
-        p.add_argument(f"--{dim}", type=int, default=None, help="override the shape")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype (weights and AdamW stay float32)")
-    p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
-    p.add_argument("--scan-layers", action="store_true", help="scan over stacked layers")
-    p.add_argument("--attention", choices=ATTENTION, default="explicit",
-                   help="model.attention: the explicit formula, or jax.nn.dot_product_attention "
-                        "with XLA or cuDNN flash attention (NVIDIA GPU, bfloat16); auto: per "
-                        "platform")
-    p.add_argument("--kernels", choices=KERNELS, default="auto",
-                   help="model.kernels: the custom-VJP kernels, the plain JAX formulas, or "
-                        "auto (per platform: docs/benchmarks.md)")
-    p.add_argument("--loss-chunk", type=int, default=-1,
-                   help="model.loss_chunk: LM loss in chunks of about N tokens, never the full "
-                        "logits (0: full logits; -1, the default: auto, on CPU 1024 with huge "
-                        "pages, else 256)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
-    p.add_argument("--vs", default="", metavar="PEERS",
-                   help="comma-separated peers timed in the same rounds: hf (transformers' "
-                        "PyTorch GPT2LMHeadModel + AdamW), keras (KerasHub GPT2CausalLM on "
-                        "Keras' JAX backend)")
-    p.add_argument("--decode", action="store_true", help="also time greedy batch-1 decoding")
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--eval", action="store_true",
-                   help="also time the forwards of `gpt2jax eval` (LM perplexity and a "
-                        "classification head) on the same batch; with --vs hf transformers' "
-                        "under no_grad")
-    p.add_argument("--peak-size", type=int, default=4096,
-                   help="side of the square matmul that measures the peak FLOP/s")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora", type=int, default=0, metavar="R",
-                   help="time LoRA of rank R against full fine-tuning of the same shape "
-                        "(trainable parameters, optimizer-state bytes, step memory)")
-    p.add_argument("--lora-targets", nargs="+", default=["c_attn"], choices=LORA_TARGETS,
-                   help="with --lora: the adapted projections (model.lora.targets)")
-
-
+@_command("bench", args=[
+    _arg("--preset", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), default=None,
+         help="model shape (default: 4 layers, n_embd 256, 4 heads)"),
+    *[_arg(f"--{dim}", type=int, default=None, help="override the shape")
+      for dim in ("n-layer", "n-embd", "n-head", "vocab-size", "n-positions")],
+    _arg("--batch-size", type=int, default=8),
+    _arg("--seq-len", type=int, default=256),
+    _arg("--dtype", choices=("float32", "bfloat16"), default="float32",
+         help="compute dtype (weights and AdamW stay float32)"),
+    _arg("--remat", choices=("none", "full", "dots"), default="none"),
+    _arg("--scan-layers", action="store_true", help="scan over stacked layers"),
+    _arg("--attention", choices=ATTENTION, default="explicit",
+         help="model.attention: the explicit formula, or jax.nn.dot_product_attention with XLA "
+              "or cuDNN flash attention (NVIDIA GPU, bfloat16); auto: per platform"),
+    _arg("--kernels", choices=KERNELS, default="auto",
+         help="model.kernels: the custom-VJP kernels, the plain JAX formulas, or auto (per "
+              "platform: docs/benchmarks.md)"),
+    _arg("--loss-chunk", type=int, default=-1,
+         help="model.loss_chunk: LM loss in chunks of about N tokens, never the full logits "
+              "(0: full logits; -1, the default: auto, on CPU 1024 with huge pages, else 256)"),
+    _arg("--steps", type=int, default=10, help="timed steps per round"),
+    _arg("--warmup", type=int, default=2, help="untimed steps after compiling"),
+    _arg("--rounds", type=int, default=3, help="alternating rounds (medians)"),
+    _arg("--vs", default="", metavar="PEERS",
+         help="comma-separated peers timed in the same rounds: hf (transformers' PyTorch "
+              "GPT2LMHeadModel + AdamW), keras (KerasHub GPT2CausalLM on Keras' JAX backend)"),
+    _arg("--decode", action="store_true", help="also time greedy batch-1 decoding"),
+    _arg("--decode-tokens", type=int, default=128),
+    _arg("--eval", action="store_true",
+         help="also time the forwards of `gpt2jax eval` (LM perplexity and a classification "
+              "head) on the same batch; with --vs hf transformers' under no_grad"),
+    _arg("--peak-size", type=int, default=4096,
+         help="side of the square matmul that measures the peak FLOP/s"),
+    _arg("--seed", type=int, default=0),
+    _arg("--lora", type=int, default=0, metavar="R",
+         help="time LoRA of rank R against full fine-tuning of the same shape (trainable "
+              "parameters, optimizer-state bytes, step memory)"),
+    _arg("--lora-targets", nargs="+", default=["c_attn"], choices=LORA_TARGETS,
+         help="with --lora: the adapted projections (model.lora.targets)"),
+], help="train-step tokens/s, FLOPs and MFU; --vs hf,keras compares with transformers' PyTorch "
+        "and KerasHub")
 def _cmd_bench(args) -> int:
     from .bench import bench_config, format_lora_table, format_table, run_bench, run_lora_bench
     from .peers import parse
@@ -513,61 +534,13 @@ def _cmd_bench(args) -> int:
     if not args.lora:
         result = run_bench(cfg, vs=parse(args.vs), decode=args.decode, evaluate=args.eval,
                            **_pick(args, "decode_tokens", "peak_size"), **timing)
-        _emit(result, args.json, format_table)
-        return 0
-    if args.vs or args.decode or args.eval:
+    elif args.vs or args.decode or args.eval:
         raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs, "
                         "--decode and --eval without it")
-    result = run_lora_bench(cfg, args.lora, tuple(args.lora_targets), **timing)
-    _emit(result, args.json, format_lora_table)
+    else:
+        result = run_lora_bench(cfg, args.lora, tuple(args.lora_targets), **timing)
+    _emit(result, args.json, format_lora_table if args.lora else format_table)
     return 0
-
-
-def _add_compile(sub) -> None:
-    p = _command(sub, "compile", _cmd_compile, config=True,
-                 help="compile the train step for a TPU topology, on any machine: memory per "
-                      "chip, FLOPs, collectives",
-                 description="gpt2jax compile CONFIG --topology NAME [--section.key=value ...]")
-    p.add_argument("--topology", required=True,
-                   help="Cloud TPU accelerator type (v5litepod-16, v5e-8, v4-32, v5p-8, "
-                        "v6e-256) or libtpu's form (v5e:4x4, v4:2x2x2)")
-    p.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
-    p.add_argument("--save", metavar="FILE", default=None,
-                   help="serialize the compiled train step (with the versions it needs)")
-    p.add_argument("--no-eval", action="store_true",
-                   help="compile the train step only (the eval step takes a quarter more time)")
-
-
-def _cmd_compile(args) -> int:
-    from .compile import compile_config, format_report
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    result = compile_config(cfg, args.topology, args.slices, args.save,
-                            evaluate=not args.no_eval)
-    _emit(result, args.json, format_report)
-    return 0 if result["fits"] else 1  # "does not fit" is a result, not an error
-
-
-def _add_demo(sub) -> None:
-    p = _command(sub, "demo", _cmd_demo,
-                 help="train the embedded GCIDE dictionary demo, offline",
-                 description="Train a small GPT-2 from scratch on the GCIDE dictionary (word "
-                             "-> definition), print definitions of held-out words and export "
-                             "the model. Any --section.key=value overrides the config, e.g. "
-                             "--train.steps=50.")
-    p.add_argument("--config", default=None, help="default: configs/demo.yaml")
-
-
-def _cmd_demo(args) -> dict:
-    from .demo import DEMO_CONFIG, run_demo
-
-    return run_demo(args.config or DEMO_CONFIG, args.overrides)  # the demo prints its own text
-
-
-COMMANDS: list[Callable] = [_add_train, _add_prepare, _add_demo, _add_compile, _add_export,
-                            _add_eval, _add_score, _add_generate, _add_diff, _add_similarity,
-                            _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
