@@ -1,17 +1,9 @@
 """glibc's malloc for XLA's host buffers: huge pages, and memory kept for reuse.
 
-XLA on CPU allocates a step's temporaries afresh on every execution, and glibc serves
-those above its mmap threshold with fresh mmaps it unmaps on free, so every step faults
-its working set in again, zeroed (GPT-2 small: about 5 GB a step; on this VM freed
-memory also goes back to the hypervisor, and the next fault stalls). Two glibc tunables
-help (docs/perf-notes.md section 7): `glibc.malloc.hugetlb=1` (transparent huge pages for
-malloc's mmaps) and never giving memory back (`mmap_max=0`, one arena, no trimming;
-GPT-2 small: 4.0 -> 3.2 s a step, at the price of keeping the peak between steps).
-
-Both are opt-in, by `GPT2JAX_MALLOC`: `system` (default: glibc as it is), `hugepages`,
-`keep` (both). glibc reads tunables only at start, so the `gpt2jax` command restarts
-itself once (`os.execve`: same PID and arguments) with them appended to GLIBC_TUNABLES;
-one that already sets a `glibc.malloc.*` tunable is the user's choice and is left alone.
+Opt-in by `GPT2JAX_MALLOC`: `system` (default: glibc as it is), `hugepages` or `keep`
+(huge pages and a heap never given back). The `gpt2jax` command restarts itself once with
+the policy's tunables in GLIBC_TUNABLES; why, and what each gains: docs/perf-notes.md
+section 7.
 """
 
 from __future__ import annotations
@@ -82,8 +74,7 @@ def restart_env(environ: Mapping[str, str] = os.environ, platform: str = sys.pla
                 thp_path: str = THP_ENABLED) -> dict[str, str] | None:
     """The environment to restart with (the policy's tunables appended), or None to run
     as is: not on Linux, policy `system`, a `glibc.malloc.*` tunable already set (the
-    user's choice; it also stops a second restart), or transparent huge pages off (both
-    policies build on them; keeping memory in 4 KiB pages was slower)."""
+    user's choice; it also stops a second restart), or transparent huge pages off."""
     add = POLICIES[policy(environ)]
     user_set = any(k.startswith("glibc.malloc.") for k in _tunables(environ))
     if not platform.startswith("linux") or not add or user_set or not _thp_usable(thp_path):
