@@ -1,13 +1,9 @@
 """Multi-host start-up: find out which process this is and connect to the others.
 
-One JAX process per host, GPU or node (or several per machine on CPU); `initialize` runs
-before any other JAX call. Each setting comes from the first source that has it: the
-config's `dist` section; GPT2JAX_COORDINATOR (host:port), GPT2JAX_NUM_PROCESSES,
-GPT2JAX_PROCESS_ID; SLURM inside `srun` (coordinator: first node of the step); on a TPU
-VM or GKE TPU pod, jax itself; else a single process. Bad settings fail before
-connecting; a peer that never shows up ends the process within `timeout` seconds with
-`gpt2jax: error: ...` and status 2. `python -m gpt2jax.distributed --selftest` sums a
-global array across the processes; `--resolve` prints what initialize would do.
+`initialize` runs before any other JAX call and takes each setting from the first source
+that has it: the config's `dist` section, GPT2JAX_* variables, SLURM inside `srun`, a TPU
+VM (jax itself), else a single process (docs/scaling.md section 1, with the errors).
+`python -m gpt2jax.distributed --selftest | --resolve` checks a cluster.
 """
 
 from __future__ import annotations
@@ -113,12 +109,9 @@ def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
 
 
 def slurm_local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
-    """Which of the GPUs this SLURM task sees it should drive (None = all of them).
-
-    jax's own SLURM detection always picks GPU SLURM_LOCALID: wrong when one task drives a
-    whole node, and a GPU that does not exist under --gpus-per-task=1. Here one task on
-    the node or one visible GPU -> all visible GPUs, else GPU SLURM_LOCALID.
-    """
+    """Which of the GPUs this SLURM task sees it should drive (None = all of them): all for
+    one task on the node or one visible GPU, else GPU SLURM_LOCALID, not jax's always
+    SLURM_LOCALID (docs/scaling.md, the one-GPU-per-node pitfall)."""
     if env.get("JAX_LOCAL_DEVICE_IDS"):
         return None  # the user's explicit choice; jax reads it itself
     gpus = next((env[k] for k in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
@@ -169,11 +162,8 @@ def _int_env(env: Mapping[str, str], key: str) -> int | None:
 
 def plan(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
          env: Mapping[str, str] | None = None, tpu: bool | None = None) -> Plan:
-    """Resolve the settings (in the module docstring's order) and validate them.
-
-    Reads `env` (default os.environ) and, when `tpu` is None, probes for TPU chips; raises
-    UserError for anything inconsistent.
-    """
+    """Resolve and validate the settings from the arguments, `env` (default os.environ)
+    and, when `tpu` is None, a probe for TPU chips."""
     env = os.environ if env is None else env
     if num_processes < 0:
         raise UserError(f"dist.num_processes={num_processes}: use 0 (auto) or a count >= 1")
@@ -282,16 +272,11 @@ def wait_for_coordinator(host: str, port: int, deadline: float, timeout: float) 
 
 @contextmanager
 def _watchdog(seconds: float, message: str) -> Iterator[None]:
-    """End the process with a clean error if the block is still running after `seconds`.
-
-    jax.distributed.initialize blocks in C++ until every process has registered and on its
-    own timeout aborts (SIGABRT); no exception reaches into it, so the timer exits instead.
-    """
+    """End the process with a clean error if the block is still running after `seconds`
+    (jax.distributed.initialize blocks in C++, where no exception reaches, then aborts)."""
     def fire() -> None:
-        sys.stdout.flush()
-        sys.stderr.write(f"gpt2jax: error: {message}\n")
-        sys.stderr.flush()
-        os._exit(2)
+        print(f"gpt2jax: error: {message}", file=sys.stderr)
+        _exit(2)
 
     timer = threading.Timer(max(seconds, 0.0), fire)
     timer.daemon = True
@@ -304,12 +289,8 @@ def _watchdog(seconds: float, message: str) -> Iterator[None]:
 
 def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
                timeout: float = 60, local_device_count: int = 0) -> DistInfo:
-    """Connect this process to the others (or do nothing for a single process).
-
-    Call before any other JAX call. Arguments mirror the config's `dist` section: "" / 0 /
-    -1 mean "find out from the environment". `local_device_count` (or GPT2JAX_LOCAL_DEVICES)
-    sets the number of CPU devices per process. Once connected, returns the same DistInfo.
-    """
+    """Connect this process to the others (nothing for a single process), before any other
+    JAX call. Arguments mirror the config's `dist` section ("" / 0 / -1: from the environment)."""
     if timeout <= 0:
         raise UserError(f"dist.timeout={timeout}: must be > 0 seconds")
     n_cpu = local_device_count or _int_env(os.environ, ENV_LOCAL_DEVICES) or 0
@@ -342,35 +323,31 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     jax_timeout = math.ceil(timeout) + _JAX_TIMEOUT_MARGIN
 
     if p.mode == "tpu":
-        with _watchdog(timeout, f"the TPU hosts did not all connect within dist.timeout="
-                                f"{timeout:g} s; start the same command on every worker "
-                                "(gcloud ... ssh --worker=all) or raise dist.timeout"):
-            jax.distributed.initialize(initialization_timeout=jax_timeout)
-        return _info(p.source)
-
-    host, port = parse_coordinator(p.coordinator)
-    if p.process_id == 0:
-        _check_port_free(port)
+        kw: dict = {}
+        message = (f"the TPU hosts did not all connect within dist.timeout={timeout:g} s; start "
+                   "the same command on every worker (gcloud ... ssh --worker=all) or raise "
+                   "dist.timeout")
     else:
-        wait_for_coordinator(host, port, deadline, timeout)
-    message = (
-        f"process {p.process_id} of {p.num_processes}: not all processes connected to the "
-        f"coordinator {p.coordinator} within dist.timeout={timeout:g} s; start all "
-        f"{p.num_processes} processes together (launch/local.sh, srun, a k8s indexed Job), "
-        "check dist.num_processes, or raise dist.timeout"
-    )
+        host, port = parse_coordinator(p.coordinator)
+        if p.process_id == 0:
+            _check_port_free(port)
+        else:
+            wait_for_coordinator(host, port, deadline, timeout)
+        # Our plan already read SLURM; jax's detection would re-pick GPU = SLURM_LOCALID.
+        kw = dict(coordinator_address=p.coordinator, num_processes=p.num_processes,
+                  process_id=p.process_id, cluster_detection_method="deactivate",
+                  local_device_ids=list(p.local_device_ids) if p.local_device_ids else None)
+        message = (f"process {p.process_id} of {p.num_processes}: not all processes connected "
+                   f"to the coordinator {p.coordinator} within dist.timeout={timeout:g} s; "
+                   f"start all {p.num_processes} processes together (launch/local.sh, srun, a "
+                   "k8s indexed Job), check dist.num_processes, or raise dist.timeout")
     with _watchdog(deadline - time.monotonic(), message):
-        jax.distributed.initialize(
-            coordinator_address=p.coordinator, num_processes=p.num_processes,
-            process_id=p.process_id, initialization_timeout=jax_timeout,
-            local_device_ids=list(p.local_device_ids) if p.local_device_ids else None,
-            # Our plan already read SLURM; jax's detection would re-pick GPU = SLURM_LOCALID.
-            cluster_detection_method="deactivate")
-    return _info(p.source, p.coordinator)
+        jax.distributed.initialize(initialization_timeout=jax_timeout, **kw)
+    return _info(p.source)
 
 
 def _info(source: str, coordinator: str | None = None) -> DistInfo:
-    """This process's DistInfo; `coordinator` None: the one jax connected to."""
+    """This process's DistInfo; `coordinator` None: the one jax connected to (if any)."""
     import jax
     from jax._src import distributed as jax_distributed
 
@@ -381,15 +358,15 @@ def _info(source: str, coordinator: str | None = None) -> DistInfo:
 
 
 def leave_on_error(code: int) -> None:
-    """In a multi-process run, end this process now with `code` (after flushing output).
-
-    A normal exit runs JAX's atexit shutdown, which waits at a barrier for peers that may
-    be waiting for this one; leaving without it lets the coordination service end them.
-    Does nothing in a single process or before jax.distributed started.
-    """
+    """In a multi-process run, end this process now with `code`, skipping JAX's atexit
+    shutdown barrier, where peers waiting for this one would hold it (docs/scaling.md)."""
     jax = sys.modules.get("jax")
-    if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
-        return
+    if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+        _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Leave now, without atexit handlers, output flushed."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -425,11 +402,8 @@ def wait_for_peers(name: str, timeout: float, waiting_for: str) -> None:
 
 
 def selftest(info: DistInfo) -> dict:
-    """Sum a global array built from every process's rows; each process returns the result.
-
-    Process p contributes one row of four (p + 1)s per local device, so the exact total is
-    known; both a compiler-partitioned `sum` and an explicit `psum` must reach it.
-    """
+    """Sum a global array of every process's rows (one row of four (p + 1)s per device of
+    process p) with `sum` and with `psum`; each process returns both and the exact total."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -482,8 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpt2jax: error: {e}", file=sys.stderr)
         return 2
     print_line(json.dumps(result))
-    ok = result["sum"] == result["expected"] == result["psum"]
-    return 0 if ok else 1
+    return 0 if result["sum"] == result["expected"] == result["psum"] else 1
 
 
 if __name__ == "__main__":
