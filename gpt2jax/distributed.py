@@ -169,8 +169,7 @@ def plan(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
         raise UserError(f"dist.num_processes={num_processes}: use 0 (auto) or a count >= 1")
     if process_id < -1:
         raise UserError(f"dist.process_id={process_id}: use -1 (auto) or an id >= 0")
-    slurm = _in_slurm_step(env)
-    coord, num, pid, sources = _settings(coordinator, num_processes, process_id, env, slurm)
+    coord, num, pid, sources = _settings(coordinator, num_processes, process_id, env)
     if not sources:
         if on_tpu_vm(env) if tpu is None else tpu:
             return Plan(mode="tpu", num_processes=0, process_id=-1, source="tpu")
@@ -199,9 +198,10 @@ def plan(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
                 local_device_ids=ids, source=source)
 
 
-def _settings(coordinator: str, num_processes: int, process_id: int, env: Mapping[str, str],
-              slurm: bool) -> tuple[str, int | None, int | None, dict[str, str]]:
+def _settings(coordinator: str, num_processes: int, process_id: int, env: Mapping[str, str]
+              ) -> tuple[str, int | None, int | None, dict[str, str]]:
     """(coordinator, processes, process id, where each came from); each setting on its own."""
+    slurm = _in_slurm_step(env)
     sources: dict[str, str] = {}
     coord = coordinator.strip()
     if coord:
