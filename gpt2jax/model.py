@@ -305,11 +305,11 @@ class LayerNorm(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
         self.scale = _param(rngs, _ones, (cfg.n_embd,), ("norm",))
         self.bias = _param(rngs, _zeros, (cfg.n_embd,), ("norm",))
-        self.eps = cfg.layer_norm_epsilon
-        self.kernels = cfg.kernels
+        self.cfg = cfg
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return K.pick("layer_norm", self.kernels)(x, self.scale[...], self.bias[...], self.eps)
+        eps = self.cfg.layer_norm_epsilon
+        return _k(self, "layer_norm")(x, self.scale[...], self.bias[...], eps)
 
 
 class Attention(nnx.Module):
@@ -328,9 +328,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, mask, layer_idx, key=None, cache=None, cache_index=None):
         cfg = self.cfg
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale /= math.sqrt(cfg.head_dim)
+        scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / (layer_idx + 1.0)
         if cache is not None:
