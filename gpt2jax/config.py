@@ -8,26 +8,26 @@ checked before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
 
-# The allowed choices, defined once: validation here and the model (model.py) use them.
+# The allowed choices, defined once: validation here, the model (model.py) and the CLI use them.
 TASKS = ("lm", "text", "classification", "dictionary_forward", "dictionary_reverse", "conversation")
 SCHEDULES = ("constant", "linear", "cosine")
 HEADS = ("lm", "sequence", "attention_pool")
 DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32
 REMAT = ("none", "full", "dots")
-# no-cache attention: gpt2jax's custom-VJP kernel, or jax.nn.dot_product_attention with
-# implementation None (XLA) or "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16); auto:
-# fixed per platform by model.resolve_auto
+# explicit: kernels.attention_core; xla, cudnn: jax.nn.dot_product_attention's (cudnn:
+# NVIDIA GPUs, bf16); auto (here and in KERNELS): fixed per platform by model.resolve_auto
 ATTENTION = ("auto", "explicit", "xla", "cudnn")
-# the train step's kernels (linear, LayerNorm, attention core, tied head, chunked loss):
-# gpt2jax's custom-VJP ones, the plain JAX formulas beside them (XLA differentiates and
-# fuses them), or auto: fixed per platform by model.resolve_auto (docs/benchmarks.md)
+# the train step's kernels: kernels.py's custom VJPs, or the plain formulas beside them
 KERNELS = ("auto", "custom", "plain")
+# the model settings that take one of a few values (model.GPT2Config checks them too)
+MODEL_CHOICES = {"head": HEADS, "dtype": DTYPES, "remat": REMAT, "attention": ATTENTION,
+                 "kernels": KERNELS}
 PROGRESS = ("auto", "bar", "lines", "none")
 # LM blocks: documents joined and attending across their boundaries (concat), or each
 # document its own segment: attention within it, positions from 0 (documents)
@@ -190,12 +190,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(loaded, dict):
             raise UserError(f"{p} must hold a mapping of sections (model:, data:, train: ...)")
         layers.append((str(p), OmegaConf.create(loaded)))
-    dotlist = []
-    for item in overrides:
-        key = item[2:] if item.startswith("--") else item
+    dotlist = [item[2:] if item.startswith("--") else item for item in overrides]
+    for item, key in zip(overrides, dotlist):
         if "=" not in key:
             raise UserError(f"override {item!r} must look like --section.key=value")
-        dotlist.append(key)
     for key in dotlist:  # one at a time, so the error names the override at fault
         try:
             layers.append(("the command line", OmegaConf.from_dotlist([key])))
@@ -258,16 +256,19 @@ def validate(cfg: Config) -> None:
     """Range checks that types cannot express. Raises UserError naming the key."""
     m, d, o, t, mesh = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.mesh
     need = _need
+    choices = {"optim.schedule": SCHEDULES, "train.progress": PROGRESS, "data.task": TASKS,
+               **{f"model.{k}": v for k, v in MODEL_CHOICES.items()}}
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) in allowed, key,
+             f"choose one of {', '.join(allowed)}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     need(o.end_lr >= 0, "optim.end_lr", f"must be >= 0, got {o.end_lr}")
-    need(o.schedule in SCHEDULES, "optim.schedule", f"choose one of {', '.join(SCHEDULES)}")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", "must be in [0, 1)")
     for pattern in o.freeze:
-        import re
-
         try:
             re.compile(pattern)
         except re.error as e:
@@ -282,8 +283,6 @@ def validate(cfg: Config) -> None:
     for key in ("log_every", "eval_every", "checkpoint_every"):
         need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    need(t.progress in PROGRESS, "train.progress", f"choose one of {', '.join(PROGRESS)}")
-    need(d.task in TASKS, "data.task", f"choose one of {', '.join(TASKS)}")
     need(bool(d.train), "data.train", "is required: a file, folder, hub:ORG/NAME or gcide")
     need(0 <= d.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
     need(d.text_unit in ("document", "line", "paragraph"), "data.text_unit",
@@ -293,9 +292,6 @@ def validate(cfg: Config) -> None:
     need(t.class_weights in ("none", "balanced"), "train.class_weights",
          "choose none or balanced")
     need(t.lm_loss_weight >= 0, "train.lm_loss_weight", "must be >= 0")
-    for key, allowed in (("head", HEADS), ("dtype", DTYPES), ("remat", REMAT),
-                         ("attention", ATTENTION), ("kernels", KERNELS)):
-        need(getattr(m, key) in allowed, f"model.{key}", f"choose one of {', '.join(allowed)}")
     if m.dropout is not None:
         need(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
     need(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
@@ -369,15 +365,11 @@ def _validate_lora(m: ModelSection, d: DataSection, need) -> None:
          "adapters train: add embeddings (--model.lora.train=[embeddings])")
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what `gpt2jax train` ran with)."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def read_run_config(run_dir: str | Path) -> Config:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from . import kernels as K
 from . import lora as L
-from .config import ATTENTION, DTYPES, HEADS, KERNELS, REMAT
+from .config import MODEL_CHOICES
 from .errors import UserError
 from .sharding import chunk_positions, constrain_batch, require_cudnn, unshard_embed
 
@@ -43,16 +43,12 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
-# Tokens per LM-loss chunk for model.loss_chunk=-1. CPU: 256 measured fastest (+15%
-# tokens/s over full logits on the 4-layer bench config, docs/perf-notes.md section 6), 1024 when
-# glibc's malloc backs the buffers with huge pages (a chunk's fresh buffers then cost
-# little to fault in; +5-7%, perf-notes sections 6-7); GPU/TPU: not measured here, sized so a
-# chunk's float32 logits stay under 1 GB at vocab 50257.
+# Tokens per LM-loss chunk for model.loss_chunk=-1. CPU measured (docs/perf-notes.md
+# sections 6-7: 256, or 1024 when glibc's malloc backs buffers with huge pages); GPU/TPU
+# unmeasured, sized so a chunk's float32 logits stay under 1 GB at vocab 50257.
 AUTO_LOSS_CHUNK = {"cpu": 256, "cpu+hugepages": 1024, "gpu": 4096, "tpu": 4096}
-# model.kernels=auto and model.attention=auto per platform, from the compiled comparison in
-# docs/benchmarks.md ("Kernels per platform"): CPU measured (docs/perf-notes.md); TPU from
-# libtpu's compiled v5e executables; GPU by the TPU evidence (XLA's GPU compiler reports
-# no cost analysis) and the deviceless H100 compile's memory.
+# model.kernels=auto and model.attention=auto per platform: docs/benchmarks.md ("Kernels
+# per platform"); GPU follows the TPU evidence (XLA's GPU compiler reports no cost analysis).
 AUTO_KERNELS = {"cpu": "custom", "gpu": "plain", "tpu": "plain"}
 AUTO_ATTENTION = {"cpu": "explicit", "gpu": "explicit", "tpu": "xla"}
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -83,18 +79,15 @@ class GPT2Config:
     pad_token_id: int | None = None
     eos_token_id: int = 50256
     classifier_dropout: float = 0.1  # attention_pool head only
-    # compute choices
+    # compute choices (config.MODEL_CHOICES); auto ones are fixed by resolve_auto, and
+    # left open mean: attention explicit, kernels custom, loss_chunk full logits
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
-    attention: str = "explicit"  # auto | explicit | xla | cudnn (ATTENTION; open auto: explicit)
-    # LM loss: -1 = auto (fixed by resolve_auto at the entry points; left open it means
-    # full logits), 0 = full logits, N = about N tokens per chunk (fused; the (tokens,
-    # vocab) logits never exist at once)
+    attention: str = "explicit"
+    # LM loss: -1 = auto, 0 = full logits, N = about N tokens per chunk (never all logits)
     loss_chunk: int = -1
-    # the train step's kernels: custom (kernels.py's custom VJPs) | plain (the formulas
-    # beside them, differentiated by XLA) | auto (resolve_auto; left open: custom)
-    kernels: str = "auto"
+    kernels: str = "auto"  # custom: kernels.py's custom VJPs; plain: the formulas beside them
     # LoRA (lora.py): rank 0 = none; targets are lora.MODULES entries ("attn.c_attn")
     lora_rank: int = 0
     lora_alpha: float = 0.0
@@ -112,39 +105,22 @@ class GPT2Config:
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                "pick dimensions where n_embd / n_head is a whole number"
-            )
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                            "pick dimensions where n_embd / n_head is a whole number")
         if self.activation_function not in ACTIVATIONS:
-            raise UserError(
-                f"activation_function={self.activation_function!r} is not supported; "
-                f"supported: {', '.join(ACTIVATIONS)}"
-            )
-        if self.head not in HEADS:
-            raise UserError(f"model.head={self.head!r}: choose one of {', '.join(HEADS)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"model.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.remat not in REMAT:
-            raise UserError(f"model.remat={self.remat!r}: choose one of {', '.join(REMAT)}")
-        if self.attention not in ATTENTION:
-            raise UserError(
-                f"model.attention={self.attention!r}: choose one of {', '.join(ATTENTION)}"
-            )
+            raise UserError(f"activation_function={self.activation_function!r} is not "
+                            f"supported; supported: {', '.join(ACTIVATIONS)}")
+        for name, allowed in MODEL_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"model.{name}={getattr(self, name)!r}: choose one of "
+                                f"{', '.join(allowed)}")
         if self.attention == "cudnn" and self.dtype == "float32":
-            raise UserError(
-                "model.attention=cudnn needs a 16-bit compute dtype (cuDNN flash attention "
-                "has no float32 kernel): set model.dtype=bfloat16, or use model.attention=xla"
-            )
-        if self.kernels not in KERNELS:
-            raise UserError(
-                f"model.kernels={self.kernels!r}: choose one of {', '.join(KERNELS)}"
-            )
+            raise UserError("model.attention=cudnn needs a 16-bit compute dtype (cuDNN flash "
+                            "attention has no float32 kernel): set model.dtype=bfloat16, or "
+                            "use model.attention=xla")
         if self.loss_chunk < -1:
-            raise UserError(
-                f"model.loss_chunk must be -1 (auto), 0 (full logits) or a token count, got "
-                f"{self.loss_chunk}"
-            )
+            raise UserError("model.loss_chunk must be -1 (auto), 0 (full logits) or a token "
+                            f"count, got {self.loss_chunk}")
         if self.head != "lm" and self.num_labels < 1:
             raise UserError(f"model.num_labels must be >= 1, got {self.num_labels}")
 
@@ -182,10 +158,8 @@ class GPT2Config:
 
 def resolve_auto(cfg: GPT2Config, platform: str, hugepages: bool = False) -> GPT2Config:
     """cfg with its automatic choices fixed for `platform` ("cpu", "tpu", "cuda" for an
-    NVIDIA GPU, "gpu" for another GPU); on CPU `hugepages` says whether glibc's huge-page
-    malloc backs the buffers (AUTO_LOSS_CHUNK). Kernels: AUTO_KERNELS. Attention: cuDNN
-    flash attention on NVIDIA GPUs when it applies (a 16-bit dtype, no attention dropout),
-    else AUTO_ATTENTION's choice where it applies (no attention dropout), else explicit."""
+    NVIDIA GPU, "gpu" for another GPU; `hugepages`: see AUTO_LOSS_CHUNK). Attention without
+    attention dropout: cuDNN on NVIDIA GPUs with a 16-bit dtype, else AUTO_ATTENTION's."""
     gpu = "gpu" if platform == "cuda" else platform
     if cfg.loss_chunk < 0:
         key = "cpu+hugepages" if platform == "cpu" and hugepages else gpu
@@ -243,10 +217,8 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
 def attention_mask_bias(
     q_len: int, k_len: int, key_mask: jax.Array | None, q_offset: jax.Array | int = 0
 ) -> jax.Array:
-    """Boolean (B or 1, 1, q, k) mask: causal over slots, and keys that are real tokens.
-
-    Query i sits in slot q_offset + i (the KV cache writes new tokens there).
-    """
+    """Boolean (B or 1, 1, q, k) mask: causal over slots (query i sits in slot q_offset +
+    i, where the KV cache writes it), and keys that are real tokens."""
     q = q_offset + jnp.arange(q_len)
     k = jnp.arange(k_len)
     allowed = (k[None, :] <= q[:, None])[None, None]
@@ -266,9 +238,8 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 def _positions_and_mask(shape: tuple[int, int], attention_mask, position_ids, segment_ids,
                         cache, cache_index):
-    """hidden_states' position ids (None: 0..t-1, a slice of wpe) and boolean attention
-    mask. Segment ids (B, T) keep attention inside a segment and count positions from 0 in
-    each (positions_from_segments), as if every segment were a row of its own."""
+    """Position ids (None: 0..t-1, a slice of wpe) and the boolean attention mask; segments
+    attend within themselves and count positions from 0, like rows of their own."""
     b, t = shape
     if segment_ids is not None:
         segment_ids = constrain_batch(segment_ids)  # batch-sharded like the tokens
@@ -294,10 +265,22 @@ _zeros = nnx.initializers.zeros
 _ones = nnx.initializers.ones
 
 
+def _normal(cfg: GPT2Config, proj: bool = False):
+    """GPT-2's normal initialiser; residual projections scaled by 1/sqrt(2 * n_layer)."""
+    std = cfg.initializer_range
+    return nnx.initializers.normal(std / math.sqrt(2 * cfg.n_layer) if proj else std)
+
+
+def _add_lora(module: nnx.Module, cfg: GPT2Config, rngs: nnx.Rngs, *targets: str) -> None:
+    """The LoRA adapters of the module's adapted projections, as its attributes."""
+    for target in targets:
+        for name, p in L.make_params(cfg, target, rngs).items():
+            setattr(module, name, p)
+
+
 def _adapter(module: nnx.Module, leaf: str, x: jax.Array, key: jax.Array | None):
-    """LoRA's term for projection `leaf` of `module` given its input x (lora.term), or
-    None where the projection has no adapter. LoRA's dropout acts on the adapter's input
-    only."""
+    """LoRA's term for projection `leaf` given its input x (dropout on x only), or None
+    where the projection has no adapter."""
     a = getattr(module, f"{leaf}_lora_a", None)
     if a is None:
         return None
@@ -310,6 +293,11 @@ def _plus(y: jax.Array, extra: jax.Array | None) -> jax.Array:
     return y if extra is None else y + extra
 
 
+def _k(module, name: str):
+    """The kernel `name` for the module's model.kernels (kernels.pick)."""
+    return K.pick(name, module.cfg.kernels)
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -317,87 +305,60 @@ class LayerNorm(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
         self.scale = _param(rngs, _ones, (cfg.n_embd,), ("norm",))
         self.bias = _param(rngs, _zeros, (cfg.n_embd,), ("norm",))
-        self.eps = cfg.layer_norm_epsilon
-        self.kernels = cfg.kernels
+        self.cfg = cfg
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return K.pick("layer_norm", self.kernels)(x, self.scale[...], self.bias[...], self.eps)
+        eps = self.cfg.layer_norm_epsilon
+        return _k(self, "layer_norm")(x, self.scale[...], self.bias[...], eps)
 
 
 class Attention(nnx.Module):
     """Causal multi-head self-attention with packed q/k/v and an optional KV cache."""
 
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
-        std = cfg.initializer_range
-        proj_std = std / math.sqrt(2 * cfg.n_layer)
-        self.c_attn_kernel = _param(
-            rngs, nnx.initializers.normal(std), (d, 3, h, k), ("embed", "qkv", "heads", "head_dim")
-        )
+        d, h, k, normal = cfg.n_embd, cfg.n_head, cfg.head_dim, _normal(cfg)
+        self.c_attn_kernel = _param(rngs, normal, (d, 3, h, k), ("embed", "qkv", "heads",
+                                                                 "head_dim"))
         self.c_attn_bias = _param(rngs, _zeros, (3, h, k), ("qkv", "heads", "head_dim"))
-        self.c_proj_kernel = _param(
-            rngs, nnx.initializers.normal(proj_std), (h, k, d), ("heads", "head_dim", "embed")
-        )
+        self.c_proj_kernel = _param(rngs, _normal(cfg, proj=True), (h, k, d),
+                                    ("heads", "head_dim", "embed"))
         self.c_proj_bias = _param(rngs, _zeros, (d,), ("norm",))
-        for module in ("attn.c_attn", "attn.c_proj"):
-            for name, p in L.make_params(cfg, module, rngs).items():
-                setattr(self, name, p)
+        _add_lora(self, cfg, rngs, "attn.c_attn", "attn.c_proj")
         self.cfg = cfg
 
     def __call__(self, x, mask, layer_idx, key=None, cache=None, cache_index=None):
         cfg = self.cfg
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale /= math.sqrt(cfg.head_dim)
+        scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / (layer_idx + 1.0)
-        if cache is None:
-            out = self._attend_no_cache(x, mask, scale, key)
-        else:
+        if cache is not None:
             out, cache = self._attend_cached(x, mask, scale, key, cache, cache_index)
-        return dropout(out, cfg.resid_pdrop, _fold(key, 1)), cache
+        elif cfg.attention in ("explicit", "auto"):
+            out = self._attend_explicit(x, mask, scale, key)
+        else:
+            out = self._attend_library(x, mask, scale, key)
+        return dropout(self._project_out(out, key), cfg.resid_pdrop, _fold(key, 1)), cache
 
     def _project_qkv(self, x, merged: bool = False, key=None):
         """q, k, v as (B, T, H, K), each a plain (tokens, d) @ (d, H * K) product.
 
-        Written as one einsum into (3, B, H, T, K), XLA computed a transposed product and
-        rebuilt a transposed copy of x (with its whole producer fused in) on every layer,
-        and in decoding transposed the whole kernel on every token. Training takes one
-        product per q/k/v, so a kernel split along `heads` (tensor parallelism) stays split
-        the same way in each (d, H * K) view. `merged` (decoding, one device) takes one
-        (d, 3 * H * K) view instead: the per-q/k/v slices of the kernel are strided, and
-        XLA copied them on every decoded token.
+        One einsum into (3, B, H, T, K) made XLA copy x (or, decoding, the kernel)
+        transposed on every layer. One product per q/k/v keeps a kernel split along `heads`
+        split alike in each view; `merged` (decoding, one device) takes one (d, 3 * H * K)
+        view instead, as XLA copied the strided per-q/k/v slices on every token.
         """
         b, t, d = x.shape
         w = self.c_attn_kernel[...].astype(x.dtype)
         linear = _k(self, "linear")
         bias = self.c_attn_bias[...].astype(x.dtype)
-        heads = w.shape[2:]
         extra = _adapter(self, "c_attn", x, _fold(key, 2))  # (B, T, 3, H, K) or None
         if merged:
             qkv = linear(x, w.reshape(d, -1), bias.reshape(-1)).reshape(b, t, *w.shape[1:])
             qkv = _plus(qkv, extra)
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return tuple(_plus(linear(x, w[:, i].reshape(d, -1), bias[i].reshape(-1))
-                           .reshape(b, t, *heads), None if extra is None else extra[:, :, i])
+                           .reshape(b, t, *w.shape[2:]), None if extra is None else extra[:, :, i])
                      for i in range(3))
-
-    def _attend_no_cache(self, x, mask, scale, key):
-        """Training / evaluation: heads-major (B, H, T, K) layout and attention_core."""
-        cfg = self.cfg
-        if cfg.attention not in ("explicit", "auto"):
-            return self._attend_library(x, mask, scale, key)
-        q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._project_qkv(x, key=key))  # (B, H, T, K)
-        keep, rate = None, 0.0
-        akey = _fold(key, 0)
-        if akey is not None and cfg.attn_pdrop > 0.0:
-            rate = float(cfg.attn_pdrop)
-            b, h, t, _ = q.shape
-            # the same draw as dropout() on the (B, H, T, T) probabilities
-            keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
-        core = _k(self, "attention_core")
-        out = core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
-        return self._project_out(jnp.swapaxes(out, 1, 2), key)
 
     def _project_out(self, out, key=None):
         """(B, T, H, K) attention output -> (B, T, d): c_proj as one plain product."""
@@ -407,16 +368,26 @@ class Attention(nnx.Module):
         y = _k(self, "linear")(out, w, self.c_proj_bias[...].astype(out.dtype))
         return _plus(y, _adapter(self, "c_proj", out, _fold(key, 3)))
 
-    def _attend_library(self, x, mask, scale, key):
-        """model.attention xla / cudnn: jax.nn.dot_product_attention in (B, T, N, H).
-
-        `mask` is the same boolean (B or 1, 1, T, T) mask as the explicit path's (causal,
-        key padding, segments); masked logits get a large negative value there too, so a fully
-        masked (left-padding) query row is a uniform average in both.
-        """
-        cfg, dt = self.cfg, x.dtype
+    def _attend_explicit(self, x, mask, scale, key):
+        """No cache, model.attention explicit: attention_core in (B, H, T, K)."""
+        cfg = self.cfg
+        q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._project_qkv(x, key=key))
+        keep, rate = None, 0.0
         akey = _fold(key, 0)
         if akey is not None and cfg.attn_pdrop > 0.0:
+            rate = float(cfg.attn_pdrop)
+            b, h, t, _ = q.shape
+            # the same draw as dropout() on the (B, H, T, T) probabilities
+            keep = jax.random.bernoulli(akey, 1.0 - rate, (b, h, t, t))
+        core = _k(self, "attention_core")
+        out = core(q, k, v, mask, jnp.asarray(scale, jnp.float32), keep, rate)
+        return jnp.swapaxes(out, 1, 2)
+
+    def _attend_library(self, x, mask, scale, key):
+        """No cache, model.attention xla / cudnn: jax.nn.dot_product_attention with the
+        explicit path's mask (a fully masked padding row is a uniform average in both)."""
+        cfg, dt = self.cfg, x.dtype
+        if key is not None and cfg.attn_pdrop > 0.0:
             # the library call has no dropout on the probabilities: refuse, not skip
             raise UserError(
                 f"model.attention={cfg.attention} has no attention dropout "
@@ -429,17 +400,14 @@ class Attention(nnx.Module):
             require_cudnn()
         q, k, v = self._project_qkv(x, key=key)  # (B, T, N, H), the library's layout
         if impl == "cudnn" and not isinstance(scale, float):
-            # cuDNN wants a static scale; a traced one (scan_layers with
-            # scale_attn_by_inverse_layer_idx) is folded into q instead
+            # cuDNN wants a static scale: a traced one (scan_layers with
+            # scale_attn_by_inverse_layer_idx) is folded into q
             q, scale = (q * scale).astype(dt), 1.0
         if impl == "cudnn" and mask.shape[0] == 1:
             # no padding: the causal mask type, which never materialises a (T, T) mask
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                               implementation=impl)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                               implementation=impl)
-        return self._project_out(out, key)
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                                implementation=impl)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
 
     def _attend_cached(self, x, mask, scale, key, cache, cache_index):
         """Decoding: the new tokens' k/v go into the (B, S, H, K) cache at cache_index."""
@@ -452,23 +420,17 @@ class Attention(nnx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = dropout(probs, cfg.attn_pdrop, _fold(key, 0)).astype(dt)
-        out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
-        return self._project_out(out, key), (k, v)
+        return jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt)), (k, v)
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        d, f, std = cfg.n_embd, cfg.inner, cfg.initializer_range
-        proj_std = std / math.sqrt(2 * cfg.n_layer)
-        self.c_fc_kernel = _param(rngs, nnx.initializers.normal(std), (d, f), ("embed", "mlp"))
+        d, f = cfg.n_embd, cfg.inner
+        self.c_fc_kernel = _param(rngs, _normal(cfg), (d, f), ("embed", "mlp"))
         self.c_fc_bias = _param(rngs, _zeros, (f,), ("mlp",))
-        self.c_proj_kernel = _param(
-            rngs, nnx.initializers.normal(proj_std), (f, d), ("mlp", "embed")
-        )
+        self.c_proj_kernel = _param(rngs, _normal(cfg, proj=True), (f, d), ("mlp", "embed"))
         self.c_proj_bias = _param(rngs, _zeros, (d,), ("norm",))
-        for module in ("mlp.c_fc", "mlp.c_proj"):
-            for name, p in L.make_params(cfg, module, rngs).items():
-                setattr(self, name, p)
+        _add_lora(self, cfg, rngs, "mlp.c_fc", "mlp.c_proj")
         self.cfg = cfg
 
     def __call__(self, x, key=None):
@@ -501,32 +463,22 @@ class SequenceHead(nnx.Module):
     """GPT2ForSequenceClassification's `score`: Linear(n_embd, num_labels), no bias."""
 
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        self.kernel = _param(
-            rngs,
-            nnx.initializers.normal(cfg.initializer_range),
-            (cfg.n_embd, cfg.num_labels),
-            ("embed", "labels"),
-        )
+        self.kernel = _param(rngs, _normal(cfg), (cfg.n_embd, cfg.num_labels), ("embed", "labels"))
 
     def __call__(self, h, attention_mask, key=None):
-        b = h.shape[0]
         if attention_mask is None:
             pooled = h[:, -1]
         else:
-            pooled = h[jnp.arange(b), last_token_index(attention_mask)]
+            pooled = h[jnp.arange(h.shape[0]), last_token_index(attention_mask)]
         return pooled.astype(jnp.float32) @ self.kernel[...]
 
 
 class AttentionPoolHead(nnx.Module):
-    """A learned query attends over the final hidden states, then dropout and a classifier.
-
-    Multi-head (n_head heads): each head's query is a parameter, keys and values are
-    projections of the hidden states, padding is masked out.
-    """
+    """A learned query per head attends over projections of the final hidden states
+    (padding masked out), then dropout and a classifier."""
 
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        d, h, k, std = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.initializer_range
-        normal = nnx.initializers.normal(std)
+        d, h, k, normal = cfg.n_embd, cfg.n_head, cfg.head_dim, _normal(cfg)
         self.query = _param(rngs, normal, (h, k), ("heads", "head_dim"))
         self.key_kernel = _param(rngs, normal, (d, h, k), ("embed", "heads", "head_dim"))
         self.key_bias = _param(rngs, _zeros, (h, k), ("heads", "head_dim"))
@@ -549,11 +501,6 @@ class AttentionPoolHead(nnx.Module):
         return pooled @ self.out_kernel[...] + self.out_bias[...]
 
 
-def _k(module, name: str):
-    """The kernel `name` for the module's model.kernels (kernels.pick)."""
-    return K.pick(name, module.cfg.kernels)
-
-
 def _checkpointed(fn, remat: str):
     if remat == "full":
         return jax.checkpoint(fn)
@@ -567,22 +514,14 @@ class GPT2(nnx.Module):
 
     `__call__` gives LM logits (B, T, vocab) for head "lm" and class logits (B, labels)
     for the classification heads. `hidden_states` exposes the backbone (with an optional
-    KV cache for decoding) and `lm_logits` the tied LM head, for generation, scoring,
-    embeddings and auxiliary LM losses.
+    KV cache for decoding) and `lm_logits` the tied LM head.
     """
 
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
         self.cfg = cfg
-        std = cfg.initializer_range
-        self.wte = _param(
-            rngs, nnx.initializers.normal(std), (cfg.vocab_size, cfg.n_embd), ("vocab", "embed")
-        )
-        self.wpe = _param(
-            rngs,
-            nnx.initializers.normal(std),
-            (cfg.n_positions, cfg.n_embd),
-            ("positions", "embed"),
-        )
+        normal = _normal(cfg)
+        self.wte = _param(rngs, normal, (cfg.vocab_size, cfg.n_embd), ("vocab", "embed"))
+        self.wpe = _param(rngs, normal, (cfg.n_positions, cfg.n_embd), ("positions", "embed"))
         if cfg.scan_layers:
             self.h = stack_blocks([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         else:
@@ -593,17 +532,11 @@ class GPT2(nnx.Module):
         elif cfg.head == "attention_pool":
             self.pool = AttentionPoolHead(cfg, rngs)
 
-    def hidden_states(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        dropout_key: jax.Array | None = None,
-        cache: list | None = None,
-        cache_index: jax.Array | int | None = None,
-        segment_ids: jax.Array | None = None,
-    ):
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      position_ids: jax.Array | None = None, *,
+                      dropout_key: jax.Array | None = None, cache: list | None = None,
+                      cache_index: jax.Array | int | None = None,
+                      segment_ids: jax.Array | None = None):
         """Final hidden states (after ln_f) and the updated cache.
 
         Without a cache, attention_mask is (B, T) over the input. With a cache (a list of
@@ -612,51 +545,47 @@ class GPT2(nnx.Module):
         (B, T), no cache: packed documents, each attending within itself from position 0.
         """
         cfg = self.cfg
-        dt = cfg.compute_dtype
-        t = input_ids.shape[1]
         position_ids, mask = _positions_and_mask(input_ids.shape, attention_mask, position_ids,
                                                  segment_ids, cache, cache_index)
         x = jnp.take(unshard_embed(self.wte[...], "vocab"), input_ids, axis=0)
         if position_ids is None:  # a slice, not a gather: simpler to shard and to differentiate
-            x = x + self.wpe[...][:t][None]
+            x = x + self.wpe[...][:input_ids.shape[1]][None]
         else:
             x = x + jnp.take(unshard_embed(self.wpe[...], "positions"), position_ids, axis=0)
-        x = dropout(x.astype(dt), cfg.embd_pdrop, _fold(dropout_key, 1_000_001))
+        x = dropout(x.astype(cfg.compute_dtype), cfg.embd_pdrop, _fold(dropout_key, 1_000_001))
         x = constrain_batch(x)
+        if cache is None:
+            return constrain_batch(self.ln_f(self._blocks(x, mask, dropout_key))), None
+        new_cache = []
+        for i, block in enumerate(unstack_blocks(self.h) if cfg.scan_layers else self.h):
+            x, layer_cache = block(x, mask, i, _fold(dropout_key, i), cache[i], cache_index)
+            x = constrain_batch(x)
+            new_cache.append(layer_cache)
+        return constrain_batch(self.ln_f(x)), new_cache
 
-        if cfg.scan_layers and cache is None:
+    def _blocks(self, x, mask, dropout_key):
+        """The blocks without a cache: a scan (scan_layers) or a loop, each under cfg.remat."""
+        cfg = self.cfg
+
+        def run(graphdef, state, x, i):
+            return nnx.merge(graphdef, state)(x, mask, i, _fold(dropout_key, i))[0]
+
+        if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.h)
 
             def body(carry, xs):
-                state, i = xs
-                block = nnx.merge(graphdef, state)
-                out, _ = block(carry, mask, i, _fold(dropout_key, i))
-                return constrain_batch(out), None
+                return constrain_batch(run(graphdef, xs[0], carry, xs[1])), None
 
-            x, _ = jax.lax.scan(
-                _checkpointed(body, cfg.remat), x, (stacked, jnp.arange(cfg.n_layer))
-            )
-            new_cache = None
-        else:
-            blocks = unstack_blocks(self.h) if cfg.scan_layers else self.h
-            new_cache = [] if cache is not None else None
-            for i, block in enumerate(blocks):
-                layer_cache = None if cache is None else cache[i]
-                if cfg.remat != "none" and cache is None:
-                    gd, st = nnx.split(block)
-
-                    def run(st, x, i=i, gd=gd):
-                        return nnx.merge(gd, st)(x, mask, i, _fold(dropout_key, i))[0]
-
-                    x = _checkpointed(run, cfg.remat)(st, x)
-                else:
-                    x, layer_cache = block(
-                        x, mask, i, _fold(dropout_key, i), layer_cache, cache_index
-                    )
-                x = constrain_batch(x)
-                if new_cache is not None:
-                    new_cache.append(layer_cache)
-        return constrain_batch(self.ln_f(x)), new_cache
+            layers = (stacked, jnp.arange(cfg.n_layer))
+            return jax.lax.scan(_checkpointed(body, cfg.remat), x, layers)[0]
+        for i, block in enumerate(self.h):
+            if cfg.remat == "none":
+                x = block(x, mask, i, _fold(dropout_key, i))[0]
+            else:
+                gd, st = nnx.split(block)
+                x = _checkpointed(lambda st, x, i=i, gd=gd: run(gd, st, x, i), cfg.remat)(st, x)
+            x = constrain_batch(x)
+        return x
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: logits in float32."""
@@ -665,35 +594,31 @@ class GPT2(nnx.Module):
         return logits.reshape(*lead, -1).astype(jnp.float32)
 
     def token_nll(self, h: jax.Array, targets: jax.Array) -> jax.Array:
-        """Per-token LM cross-entropy (B, T) float32 of hidden states h (B, T, D) against
-        targets (B, T). cfg.loss_chunk_tokens 0: through the full float32 logits (lm_logits);
-        N > 0: chunked_nll over chunks of about N tokens per device (`chunk_positions`),
-        so the (B * T, vocab) logits never exist at once."""
+        """Per-token LM cross-entropy (B, T) float32 of hidden states h against targets:
+        through the full logits, or chunked_nll over chunks of about cfg.loss_chunk_tokens
+        tokens per device (chunk_positions)."""
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
             return K.optax_nll(self.lm_logits(h), targets)
         return _k(self, "chunked_nll")(h, self.wte[...].astype(h.dtype), targets, size)
 
     def lm_loss_sum(self, h: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-        """sum(weights * token_nll(h, targets)), float32 scalar, for training: with
-        cfg.loss_chunk_tokens > 0 through fused_nll_sum (gradients made in the forward pass,
-        each chunk's logits computed once), else through the full logits."""
+        """sum(weights * token_nll(h, targets)) for training, chunked through fused_nll_sum
+        (gradients made in the forward pass) as token_nll chunks."""
         size = chunk_positions(self.cfg.loss_chunk_tokens, h.shape)
         if size == 0:
             return jnp.sum(self.token_nll(h, targets) * weights)
         return _k(self, "fused_nll_sum")(h, self.wte[...].astype(h.dtype), targets, weights, size)
 
     def classify(self, h, attention_mask=None, dropout_key=None) -> jax.Array:
-        if self.cfg.head == "sequence":
-            return self.score(h, attention_mask)
-        if self.cfg.head == "attention_pool":
-            return self.pool(h, attention_mask, _fold(dropout_key, 1_000_002))
-        raise UserError("this model has an LM head only; train it with model.head=sequence")
+        """Class logits (B, labels) of the final hidden states h."""
+        if self.cfg.head == "lm":
+            raise UserError("this model has an LM head only; train it with model.head=sequence")
+        head = self.score if self.cfg.head == "sequence" else self.pool
+        return head(h, attention_mask, _fold(dropout_key, 1_000_002))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, dropout_key=None):
-        h, _ = self.hidden_states(
-            input_ids, attention_mask, position_ids, dropout_key=dropout_key
-        )
+        h, _ = self.hidden_states(input_ids, attention_mask, position_ids, dropout_key=dropout_key)
         if self.cfg.head == "lm":
             return self.lm_logits(h)
         return self.classify(h, attention_mask, dropout_key)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 # a block name in either layout: the text before "h.", the layer index (per-layer only),
 # and the rest. "h" is only ever the blocks' attribute, so the match is unambiguous.
@@ -49,14 +50,9 @@ def unflat(template, values: dict[str, Any]):
     return jax.tree.unflatten(treedef, [values[path_name(path)] for path, _ in leaves])
 
 
-def name_tree(tree):
-    """The same tree with each leaf replaced by its dotted name."""
-    return unflat(tree, {name: name for name in flat(tree)})
-
-
 def map_names(fn: Callable[[str], Any], tree):
     """Tree of fn(name) over a parameter tree (optimizer masks and labels)."""
-    return jax.tree.map(fn, name_tree(tree))
+    return unflat(tree, {name: fn(name) for name in flat(tree)})
 
 
 def is_stacked(names) -> bool:
@@ -87,8 +83,6 @@ def stack(values: dict[str, Any], n_layer: int,
           stack_fn: Callable[[list], Any] | None = None) -> dict[str, Any]:
     """Per-layer block entries joined along a new leading layer axis (`stack_fn`, default
     numpy's stack, receives the n_layer entries in order)."""
-    import numpy as np
-
     stack_fn = stack_fn or np.stack
     out, blocks = {}, {}
     for name, v in values.items():

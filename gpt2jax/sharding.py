@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
@@ -44,17 +45,14 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, 
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise UserError(
-                f"mesh: {n_devices} devices cannot be split with fixed sizes "
-                f"data={data} fsdp={fsdp} tensor={tensor}; pick sizes that divide {n_devices}"
-            )
+            raise UserError(f"mesh: {n_devices} devices cannot be split with fixed sizes "
+                            f"data={data} fsdp={fsdp} tensor={tensor}; pick sizes that divide "
+                            f"{n_devices}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise UserError(
-            f"mesh: data x fsdp x tensor = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
-            f"{math.prod(sizes)}, but there are {n_devices} devices; set one of "
-            "mesh.data/fsdp/tensor to -1 to fill the rest"
-        )
+        raise UserError(f"mesh: data x fsdp x tensor = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
+                        f"{math.prod(sizes)}, but there are {n_devices} devices; set one of "
+                        "mesh.data/fsdp/tensor to -1 to fill the rest")
     return tuple(sizes)
 
 
@@ -62,9 +60,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     """A (data, fsdp, tensor) mesh with Auto axes (the compiler propagates shardings)."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(data, fsdp, tensor, len(devices))
-    return jax.make_mesh(
-        shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
 
 
 def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
@@ -77,9 +74,7 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
     for name, dim in zip(axes, shape, strict=True):
         if name is not None and name not in table:
             raise KeyError(f"logical axis {name!r} has no sharding rule in sharding.RULES")
-        target = table.get(name) if name is not None else None
-        names = () if target is None else (target,) if isinstance(target, str) else target
-        names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
+        names = tuple(n for n in _names(table.get(name)) if n not in used and mesh.shape[n] > 1)
         if names and dim % math.prod(mesh.shape[n] for n in names) == 0:
             out.append(names[0] if len(names) == 1 else names)
             used.update(names)
@@ -88,18 +83,21 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
     return P(*out)
 
 
+def _names(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A rule's or a PartitionSpec entry's mesh axes as a tuple."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def state_shardings(state, mesh: Mesh, rules=RULES):
     """NamedShardings for an nnx.State of annotated Variables (same tree structure)."""
     from flax import nnx
 
     leaves = []
     for path, var in nnx.to_flat_state(state):
-        axes = var.get_metadata().get("out_sharding") or ()
         shape = tuple(var.get_value().shape)
-        if not axes:
-            axes = (None,) * len(shape)
-        leaves.append((path, var.replace(NamedSharding(mesh, spec_for(tuple(axes), shape,
-                                                                       mesh, rules)))))
+        axes = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
+        spec = spec_for(axes, shape, mesh, rules)
+        leaves.append((path, var.replace(NamedSharding(mesh, spec))))
     return nnx.from_flat_state(leaves)
 
 
@@ -120,11 +118,8 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray], leading: int = 0) -> dict:
     """Assemble a global batch from this process's rows (each process passes its shard)."""
-    out = {}
-    for k, v in local.items():
-        sharding = batch_sharding(mesh, v.ndim, leading)
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
-    return out
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, leading), v)
+            for k, v in local.items()}
 
 
 def shardings_like_params(tree, params, param_shardings, default: NamedSharding):
@@ -150,10 +145,8 @@ def shardings_like_params(tree, params, param_shardings, default: NamedSharding)
 
 
 def under_mesh(fn, mesh: Mesh):
-    """fn traced with `mesh` as the current abstract mesh, so the model's activation
-    constraints (constrain_batch, unshard_embed) and the loss's chunk size see it; a
-    one-device mesh constrains nothing."""
-    import functools
+    """fn traced with `mesh` as the current abstract mesh, which the model's activation
+    constraints and the loss's chunk size read (a one-device mesh constrains nothing)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -198,47 +191,41 @@ def require_cudnn() -> None:
         )
 
 
+def _traced_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh being traced under (`under_mesh`), or None without one or with one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
 def chunk_positions(tokens: int, shape: tuple[int, ...]) -> int:
     """Sequence positions per LM-loss chunk so that each device holds about `tokens` rows
-    of logits (0: no chunking). Under a mesh the batch axis is split by sharding.RULES'
-    `batch` rule, so a device holds B / (its data-parallel width) rows of every chunk."""
+    of logits (0: no chunking), the batch axis split by the `batch` rule under a mesh."""
     if tokens <= 0:
         return 0
     batch, length = shape[0], shape[1]
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        axes = spec_for(("batch",), (batch,), mesh)[0]
-        names = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        batch //= math.prod(mesh.shape[n] for n in names)
+    mesh = _traced_mesh()
+    if mesh is not None:
+        axes = _names(spec_for(("batch",), (batch,), mesh)[0])
+        batch //= math.prod(mesh.shape[n] for n in axes)
     return min(max(1, tokens // max(batch, 1)), length)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
-    """Shard an activation's leading (batch) axis by sharding.RULES' `batch` rule, under a
-    mesh only (the train and eval steps trace under their mesh: `under_mesh`). Other axes
-    are left replicated.
-
-    Without it the SPMD partitioner picks layouts for some activations (e.g. the position
-    embeddings' gradient) that differ from the batch's and falls back to a full
-    rematerialisation (replicate, then re-partition).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    """An activation's leading (batch) axis sharded by the `batch` rule under a mesh, other
+    axes replicated. Without it the SPMD partitioner gave some activations (the position
+    embeddings' gradient) other layouts than the batch's, then replicated them."""
+    mesh = _traced_mesh()
+    if mesh is None:
         return x
-    from .sharding import spec_for
-
     spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
 
 
 def unshard_embed(table: jax.Array, row_axis: str) -> jax.Array:
-    """An embedding table gathered along `embed` (FSDP's all-gather before use) under a
-    mesh; its rows keep their rule. A lookup into a table split along `embed` gives
-    activations split along `embed`, which the partitioner cannot turn into the batch
-    layout without replicating them first."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    """An embedding table gathered along `embed` under a mesh (its rows keep their rule): a
+    lookup into a table split along `embed` gives activations split along `embed`, which
+    the partitioner cannot turn into the batch layout without replicating them first."""
+    mesh = _traced_mesh()
+    if mesh is None:
         return table
-    from .sharding import spec_for
-
     return jax.lax.with_sharding_constraint(table, spec_for((row_axis, None), table.shape, mesh))
