@@ -210,6 +210,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             key = getattr(e, "full_key", None) or "?"
             raise UserError(f"{where}: key {key}: {_omega_reason(e, key)}") from e
     cfg: Config = OmegaConf.to_object(merged)
+    if cfg.data.cache_dir == "False":  # YAML reads `off` as false, which a str field spells so
+        cfg.data.cache_dir = "off"
     validate(cfg)
     return cfg
 

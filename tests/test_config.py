@@ -96,3 +96,14 @@ def test_bad_key_inside_the_file_names_file_and_key(tmp_path, cfg_file):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError, match=r"typo\.yaml.*train\.batchsize"):
         load_config(path)
+
+
+def test_cache_dir_off_survives_yaml_booleans(tmp_path, cfg_file):
+    # YAML 1.1 reads `off` as false; data.cache_dir=off must still turn the cache off
+    assert load_config(cfg_file, ["--data.cache_dir=off"]).data.cache_dir == "off"
+    raw = yaml.safe_load(cfg_file.read_text())
+    raw["data"]["cache_dir"] = "OFF_MARK"
+    path = tmp_path / "off.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("OFF_MARK", "off"))  # unquoted, as users write
+    assert load_config(path).data.cache_dir == "off"
+    assert load_config(cfg_file, ["--data.cache_dir=/tmp/c"]).data.cache_dir == "/tmp/c"
