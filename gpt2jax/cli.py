@@ -502,24 +502,24 @@ def _add_bench(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import bench_config, format_lora_table, format_table, run_bench, run_lora_bench
+    from . import bench
     from .peers import parse
 
     shape = _pick(args, "n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "dtype",
                   "remat", "attention", "loss_chunk", "kernels")
-    cfg = bench_config(args.preset, scan_layers=args.scan_layers or None, **shape)
+    cfg = bench.bench_config(args.preset, scan_layers=args.scan_layers or None, **shape)
     timing = _pick(args, "batch_size", "seq_len", "steps", "warmup", "rounds", "seed")
-    timing["log"] = _log
     if not args.lora:
-        result = run_bench(cfg, vs=parse(args.vs), decode=args.decode, evaluate=args.eval,
-                           **_pick(args, "decode_tokens", "peak_size"), **timing)
-        _emit(result, args.json, format_table)
+        s = bench.BenchSettings(vs=parse(args.vs), evaluate=args.eval,
+                                **_pick(args, "decode", "decode_tokens", "peak_size"), **timing)
+        _emit(bench.run_bench(cfg, s, _log), args.json, bench.format_table)
         return 0
     if args.vs or args.decode or args.eval:
         raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs, "
                         "--decode and --eval without it")
-    result = run_lora_bench(cfg, args.lora, tuple(args.lora_targets), **timing)
-    _emit(result, args.json, format_lora_table)
+    result = bench.run_lora_bench(cfg, args.lora, tuple(args.lora_targets),
+                                  bench.BenchSettings(**timing), _log)
+    _emit(result, args.json, bench.format_lora_table)
     return 0
 
 
