@@ -336,6 +336,7 @@ def _sampling(args):
 
 def _cmd_generate(args) -> dict | int:
     import time
+    from dataclasses import asdict
 
     from .generate import Generator
     if args.prompts_file is not None:
@@ -359,7 +360,7 @@ def _cmd_generate(args) -> dict | int:
                                            "num_samples", "batch_size"))
     if args.json:
         samples = gen.generate(prompts, **opts)
-        return {"samples": [s.to_json() for s in samples],
+        return {"samples": [asdict(s) for s in samples],
                 "first_token_s": gen.timing.first_token_s,
                 "decode_tokens_per_s": gen.timing.decode_tokens_per_s}
     many = len(prompts) * args.num_samples > 1
