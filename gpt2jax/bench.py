@@ -215,8 +215,8 @@ def _step_sizes(params, opt_state, compiled, frozen: frozenset) -> dict:
 
 def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
     """Our greedy batch-1 decoder (generate.Generator), compiled and warmed, and with vs_hf
-    what transformers needs to run `generate` on the same weights. Returns (run,
-    prompt_tokens, new_tokens, hf_args or None)."""
+    what transformers needs to run `generate` on the same weights. Returns (run, what is
+    decoded as the result reports it, hf_args or None)."""
     from .generate import Generator, Sampling
     from .hf import to_hf_tensors
     from .model import create_model
@@ -243,7 +243,10 @@ def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
     if vs_hf:
         hf_args = {"weights": to_hf_tensors(model), "ids": ids, "new_tokens": new_tokens,
                    "eos": tok.eos_token_id}
-    return ours, len(ids), new_tokens, hf_args
+    decoded = {"batch_size": 1, "prompt_tokens": len(ids), "new_tokens": new_tokens,
+               "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
+               "flops_per_token": decode_flops_per_token(cfg, len(ids) + new_tokens)}
+    return ours, decoded, hf_args
 
 
 # ---------------------------------------------------------------- evaluation
@@ -288,25 +291,6 @@ def _vs_hf(timed: list, kind: str, unit: str) -> dict:
     return res
 
 
-def _eval_result(timed: list) -> dict | None:
-    """Per evaluation path: `_vs_hf` of its rates."""
-    if "lm" not in timed[0]["forward"]:
-        return None
-    return {kind: _vs_hf(timed, kind, unit)
-            for kind, unit in (("lm", "tokens"), ("classification", "examples"))}
-
-
-def _decode_result(cfg: GPT2Config, m: dict) -> dict | None:
-    """The decoding side by side: what was decoded and `_vs_hf` of the rates."""
-    if "decode" not in m["timed"][0]["forward"]:
-        return None
-    prompt, new = m["prompt_tokens"], m["new_tokens"]
-    return {"batch_size": 1, "prompt_tokens": prompt, "new_tokens": new,
-            "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
-            "flops_per_token": decode_flops_per_token(cfg, prompt + new),
-            **_vs_hf(m["timed"], "decode", "tokens")}
-
-
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -321,12 +305,9 @@ def bench_config(preset: str | None = None, **dims) -> GPT2Config:
 
 def run_bench(cfg: GPT2Config, s: BenchSettings = BenchSettings(),
               log: Callable[[str], None] | None = None) -> dict:
-    """Benchmark a training step of `cfg` (and optionally its peers, decoding, evaluation).
-
-    Rounds alternate (`_round`): peak matmul, our steps, each peer's in `s.vs`
-    (peers.PEERS), decoding and evaluation forwards (ours; transformers' too with "hf").
-    Every rate is the median over rounds. Returns the documented JSON dict.
-    """
+    """Benchmark a training step of `cfg` (and optionally its peers, decoding, evaluation)
+    in alternating rounds (`_round`), medians over rounds; the JSON dict of
+    docs/benchmarks.md."""
     s.check(cfg)
     if s.decode and cfg.vocab_size <= EOS_ID:
         raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
@@ -375,8 +356,9 @@ def run_bench(cfg: GPT2Config, s: BenchSettings = BenchSettings(),
         **{p: sides.get(p) for p in peers.PEERS},
         "ratio": ratios.get("hf"),
         "ratios": ratios,
-        "decode": _decode_result(cfg, m),
-        "eval": _eval_result(timed),
+        "decode": {**m["decoded"], **_vs_hf(timed, "decode", "tokens")} if s.decode else None,
+        "eval": {kind: _vs_hf(timed, kind, unit) for kind, unit in
+                 (("lm", "tokens"), ("classification", "examples"))} if s.evaluate else None,
         "device": describe_device(device),
         "jax_version": jax.__version__,
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
@@ -387,7 +369,7 @@ def run_bench(cfg: GPT2Config, s: BenchSettings = BenchSettings(),
 def _measure(cfg: GPT2Config, device, s: BenchSettings, say: Callable[[str], None]) -> dict:
     """Compile and warm each side up, settle, then run the timed rounds. Returns the
     rounds and what was learnt on the way."""
-    out = {"threads": _cores(), "info": {}, "first": {}, "prompt_tokens": 0}
+    out = {"threads": _cores(), "info": {}, "first": {}}
     train: dict[str, Callable[[int], list]] = {}  # side -> run(n) -> [s, CPU s, faults]
     tokens = _random_tokens(s.batch_size, s.seq_len, cfg.vocab_size, s.seed)
 
@@ -408,8 +390,8 @@ def _measure(cfg: GPT2Config, device, s: BenchSettings, say: Callable[[str], Non
         forwards, hf_decode_args = {}, None  # kind -> run() -> (seconds, tokens or examples)
         if s.decode:
             say("compiling the decoder")
-            forwards["decode"], out["prompt_tokens"], out["new_tokens"], hf_decode_args = \
-                _decoder(cfg, s.seed, s.decode_tokens, "hf" in workers)
+            forwards["decode"], out["decoded"], hf_decode_args = _decoder(
+                cfg, s.seed, s.decode_tokens, "hf" in workers)
         if s.evaluate:
             say("compiling the evaluation forwards")
             forwards.update(_evaluators(cfg, tokens, s.seed, s.steps))
@@ -426,12 +408,12 @@ def _measure(cfg: GPT2Config, device, s: BenchSettings, say: Callable[[str], Non
             warm_up(peer)
             for kind in forwards if peer == "hf" else ():
                 worker.call("eval", kind=kind)  # warm-up
-        sides = _Sides(make_peak_probe(device, cfg.dtype, s.peak_size), train, forwards,
-                       workers.get("hf"))
-        out["settle"] = _settle(sides, s.steps)
+        one_round = functools.partial(_round, make_peak_probe(device, cfg.dtype, s.peak_size),
+                                      train, forwards, workers.get("hf"), s.steps)
+        out["settle"] = _settle(one_round)
         out["timed"] = []
         for i in range(s.rounds):
-            r = _round(sides, s.steps)
+            r = one_round()
             say(f"round {i + 1}/{s.rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " + ", ".join(
                 f"{name} {s.batch_size * s.seq_len / secs:,.0f} tokens/s"
                 for name, (secs, _) in r["train"].items()))
@@ -465,44 +447,35 @@ def _peer_fields(cfg: GPT2Config, peer: str, side: dict, m: dict, times: dict) -
                 ratio_rounds=[round(h / j, 3) for j, h in zip(times["jax"], times[peer])])
 
 
-@dataclass
-class _Sides:
-    """What a round runs: the peak probe, each side's train(n) (ours first), our forwards
-    (decoding, evaluation) and transformers' worker, which runs them too."""
-
-    probe: Callable
-    train: dict
-    forwards: dict
-    hf: peers.Worker | None
-
-
-def _round(sides: _Sides, steps: int) -> dict:
-    """One alternating round: the peak probe; per side one untimed and `steps` timed steps;
-    each forward (a greedy decode, evaluation), ours then transformers' when it runs.
-    Returns the peak FLOP/s, per side (seconds, [CPU seconds, minor page faults]) a step
-    and per forward (our rate, transformers' or None)."""
-    r = {"peak": sides.probe(3), "train": {}, "forward": {}}
-    for name, train in sides.train.items():
+def _round(probe: Callable, trains: dict, forwards: dict, hf: peers.Worker | None,
+           steps: int) -> dict:
+    """One alternating round: the peak probe; per side (`trains`: name -> train(n), ours
+    first) one untimed and `steps` timed steps; each forward (a greedy decode, evaluation),
+    ours then transformers' when its worker `hf` runs. Returns the peak FLOP/s, per side
+    (seconds, [CPU seconds, minor page faults]) a step and per forward (our rate,
+    transformers' or None)."""
+    r = {"peak": probe(3), "train": {}, "forward": {}}
+    for name, train in trains.items():
         # The first step after other work (the probe, another side's step) pays page
         # faults for memory the allocator returned in between (measured: GPT-2 small's
         # first JAX step after a torch step took 1.6x as long); steady training never does.
         train(1)
         secs, *use = train(steps)
         r["train"][name] = (secs / steps, [u / steps for u in use])
-    for kind, run in sides.forwards.items():
+    for kind, run in forwards.items():
         secs, n = run()
-        theirs = sides.hf.call("eval", kind=kind) if sides.hf is not None else None
+        theirs = hf.call("eval", kind=kind) if hf is not None else None
         r["forward"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
     return r
 
 
-def _settle(sides: _Sides, steps: int, most: int = 8) -> int:
+def _settle(one_round: Callable[[], dict], most: int = 8) -> int:
     """Untimed rounds until our steps fault no memory in (under `keep`'s growing heap), or
     with another malloc policy until the count stops falling; returns how many."""
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
-        faults = _round(sides, steps)["train"]["jax"][1][1]
+        faults = one_round()["train"]["jax"][1][1]
         if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults
