@@ -257,14 +257,12 @@ def sentence_transformer_embedder(name: str):
     return lambda texts: np.asarray(st.encode(list(texts), convert_to_numpy=True))
 
 
-def make_embedder(embed_model, default_model=None, default_tokenizer=None):
-    """An embedder (texts -> (N, D) array) for --embed-model: None, the default model's
-    hidden states; `st:NAME`, all-MiniLM-L6-v2 or a directory with modules.json,
+def make_embedder(embed_model, model, tokenizer):
+    """An embedder (texts -> (N, D) array) for --embed-model: None, `model`'s hidden
+    states; `st:NAME`, all-MiniLM-L6-v2 or a directory with modules.json,
     sentence-transformers; another string, a model source's hidden states; a callable as is."""
     if embed_model is None:
-        if default_model is None:
-            raise UserError("no embedding model given")
-        return HiddenStateEmbedder(default_model, default_tokenizer)
+        return HiddenStateEmbedder(model, tokenizer)
     if callable(embed_model):
         return embed_model
     name = str(embed_model)
@@ -274,8 +272,8 @@ def make_embedder(embed_model, default_model=None, default_tokenizer=None):
         return sentence_transformer_embedder(name)
     from .run import load_model
 
-    model, tokenizer, _ = load_model(name)
-    return HiddenStateEmbedder(model, tokenizer)
+    other, other_tokenizer, _ = load_model(name)
+    return HiddenStateEmbedder(other, other_tokenizer)
 
 
 # ---------------------------------------------------------------- similarity
