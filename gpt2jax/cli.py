@@ -370,6 +370,7 @@ def _prompt_source(p: argparse.ArgumentParser) -> None:
    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 def _cmd_generate(args) -> dict | int:
     import time
+    from dataclasses import asdict
 
     from .generate import Generator
     if args.prompts_file is not None:
@@ -389,7 +390,7 @@ def _cmd_generate(args) -> dict | int:
                                            "num_samples", "batch_size"))
     if args.json:
         samples = gen.generate(prompts, **opts)
-        return {"samples": [s.to_json() for s in samples],
+        return {"samples": [asdict(s) for s in samples],
                 "first_token_s": gen.timing.first_token_s,
                 "decode_tokens_per_s": gen.timing.decode_tokens_per_s}
     many = len(prompts) * args.num_samples > 1
@@ -523,23 +524,24 @@ def _cmd_similarity(args) -> dict:
 ], help="train-step tokens/s, FLOPs and MFU; --vs hf,keras compares with transformers' PyTorch "
         "and KerasHub")
 def _cmd_bench(args) -> int:
-    from .bench import bench_config, format_lora_table, format_table, run_bench, run_lora_bench
+    from . import bench
     from .peers import parse
 
     shape = _pick(args, "n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "dtype",
                   "remat", "attention", "loss_chunk", "kernels")
-    cfg = bench_config(args.preset, scan_layers=args.scan_layers or None, **shape)
+    cfg = bench.bench_config(args.preset, scan_layers=args.scan_layers or None, **shape)
     timing = _pick(args, "batch_size", "seq_len", "steps", "warmup", "rounds", "seed")
-    timing["log"] = _log
     if not args.lora:
-        result = run_bench(cfg, vs=parse(args.vs), decode=args.decode, evaluate=args.eval,
-                           **_pick(args, "decode_tokens", "peak_size"), **timing)
-    elif args.vs or args.decode or args.eval:
+        s = bench.BenchSettings(vs=parse(args.vs), evaluate=args.eval,
+                                **_pick(args, "decode", "decode_tokens", "peak_size"), **timing)
+        _emit(bench.run_bench(cfg, s, _log), args.json, bench.format_table)
+        return 0
+    if args.vs or args.decode or args.eval:
         raise UserError("--lora compares LoRA with full fine-tuning in gpt2jax; run --vs, "
                         "--decode and --eval without it")
-    else:
-        result = run_lora_bench(cfg, args.lora, tuple(args.lora_targets), **timing)
-    _emit(result, args.json, format_lora_table if args.lora else format_table)
+    result = bench.run_lora_bench(cfg, args.lora, tuple(args.lora_targets),
+                                  bench.BenchSettings(**timing), _log)
+    _emit(result, args.json, bench.format_lora_table)
     return 0
 
 

@@ -54,11 +54,11 @@ def class_probabilities(model: GPT2, input_ids: jax.Array, attention_mask: jax.A
     return jax.nn.softmax(model(input_ids, attention_mask), axis=-1)
 
 
-def _batched(fn: Callable, model: GPT2, rows: list[list[int]], pad: int,
+def batched(fn: Callable, model: GPT2, rows: list[list[int]], pad: int,
              batch_size: int) -> np.ndarray:
     """fn(model, ids, mask) over the rows, right padded and batch_size at a time in one shape
     (one compile); the outputs of the real rows, in order."""
-    length = max(len(r) for r in rows)
+    length = max(1, *(len(r) for r in rows))  # one column even when every row is empty
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -87,24 +87,23 @@ def check_stride(stride: int, seq_len: int) -> None:
         raise UserError(f"--stride {stride} must be at least 1 and below --seq-len {seq_len}")
 
 
-def _lm_window(model: GPT2, seq_len: int | None, stride: int | None) -> tuple[int, int]:
-    """--seq-len and --stride, checked, with their defaults (n_positions, seq_len // 2)."""
-    seq_len = context_length(model, seq_len)
-    stride = seq_len // 2 if stride is None else stride
-    check_stride(stride, seq_len)
-    return seq_len, stride
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-
-
-def _require_classifier(model: GPT2) -> None:
-    if model.cfg.head == "lm":
+def _checked(model: GPT2, task: str, batch_size: int, seq_len: int | None = None,
+             stride: int | None = None) -> tuple[int | None, int | None]:
+    """The arguments of an lm or classification evaluation, checked before any work, with
+    their defaults (seq_len: n_positions; lm stride: seq_len // 2)."""
+    if task == "classification" and model.cfg.head == "lm":
         raise UserError(
             "this model has an LM head only; classification needs a model with a "
             "classification head (use --task lm for perplexity)")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if task not in ("lm", "classification"):
+        return seq_len, stride
+    seq_len = context_length(model, seq_len)
+    if task == "lm":
+        stride = seq_len // 2 if stride is None else stride
+        check_stride(stride, seq_len)
+    return seq_len, stride
 
 
 # ---------------------------------------------------------------- language modelling
@@ -137,9 +136,8 @@ def evaluate_lm(model: GPT2, tokenizer, texts: Sequence[str], *, batch_size: int
     Longer documents are scored in windows of seq_len (default n_positions) that advance
     by stride (default seq_len // 2); see lm_windows.
     """
-    _check_batch_size(batch_size)
+    seq_len, stride = _checked(model, "lm", batch_size, seq_len, stride)
     texts = list(texts)
-    seq_len, stride = _lm_window(model, seq_len, stride)
     eos = eos_id(tokenizer, model.cfg.eos_token_id)
     docs = [[eos, *ids] for ids in encode(tokenizer, texts, model.cfg.vocab_size)]
     tokens = sum(len(ids) - 1 for ids in docs)
@@ -147,7 +145,7 @@ def evaluate_lm(model: GPT2, tokenizer, texts: Sequence[str], *, batch_size: int
         raise UserError("the data has no text to score (all documents are empty)")
     # (document, begin, end, first scored): all windows of all documents, batched together
     work = [(d, *w) for d, ids in enumerate(docs) for w in lm_windows(len(ids), seq_len, stride)]
-    lp = _batched(token_logprobs, model, [docs[d][b:e] for d, b, e, _ in work], eos, batch_size)
+    lp = batched(token_logprobs, model, [docs[d][b:e] for d, b, e, _ in work], eos, batch_size)
     total = sum(float(lp[i, first - b:e - b].astype(np.float64).sum())
                 for i, (_, b, e, first) in enumerate(work))
     loss = -total / tokens
@@ -368,10 +366,8 @@ def evaluate_classification(model: GPT2, tokenizer, texts: Sequence[str], labels
     n_positions) keep their first seq_len tokens. With `predictions`, writes one JSON
     line per example: text, label, predicted, probabilities.
     """
-    _require_classifier(model)
-    _check_batch_size(batch_size)
+    seq_len, _ = _checked(model, "classification", batch_size, seq_len)
     texts = list(texts)
-    seq_len = context_length(model, seq_len)
     cfg = model.cfg
     names = tuple(cfg.labels) or tuple(str(i) for i in range(cfg.num_labels))
     y_true = label_indices(labels, names, label_column)
@@ -380,7 +376,7 @@ def evaluate_classification(model: GPT2, tokenizer, texts: Sequence[str], labels
         if not r:
             raise UserError(f"row {row} (counting from 0) has an empty text; remove or fill it")
     pad = eos_id(tokenizer, cfg.eos_token_id) if cfg.pad_token_id is None else cfg.pad_token_id
-    probs = _batched(class_probabilities, model, ids, pad, batch_size).astype(np.float64)
+    probs = batched(class_probabilities, model, ids, pad, batch_size).astype(np.float64)
     y_pred = probs.argmax(-1)
     result = {**classification_metrics(y_true, y_pred, names), "examples": len(ids)}
     if predictions is not None:
@@ -416,13 +412,7 @@ def evaluate_data(model: GPT2, tokenizer, data: str, *, task: str | None = None,
         raise UserError(f"--limit must be >= 0 (0: every record), got {limit}")
     if task == "lm" and predictions is not None:
         raise UserError("--predictions applies to --task classification")
-    # argument errors before the (possibly slow) data loading
-    _check_batch_size(batch_size)
-    if task == "lm":
-        _lm_window(model, seq_len, stride)
-    elif task == "classification":
-        _require_classifier(model)
-        context_length(model, seq_len)
+    _checked(model, task, batch_size, seq_len, stride)  # before the (possibly slow) loading
     ds = load_task_dataset(data, text_unit=text_unit, split=split, limit=limit)
     if task == "dictionary_reverse":
         return {"task": task, **evaluate_reverse_dictionary(

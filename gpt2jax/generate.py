@@ -1,10 +1,5 @@
-"""Text generation with a KV cache: sampling filters, batched decoding, streaming.
-
-Left-padded prompts are prefilled in one call, then jitted chunks of decode steps run a
-`fori_loop` over the donated cache, with the layers unrolled (a scan would copy every
-weight per token); shapes are bucketed so many prompts share one compilation. The sampling
-filters are pure functions on logits with the Hugging Face definitions. docs/generation.md
-says more.
+"""Text generation with a KV cache: sampling filters (pure functions on logits, Hugging
+Face's definitions), batched decoding, streaming. docs/generation.md says how it works.
 """
 
 from __future__ import annotations
@@ -12,7 +7,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +58,8 @@ def _ordered_bits(x: jax.Array) -> jax.Array:
 
 
 def _keep_top(logits: jax.Array, weights: jax.Array, target) -> jax.Array:
-    """-inf below the largest logit t whose tokens with logit >= t weigh at least `target`.
-
-    t is found by bisection over the float bit patterns (32 masked sums): exact, and on
-    CPU much faster than lax.top_k or a sort over the vocabulary.
-    """
+    """-inf below the largest logit t whose tokens with logit >= t weigh at least `target`
+    (t by bisection over the float bit patterns: exact, and on CPU faster than a sort)."""
     bits = _ordered_bits(logits)
     lo = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)
     hi = jnp.full_like(lo, 0xFFFFFFFF)
@@ -236,10 +228,6 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
-    def to_json(self) -> dict:
-        """The JSON record printed by `gpt2jax generate --json`."""
-        return asdict(self)
-
 
 def _stop_hit(text: str, stops: Sequence[str]) -> int:
     """Index of the earliest stop string in text, or -1."""
@@ -309,13 +297,6 @@ class Timing:
     first_token_s: float | None = None
     decode_tokens: int = 0
     decode_s: float = 0.0
-
-    def add(self, first_token_s: float, decode_tokens: int, decode_s: float) -> None:
-        """Count one batch of rows."""
-        if self.first_token_s is None:
-            self.first_token_s = first_token_s
-        self.decode_tokens += decode_tokens
-        self.decode_s += decode_s
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -439,8 +420,10 @@ class Generator:
                 done, history, row_keys, self.eos_id, chunk, sampling)
             absorb(rows, np.asarray(out)[:, :n])
             step += n
-        self.timing.add(t1 - t0, sum(len(r.sample.token_ids) - 1 for r in rows),
-                        time.perf_counter() - t1)
+        t = self.timing
+        t.first_token_s = t1 - t0 if t.first_token_s is None else t.first_token_s
+        t.decode_tokens += sum(len(r.sample.token_ids) - 1 for r in rows)
+        t.decode_s += time.perf_counter() - t1
 
     def _absorb(self, rows: list[_Row], new_tokens: np.ndarray, *, max_new, stop, on_text):
         for r, tokens in zip(rows, new_tokens, strict=True):
@@ -466,14 +449,9 @@ def generate(
     batch_size: int = 16,
     on_text: Callable[[int, int, str], None] | None = None,
 ) -> list[Sample]:
-    """Continue each prompt `num_samples` times with the model's KV cache.
-
-    Sampling draws use a key per (seed, prompt index, sample index, step), so a sample does
-    not depend on the batch it ran in. Stops at EOS, at any `stop` string (cut from the
-    completion) or after max_new_tokens. `on_text(prompt_index, sample_index, text)` streams
-    text as it is produced (rows then run one at a time). For repeated calls build a
-    `Generator` once.
-    """
+    """Continue each prompt `num_samples` times, to EOS, a `stop` string (cut from the
+    completion) or max_new_tokens; `on_text(prompt_index, sample_index, text)` streams the
+    text (rows then run one at a time). For repeated calls build a `Generator` once."""
     sampling = Sampling(greedy, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram)
     return Generator(model, tokenizer).generate(
         prompts, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop, seed=seed,

@@ -1,17 +1,11 @@
-"""The stacks `gpt2jax bench --vs` runs beside gpt2jax, each in a process of its own.
+"""The stacks `gpt2jax bench --vs` runs beside gpt2jax (transformers' PyTorch, KerasHub;
+docs/benchmarks.md, "Method"), each in a process of its own.
 
-- `hf`: transformers' PyTorch GPT2LMHeadModel + torch.optim.AdamW in a plain loop (the
-  step the Trainer runs), and transformers' `generate` for decoding;
-- `keras`: KerasHub's GPT2CausalLM on Keras 3's JAX backend, compiled with Keras' AdamW
-  and `jit_compile=True`, stepped with `train_on_batch`.
-
-Both are built from the same shape with random weights, dropout off, clipping at a
-global norm of 1.0, and train on the same tokens. A worker answers JSON requests on its
-stdin, one per line: {"op": "init", ...} -> versions; {"op": "train", "n": n} ->
-[seconds, CPU seconds, minor page faults]; {"op": "eval", "kind": "decode" | "lm" |
-"classification"} -> [seconds, tokens or examples]; EOF ends it. Arrays travel in an .npz
-file loaded without pickle. A worker inherits gpt2jax's environment, GLIBC_TUNABLES
-included, so both sides run under one allocator.
+A worker answers JSON requests on its stdin, one per line: {"op": "init", ...} ->
+versions; {"op": "train", "n": n} -> [seconds, CPU seconds, minor page faults]; {"op":
+"eval", "kind": "decode" | "lm" | "classification"} -> [seconds, tokens or examples]; EOF
+ends it. Arrays travel in an .npz file loaded without pickle. A worker inherits gpt2jax's
+environment, GLIBC_TUNABLES included, so both sides run under one allocator.
 """
 
 from __future__ import annotations
@@ -137,42 +131,40 @@ def _hf_trainer(dims: dict, tokens, dtype: str, seed: int, where: str):
     return _timed(step, PEERS["hf"])
 
 
-def _hf_decoder(dims: dict, weights: dict, ids: list, new_tokens: int, eos: int, where: str):
-    """transformers' greedy `generate` on our weights (HF names, numpy): run() -> (seconds,
-    new tokens)."""
-    import torch
-    from transformers import GPT2Config as HFConfig
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(HFConfig(**dims)).eval()
-    state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
-    # lm_head.weight is tied to wte, so it is the only key the export leaves out.
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
-                           f"unexpected {unexpected}")
-    model.to(where)
-    x = torch.tensor([ids], device=where)
-
-    @torch.inference_mode()
-    def generate():  # min_new_tokens: exactly new_tokens every time
-        return model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=eos,
-                              do_sample=False, min_new_tokens=new_tokens,
-                              max_new_tokens=new_tokens)
-
-    return rep_timer(generate, 1, new_tokens, lambda _out: None)  # generate has synced
-
-
-def _hf_evaluators(dims: dict, tokens, reps: int, num_labels: int, where: str):
-    """transformers' counterparts of `gpt2jax eval`'s forwards under torch.inference_mode:
-    "lm" -> per-token log-probabilities (the perplexity computation), "classification" ->
-    GPT2ForSequenceClassification's softmax. Each run() -> (seconds, tokens or examples)
-    for `reps` batches."""
+def _hf_forwards(dims: dict, tokens, weights: dict, decode: dict | None,
+                 evaluate: dict | None, where: str) -> dict:
+    """transformers' counterparts of our forwards, kind -> run() -> (seconds, tokens or
+    examples): with `decode`, greedy `generate` on our weights (HF names, numpy); with
+    `evaluate`, "lm" (per-token log-probabilities: the perplexity computation) and
+    "classification" (GPT2ForSequenceClassification's softmax), `reps` batches each."""
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    conf = HFConfig(**dims, num_labels=num_labels, pad_token_id=50256)
+    forwards = {}
+    if decode:
+        model = GPT2LMHeadModel(HFConfig(**dims)).eval()
+        state = {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+        # lm_head.weight is tied to wte, so it is the only key the export leaves out.
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"weight transfer to transformers: missing {missing}, "
+                               f"unexpected {unexpected}")
+        model.to(where)
+        x = torch.tensor([decode["ids"]], device=where)
+
+        @torch.inference_mode()
+        def generate():  # min_new_tokens: exactly new_tokens every time
+            return model.generate(x, attention_mask=torch.ones_like(x),
+                                  pad_token_id=decode["eos"], do_sample=False,
+                                  min_new_tokens=decode["new_tokens"],
+                                  max_new_tokens=decode["new_tokens"])
+
+        # generate has synced when it returns
+        forwards["decode"] = rep_timer(generate, 1, decode["new_tokens"], lambda _out: None)
+    if not evaluate:
+        return forwards
+    conf = HFConfig(**dims, num_labels=evaluate["num_labels"], pad_token_id=50256)
     lm = GPT2LMHeadModel(conf).to(where).eval()
     cls = GPT2ForSequenceClassification(conf).to(where).eval()
     ids = torch.from_numpy(tokens[:, :-1].astype("int64")).to(where)
@@ -190,7 +182,8 @@ def _hf_evaluators(dims: dict, tokens, reps: int, num_labels: int, where: str):
     def finish(out) -> None:
         float(out.sum())  # synchronises a CUDA device too
 
-    return {"lm": rep_timer(lm_forward, reps, ids.numel(), finish),
+    reps = evaluate["reps"]
+    return {**forwards, "lm": rep_timer(lm_forward, reps, ids.numel(), finish),
             "classification": rep_timer(cls_forward, reps, ids.shape[0], finish)}
 
 
@@ -241,13 +234,8 @@ def _build(peer: str, msg: dict, tokens, weights: dict):
 
     torch.set_num_threads(msg["threads"])
     where = "cuda" if msg["jax_platform"] == "gpu" and torch.cuda.is_available() else "cpu"
-    dims = msg["dims"]
-    train = _hf_trainer(dims, tokens, msg["dtype"], msg["seed"], where)
-    forwards = {}
-    if msg["decode"]:
-        forwards["decode"] = _hf_decoder(dims, weights, **msg["decode"], where=where)
-    if msg["evaluate"]:
-        forwards.update(_hf_evaluators(dims, tokens, **msg["evaluate"], where=where))
+    train = _hf_trainer(msg["dims"], tokens, msg["dtype"], msg["seed"], where)
+    forwards = _hf_forwards(msg["dims"], tokens, weights, msg["decode"], msg["evaluate"], where)
     return train, forwards, {"torch_version": torch.__version__, "torch_device": where,
                              "transformers_version": transformers.__version__}
 
