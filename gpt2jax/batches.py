@@ -102,11 +102,6 @@ class ClassRows:
         ids, mask = pad_rows([self.row(i) for i in idx], length, pad)
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[idx]}
 
-    def subset(self, idx: np.ndarray) -> ClassRows:
-        """The examples at `idx`."""
-        return ClassRows(self.tok.select(idx), self.labels[idx], self.seq_len, self.truncation,
-                         self.eos)
-
 
 def pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int,
              batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -265,13 +260,12 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
         labels = tuple(labels) or tuple(data.labels) or _label_set(train_tok, data)
         train = _classification_rows(train_tok, data, labels, seq_len, eos)
         val = _classification_rows(val_tok, data, labels, seq_len, eos) if len(val_tok) else None
-        stats.update(train_examples=len(train),
-                     truncated=train.truncated() + (val.truncated() if val else 0))
+        rows = [r for r in (train, val) if r is not None]
+        stats.update(train_examples=len(train), truncated=sum(r.truncated() for r in rows))
         if stats["truncated"]:
-            total = len(train) + (len(val) if val else 0)
-            print(f"gpt2jax: warning: {stats['truncated']} of {total} records are longer than "
-                  f"train.seq_len={seq_len} tokens and were cut ({data.truncation} side "
-                  "dropped; see data.truncation)", file=sys.stderr)
+            print(f"gpt2jax: warning: {stats['truncated']} of {sum(map(len, rows))} records are "
+                  f"longer than train.seq_len={seq_len} tokens and were cut "
+                  f"({data.truncation} side dropped; see data.truncation)", file=sys.stderr)
         return Prepared(train, val, labels, stats)
 
     def blocks(tok: Tokenized) -> LMBlocks:
@@ -285,8 +279,7 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
             val = None  # too little validation text for one block
     if val is None and not data.validation and data.validation_fraction > 0:
         if len(val_tok):  # the held-out documents were too short: split all by blocks
-            train_tok = all_tok
-            train = blocks(train_tok)
+            train_tok, train = all_tok, blocks(all_tok)
         train, val = split_blocks(train, data.validation_fraction, seed)
         split = "blocks" if val is not None else "none"
     stats.update(train_tokens=train_tok.n_tokens, train_blocks=len(train),

@@ -82,8 +82,14 @@ def _to_hf(cfg: GPT2Config, hf_name: str, path: str, arr: np.ndarray) -> np.ndar
 
 
 def _from_hf(cfg: GPT2Config, path: str, arr: np.ndarray) -> np.ndarray:
-    """An HF tensor of the right shape in our layout."""
-    return arr.T if path == "score.kernel" else arr.reshape(_our_shape(cfg, path) or arr.shape)
+    """An HF tensor of the right shape in our layout: attention's heads split out, the
+    classifier transposed."""
+    d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
+    split = {"attn.c_attn_kernel": (d, 3, h, k), "attn.c_attn_bias": (3, h, k),
+             "attn.c_proj_kernel": (h, k, d)}
+    if path == "score.kernel":
+        return arr.T
+    return arr.reshape(next((s for end, s in split.items() if path.endswith(end)), arr.shape))
 
 
 def _hf_shape(cfg: GPT2Config, hf_name: str) -> tuple[int, ...]:
@@ -99,10 +105,8 @@ def _hf_shape(cfg: GPT2Config, hf_name: str) -> tuple[int, ...]:
         "mlp.c_proj.weight": (f, d),
         "score.weight": (cfg.num_labels, d),
     }
-    for suffix, shape in shapes.items():
-        if hf_name.endswith(suffix):
-            return shape
-    return (d,)  # LayerNorm weights and the d-wide biases
+    # the rest, (d,): LayerNorm weights and the d-wide biases
+    return next((s for end, s in shapes.items() if hf_name.endswith(end)), (d,))
 
 
 def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], where: str = "") -> GPT2:
@@ -127,18 +131,6 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], where: str 
         flat[path] = _from_hf(cfg, path, arr)
     _check_tied(tensors, where)
     return from_values(cfg, flat)
-
-
-def _our_shape(cfg: GPT2Config, path: str) -> tuple[int, ...] | None:
-    """Our shape where it differs from HF's (heads split out), else None."""
-    d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
-    if path.endswith("attn.c_attn_kernel"):
-        return (d, 3, h, k)
-    if path.endswith("attn.c_attn_bias"):
-        return (3, h, k)
-    if path.endswith("attn.c_proj_kernel"):
-        return (h, k, d)
-    return None
 
 
 def _canonical(name: str) -> str:
