@@ -106,8 +106,8 @@ def _data_files(path: Path, split: str | None) -> list[Path]:
             raise UserError(f"{path}: unsupported data file extension "
                             f"{path.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
         return [path]
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
-    files = [p for p in found if p.suffix.lower() in FORMATS]
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.suffix.lower() in FORMATS and not _hidden(p, path))
     if not files:
         raise UserError(
             f"folder {path} has no data files; supported extensions: {', '.join(FORMATS)}"
