@@ -354,11 +354,9 @@ def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[To
     def load() -> datasets.Dataset:
         return load_records(spec, text_unit=data.text_unit, limit=data.limit)
 
-    ds = fingerprint = None
-    if spec.startswith(HUB_PREFIX):
-        ds = load()  # the hub copy can change under the same name: key by its fingerprint
-        fingerprint = [spec, ds._fingerprint]
-    path = cache_path(spec, data, tokenizer, fingerprint) if cache else None
+    # the hub copy can change under the same name: key it by the loaded dataset
+    ds = load() if spec.startswith(HUB_PREFIX) else None
+    path = cache_path(spec, data, tokenizer, ds) if cache else None
     if path is not None and (path / "meta.json").is_file():
         try:
             return _read_cache(path, spec), True
@@ -407,13 +405,14 @@ def cache_dir(data=None) -> Path:
     return Path(explicit).expanduser() if explicit else cache_root()
 
 
-def cache_path(spec: str, data, tokenizer, fingerprint: list | None = None) -> Path:
-    """The cache folder of (source, task settings, tokenizer); `fingerprint` identifies
-    the source's content when known (hub data), else its files do."""
+def cache_path(spec: str, data, tokenizer, loaded: datasets.Dataset | None = None) -> Path:
+    """The cache folder of (source, task settings, tokenizer); the source's content is
+    identified by the `loaded` dataset's fingerprint when given (hub data), else by its
+    files."""
     key = {
         "version": CACHE_VERSION,
         "spec": spec,
-        "source": fingerprint if fingerprint is not None else source_fingerprint(spec),
+        "source": [spec, loaded._fingerprint] if loaded is not None else source_fingerprint(spec),
         "task": data.task,
         "text_column": data.text_column,
         "label_column": data.label_column if data.task == "classification" else None,
@@ -502,9 +501,7 @@ def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: st
     import pyarrow.compute as pc
 
     table = mapped.data
-    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False)
-                              for c in table.column("ids").chunks] or [np.zeros(0)])
-    lengths = lengths.astype(np.int64)
+    lengths = pc.list_value_length(table.column("ids")).to_numpy().astype(np.int64)
     total = int(lengths.sum())
     small = {"starts": np.cumsum(lengths) - lengths, "lengths": lengths,
              "nbytes": np.asarray(mapped["nbytes"], np.int64),
