@@ -5,6 +5,7 @@ tokens, classification rows padded per batch, and the (seed, step) order of batc
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -125,6 +126,12 @@ def bucket(n: int, cap: int, minimum: int = 16) -> int:
     return min(b, cap)
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of an epoch's n examples (kept for the epoch's steps)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 @dataclass
 class Batcher:
     """Deterministic, resumable batches over LMBlocks or ClassRows (padded per batch to a
@@ -140,7 +147,6 @@ class Batcher:
     pad_id: int = 0
     max_len: int = 0
     accum: int = 1
-    _perm_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size % (self.accum * self.process_count):
@@ -154,12 +160,6 @@ class Batcher:
         """Steps to see every example once (at least 1)."""
         return max(len(self) // self.batch_size, 1)
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm_cache = {epoch: rng.permutation(len(self))}
-        return self._perm_cache[epoch]
-
     def global_indices(self, step: int) -> np.ndarray:
         """The examples of the global batch of `step`."""
         n = len(self)
@@ -168,7 +168,7 @@ class Batcher:
         idx = np.empty(self.batch_size, np.int64)
         for e in np.unique(epochs):  # one permutation lookup per epoch the batch touches
             sel = epochs == e
-            idx[sel] = self._perm(int(e))[offsets[sel]]
+            idx[sel] = _permutation(self.seed, int(e), n)[offsets[sel]]
         return idx
 
     def batch(self, step: int) -> dict[str, np.ndarray]:

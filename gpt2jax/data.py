@@ -16,7 +16,7 @@ import string
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -305,13 +305,8 @@ def _is_gcide(spec: str) -> bool:
 
 @dataclass
 class Tokenized:
-    """Tokenized records as flat arrays: record i is ids[starts[i]:starts[i] + lengths[i]].
-
-    ids and weights may be read-only memory maps of the cache, so a corpus larger than
-    memory costs only the pages a batch touches. weights (LM): per-token loss weight (0 on
-    the prompt with data.loss_on=target); labels (classification): each record's label as
-    text; rows: each record's row in its source; nbytes: UTF-8 bytes of each record.
-    """
+    """Tokenized records as flat arrays (docs/data.md, stage 2): record i is
+    ids[starts[i]:starts[i] + lengths[i]]; ids and weights may be read-only memory maps."""
 
     ids: np.ndarray
     starts: np.ndarray
@@ -337,10 +332,9 @@ class Tokenized:
     def select(self, idx: np.ndarray) -> Tokenized:
         """The records at `idx`, in that order (the token arrays are shared, not copied)."""
         idx = np.asarray(idx, np.int64)
-        return Tokenized(
-            ids=self.ids, starts=self.starts[idx], lengths=self.lengths[idx],
-            nbytes=self.nbytes[idx], rows=self.rows[idx], weights=self.weights,
-            labels=None if self.labels is None else self.labels[idx], source=self.source)
+        return replace(self, starts=self.starts[idx], lengths=self.lengths[idx],
+                       nbytes=self.nbytes[idx], rows=self.rows[idx],
+                       labels=None if self.labels is None else self.labels[idx])
 
     def bytes_per_token(self) -> float:
         """UTF-8 bytes per token over all records."""
@@ -399,10 +393,9 @@ def _remove_stale(root: Path, age: float = 86400.0) -> None:
             continue
 
 
-def cache_dir(data=None) -> Path:
+def cache_dir(data) -> Path:
     """Where tokenized data is cached: data.cache_dir, $GPT2JAX_CACHE or ~/.cache/gpt2jax."""
-    explicit = getattr(data, "cache_dir", "")
-    return Path(explicit).expanduser() if explicit else cache_root()
+    return Path(data.cache_dir).expanduser() if data.cache_dir else cache_root()
 
 
 def cache_path(spec: str, data, tokenizer, loaded: datasets.Dataset | None = None) -> Path:

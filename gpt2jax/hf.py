@@ -134,9 +134,7 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], where: str 
 
 
 def _canonical(name: str) -> str:
-    if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
-        return "transformer." + name
-    return name
+    return "transformer." + name if name.startswith(("h.", "wte.", "wpe.", "ln_f.")) else name
 
 
 def _check_tied(tensors: dict[str, np.ndarray], where: str) -> None:
@@ -224,8 +222,10 @@ def config_to_hf(cfg: GPT2Config) -> dict:
 # ---------------------------------------------------------------- files
 
 
-def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, tensors) from a local transformers GPT-2 directory."""
+def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Config] | None = None,
+                **overrides) -> GPT2:
+    """Import a local transformers GPT-2 directory as a gpt2jax model; `resolve` fixes the
+    config's automatic choices (run.for_this_process does it for the CLI)."""
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"{d} is not a directory; pass a transformers model directory")
@@ -239,7 +239,11 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UserError(f"{cfg_path} is not valid JSON ({e}); fix or re-save it") from e
     if not isinstance(hf, dict):
         raise UserError(f"{cfg_path} must hold a JSON object")
-    return hf, read_weights(d)
+    tensors = read_weights(d)
+    cfg = config_from_hf(hf, where=str(cfg_path), **overrides)
+    if resolve is not None:
+        cfg = resolve(cfg)
+    return from_hf_tensors(cfg, tensors, where=str(directory))
 
 
 def read_weights(d: Path) -> dict[str, np.ndarray]:
@@ -285,17 +289,6 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                         "re-download or re-export it") from e
-
-
-def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Config] | None = None,
-                **overrides) -> GPT2:
-    """Import a local transformers GPT-2 directory as a gpt2jax model; `resolve` fixes the
-    config's automatic choices (run.for_this_process does it for the CLI)."""
-    hf, tensors = read_hf_dir(directory)
-    cfg = config_from_hf(hf, where=str(Path(directory) / "config.json"), **overrides)
-    if resolve is not None:
-        cfg = resolve(cfg)
-    return from_hf_tensors(cfg, tensors, where=str(directory))
 
 
 def export_hf(model: GPT2, out: str | Path, tokenizer=None, *, overwrite: bool = False,

@@ -196,7 +196,14 @@ def read_config(directory: str | Path, cfg) -> dict:
                 "alpha_pattern"):
         if hf.get(key):
             raise UserError(f"{path}: {key}={hf[key]!r} is not supported (plain LoRA only)")
-    _check_fits(cfg, hf, str(path))
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    theirs = (hf.get("r"), float(hf.get("lora_alpha", 0)), _targets(hf, str(path)))
+    ours = (get("lora_rank"), float(get("lora_alpha")), tuple(get("lora_targets")))
+    for what, a, b, key in zip(("r", "lora_alpha", "targets"), theirs, ours,
+                               ("rank", "alpha", "targets"), strict=True):
+        if a != b:
+            raise UserError(f"{path} has {what}={a!r} but model.lora.{key} gives {b!r}; "
+                            f"set model.lora.{key} to the adapter's value")
     return hf
 
 
@@ -209,15 +216,3 @@ def _targets(hf: dict, where: str) -> tuple[str, ...]:
     if not isinstance(t, list):
         raise UserError(f"{where}: target_modules must be a list or a regular expression")
     return resolve_targets(t)
-
-
-def _check_fits(cfg, hf: dict, where: str) -> None:
-    """UserError unless the adapter's r, lora_alpha and targets equal those of cfg."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
-    theirs = (hf.get("r"), float(hf.get("lora_alpha", 0)), _targets(hf, where))
-    ours = (get("lora_rank"), float(get("lora_alpha")), tuple(get("lora_targets")))
-    for what, a, b, key in zip(("r", "lora_alpha", "targets"), theirs, ours,
-                               ("rank", "alpha", "targets"), strict=True):
-        if a != b:
-            raise UserError(f"{where} has {what}={a!r} but model.lora.{key} gives {b!r}; "
-                            f"set model.lora.{key} to the adapter's value")
