@@ -239,11 +239,8 @@ def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list
 
 def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
             labels: Sequence[str] = ()) -> Prepared:
-    """Load, split, render and tokenize a DataSection into sources for the Batcher.
-
-    Tokenized records are cached and memory-mapped (data.tokenize_task); the split and
-    the block/row views are index arrays over them, built without reading the tokens.
-    """
+    """Load, split, render and tokenize a DataSection into sources for the Batcher; the
+    split and the block/row views index the cached tokens without reading them."""
     from .data import tokenize_task
 
     cache = data.cache_dir != "off"

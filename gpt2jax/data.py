@@ -486,11 +486,8 @@ def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data",
 
 
 def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: str) -> Tokenized:
-    """The tokenized columns (ids, row, nbytes, optional weights and label) as a Tokenized.
-
-    With out_dir, ids/weights are copied chunk by chunk into .npy files there and the
-    result memory-maps them; meta.json is written last, so a folder without it is torn.
-    """
+    """The tokenized columns as a Tokenized; with out_dir, as the cache's .npy files there,
+    copied chunk by chunk and memory-mapped, meta.json last (a folder without it is torn)."""
     import pyarrow.compute as pc
 
     table = mapped.data

@@ -324,10 +324,8 @@ def export_hf(model: GPT2, out: str | Path, tokenizer=None, *, overwrite: bool =
 
 def export_adapter(model: GPT2, out: str | Path, groups=(), base: str = "", tokenizer=None,
                    *, overwrite: bool = False) -> Path:
-    """Write a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors
-    under PEFT's names, the tokenizer) for a model with adapters; `groups` are the
-    model.lora.train groups it trained (saved beside the adapters), `base` the model it
-    adapts (adapter_config's base_model_name_or_path)."""
+    """Write a PEFT LoRA adapter directory (README, "LoRA fine-tuning"); `groups`: the
+    model.lora.train groups saved beside the adapters, `base`: the model they adapt."""
     from safetensors.numpy import save_file
 
     cfg = model.cfg
