@@ -1,21 +1,13 @@
-"""Token arrays and the order in which the trainer sees them.
-
-LM data: documents joined with EOS and packed into blocks of seq_len + 1 tokens (inputs
-block[:-1], targets block[1:]), no padding. Classification: one row per example, padded
-per batch to a length bucket.
-
-The order is a pure function of (seed, step): step s's global batch holds perm_e[j] for
-the global positions s*B ... s*B+B-1 (epoch e, offset j). Micro-batch i of A is positions
-i*B/A ... (i+1)*B/A-1 of it, and a process takes its contiguous slice of each, so a
-micro-batch's rows (and its dropout key) do not depend on the process count or the mesh,
-and resuming at step s needs no replay.
+"""Token arrays and the order in which the trainer sees them: LM blocks of seq_len + 1
+tokens, classification rows padded per batch, and the (seed, step) order of batches
+(docs/data.md, stages 4 and 5).
 """
 
 from __future__ import annotations
 
-import queue
+import functools
 import sys
-import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,14 +21,9 @@ if TYPE_CHECKING:
 
 
 class LMBlocks:
-    """Documents joined with EOS and cut into blocks of `block` tokens, computed on demand.
-
-    EOS goes before each document, so its first token is a target. Blocks overlap by one
-    token so every token is a target exactly once; a ragged tail is dropped. `take` reads
-    only the requested blocks' tokens (cheap on memory-mapped token files). With
-    `segments` (data.packing=documents) a block also carries "segments": int32 ids equal
-    within one document's piece of the block (its leading EOS included).
-    """
+    """Documents, each after an EOS, cut into blocks of `block` tokens overlapping by one
+    (a ragged tail dropped), read on demand; with `segments` (data.packing=documents) a
+    block also carries each token's document piece (docs/data.md)."""
 
     def __init__(self, tok: Tokenized, block: int, eos: int, index: np.ndarray | None = None,
                  segments: bool = False):
@@ -116,11 +103,6 @@ class ClassRows:
         ids, mask = pad_rows([self.row(i) for i in idx], length, pad)
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[idx]}
 
-    def subset(self, idx: np.ndarray) -> ClassRows:
-        """The examples at `idx`."""
-        return ClassRows(self.tok.select(idx), self.labels[idx], self.seq_len, self.truncation,
-                         self.eos)
-
 
 def pad_rows(rows: Sequence[Sequence[int]], length: int, pad: int,
              batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +126,12 @@ def bucket(n: int, cap: int, minimum: int = 16) -> int:
     return min(b, cap)
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of an epoch's n examples (kept for the epoch's steps)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 @dataclass
 class Batcher:
     """Deterministic, resumable batches over LMBlocks or ClassRows (padded per batch to a
@@ -159,7 +147,6 @@ class Batcher:
     pad_id: int = 0
     max_len: int = 0
     accum: int = 1
-    _perm_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size % (self.accum * self.process_count):
@@ -173,12 +160,6 @@ class Batcher:
         """Steps to see every example once (at least 1)."""
         return max(len(self) // self.batch_size, 1)
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm_cache = {epoch: rng.permutation(len(self))}
-        return self._perm_cache[epoch]
-
     def global_indices(self, step: int) -> np.ndarray:
         """The examples of the global batch of `step`."""
         n = len(self)
@@ -187,7 +168,7 @@ class Batcher:
         idx = np.empty(self.batch_size, np.int64)
         for e in np.unique(epochs):  # one permutation lookup per epoch the batch touches
             sel = epochs == e
-            idx[sel] = self._perm(int(e))[offsets[sel]]
+            idx[sel] = _permutation(self.seed, int(e), n)[offsets[sel]]
         return idx
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -205,39 +186,22 @@ class Batcher:
 
     def iterate(self, start: int, stop: int,
                 prefetch: int = 2) -> Iterator[tuple[int, dict, float]]:
-        """(step, batch, seconds the consumer waited) for start <= step < stop, prepared in
-        a background thread."""
+        """(step, batch, seconds the consumer waited) for start <= step < stop, prepared
+        `prefetch` steps ahead in a background thread."""
         import time
+        from concurrent.futures import ThreadPoolExecutor
 
-        q: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-        stop_flag = threading.Event()
-
-        def work() -> None:
-            try:
-                for s in range(start, stop):
-                    if stop_flag.is_set():
-                        return
-                    q.put((s, self.batch(s)))
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
-            q.put(None)
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="gpt2jax-batches")
+        ahead = deque(pool.submit(self.batch, s) for s in range(start, min(start + prefetch, stop)))
         try:
-            while True:
+            for s in range(start, stop):
+                if s + prefetch < stop:
+                    ahead.append(pool.submit(self.batch, s + prefetch))
                 t0 = time.perf_counter()
-                item = q.get()
-                waited = time.perf_counter() - t0
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item[0], item[1], waited
+                batch = ahead.popleft().result()  # a failure is raised here, at its step
+                yield s, batch, time.perf_counter() - t0
         finally:
-            stop_flag.set()
-            while not q.empty():
-                q.get_nowait()
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- preparation
@@ -254,19 +218,16 @@ class Prepared:
     stats: dict = field(default_factory=dict)
 
 
-def load_task_records(spec: str, data) -> list[dict]:
-    """Records of a data spec: `gcide` (the dictionary package) or anything data.py loads."""
-    from .data import load_task_dataset
-
-    return load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit).to_list()
-
-
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic document-level split by seed: (train, validation) indices, in order."""
     if fraction <= 0 or n < 2:
         return np.arange(n), np.arange(0)
-    perm = np.random.default_rng([seed, 7919]).permutation(n)
-    n_val = max(1, int(round(n * fraction)))
+    return _held_out(n, max(1, int(round(n * fraction))), [seed, 7919])
+
+
+def _held_out(n: int, n_val: int, key: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(the rest, n_val indices drawn by key), each sorted."""
+    perm = np.random.default_rng(key).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
@@ -278,11 +239,8 @@ def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list
 
 def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
             labels: Sequence[str] = ()) -> Prepared:
-    """Load, split, render and tokenize a DataSection into sources for the Batcher.
-
-    Tokenized records are cached and memory-mapped (data.tokenize_task); the split and
-    the block/row views are index arrays over them, built without reading the tokens.
-    """
+    """Load, split, render and tokenize a DataSection into sources for the Batcher; the
+    split and the block/row views index the cached tokens without reading them."""
     from .data import tokenize_task
 
     cache = data.cache_dir != "off"
@@ -299,13 +257,12 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
         labels = tuple(labels) or tuple(data.labels) or _label_set(train_tok, data)
         train = _classification_rows(train_tok, data, labels, seq_len, eos)
         val = _classification_rows(val_tok, data, labels, seq_len, eos) if len(val_tok) else None
-        stats.update(train_examples=len(train),
-                     truncated=train.truncated() + (val.truncated() if val else 0))
+        rows = [r for r in (train, val) if r is not None]
+        stats.update(train_examples=len(train), truncated=sum(r.truncated() for r in rows))
         if stats["truncated"]:
-            total = len(train) + (len(val) if val else 0)
-            print(f"gpt2jax: warning: {stats['truncated']} of {total} records are longer than "
-                  f"train.seq_len={seq_len} tokens and were cut ({data.truncation} side "
-                  "dropped; see data.truncation)", file=sys.stderr)
+            print(f"gpt2jax: warning: {stats['truncated']} of {sum(map(len, rows))} records are "
+                  f"longer than train.seq_len={seq_len} tokens and were cut "
+                  f"({data.truncation} side dropped; see data.truncation)", file=sys.stderr)
         return Prepared(train, val, labels, stats)
 
     def blocks(tok: Tokenized) -> LMBlocks:
@@ -319,8 +276,7 @@ def prepare(data, tokenizer, *, seq_len: int, seed: int, eos: int,
             val = None  # too little validation text for one block
     if val is None and not data.validation and data.validation_fraction > 0:
         if len(val_tok):  # the held-out documents were too short: split all by blocks
-            train_tok = all_tok
-            train = blocks(train_tok)
+            train_tok, train = all_tok, blocks(all_tok)
         train, val = split_blocks(train, data.validation_fraction, seed)
         split = "blocks" if val is not None else "none"
     stats.update(train_tokens=train_tok.n_tokens, train_blocks=len(train),
@@ -335,8 +291,8 @@ def split_blocks(source, fraction: float, seed: int) -> tuple:
     n_val = int(round(n * fraction))
     if n_val < 1 or n - n_val < 1:
         return source, None
-    perm = np.random.default_rng([seed, 104729]).permutation(n)
-    return source.subset(np.sort(perm[n_val:])), source.subset(np.sort(perm[:n_val]))
+    train, val = _held_out(n, n_val, [seed, 104729])
+    return source.subset(train), source.subset(val)
 
 
 def _label_set(tok, data) -> tuple[str, ...]:

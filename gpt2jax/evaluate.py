@@ -397,13 +397,13 @@ def evaluate_data(model: GPT2, tokenizer, data: str, *, task: str | None = None,
                   seq_len: int | None = None, stride: int | None = None,
                   predictions: str | Path | None = None, templates=None,
                   limit: int = 0) -> dict:
-    """Evaluate on a data spec (see data.load_task_dataset); what `gpt2jax eval` runs.
+    """Evaluate on a data spec (see data.load_records); what `gpt2jax eval` runs.
 
     task defaults to "classification" for a model with a classification head, else "lm".
     templates (tasks.Templates): the dictionary_reverse prompt/target; default the task's.
     limit > 0: the first `limit` records only.
     """
-    from .data import load_task_dataset, require_column
+    from .data import load_records, require_column
 
     task = task or ("lm" if model.cfg.head == "lm" else "classification")
     if task not in TASKS:
@@ -413,7 +413,7 @@ def evaluate_data(model: GPT2, tokenizer, data: str, *, task: str | None = None,
     if task == "lm" and predictions is not None:
         raise UserError("--predictions applies to --task classification")
     _checked(model, task, batch_size, seq_len, stride)  # before the (possibly slow) loading
-    ds = load_task_dataset(data, text_unit=text_unit, split=split, limit=limit)
+    ds = load_records(data, text_unit=text_unit, split=split, limit=limit)
     if task == "dictionary_reverse":
         return {"task": task, **evaluate_reverse_dictionary(
             model, tokenizer, ds.to_list(), batch_size=batch_size, predictions=predictions,

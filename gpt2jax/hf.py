@@ -82,8 +82,14 @@ def _to_hf(cfg: GPT2Config, hf_name: str, path: str, arr: np.ndarray) -> np.ndar
 
 
 def _from_hf(cfg: GPT2Config, path: str, arr: np.ndarray) -> np.ndarray:
-    """An HF tensor of the right shape in our layout."""
-    return arr.T if path == "score.kernel" else arr.reshape(_our_shape(cfg, path) or arr.shape)
+    """An HF tensor of the right shape in our layout: attention's heads split out, the
+    classifier transposed."""
+    d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
+    split = {"attn.c_attn_kernel": (d, 3, h, k), "attn.c_attn_bias": (3, h, k),
+             "attn.c_proj_kernel": (h, k, d)}
+    if path == "score.kernel":
+        return arr.T
+    return arr.reshape(next((s for end, s in split.items() if path.endswith(end)), arr.shape))
 
 
 def _hf_shape(cfg: GPT2Config, hf_name: str) -> tuple[int, ...]:
@@ -99,10 +105,8 @@ def _hf_shape(cfg: GPT2Config, hf_name: str) -> tuple[int, ...]:
         "mlp.c_proj.weight": (f, d),
         "score.weight": (cfg.num_labels, d),
     }
-    for suffix, shape in shapes.items():
-        if hf_name.endswith(suffix):
-            return shape
-    return (d,)  # LayerNorm weights and the d-wide biases
+    # the rest, (d,): LayerNorm weights and the d-wide biases
+    return next((s for end, s in shapes.items() if hf_name.endswith(end)), (d,))
 
 
 def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], where: str = "") -> GPT2:
@@ -129,22 +133,8 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], where: str 
     return from_values(cfg, flat)
 
 
-def _our_shape(cfg: GPT2Config, path: str) -> tuple[int, ...] | None:
-    """Our shape where it differs from HF's (heads split out), else None."""
-    d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
-    if path.endswith("attn.c_attn_kernel"):
-        return (d, 3, h, k)
-    if path.endswith("attn.c_attn_bias"):
-        return (3, h, k)
-    if path.endswith("attn.c_proj_kernel"):
-        return (h, k, d)
-    return None
-
-
 def _canonical(name: str) -> str:
-    if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
-        return "transformer." + name
-    return name
+    return "transformer." + name if name.startswith(("h.", "wte.", "wpe.", "ln_f.")) else name
 
 
 def _check_tied(tensors: dict[str, np.ndarray], where: str) -> None:
@@ -232,8 +222,10 @@ def config_to_hf(cfg: GPT2Config) -> dict:
 # ---------------------------------------------------------------- files
 
 
-def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, tensors) from a local transformers GPT-2 directory."""
+def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Config] | None = None,
+                **overrides) -> GPT2:
+    """Import a local transformers GPT-2 directory as a gpt2jax model; `resolve` fixes the
+    config's automatic choices (run.for_this_process does it for the CLI)."""
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"{d} is not a directory; pass a transformers model directory")
@@ -247,7 +239,11 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UserError(f"{cfg_path} is not valid JSON ({e}); fix or re-save it") from e
     if not isinstance(hf, dict):
         raise UserError(f"{cfg_path} must hold a JSON object")
-    return hf, read_weights(d)
+    tensors = read_weights(d)
+    cfg = config_from_hf(hf, where=str(cfg_path), **overrides)
+    if resolve is not None:
+        cfg = resolve(cfg)
+    return from_hf_tensors(cfg, tensors, where=str(directory))
 
 
 def read_weights(d: Path) -> dict[str, np.ndarray]:
@@ -295,17 +291,6 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                         "re-download or re-export it") from e
 
 
-def load_hf_dir(directory: str | Path, resolve: Callable[[GPT2Config], GPT2Config] | None = None,
-                **overrides) -> GPT2:
-    """Import a local transformers GPT-2 directory as a gpt2jax model; `resolve` fixes the
-    config's automatic choices (run.for_this_process does it for the CLI)."""
-    hf, tensors = read_hf_dir(directory)
-    cfg = config_from_hf(hf, where=str(Path(directory) / "config.json"), **overrides)
-    if resolve is not None:
-        cfg = resolve(cfg)
-    return from_hf_tensors(cfg, tensors, where=str(directory))
-
-
 def export_hf(model: GPT2, out: str | Path, tokenizer=None, *, overwrite: bool = False,
               backbone_only: bool = False) -> Path:
     """Write a transformers directory: config.json, model.safetensors, generation_config.json
@@ -339,10 +324,8 @@ def export_hf(model: GPT2, out: str | Path, tokenizer=None, *, overwrite: bool =
 
 def export_adapter(model: GPT2, out: str | Path, groups=(), base: str = "", tokenizer=None,
                    *, overwrite: bool = False) -> Path:
-    """Write a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors
-    under PEFT's names, the tokenizer) for a model with adapters; `groups` are the
-    model.lora.train groups it trained (saved beside the adapters), `base` the model it
-    adapts (adapter_config's base_model_name_or_path)."""
+    """Write a PEFT LoRA adapter directory (README, "LoRA fine-tuning"); `groups`: the
+    model.lora.train groups saved beside the adapters, `base`: the model they adapt."""
     from safetensors.numpy import save_file
 
     cfg = model.cfg

@@ -1,17 +1,7 @@
-"""LoRA: low-rank adapters on GPT-2's projections, and their PEFT names and layouts.
-
-An adapted projection computes W x + b + (alpha / r) * B (A dropout(x)), with A (in, r)
-and B (r, out) in our parameter layout: A is created as PEFT creates it (uniform in
-+-1/sqrt(in)), B as zeros, so step 0 equals the base model. The adapters are ordinary
-parameters of the model named "{module}_lora_a" / "_lora_b" beside the kernel they adapt
-("h.3.attn.c_attn_lora_a"), so stacking for scan_layers (params.py), sharding (the `lora`
-rank axis in sharding.RULES) and checkpoints treat them like any other parameter.
-
-PEFT (peft 0.21.2) stores `base_model.model.transformer.h.{i}.{module}.lora_A.weight`
-(r, in) and `...lora_B.weight` (out, r), the nn.Linear layout even for GPT-2's Conv1D
-(fan_in_fan_out only changes how PEFT merges). This module converts the adapters both
-ways and merges them into the kernels; it imports neither torch nor peft. hf.py reads and
-writes the adapter directories.
+"""LoRA: the adapters' shapes, initialisation and term, which parameters train, PEFT's
+names and layouts, and merging adapters into the kernels (README, "LoRA fine-tuning").
+Adapters are ordinary parameters ("h.3.attn.c_attn_lora_a" / "_lora_b"); neither torch
+nor peft is imported, and hf.py reads and writes the adapter directories.
 """
 
 from __future__ import annotations
@@ -206,7 +196,14 @@ def read_config(directory: str | Path, cfg) -> dict:
                 "alpha_pattern"):
         if hf.get(key):
             raise UserError(f"{path}: {key}={hf[key]!r} is not supported (plain LoRA only)")
-    _check_fits(cfg, hf, str(path))
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    theirs = (hf.get("r"), float(hf.get("lora_alpha", 0)), _targets(hf, str(path)))
+    ours = (get("lora_rank"), float(get("lora_alpha")), tuple(get("lora_targets")))
+    for what, a, b, key in zip(("r", "lora_alpha", "targets"), theirs, ours,
+                               ("rank", "alpha", "targets"), strict=True):
+        if a != b:
+            raise UserError(f"{path} has {what}={a!r} but model.lora.{key} gives {b!r}; "
+                            f"set model.lora.{key} to the adapter's value")
     return hf
 
 
@@ -219,15 +216,3 @@ def _targets(hf: dict, where: str) -> tuple[str, ...]:
     if not isinstance(t, list):
         raise UserError(f"{where}: target_modules must be a list or a regular expression")
     return resolve_targets(t)
-
-
-def _check_fits(cfg, hf: dict, where: str) -> None:
-    """UserError unless the adapter's r, lora_alpha and targets equal those of cfg."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
-    theirs = (hf.get("r"), float(hf.get("lora_alpha", 0)), _targets(hf, where))
-    ours = (get("lora_rank"), float(get("lora_alpha")), tuple(get("lora_targets")))
-    for what, a, b, key in zip(("r", "lora_alpha", "targets"), theirs, ours,
-                               ("rank", "alpha", "targets"), strict=True):
-        if a != b:
-            raise UserError(f"{where} has {what}={a!r} but model.lora.{key} gives {b!r}; "
-                            f"set model.lora.{key} to the adapter's value")

@@ -1,18 +1,10 @@
-"""Model sources (SRC): what a string names (run.load_model loads it).
-
-Resolution order (the same for `--model` and for `model.init` in training):
-1. `hf:X` forces Hugging Face (a local directory X, else the hub name X); `run:X` forces a
-   gpt2jax run directory.
-2. a directory with config.yaml and checkpoints/ is a gpt2jax run (latest committed
-   checkpoint; `step` picks another, or "best"), even when it also holds a config.json;
-3. a directory named by a step number under checkpoints/ is that checkpoint;
-4. a directory with config.json is a Hugging Face directory;
-5. anything else is a hub name (offline: an error saying so).
+"""Model sources (SRC): what a string names, in the order README's "The command line"
+gives (hf:X / run:X, a run, a checkpoint, a transformers directory, a hub name);
+run.load_model loads it.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +90,9 @@ def _looks_like_hub(src: str) -> bool:
 
 def hub_download(name: str) -> Path:
     """Download a hub model's config, weights and tokenizer; a clear error when offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    from .data import hub_offline
+
+    if hub_offline("HF_HUB_OFFLINE"):
         raise UserError(f"{name!r} is not a local directory and the Hugging Face hub is offline "
                         "(HF_HUB_OFFLINE=1); pass a local model directory or unset HF_HUB_OFFLINE")
     from huggingface_hub import snapshot_download

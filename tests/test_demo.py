@@ -23,12 +23,13 @@ def test_demo_trains_defines_and_exports(tmp_path, cli):
     summary = json.loads(res.out[res.out.rindex("\n{") + 1:])
     assert summary["final_step"] == 3 and len(summary["definitions"]) == 6
     # Held out: no (word, definition) pair shown to the model is in the training split.
-    from gpt2jax.batches import load_task_records, split_records
+    from gpt2jax.batches import split_records
     from gpt2jax.config import load_config
+    from gpt2jax.data import load_records
 
     cfg = load_config(run / "config.yaml")
-    train, _ = split_records(load_task_records(cfg.data.train, cfg.data),
-                             cfg.data.validation_fraction, cfg.train.seed)
+    records = load_records(cfg.data.train, text_unit=cfg.data.text_unit, limit=cfg.data.limit)
+    train, _ = split_records(records.to_list(), cfg.data.validation_fraction, cfg.train.seed)
     seen = {(r["word"], r["definition"]) for r in train}
     assert not any((d["word"], d["reference"]) in seen for d in summary["definitions"])
     cfg = json.loads((run / "hf" / "config.json").read_text())
