@@ -41,7 +41,7 @@ def train(cfg: Config) -> dict:
 
     d = cfg.dist  # before any other JAX call
     # by name: dist also holds settings initialize does not take (data_timeout)
-    dist = distributed.initialize(
+    distributed.initialize(
         coordinator=d.coordinator, num_processes=d.num_processes, process_id=d.process_id,
         timeout=d.timeout, local_device_count=d.local_device_count)
 
@@ -54,12 +54,12 @@ def train(cfg: Config) -> dict:
     if jax.process_index() == 0:
         run.lock()  # before anything is read or written: one training per run directory
     try:
-        return _train(cfg, run, dist)
+        return _train(cfg, run)
     finally:
         run.unlock()
 
 
-def _train(cfg: Config, run, dist) -> dict:
+def _train(cfg: Config, run) -> dict:
     import jax
 
     from .batches import Batcher
@@ -127,11 +127,10 @@ def _train(cfg: Config, run, dist) -> dict:
     if main_process:
         _plots(run.path, loop.last_eval, prepared.labels)
     return {"run_dir": str(run.path), "start_step": loop.start, "total_steps": total,
-            "processes": dist.num_processes if dist else 1, "mesh": dict(mesh.shape),
+            "processes": jax.process_count(), "mesh": dict(mesh.shape),
             "final_step": loop.step, "train_loss": loop.last_loss, "validation": loop.last_eval,
             "best": loop.watch.best, "stopped": loop.watch.stop_record(loop.step < total),
-            "data": prepared.stats,
-            "wall_seconds": round(time.time() - t_start, 1),
+            "data": prepared.stats, "wall_seconds": round(time.time() - t_start, 1),
             "params": int(sum(x.size for x in jax.tree.leaves(loop.params)))}
 
 
@@ -657,7 +656,6 @@ class _Progress:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode, self.total, self.last = mode if enabled else "none", total, start
-        self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
 
@@ -676,5 +674,5 @@ class _Progress:
         self.last = step
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.mode == "bar":
             self.bar.close()
