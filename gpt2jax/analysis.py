@@ -150,10 +150,7 @@ def plot_diff(diff: dict, path: str | Path, metric: str = "relative_l2") -> Path
     """A heatmap png: layers (rows) x tensor kinds (columns), colour = metric."""
     if metric not in STATS:
         raise UserError(f"plot metric {metric!r}: choose one of {', '.join(STATS)}")
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    from .tracking import figure
 
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -166,16 +163,13 @@ def plot_diff(diff: dict, path: str | Path, metric: str = "relative_l2") -> Path
     for name, st in diff["tensors"].items():
         v = st[metric]
         grid[rows.index(layer_of(name)), kinds.index(_kind(name))] = np.nan if v is None else v
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(kinds), 1.5 + 0.35 * len(rows)))
-    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(kinds)), kinds, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    ax.set_title(f"weight drift: {metric}")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, (1.0 + 0.6 * len(kinds), 1.5 + 0.35 * len(rows))) as (fig, ax):
+        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(kinds)), kinds, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_title(f"weight drift: {metric}")
+        fig.colorbar(im, ax=ax)
     return path
 
 

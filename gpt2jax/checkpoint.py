@@ -1,10 +1,5 @@
-"""Orbax checkpoints of a run: params, optimizer state and metadata, saved asynchronously.
-
-Layout: RUN/checkpoints/<step>/{params,opt_state,meta}, the arrays as flat dicts {dotted
-name: array} (params.py): a step restores onto any mesh and into either layer layout, and
-names that differ are refused, never filled by position. Orbax commits a step by renaming
-its temporary directory, so a kill mid-write never damages an older step.
-"""
+"""Orbax checkpoints of a run: params, optimizer state and metadata, saved asynchronously
+as flat dicts {name: array}, restored by name (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -33,8 +28,10 @@ def _target(template, shardings) -> dict:
     return out
 
 
-def _restore_target(item: str, target: dict, saved: set[str]) -> dict:
-    """The target in the checkpoint's layer layout; StateMismatch if the names differ."""
+def _restore_target(item: str, target: dict, metadata) -> dict:
+    """The target in the layer layout of the checkpoint's item (its Orbax metadata);
+    StateMismatch if the names differ."""
+    saved = set(getattr(metadata, "tree", metadata) or {})
     if saved and P.is_stacked(saved) != P.is_stacked(target):
         target = P.relayout_abstract(target, P.layer_count(target))
     if set(target) != saved:
@@ -117,12 +114,6 @@ class Checkpoints:
         self.mngr.wait_until_finished()
         self.mngr.close()
 
-    def saved_names(self, step: int) -> dict[str, set[str]]:
-        """The array names a step holds, per item (params, opt_state)."""
-        md = self.mngr.item_metadata(step)
-        return {item: set(getattr(md[item], "tree", md[item]) or {})
-                for item in ("params", "opt_state")}
-
     def restore(self, step: int, params_template, opt_template=None, shardings=None,
                 opt_shardings=None):
         """(params, opt_state or None, meta) restored onto the templates' shardings."""
@@ -132,7 +123,7 @@ class Checkpoints:
         if opt_template is not None:
             templates["opt_state"] = (opt_template, opt_shardings)
         wants = {name: _target(*t) for name, t in templates.items()}
-        saved = self.saved_names(step)
+        saved = self.mngr.item_metadata(step)
         items = {name: ocp.args.StandardRestore(_restore_target(name, want, saved[name]))
                  for name, want in wants.items()}
         out = self.mngr.restore(step, args=ocp.args.Composite(

@@ -232,29 +232,24 @@ def classification_metrics(
 
 def plot_confusion_matrix(cm, labels: Sequence[str], path: str | Path) -> Path:
     """A PNG of the confusion matrix (rows true labels, columns predictions, counts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .tracking import figure
 
     cm = np.asarray(cm)
     n = len(labels)
     size = min(4 + 0.45 * n, 16)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=100)
-    im = ax.imshow(cm, cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_xticks(range(n), labels, rotation=60 if n > 4 else 0, ha="right" if n > 4 else "center")
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 25:  # counts stay readable up to about 25 classes
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, (size, size * 0.85)) as (fig, ax):
+        im = ax.imshow(cm, cmap="Blues")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        ax.set_xticks(range(n), labels, rotation=60 if n > 4 else 0,
+                      ha="right" if n > 4 else "center")
+        ax.set_yticks(range(n), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if n <= 25:  # counts stay readable up to about 25 classes
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
     return Path(path)
 
 

@@ -1,11 +1,5 @@
-"""The Optax chain: AdamW with a weight-decay mask, schedules, clipping, freezing.
-
-Parameter names are our flat paths ("wte", "h.3.attn.c_attn_kernel", "ln_f.scale",
-"score.kernel", "pool.query"); `optim.freeze` regexes match them. Freezing is one
-mechanism for `optim.freeze` and `model.lora` (`frozen_fn`): a frozen parameter gets no
-optimizer state (optax.multi_transform keeps none for it), no gradient (the train step
-stops it) and keeps its exact bits.
-"""
+"""The Optax chain: AdamW with a weight-decay mask, schedules, clipping, freezing (one
+mechanism for `optim.freeze` and `model.lora`: docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -174,11 +174,10 @@ def resolve_model_config(cfg: Config, source: GPT2Config | None, labels: tuple[s
     scratch = cfg.model.init == "scratch"
     if source is None and recorded is not None and not scratch:
         source = recorded.replace(head="lm")  # the run's weights, re-headed as configured
-    if scratch and cfg.model.vocab_size is None and cfg.data.add_special_tokens:
-        cfg.model.vocab_size = max(model_config(cfg, None, labels).vocab_size, vocab_needed)
     mcfg = model_config(cfg, source, labels)
-    if source is not None and cfg.data.add_special_tokens and mcfg.vocab_size < vocab_needed:
-        mcfg = mcfg.replace(vocab_size=vocab_needed)  # new rows: see initial_params
+    grow = cfg.data.add_special_tokens and (source is not None or cfg.model.vocab_size is None)
+    if grow and mcfg.vocab_size < vocab_needed:  # a source's new rows: see initial_params
+        mcfg = mcfg.replace(vocab_size=vocab_needed)
     if recorded is not None and scratch:
         changed = {k: (getattr(recorded, k), getattr(mcfg, k)) for k in (*ARCH_KEYS, "head")
                    if getattr(recorded, k) != getattr(mcfg, k)}
@@ -241,10 +240,8 @@ def _fitting(values: dict, fresh: dict, n_layer: int, where: str) -> dict:
 
 
 def load_model(src: str, step: int | str | None = None, **overrides):
-    """(model, tokenizer, Source) for a SRC string; a run's Source names the step it read.
-
-    overrides are GPT2Config fields that do not change weights (dtype, dropout, remat...).
-    """
+    """(model, tokenizer, Source) for a SRC string (a run's Source names the step it read);
+    overrides are GPT2Config fields that do not change weights (dtype, dropout, remat...)."""
     from . import hf
     from .sources import Source, hub_download, resolve
     from .tokenizer import load_tokenizer

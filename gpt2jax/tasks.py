@@ -96,23 +96,18 @@ def render(task: str, record: dict, text_column: str = "text",
                 and "{example}" not in prompt_t + target_t:
             target += _fill(templates.example, record)
         return prompt, target
-    if task == "conversation" and record.get("messages"):
-        return "", render_messages(record["messages"])
+    if task == "conversation" and record.get("messages"):  # "speaker: text" lines
+        lines = []
+        for i, m in enumerate(record["messages"]):
+            if not isinstance(m, dict) or "speaker" not in m or "text" not in m:
+                raise UserError(f"message {i} is {m!r}; each message needs \"speaker\" and "
+                                "\"text\" keys")
+            lines.append(f"{m['speaker']}: {m['text']}")
+        return "", "\n".join(lines)
     if text_column not in record:
         raise UserError(f"record has no column {text_column!r} (columns: {', '.join(record)}); "
                         f"set data.text_column or fix the data")
     return "", "" if record[text_column] is None else str(record[text_column])
-
-
-def render_messages(messages: list) -> str:
-    """A conversation as one "speaker: text" line per message (timestamps are dropped)."""
-    lines = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "speaker" not in m or "text" not in m:
-            raise UserError(f"message {i} is {m!r}; each message needs \"speaker\" and "
-                            "\"text\" keys")
-        lines.append(f"{m['speaker']}: {m['text']}")
-    return "\n".join(lines)
 
 
 def _fill(template: str, record: dict) -> str:

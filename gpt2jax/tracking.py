@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -103,6 +104,23 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [row for _, row in _lines(Path(path))]
 
 
+@contextlib.contextmanager
+def figure(path: str | Path, size: tuple[float, float]) -> Iterator:
+    """A new figure and its axes (no display needed), saved to `path` when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
 def plot_loss(run_dir: str | Path) -> Path | None:
     """loss.png: train loss per log step and validation loss per evaluation."""
     rows = read_metrics(Path(run_dir) / "metrics.jsonl")
@@ -110,23 +128,15 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     val = [(r["step"], r["loss"]) for r in rows if r.get("split") == "validation" and "loss" in r]
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for points, style, label in ((train, "-", "train"), (val, "o-", "validation")):
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    classifier = any("accuracy" in r for r in rows)
-    ax.set(xlabel="step", ylabel="loss" if classifier else "loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
     out = Path(run_dir) / "loss.png"
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    with figure(out, (7, 4)) as (_, ax):
+        for points, style, label in ((train, "-", "train"), (val, "o-", "validation")):
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        classifier = any("accuracy" in r for r in rows)
+        ax.set(xlabel="step", ylabel="loss" if classifier else "loss (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
     return out
 
 

@@ -1,10 +1,6 @@
-"""The training loop: a pure, jitted, sharded step and the periodic actions around it.
-
-A step is a pure function of (params, opt_state, batch, step): dropout keys are folded
-from the seed and the step, and the batch of a step depends only on the seed and the
-step, so a run resumed from any checkpoint ends bit-identical to an uninterrupted one.
-What a run is made of (directory, model config, tokenizer, first parameters) is run.py's.
-"""
+"""The training loop: a pure, jitted, sharded step and the periodic actions around it
+(docs/architecture.md). What a run is made of (directory, model config, tokenizer, first
+parameters) is run.py's."""
 
 from __future__ import annotations
 
@@ -45,7 +41,7 @@ def train(cfg: Config) -> dict:
 
     d = cfg.dist  # before any other JAX call
     # by name: dist also holds settings initialize does not take (data_timeout)
-    dist = distributed.initialize(
+    distributed.initialize(
         coordinator=d.coordinator, num_processes=d.num_processes, process_id=d.process_id,
         timeout=d.timeout, local_device_count=d.local_device_count)
 
@@ -58,12 +54,12 @@ def train(cfg: Config) -> dict:
     if jax.process_index() == 0:
         run.lock()  # before anything is read or written: one training per run directory
     try:
-        return _train(cfg, run, dist)
+        return _train(cfg, run)
     finally:
         run.unlock()
 
 
-def _train(cfg: Config, run, dist) -> dict:
+def _train(cfg: Config, run) -> dict:
     import jax
 
     from .batches import Batcher
@@ -131,11 +127,10 @@ def _train(cfg: Config, run, dist) -> dict:
     if main_process:
         _plots(run.path, loop.last_eval, prepared.labels)
     return {"run_dir": str(run.path), "start_step": loop.start, "total_steps": total,
-            "processes": dist.num_processes if dist else 1, "mesh": dict(mesh.shape),
+            "processes": jax.process_count(), "mesh": dict(mesh.shape),
             "final_step": loop.step, "train_loss": loop.last_loss, "validation": loop.last_eval,
             "best": loop.watch.best, "stopped": loop.watch.stop_record(loop.step < total),
-            "data": prepared.stats,
-            "wall_seconds": round(time.time() - t_start, 1),
+            "data": prepared.stats, "wall_seconds": round(time.time() - t_start, 1),
             "params": int(sum(x.size for x in jax.tree.leaves(loop.params)))}
 
 
@@ -169,14 +164,13 @@ class _Loop:
         self.prepared, self.tokenizer, self.total = prepared, tokenizer, total
         self.start, self.params, self.opt_state, meta = state
         self.step = self.start
-        self.main = jax.process_index() == 0
-        self.run_dir = ckpts.dir.parent
+        main = jax.process_index() == 0
         self.classification = cfg.data.task == "classification"
         self.watch = Watch(self.t, self.classification, meta)
         self.saved_at = self.start  # the step of the newest checkpoint
-        self.tracker = Tracker(self.run_dir, self.main, resume_step=self.start)
+        self.tracker = Tracker(ckpts.dir.parent, main, resume_step=self.start)
         self.tracker.log(self.start, prepared.stats, split="data")  # bytes_per_token, ...
-        self.progress = _Progress(self.t.progress, total, self.start, self.main)
+        self.progress = _Progress(self.t.progress, total, self.start, main)
         self.last_loss = self.last_eval = None
         self.pending = None  # metrics of the step in flight, read one step late (async)
         self.bad_steps = 0
@@ -259,12 +253,10 @@ class _Loop:
         self.window = (time.perf_counter(), 0.0, 0)
 
     def evaluate(self, done: int) -> None:
-        p, t = self.prepared, self.t
-        if p.validation is None:
+        if self.prepared.validation is None:
             return
-        max_len = min(t.seq_len, self.plan.mcfg.n_positions)
-        res = run_eval(self.plan.eval_step, self.params, p.validation, t, self.mesh,
-                       self.classification, p.labels, self.tokenizer.eos_token_id, max_len)
+        res = run_eval(self.plan, self.params, self.prepared, self.t, self.mesh,
+                       self.tokenizer.eos_token_id)
         self.tracker.log(done, res, split="validation")
         self.last_eval = res
         self.watch.update(res, done)
@@ -276,8 +268,7 @@ class _Loop:
             self.save(done)
 
     def sample(self, done: int) -> None:
-        write_samples(self.params, self.plan.graphdef, self.tokenizer, self.t, done,
-                      self.tracker, self.run_dir, self.main)
+        write_samples(self.params, self.plan.graphdef, self.tokenizer, self.t, done, self.tracker)
 
     def save(self, done: int) -> None:
         """Checkpoint step `done` unless it is saved already (Orbax refuses a step twice)."""
@@ -364,11 +355,8 @@ def _any_process(flag: bool, step: int) -> bool:
 
 
 class Watch:
-    """The best value of train.best_metric so far (the step `--step best` loads) and early
-    stopping: the run stops once `patience` evaluations in a row failed to beat the
-    reference (the last value that beat it by over min_delta; smaller gains move only the
-    best step). Both live in every checkpoint's meta, so a resumed run continues the count.
-    """
+    """The best value of train.best_metric so far and the early-stopping count
+    (docs/architecture.md)."""
 
     def __init__(self, t, classification: bool, meta: dict):
         self.key = t.best_metric or ("accuracy" if classification else "loss")
@@ -476,14 +464,8 @@ def _loss_weights(batch: dict, classification: bool, class_weights=None):
 def make_train_step(graphdef, tx, classification: bool, accum: int, base_key,
                     *, class_weights=None, lm_loss_weight: float = 0.0, mesh=None,
                     frozen=None):
-    """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics).
-
-    Batches carry a leading micro-batch axis of size `accum`; losses are sums over the
-    whole step's counts, so accumulation equals the big-batch step. A non-finite step
-    changes nothing. Classification: `class_weights` weight each example's cross-entropy;
-    lm_loss_weight > 0 adds that times the mean LM loss (GPT-1's auxiliary objective).
-    `frozen` parameter names get no gradient and keep their exact values.
-    """
+    """The pure train step (params, opt_state, batch, step) -> (params, opt_state, metrics);
+    batches carry a leading micro-batch axis of size `accum` (docs/architecture.md)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -612,9 +594,8 @@ def _prepare_data(cfg: Config, tokenizer, eos: int, labels: tuple[str, ...]):
     return prepared if prepared is not None else go()  # bad data fails the same way here
 
 
-def run_eval(eval_fn, params, source, t, mesh, classification: bool, labels, pad_id,
-             max_len) -> dict:
-    """Validation metrics over (up to t.eval_batches) batches of the validation source."""
+def run_eval(plan: StepPlan, params, prepared, t, mesh, pad_id: int) -> dict:
+    """Validation metrics over (up to t.eval_batches) batches of prepared.validation."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -624,21 +605,23 @@ def run_eval(eval_fn, params, source, t, mesh, classification: bool, labels, pad
 
     # Micro-batch size: what the train step holds in memory at once. A split smaller than
     # one batch wraps around (a few examples counted twice) rather than another shape.
-    bs = t.batch_size // t.grad_accum
+    source, bs = prepared.validation, t.batch_size // t.grad_accum
     b = Batcher(source, bs, seed=t.seed + 1, process_index=jax.process_index(),
-                process_count=jax.process_count(), pad_id=pad_id, max_len=max_len)
+                process_count=jax.process_count(), pad_id=pad_id,
+                max_len=min(t.seq_len, plan.mcfg.n_positions))
     steps = max(1, len(source) // bs)
     if t.eval_batches:
         steps = min(steps, t.eval_batches)
     gather = (lambda x: x) if jax.process_count() == 1 else \
         functools.partial(multihost_utils.process_allgather, tiled=True)
-    outs = [np.asarray(gather(eval_fn(params, global_batch(mesh, b.batch(s)))))
+    outs = [np.asarray(gather(plan.eval_step(params, global_batch(mesh, b.batch(s)))))
             for s in range(steps)]
-    if classification:
+    if plan.mcfg.head != "lm":
         from .evaluate import classification_metrics
 
         y_true = source.labels[np.concatenate([b.global_indices(s) for s in range(steps)])]
-        m = classification_metrics(y_true, np.concatenate([o.argmax(-1) for o in outs]), labels)
+        m = classification_metrics(y_true, np.concatenate([o.argmax(-1) for o in outs]),
+                                   prepared.labels)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                 "examples": int(len(y_true)), "confusion_matrix": m["confusion_matrix"]}
     total = sum((o.astype(np.float64) for o in outs), np.zeros(2))
@@ -647,8 +630,9 @@ def run_eval(eval_fn, params, source, t, mesh, classification: bool, labels, pad
             "tokens": int(total[1])}
 
 
-def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_process) -> None:
-    """Greedy samples from the configured prompts to TensorBoard and samples.jsonl."""
+def write_samples(params, graphdef, tokenizer, t, step, tracker) -> None:
+    """Greedy samples from the configured prompts to TensorBoard and the tracker's run's
+    samples.jsonl (when the tracker writes: process 0)."""
     from flax import nnx
 
     from .generate import generate
@@ -656,9 +640,9 @@ def write_samples(params, graphdef, tokenizer, t, step, tracker, run, main_proce
     model = nnx.merge(graphdef, params)
     results = generate(model, tokenizer, list(t.sample_prompts),
                        max_new_tokens=t.sample_max_new_tokens, greedy=True)
-    if not main_process:
+    if not tracker.enabled:
         return
-    with (run / "samples.jsonl").open("a") as f:
+    with (tracker.run_dir / "samples.jsonl").open("a") as f:
         for r in results:
             row = {"step": step, "prompt": r.prompt, "completion": r.completion}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -672,7 +656,6 @@ class _Progress:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode, self.total, self.last = mode if enabled else "none", total, start
-        self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
 
@@ -691,5 +674,5 @@ class _Progress:
         self.last = step
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.mode == "bar":
             self.bar.close()
