@@ -62,6 +62,18 @@ def model_flops_per_chip(chips: int) -> float:
     return B * S * (6 * matmul + 12 * L * D * S) / chips
 
 
+@pytest.fixture(scope="module", autouse=True)
+def full_optimization():
+    """The memory and FLOP figures under test are those of a full compile (conftest turns
+    most optimizations off for the CPU tests)."""
+    import jax
+
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     path = tmp_path_factory.mktemp("compile") / "toy.yaml"
