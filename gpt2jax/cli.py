@@ -373,6 +373,7 @@ def _cmd_generate(args) -> dict | int:
     from dataclasses import asdict
 
     from .generate import Generator
+
     if args.prompts_file is not None:
         try:
             lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
@@ -383,6 +384,11 @@ def _cmd_generate(args) -> dict | int:
             raise UserError(f"--prompts-file {args.prompts_file} has no non-blank line")
     else:
         prompts = [args.prompt]
+    # before loading the model, which can take a while
+    if not all(prompts):
+        raise UserError("--prompt is empty; give some text to continue")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = _sampling(args)
     model, tok, _ = _load(args.model, args.step)
     gen = Generator(model, tok, weights_dtype=args.weights_dtype)

@@ -55,10 +55,10 @@ def class_probabilities(model: GPT2, input_ids: jax.Array, attention_mask: jax.A
 
 
 def batched(fn: Callable, model: GPT2, rows: list[list[int]], pad: int,
-             batch_size: int) -> np.ndarray:
-    """fn(model, ids, mask) over the rows, right padded and batch_size at a time in one shape
-    (one compile); the outputs of the real rows, in order."""
-    length = max(1, *(len(r) for r in rows))  # one column even when every row is empty
+             batch_size: int, length: int = 0) -> np.ndarray:
+    """fn(model, ids, mask) over the rows, right padded (to `length`, else the longest row)
+    and batch_size at a time in one shape (one compile); the outputs of the real rows."""
+    length = length or max([1, *map(len, rows)])  # one column even when every row is empty
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -145,9 +145,14 @@ def evaluate_lm(model: GPT2, tokenizer, texts: Sequence[str], *, batch_size: int
         raise UserError("the data has no text to score (all documents are empty)")
     # (document, begin, end, first scored): all windows of all documents, batched together
     work = [(d, *w) for d, ids in enumerate(docs) for w in lm_windows(len(ids), seq_len, stride)]
-    lp = batched(token_logprobs, model, [docs[d][b:e] for d, b, e, _ in work], eos, batch_size)
-    total = sum(float(lp[i, first - b:e - b].astype(np.float64).sum())
-                for i, (_, b, e, first) in enumerate(work))
+    length = max(e - b for _, b, e, _ in work)
+    total, group = 0.0, 64 * batch_size  # windows in memory at a time
+    for g in range(0, len(work), group):
+        part = work[g:g + group]
+        lp = batched(token_logprobs, model, [docs[d][b:e] for d, b, e, _ in part], eos,
+                     batch_size, length)
+        total += sum(float(lp[i, first - b:e - b].astype(np.float64).sum())
+                     for i, (_, b, e, first) in enumerate(part))
     loss = -total / tokens
     return {
         "loss": loss,

@@ -379,7 +379,10 @@ def read_adapter(directory: str | Path, cfg: GPT2Config) -> dict[str, np.ndarray
         hf_name = k.removeprefix(lora.PREFIX).replace(".base_layer", "")
         hf_name = _canonical(hf_name.replace(".modules_to_save", ""))
         path = ours.get(hf_name)
-        if path is None or not _carried(path):
+        if path is None:
+            raise UserError(f"{d}: {k} is no parameter of a GPT-2 of this shape; the adapter "
+                            "was made for another model")
+        if not _carried(path):
             continue
         arr = np.asarray(v, np.float32)
         if path == "score.kernel" and arr.shape != (cfg.num_labels, cfg.n_embd):

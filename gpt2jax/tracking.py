@@ -22,7 +22,9 @@ def _summary_writer_class():
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
     else:
-        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+        # `import torch` raises ImportError meanwhile (process-wide: gpt2jax's only other
+        # thread then, the batch prefetcher, reads numpy arrays and imports nothing)
+        sys.modules["torch"] = None
         try:
             from tensorboardX import SummaryWriter
         finally:

@@ -64,7 +64,7 @@ def bench_decode_rate(tokens: int, env: dict) -> float:
     one training step is kept as short as the bench allows)."""
     out = subprocess.run(
         [sys.executable, "-m", "gpt2jax", "bench", "--preset", "gpt2", "--batch-size", "1",
-         "--seq-len", "32", "--steps", "1", "--warmup", "0", "--rounds", "1", "--decode",
+         "--seq-len", "32", "--steps", "1", "--warmup", "1", "--rounds", "1", "--decode",
          "--decode-tokens", str(tokens), "--json"],
         env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out)["decode"]["jax_tokens_per_sec"]

@@ -146,8 +146,12 @@ CASES = [
     ("export-nonempty", lambda d, m: ["export", "--model", m, "--out", d / "nonempty"],
      "--overwrite"),
     # ---- generation and scoring
-    ("generate-empty-prompt", lambda d, m: ["generate", "--model", m, "--prompt", "",
-                                            "--greedy"], "prompt"),
+    # checked before the model loads: the missing model is never reached
+    ("generate-empty-prompt", lambda d, m: ["generate", "--model", d / "nowhere", "--prompt",
+                                            "", "--greedy"], "--prompt is empty"),
+    ("generate-zero-tokens", lambda d, m: ["generate", "--model", d / "nowhere", "--prompt",
+                                           "hi", "--max-new-tokens", "0"],
+     "--max-new-tokens must be >= 1"),
     ("generate-too-long", lambda d, m: ["generate", "--model", m, "--prompt", "hi",
                                         "--max-new-tokens", "1000"], "max"),
     ("generate-top-p", lambda d, m: ["generate", "--model", m, "--prompt", "hi",
