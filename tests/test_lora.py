@@ -376,6 +376,12 @@ def test_adapter_of_another_shape_is_refused(peft_adapter, base_model, tmp_path)
     with pytest.raises(UserError, match=r"mlp.c_proj.lora_A.weight has shape \(4, 64\) but "
                                         r"the base model \(model.init\) implies \(4, 128\)"):
         read_adapter(bad, mcfg)
+    # a tensor the model has no place for (a third layer of a 2-layer base) is refused too
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors["base_model.model.transformer.h.2.ln_1.weight"] = np.ones(128, np.float32)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=r"h\.2\.ln_1\.weight is no parameter"):
+        read_adapter(bad, mcfg)
 
 
 def test_bench_lora_counts_trainable_parameters_and_optimizer_state(cli):
