@@ -59,15 +59,17 @@ def timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def bench_decode_rate(tokens: int, env: dict) -> float:
+def bench_decode_rate(tokens: int, env: dict) -> tuple[float, float]:
     """The in-process decode rate of `gpt2jax bench --decode` on GPT-2 small's shape (its
-    one training step is kept as short as the bench allows)."""
+    one training step is kept as short as the bench allows), and the matmul probe's FLOP/s
+    it measured (the machine's speed at the time, for the record)."""
     out = subprocess.run(
         [sys.executable, "-m", "gpt2jax", "bench", "--preset", "gpt2", "--batch-size", "1",
          "--seq-len", "32", "--steps", "1", "--warmup", "1", "--rounds", "1", "--decode",
          "--decode-tokens", str(tokens), "--json"],
         env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out)["decode"]["jax_tokens_per_sec"]
+    result = json.loads(out)
+    return result["decode"]["jax_tokens_per_sec"], result["peak_flops"]
 
 
 def main() -> None:
@@ -98,7 +100,7 @@ def main() -> None:
     for n in (args.short, args.long):  # fill the cache for both lengths
         timed(sides["gpt2jax, cached"][0](n), sides["gpt2jax, cached"][1])
     best: dict[tuple[str, int], float] = {}
-    bench_rates: list[float] = []
+    bench_rates: list[tuple[float, float]] = []
     for _ in range(args.repeats):
         for name, (cmd, side_env) in sides.items():
             for n in (args.short, args.long):
@@ -114,8 +116,9 @@ def main() -> None:
                                  "decode_tokens_per_s": round(rate, 1),
                                  "fixed_s": round(short - args.short / rate, 2)}
     hf = result["sides"]["transformers"]["decode_tokens_per_s"]
-    bench = max(bench_rates)
+    bench = max(rate for rate, _ in bench_rates)
     result["bench_decode_tokens_per_s"] = round(bench, 1)
+    result["matmul_probe_gflops"] = [round(peak / 1e9) for _, peak in bench_rates]
     for side in result["sides"].values():
         side["decode_ratio"] = round(side["decode_tokens_per_s"] / hf, 2)
         side["of_bench_decode"] = round(side["decode_tokens_per_s"] / bench, 2)
