@@ -303,15 +303,15 @@ def model_for_compile(cfg, platform: str = "tpu"):
     if cfg.data.task == "classification" and not labels and not m.num_labels:
         raise UserError("a classification config needs model.num_labels (or data.labels) "
                         "for `gpt2jax compile`, which reads no data")
-    if cfg.data.add_special_tokens and m.vocab_size is None:
+    mcfg = model_config(cfg, None, labels)
+    if cfg.data.add_special_tokens and m.vocab_size is None:  # as run.resolve_model_config
         from .tasks import with_special_tokens
         from .tokenizer import load_tokenizer
 
-        base = PRESETS.get(m.preset, {}).get("vocab_size", 50257)
-        m.vocab_size = max(base, len(with_special_tokens(load_tokenizer(None),
-                                                         cfg.data.add_special_tokens)))
+        needed = len(with_special_tokens(load_tokenizer(None), cfg.data.add_special_tokens))
+        mcfg = mcfg.replace(vocab_size=max(mcfg.vocab_size, needed))
     # automatic choices (loss chunk, kernels, attention) as on the target, not this machine
-    resolved = resolve_auto(model_config(cfg, None, labels), platform)
+    resolved = resolve_auto(mcfg, platform)
     check_packing_attention(cfg.data.packing, resolved.attention, resolved=True)
     return resolved
 

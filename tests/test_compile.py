@@ -138,6 +138,16 @@ def test_report_lists_the_collectives_or_says_none(compiled):
     assert "collectives per step: none" in format_report(quiet).splitlines()
 
 
+def test_special_tokens_grow_the_vocabulary_as_training_does(toy):
+    # GPT-2's 50257 tokens + one new one (no model or data is read), and the config itself
+    # is left as loaded
+    from gpt2jax.compile import model_for_compile
+    from gpt2jax.config import load_config
+
+    cfg = load_config(toy, ["--model.vocab_size=null", "--data.add_special_tokens=[<|x|>]"])
+    assert model_for_compile(cfg).vocab_size == 50258 and cfg.model.vocab_size is None
+
+
 def test_huge_batch_does_not_fit_exit_1(toy, cli):
     # 2^27 blocks of 128 tokens over 4 chips: int32 tokens + float32 weights are 32 GiB a
     # chip, twice a v5e's HBM, before any activation; the compiler gives up at once
